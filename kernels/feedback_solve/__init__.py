@@ -1,0 +1,43 @@
+"""Sessa feedback solve: s = (I - diag(gamma) alpha)^-1 f, alpha a strict-causal softmax.
+
+Implementations (see README.md here for the math):
+  dense   -- the public reference's T x T triangular solve; the oracle (quadratic memory).
+  chunked -- blocked forward substitution in PyTorch with a hand-written backward (linear memory).
+  triton  -- fused Triton kernels (kernels/feedback_solve/triton_chunk.py); the default on CUDA.
+"""
+import torch
+
+from .chunk import feedback_solve_chunked
+from .naive import feedback_solve_dense, feedback_solve_recurrent
+
+FEEDBACK_IMPLS = ("auto", "dense", "chunked", "triton")
+
+__all__ = [
+    "FEEDBACK_IMPLS",
+    "feedback_solve",
+    "feedback_solve_chunked",
+    "feedback_solve_dense",
+    "feedback_solve_recurrent",
+    "resolve_feedback_impl",
+]
+
+
+def resolve_feedback_impl(impl: str, device: torch.device) -> str:
+    """`auto` means Triton on CUDA tensors and the chunked PyTorch solve elsewhere."""
+    if impl not in FEEDBACK_IMPLS:
+        raise ValueError(f"feedback_impl must be one of {FEEDBACK_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "chunked"
+    return impl
+
+
+def feedback_solve(q_b, k_b, f, gamma, impl: str = "auto", chunk_size: int = 64):
+    """Shapes: q_b, k_b [B, T, K]; f [B, T, V]; gamma [B, T] -> s [B, T, V] in f's dtype."""
+    impl = resolve_feedback_impl(impl, f.device)
+    if impl == "dense":
+        return feedback_solve_dense(q_b, k_b, f, gamma).to(f.dtype)
+    if impl == "chunked":
+        return feedback_solve_chunked(q_b, k_b, f, gamma, chunk_size)
+    from .triton_chunk import feedback_solve_triton  # imported lazily: Triton is optional on CPU
+
+    return feedback_solve_triton(q_b, k_b, f, gamma, chunk_size)

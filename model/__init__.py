@@ -1,0 +1,20 @@
+"""The Sessa language model (SESSA.md), on megatron-core tensor-parallel layers."""
+from .config import SessaConfig
+from .init import init_weights
+from .layer import LayerCache, SessaLayer, SessaMixer, SessaSubmodules
+from .lm import SessaLM, count_parameters, flops_per_token
+from .parallel import ensure_model_parallel, megatron_config
+
+__all__ = [
+    "LayerCache",
+    "SessaConfig",
+    "SessaLM",
+    "SessaLayer",
+    "SessaMixer",
+    "SessaSubmodules",
+    "count_parameters",
+    "ensure_model_parallel",
+    "flops_per_token",
+    "init_weights",
+    "megatron_config",
+]

@@ -1,0 +1,87 @@
+"""SessaConfig: every hyper-parameter of the Sessa language model (SESSA.md §1-3)."""
+from dataclasses import asdict, dataclass
+
+from kernels.feedback_solve import FEEDBACK_IMPLS
+
+INIT_SCHEMES = ("reference", "scaled")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(kw_only=True)
+class SessaConfig:
+    vocab_size: int
+    hidden_size: int  # D, the model width
+    num_layers: int
+    num_heads: int  # forward-branch heads H; head size d = D / H
+    num_kv_heads: int | None = None  # grouped-query attention; None means num_heads
+    gamma_max: float = 0.999  # |gamma| <= gamma_max < 1 keeps the feedback solve stable
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    init_scheme: str = "scaled"  # "reference": PyTorch defaults as the public reference; "scaled": normal(init_std)
+    init_std: float = 0.02
+    feedback_impl: str = "auto"  # "auto" = triton on CUDA, chunked elsewhere; "dense" is the O(T^2) oracle
+    feedback_chunk_size: int = 64
+    dtype: str = "float32"  # parameter dtype
+    vocab_pad_multiple: int = 64  # embedding rows padded up so the vocabulary shards evenly
+
+    def __post_init__(self):
+        if self.num_kv_heads is None:
+            self.num_kv_heads = self.num_heads
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+                     "feedback_chunk_size", "vocab_pad_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SessaConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"SessaConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+        if self.head_size % 2:
+            raise ValueError(
+                f"SessaConfig: head size hidden_size/num_heads = {self.head_size} must be even for RoPE pairs; "
+                "change hidden_size or num_heads"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"SessaConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+            )
+        if not 0.0 < self.gamma_max < 1.0:
+            raise ValueError(f"SessaConfig.gamma_max must lie in (0, 1) for a stable solve, got {self.gamma_max}")
+        if self.norm_eps <= 0:
+            raise ValueError(f"SessaConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if self.rope_base <= 1:
+            raise ValueError(f"SessaConfig.rope_base must be > 1, got {self.rope_base}")
+        if self.init_scheme not in INIT_SCHEMES:
+            raise ValueError(f"SessaConfig.init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
+        if self.init_std <= 0:
+            raise ValueError(f"SessaConfig.init_std must be > 0, got {self.init_std}")
+        if self.feedback_impl not in FEEDBACK_IMPLS:
+            raise ValueError(f"SessaConfig.feedback_impl must be one of {FEEDBACK_IMPLS}, got {self.feedback_impl!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"SessaConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        multiple = self.vocab_pad_multiple
+        return -(-self.vocab_size // multiple) * multiple
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def check_tensor_parallel(self, tp_size: int) -> None:
+        """Heads and kv-heads are sharded across tensor-parallel ranks (SESSA.md §6)."""
+        for name in ("num_heads", "num_kv_heads", "hidden_size"):
+            if getattr(self, name) % tp_size:
+                raise ValueError(
+                    f"SessaConfig.{name} ({getattr(self, name)}) must be divisible by the tensor-parallel size ({tp_size})"
+                )
+        if self.padded_vocab_size % tp_size:
+            raise ValueError(
+                f"SessaConfig.vocab_pad_multiple ({self.vocab_pad_multiple}) must be a multiple of the "
+                f"tensor-parallel size ({tp_size})"
+            )

@@ -1,0 +1,74 @@
+"""Weight initialisation that does not depend on the parallel layout.
+
+Every parameter is drawn in full from a generator seeded by (seed, global parameter name) and each
+rank keeps its own tensor-parallel slice, so TP=2 and PP=2 models start from exactly the weights
+of the single-process model.
+"""
+import math
+import zlib
+
+import torch
+from megatron.core import parallel_state
+
+from .config import SessaConfig
+
+
+def global_named_parameters(model):
+    """(name, param) with local layer indices replaced by global layer numbers."""
+    layer_numbers = [layer.layer_number for layer in model.layers]
+    for name, param in model.named_parameters():
+        if name.startswith("layers."):
+            _, local, rest = name.split(".", 2)
+            name = f"layers.{layer_numbers[int(local)]}.{rest}"
+        yield name, param
+
+
+def _full_shape(param) -> list[int]:
+    shape = list(param.shape)
+    if getattr(param, "tensor_model_parallel", False):
+        shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+    return shape
+
+
+def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
+    if not getattr(param, "tensor_model_parallel", False):
+        return full
+    dim, size = param.partition_dim, param.shape[param.partition_dim]
+    return full.narrow(dim, parallel_state.get_tensor_model_parallel_rank() * size, size)
+
+
+def _draw(name: str, shape: list[int], fan_in: int, config: SessaConfig, gen: torch.Generator) -> torch.Tensor:
+    def uniform(bound):  # PyTorch's nn.Linear default, as the reference leaves it
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+    def normal(std):
+        return torch.empty(shape).normal_(0.0, std, generator=gen)
+
+    reference = config.init_scheme == "reference"
+    if name.endswith("norm.weight") or name.endswith("gamma_bias"):
+        return torch.ones(shape)  # LayerNorm scale; gamma_bias starts at 1.0
+    if name.endswith("norm.bias"):
+        return torch.zeros(shape)
+    if name == "embedding.weight":
+        return normal(1.0 if reference else config.init_std)  # nn.Embedding's default is N(0, 1)
+    if reference:
+        return uniform(1.0 / math.sqrt(fan_in))
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    if name.endswith("out_proj.weight"):  # residual-branch outputs, GPT-2 style
+        return normal(config.init_std / math.sqrt(2 * config.num_layers))
+    return normal(config.init_std)
+
+
+@torch.no_grad()
+def init_weights(model, seed: int = 0) -> None:
+    """Initialise `model` (a SessaLM, or one pipeline stage of it) per `model.sessa.init_scheme`."""
+    params = dict(global_named_parameters(model))
+    for name, param in params.items():
+        shape = _full_shape(param)
+        weight_name = name.removesuffix("bias") + "weight" if name.endswith(".bias") else name
+        weight_shape = _full_shape(params[weight_name])
+        fan_in = weight_shape[-1] if weight_shape else 1  # a bias' fan-in is its weight's
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        full = _draw(name, shape, fan_in, model.sessa, gen)
+        param.copy_(_local_slice(param, full).to(param.dtype))

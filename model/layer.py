@@ -1,0 +1,208 @@
+"""The Sessa block and mixer (SESSA.md §1-2), on megatron-core tensor-parallel layers.
+
+Activations are sequence-first, [T, B, D], as everywhere in megatron-core. Tensor parallelism
+(SESSA.md §6) is a property of the layers used here, not of this code:
+  - in_proj is column-parallel and gathers `a` (every rank needs all of a_bar for the contractions);
+    gate_proj is column-parallel and keeps its slice of g;
+  - q/k/v are column-parallel by heads; attention and the feedback solve run on the local heads'
+    feature columns (the solve is per column and commutes with W_o);
+  - the feedback q_b/k_b are column-parallel and gathered (B*T*2D per layer, never T x T);
+  - mixer.out_proj (W_o) and out_proj (W_out) are row-parallel: one reduction each.
+"""
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    scatter_to_tensor_model_parallel_region,
+)
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from torch import nn
+
+from kernels.feedback_solve import feedback_solve
+
+from .config import SessaConfig
+
+
+def _uninitialised(weight):
+    """Megatron's init hook; real values come from model.init.init_weights (layout independent)."""
+
+
+@dataclass
+class LayerCache:
+    """Per-layer decoding state (SESSA.md §4); every field grows along time."""
+
+    keys: torch.Tensor  # [B, H_kv, t, d] rotated forward-branch keys
+    values: torch.Tensor  # [B, H_kv, t, d]
+    feedback_keys: torch.Tensor  # [B, t, D] k_b
+    feedback_states: torch.Tensor  # [B, t, V] past solve outputs s (before W_o)
+
+    @property
+    def length(self) -> int:
+        return self.keys.shape[2]
+
+
+def apply_interleaved_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2i, 2i+1) of x [B, H, T, d] by positions[t] * inv_freq[i]."""
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)  # rotate in at least fp32
+    angles = positions.to(compute_dtype)[:, None] * inv_freq.to(compute_dtype)[None, :]  # [T, d/2]
+    cos, sin = angles.cos(), angles.sin()
+    x_even, x_odd = x.to(compute_dtype)[..., 0::2], x.to(compute_dtype)[..., 1::2]
+    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
+    return rotated.flatten(-2).to(x.dtype)
+
+
+@dataclass
+class SessaSubmodules:
+    """Swap points for backends (e.g. Transformer Engine linears), megatron ModuleSpec style."""
+
+    column_linear: type = ColumnParallelLinear
+    row_linear: type = RowParallelLinear
+    norm: type = nn.LayerNorm
+    mixer: ModuleSpec | type | None = None  # defaults to SessaMixer
+
+
+class SessaMixer(MegatronModule):
+    """Forward causal attention f, then the feedback solve (I - diag(gamma) alpha) s = f."""
+
+    def __init__(self, config: SessaConfig, megatron_config, submodules: SessaSubmodules):
+        super().__init__(megatron_config)
+        self.sessa = config
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        D, d = config.hidden_size, config.head_size
+        self.local_heads = config.num_heads // tp_size
+        self.local_kv_heads = config.num_kv_heads // tp_size
+
+        def column(out_features, gather_output):
+            return submodules.column_linear(
+                D, out_features, config=megatron_config, init_method=_uninitialised,
+                bias=True, gather_output=gather_output,
+            )
+
+        # Forward branch: heads sharded across tensor-parallel ranks.
+        self.q_proj = column(config.num_heads * d, gather_output=False)
+        self.k_proj = column(config.num_kv_heads * d, gather_output=False)
+        self.v_proj = column(config.num_kv_heads * d, gather_output=False)
+        # Feedback branch: one head over the full width, gathered on every rank.
+        self.fb_q_proj = column(D, gather_output=True)
+        self.fb_k_proj = column(D, gather_output=True)
+        self.gamma_ctx = nn.Linear(D, 1, bias=False, dtype=megatron_config.params_dtype)
+        self.gamma_bias = nn.Parameter(torch.ones((), dtype=megatron_config.params_dtype))
+        # W_o is the identity when there is a single head (the reference has no out_proj then).
+        self.out_proj = (
+            submodules.row_linear(
+                config.num_heads * d, D, config=megatron_config, init_method=_uninitialised,
+                bias=False, input_is_parallel=True, skip_bias_add=False,
+            )
+            if config.num_heads > 1 else None
+        )
+        inv_freq = config.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
+        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+
+    def _heads(self, projection, x, num_heads):
+        out, _ = projection(x)  # [T, B, heads * d]
+        T, B = out.shape[:2]
+        return out.view(T, B, num_heads, -1).permute(1, 2, 0, 3)  # [B, heads, T, d]
+
+    def forward(self, a_bar: torch.Tensor, cache: LayerCache | None = None):
+        """a_bar [T, B, D] -> (s [T, B, D / tp], updated cache or None)."""
+        T, B, _ = a_bar.shape
+        past = cache.length if cache is not None else 0
+        positions = torch.arange(past, past + T, device=a_bar.device)
+
+        q = apply_interleaved_rope(self._heads(self.q_proj, a_bar, self.local_heads), positions, self.rope_inv_freq)
+        k = apply_interleaved_rope(self._heads(self.k_proj, a_bar, self.local_kv_heads), positions, self.rope_inv_freq)
+        v = self._heads(self.v_proj, a_bar, self.local_kv_heads)
+        if cache is not None:
+            k = torch.cat((cache.keys, k), dim=2)
+            v = torch.cat((cache.values, v), dim=2)
+        f = self._causal_attention(q, k, v, past)  # [B, H_l, T, d]
+        f = f.transpose(1, 2).reshape(B, T, -1)  # [B, T, H_l * d]: this rank's feature columns
+
+        # Each rank solves only its own columns, so the gradients reaching the replicated feedback
+        # inputs are partial sums: copy_to_... is the identity forward and all-reduces them backward.
+        q_b = copy_to_tensor_model_parallel_region(self.fb_q_proj(a_bar)[0]).transpose(0, 1)  # [B, T, D]
+        k_b = copy_to_tensor_model_parallel_region(self.fb_k_proj(a_bar)[0]).transpose(0, 1)
+        gate_logit = self.gamma_bias + self.gamma_ctx(a_bar).squeeze(-1)  # [T, B]
+        gamma = copy_to_tensor_model_parallel_region(self.sessa.gamma_max * torch.tanh(gate_logit)).transpose(0, 1)
+
+        if cache is None:
+            s = feedback_solve(q_b, k_b, f, gamma, self.sessa.feedback_impl, self.sessa.feedback_chunk_size)
+        else:
+            s, cache = self._decode_feedback(q_b, k_b, f, gamma, k, v, cache)
+        s = s.transpose(0, 1)  # [T, B, H_l * d]
+        if self.out_proj is not None:
+            s, _ = self.out_proj(s)  # all heads mixed: [T, B, D], reduced across ranks
+            s = scatter_to_tensor_model_parallel_region(s)  # back to this rank's slice of D for the gate
+        return s, cache
+
+    def _causal_attention(self, q, k, v, past: int):
+        T = q.shape[2]
+        if past == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        # Query i (absolute position past + i) sees keys j <= past + i.
+        visible = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+
+    def _decode_feedback(self, q_b, k_b, f, gamma, keys, values, cache: LayerCache):
+        """Token-by-token recurrence over the cache: s[t] = f[t] + gamma[t] softmax(q_b[t] K_b[:t]) S[:t]."""
+        fb_keys, states = cache.feedback_keys, cache.feedback_states
+        if fb_keys.shape[1] == 0:  # prefill from an empty cache: one chunked solve
+            s = feedback_solve(q_b, k_b, f, gamma, self.sessa.feedback_impl, self.sessa.feedback_chunk_size)
+            fb_keys, states = k_b, s
+        else:
+            scale = q_b.shape[-1] ** -0.5
+            outputs = []
+            for t in range(f.shape[1]):
+                logits = torch.einsum("bk,bjk->bj", q_b[:, t].float(), fb_keys.float()) * scale
+                context = torch.einsum("bj,bjv->bv", torch.softmax(logits, dim=-1), states.float())
+                s_t = (f[:, t].float() + gamma[:, t, None].float() * context).to(f.dtype)
+                outputs.append(s_t)
+                fb_keys = torch.cat((fb_keys, k_b[:, t : t + 1]), dim=1)
+                states = torch.cat((states, s_t[:, None]), dim=1)
+            s = torch.stack(outputs, dim=1)
+        return s, LayerCache(keys, values, fb_keys, states)
+
+
+class SessaLayer(MegatronModule):
+    """x + W_out((Mixer(GELU(a)) * g)), with [a, g] = W_in(LayerNorm(x)); no separate MLP."""
+
+    def __init__(self, config: SessaConfig, megatron_config=None, submodules: SessaSubmodules | None = None,
+                 layer_number: int = 0):
+        if megatron_config is None:
+            from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
+
+            ensure_model_parallel()
+            megatron_config = make_megatron_config(config)
+        super().__init__(megatron_config)
+        submodules = submodules or SessaSubmodules()
+        self.layer_number = layer_number  # global index, used for init seeds and checkpoint keys
+        D = config.hidden_size
+        self.norm = submodules.norm(D, eps=config.norm_eps, dtype=megatron_config.params_dtype)
+        # W_in is split into its two halves so each shards (and reshards) on its own.
+        self.in_proj = submodules.column_linear(
+            D, D, config=megatron_config, init_method=_uninitialised, bias=True, gather_output=True
+        )
+        self.gate_proj = submodules.column_linear(
+            D, D, config=megatron_config, init_method=_uninitialised, bias=True, gather_output=False
+        )
+        self.mixer = build_module(
+            submodules.mixer or SessaMixer, config, megatron_config=megatron_config, submodules=submodules
+        )
+        self.out_proj = submodules.row_linear(
+            D, D, config=megatron_config, init_method=_uninitialised, bias=True,
+            input_is_parallel=True, skip_bias_add=False,
+        )
+
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None):
+        """x [T, B, D] -> (y [T, B, D], cache)."""
+        x_ln = self.norm(x)
+        a, _ = self.in_proj(x_ln)
+        g, _ = self.gate_proj(x_ln)  # the gate has no activation
+        s, cache = self.mixer(F.gelu(a), cache)  # exact (erf) GELU
+        y, _ = self.out_proj(s * g)
+        return x + y, cache

@@ -1,0 +1,127 @@
+"""SessaLM: token embedding (no absolute positions) -> N Sessa layers -> LayerNorm -> LM head."""
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.module import MegatronModule
+from torch import nn
+
+from .config import SessaConfig
+from .layer import LayerCache, SessaLayer, SessaSubmodules, _uninitialised
+from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
+
+
+class SessaLM(MegatronModule):
+    """A Sessa language model, or one pipeline stage of it.
+
+    Args:
+        config: the model hyper-parameters.
+        megatron_config: the megatron TransformerConfig; built from `config` (and megatron's
+            parallel state, initialised for a single process if needed) when omitted.
+        pre_process / post_process: this stage holds the embedding / the final norm and LM head.
+        layer_numbers: global indices of the layers on this stage (default: all).
+    """
+
+    def __init__(self, config: SessaConfig, megatron_config=None, *, pre_process: bool = True,
+                 post_process: bool = True, layer_numbers: list[int] | None = None,
+                 submodules: SessaSubmodules | None = None):
+        if megatron_config is None:
+            ensure_model_parallel()
+            megatron_config = make_megatron_config(config)
+        super().__init__(megatron_config)
+        self.sessa = config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.share_embeddings_and_output_weights = config.tie_embeddings
+        self.input_tensor = None  # set by the pipeline schedule on non-first stages
+        layer_numbers = list(range(config.num_layers)) if layer_numbers is None else list(layer_numbers)
+
+        if pre_process:
+            self.embedding = tensor_parallel.VocabParallelEmbedding(
+                config.padded_vocab_size, config.hidden_size, init_method=_uninitialised, config=megatron_config
+            )
+        self.layers = nn.ModuleList(
+            SessaLayer(config, megatron_config, submodules, layer_number=n) for n in layer_numbers
+        )
+        if post_process:
+            self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=megatron_config.params_dtype)
+            self.output_layer = tensor_parallel.ColumnParallelLinear(
+                config.hidden_size, config.padded_vocab_size, config=megatron_config, init_method=_uninitialised,
+                bias=False, gather_output=False,
+                skip_weight_param_allocation=pre_process and config.tie_embeddings,
+            )
+
+    def set_input_tensor(self, input_tensor):
+        """Pipeline-parallel hook: the activation received from the previous stage."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def output_weight(self) -> torch.Tensor | None:
+        if self.pre_process and self.sessa.tie_embeddings:
+            return self.embedding.weight
+        return None  # the output layer owns its weight
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                caches: list[LayerCache] | None = None):
+        """tokens [B, T] -> per-token loss [B, T] if labels are given, else logits [B, T, V / tp].
+
+        With `caches` (one per layer, see `model.generation`) returns (logits, new caches).
+        """
+        if self.pre_process:
+            hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [T, B, D]
+        else:
+            hidden = self.input_tensor
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            hidden, cache = layer(hidden, caches[i] if caches is not None else None)
+            new_caches.append(cache)
+        if not self.post_process:
+            return hidden
+
+        hidden = self.final_norm(hidden)
+        logits, _ = self.output_layer(hidden, weight=self.output_weight())  # [T, B, V / tp]
+        if labels is None:
+            logits = logits.transpose(0, 1)  # [B, T, V / tp]
+            return (logits, new_caches) if caches is not None else logits
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        return loss.transpose(0, 1)  # [B, T]
+
+    # --- accounting ---------------------------------------------------------------------------
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the full model (all tensor-parallel shards counted once)."""
+        return count_parameters(self.sessa, exclude_embeddings)
+
+
+def _layer_weight_elements(config: SessaConfig) -> tuple[int, int]:
+    """(matrix weights, vectors: biases, norms, gamma_bias) of one Sessa layer."""
+    D, kv = config.hidden_size, config.num_kv_heads * config.head_size
+    matrices = (
+        2 * D * D  # W_in: a and g halves
+        + D * D + 2 * D * kv  # q, k, v
+        + 2 * D * D  # feedback q_b, k_b
+        + D  # gamma_ctx
+        + (D * D if config.num_heads > 1 else 0)  # W_o (identity for a single head)
+        + D * D  # W_out
+    )
+    vectors = 2 * D + 2 * D + D + 2 * kv + 2 * D + 1 + D  # norm, W_in, q, k/v, feedback, gamma_bias, W_out
+    return matrices, vectors
+
+
+def count_parameters(config: SessaConfig, exclude_embeddings: bool = False) -> int:
+    """Parameters of the full model (tensor-parallel shards counted once, padded vocabulary)."""
+    matrices, vectors = _layer_weight_elements(config)
+    embeddings = config.padded_vocab_size * config.hidden_size * (1 if config.tie_embeddings else 2)
+    final_norm = 2 * config.hidden_size
+    return config.num_layers * (matrices + vectors) + final_norm + (0 if exclude_embeddings else embeddings)
+
+
+def flops_per_token(config: SessaConfig, seq_len: int, training: bool = True) -> float:
+    """Model FLOPs per token (matmuls only; attention counted causally, average context T/2).
+
+    Per layer and token the forward does 2 FLOPs per matrix weight, plus 2 * 2 * (T/2) * D for the
+    causal forward attention (scores and values) and the same again for the feedback branch
+    (logits of width D and the probability-weighted sum over past s). The chunked solve's diagonal
+    blocks add O(C * D) per token, negligible for C << T. Backward = 2 x forward.
+    """
+    D, L = config.hidden_size, config.num_layers
+    matrices, _ = _layer_weight_elements(config)
+    lm_head = config.padded_vocab_size * D
+    attention_and_feedback = 2 * (2 * 2 * (seq_len / 2) * D)
+    forward = 2 * (L * matrices + lm_head) + L * attention_and_feedback
+    return 3 * forward if training else forward

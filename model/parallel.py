@@ -1,0 +1,48 @@
+"""Bridges from SessaConfig to megatron-core: parallel state and the megatron config object."""
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer import TransformerConfig
+
+from .config import SessaConfig
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) -> None:
+    """Initialise torch.distributed and megatron's parallel state if nobody has yet.
+
+    A plain single process (no torchrun) gets a world of size 1 on an in-memory store, so the
+    megatron layers run unchanged on CPU.
+    """
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+
+
+def megatron_config(config: SessaConfig, *, sequence_parallel: bool = False, **overrides) -> TransformerConfig:
+    """The megatron TransformerConfig the parallel layers and schedules read.
+
+    Weights are created on the CPU and then overwritten by `model.init.init_weights`, which draws
+    every full tensor from a per-parameter seed so the initialisation does not depend on the layout.
+    """
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    config.check_tensor_parallel(tp_size)
+    dtype = TORCH_DTYPES[config.dtype]
+    return TransformerConfig(
+        num_layers=config.num_layers,
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_heads,
+        num_query_groups=config.num_kv_heads,
+        tensor_model_parallel_size=tp_size,
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        sequence_parallel=sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        **overrides,
+    )
