@@ -1,0 +1,328 @@
+"""Triton path for the Sessa feedback solve: launchers, autograd, and the torch.library ops.
+
+Three layers (as in fla/ops):
+  1. `feedback_triton_fwd` / `feedback_triton_bwd`: host loops over panels that call the kernels of
+     triton_kernels.py (see README.md here for the algorithm).
+  2. `torch.ops.sessa.feedback_solve_triton_fwd/_bwd`: `torch.library.custom_op`s with fake (meta)
+     implementations and `register_autograd`, so torch.compile traces through them as opaque ops.
+  3. `feedback_solve_triton`: validates and documents the shapes; this is what
+     `kernels.feedback_solve.feedback_solve(..., impl="triton")` calls.
+
+On CUDA tensors the kernels are compiled for the GPU. On CPU tensors they only run under the Triton
+interpreter (`TRITON_INTERPRET=1` set before this module is first imported); that is how the tests
+run them. Saved for backward: q_b, k_b, gamma, s (in f's dtype) and the row log-sum-exp; nothing T x T.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from .triton_kernels import (
+    feedback_dlogits_kernel,
+    feedback_lse_kernel,
+    feedback_probs_kernel,
+    feedback_solve_bwd_kernel,
+    feedback_solve_fwd_kernel,
+    panel_matmul_kernel,
+)
+
+__all__ = [
+    "TritonTiles",
+    "feedback_solve_triton",
+    "feedback_triton_bwd",
+    "feedback_triton_fwd",
+    "is_interpreter",
+]
+
+
+@dataclass(frozen=True)
+class TritonTiles:
+    """Tile sizes (all constexprs; powers of two >= 16) and launch parameters."""
+
+    block_m: int = 64  # rows of a logits / GEMM output tile
+    block_n: int = 64  # columns of a logits / GEMM output tile
+    block_k: int = 64  # reduction step: over K (logits), V (lam . s) or positions (P @ X)
+    block_v: int = 64  # value columns per program of the sequential diagonal solve
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+# Defaults; no autotuning, so CPU runs are deterministic and GPU runs compile once per shape class.
+GPU_TILES = TritonTiles()
+# The interpreter's cost grows with programs x loop steps x ops, not with FLOPs; tests may override.
+INTERPRETER_TILES = TritonTiles(block_m=32, block_n=32, block_k=16, block_v=16, num_warps=1, num_stages=1)
+# Rows (forward) / columns (backward) of P materialised at once: an [L, T] buffer in fp32.
+DEFAULT_PANEL_SIZE = 1024
+# tl.dot precision for the large contractions when any input is bf16/fp16 ("tf32" is exact for
+# bf16-valued loads and rounds the fp32 intermediates P, s, lam to 10 mantissa bits; "tf32x3" or
+# "ieee" trade speed for accuracy). fp32/fp64 inputs always use "ieee"; the diagonal solve too.
+HALF_DOT_PRECISION = "tf32"
+
+
+def is_interpreter() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import time)."""
+    return bool(triton.knobs.runtime.interpret)
+
+
+def _tiles(device: torch.device) -> TritonTiles:
+    return GPU_TILES if device.type == "cuda" and not is_interpreter() else INTERPRETER_TILES
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _dot_precision(*tensors: torch.Tensor) -> str:
+    if any(t.dtype == torch.float64 for t in tensors):
+        return "ieee"
+    return "ieee" if all(t.dtype == torch.float32 for t in tensors) else HALF_DOT_PRECISION
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Work buffers are left uninitialised; tests patch this to fill them with NaN."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _panel_rows(T: int, chunk_size: int, panel_size: int) -> int:
+    padded_T = triton.cdiv(T, chunk_size) * chunk_size
+    return min(panel_size, padded_T)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+def _launch_lse(q_b, k_b, lse, scale, tiles, precision):
+    batch, T, K = q_b.shape
+    grid = (triton.cdiv(T, tiles.block_m), batch)
+    feedback_lse_kernel[grid](
+        q_b, k_b, lse, T, K, scale,
+        BT=tiles.block_m, BS=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def _launch_probs(q_b, k_b, lse, panel, scale, rows, cols, transposed, tiles, precision):
+    """P[t, j] for t in rows, j in cols into `panel` [B, L, T]: at [t - rows[0], j], or at
+    [j - cols[0], t] when `transposed` (a column panel)."""
+    batch, T, K = q_b.shape
+    (t0, t1), (j0, j1) = rows, cols
+    if transposed:
+        p_t0, p_j0, s_pt, s_pj = 0, j0, 1, panel.stride(1)
+    else:
+        p_t0, p_j0, s_pt, s_pj = t0, 0, panel.stride(1), 1
+    grid = (triton.cdiv(t1 - t0, tiles.block_m), triton.cdiv(j1 - j0, tiles.block_n), batch)
+    feedback_probs_kernel[grid](
+        q_b, k_b, lse, panel, T, K, scale,
+        t0, t1, j0, j1, p_t0, p_j0, panel.stride(0), s_pt, s_pj,
+        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def _launch_matmul(a, a_strides, x, out, M, N, J, tiles, precision, row_scale=None, accumulate=False):
+    """out[b, :M, :N] (+)= a[b, :M, :J] @ (row_scale[b, :J, None] * x[b, :J, :N]).
+
+    `a` is any strided [B, M, J] view given by (its tensor, (s_b, s_m, s_j)); x and out are row-major
+    views ([B, J, N], [B, M, N]) with unit stride along N.
+    """
+    assert x.stride(-1) == 1 and out.stride(-1) == 1
+    batch = out.shape[0]
+    w = row_scale if row_scale is not None else x  # dummy pointer when unused
+    s_wb = row_scale.stride(0) if row_scale is not None else 0
+    grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n), batch)
+    panel_matmul_kernel[grid](
+        a, x, w, out, M, N, J,
+        *a_strides, x.stride(0), x.stride(1), s_wb, out.stride(0), out.stride(1),
+        BM=tiles.block_m, BN=tiles.block_n, BJ=tiles.block_k,
+        ROW_SCALE=row_scale is not None, ACCUMULATE=accumulate, DOT_PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+    )
+
+
+def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL_SIZE, tiles=None):
+    """s = (I - diag(gamma) alpha)^-1 f. Contiguous inputs; returns s [B, T, V] and lse [B, T] in the
+    compute dtype (fp32, or fp64 for fp64 f)."""
+    batch, T, K = q_b.shape
+    V = f.shape[-1]
+    tiles = tiles or _tiles(f.device)
+    acc = _compute_dtype(f.dtype)
+    precision = "ieee" if acc == torch.float64 else _dot_precision(q_b, k_b, f)
+    scale = K**-0.5
+    lse = _empty((batch, T), acc, f.device)
+    s = _empty((batch, T, V), acc, f.device)
+    _launch_lse(q_b, k_b, lse, scale, tiles, precision)
+
+    L = _panel_rows(T, chunk_size, panel_size)
+    panel = _empty((batch, L, T), acc, f.device)  # P of L rows against all keys
+    context = _empty((batch, L, V), acc, f.device)  # the panel rows' context from earlier panels
+    grid_solve = (triton.cdiv(V, tiles.block_v), batch)
+    for r0 in range(0, T, L):
+        r1 = min(r0 + L, T)
+        _launch_probs(q_b, k_b, lse, panel, scale, (r0, r1), (0, r1), False, tiles, precision)
+        if r0 > 0:  # context[t] = sum_{j < r0} P[t, j] s[j]: a [L, r0] @ [r0, V] GEMM
+            _launch_matmul(panel, panel.stride(), s, context, r1 - r0, V, r0, tiles, precision)
+        feedback_solve_fwd_kernel[grid_solve](
+            panel, context, f, gamma, s, T, V, r0, r1, panel.stride(0), context.stride(0),
+            BC=chunk_size, BV=tiles.block_v, LOG2_BC=int(math.log2(chunk_size)), HAS_CONTEXT=r0 > 0,
+            num_warps=tiles.num_warps, num_stages=1,
+        )
+    return s, lse
+
+
+def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=DEFAULT_PANEL_SIZE, tiles=None):
+    """Returns (dq_b, dk_b, df = lam, dgamma = delta) in the compute dtype (lse's dtype)."""
+    batch, T, K = q_b.shape
+    V = s.shape[-1]
+    tiles = tiles or _tiles(s.device)
+    acc = lse.dtype
+    precision = "ieee" if acc == torch.float64 else _dot_precision(q_b, k_b, s, grad_s)
+    scale = K**-0.5
+    L = _panel_rows(T, chunk_size, panel_size)
+    panel = _empty((batch, L, T), acc, s.device)
+    context = _empty((batch, L, V), acc, s.device)
+    grid_solve = (triton.cdiv(V, tiles.block_v), batch)
+
+    # 1. lam = (I - B)^-T grad_s over column panels, last to first.
+    lam = _empty((batch, T, V), acc, s.device)
+    for c0 in range((T - 1) // L * L, -1, -L):
+        c1 = min(c0 + L, T)
+        _launch_probs(q_b, k_b, lse, panel, scale, (c0, T), (c0, c1), True, tiles, precision)
+        if c1 < T:  # context[j] = sum_{t >= c1} P[t, j] gamma_t lam_t: [L, T - c1] @ [T - c1, V]
+            _launch_matmul(
+                panel[:, :, c1:], panel.stride(), lam[:, c1:], context, c1 - c0, V, T - c1, tiles, precision,
+                row_scale=gamma[:, c1:],
+            )
+        feedback_solve_bwd_kernel[grid_solve](
+            panel, context, grad_s, gamma, lam, T, V, c0, c1, panel.stride(0), context.stride(0),
+            BC=chunk_size, BV=tiles.block_v, LOG2_BC=int(math.log2(chunk_size)), HAS_CONTEXT=c1 < T,
+            num_warps=tiles.num_warps, num_stages=1,
+        )
+
+    # 2. delta, dq, dk over row panels: the flash-attention backward with values s and dO = lam,
+    #    as GEMMs over a materialised [L, T] panel of P and then of dL/dlogits.
+    dq = _empty((batch, T, K), acc, s.device)
+    dk = torch.zeros((batch, T, K), dtype=acc, device=s.device)  # accumulated over row panels
+    delta = _empty((batch, T), acc, s.device)
+    for r0 in range(0, T, L):
+        r1 = min(r0 + L, T)
+        n = r1 - r0
+        _launch_probs(q_b, k_b, lse, panel, scale, (r0, r1), (0, r1), False, tiles, precision)
+        # u[t] = sum_{j<t} P[t, j] s[j]; delta[t] = lam[t] . u[t] = dL/dgamma[t]
+        _launch_matmul(panel, panel.stride(), s, context, n, V, r1, tiles, precision)
+        delta[:, r0:r1] = (lam[:, r0:r1] * context[:, :n]).sum(-1)
+        grid = (triton.cdiv(n, tiles.block_m), triton.cdiv(r1, tiles.block_n), batch)
+        feedback_dlogits_kernel[grid](
+            panel, lam, s, gamma, delta, T, V, scale, r0, r1, r1, panel.stride(0),
+            BM=tiles.block_m, BN=tiles.block_n, BV=tiles.block_k, DOT_PRECISION=precision,
+            num_warps=tiles.num_warps, num_stages=tiles.num_stages,
+        )
+        # dq[t] = sum_j dlogits[t, j] k[j]: [n, r1] @ [r1, K]
+        _launch_matmul(panel, panel.stride(), k_b, dq[:, r0:r1], n, K, r1, tiles, precision)
+        # dk[j] += sum_t dlogits[t, j] q[t]: [r1, n] @ [n, K] (the panel read transposed)
+        s_b, s_t, s_j = panel.stride()
+        _launch_matmul(panel, (s_b, s_j, s_t), q_b[:, r0:r1], dk, r1, K, n, tiles, precision, accumulate=True)
+    return dq, dk, lam, delta
+
+
+# ----------------------------------------------------------------------------------------------
+# torch.library ops (opaque to torch.compile) and their autograd
+# ----------------------------------------------------------------------------------------------
+@torch.library.custom_op("sessa::feedback_solve_triton_fwd", mutates_args=())
+def _fwd_op(
+    q_b: torch.Tensor, k_b: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, chunk_size: int, panel_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    s, lse = feedback_triton_fwd(
+        q_b.contiguous(), k_b.contiguous(), f.contiguous(), gamma.contiguous(), chunk_size, panel_size
+    )
+    return s.to(f.dtype), lse
+
+
+@_fwd_op.register_fake
+def _(q_b, k_b, f, gamma, chunk_size, panel_size):
+    batch, T, V = f.shape
+    return f.new_empty(batch, T, V), f.new_empty(batch, T, dtype=_compute_dtype(f.dtype))
+
+
+@torch.library.custom_op("sessa::feedback_solve_triton_bwd", mutates_args=())
+def _bwd_op(
+    q_b: torch.Tensor,
+    k_b: torch.Tensor,
+    gamma: torch.Tensor,
+    s: torch.Tensor,
+    lse: torch.Tensor,
+    grad_s: torch.Tensor,
+    chunk_size: int,
+    panel_size: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, df, dgamma = feedback_triton_bwd(
+        q_b.contiguous(), k_b.contiguous(), gamma.contiguous(), s.contiguous(), lse.contiguous(),
+        grad_s.contiguous(), chunk_size, panel_size,
+    )
+    # Fresh tensors even when no cast is needed: a custom op's outputs may not alias each other.
+    return dq.to(q_b.dtype), dk.to(k_b.dtype), df.to(s.dtype), dgamma.to(gamma.dtype)
+
+
+@_bwd_op.register_fake
+def _(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size):
+    return torch.empty_like(q_b), torch.empty_like(k_b), torch.empty_like(s), torch.empty_like(gamma)
+
+
+def _setup_context(ctx, inputs, output):
+    q_b, k_b, _, gamma, chunk_size, panel_size = inputs
+    s, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(q_b, k_b, gamma, s, lse)
+    ctx.chunk_size, ctx.panel_size = chunk_size, panel_size
+
+
+def _backward(ctx, grad_s, _grad_lse):
+    q_b, k_b, gamma, s, lse = ctx.saved_tensors
+    if grad_s is None:
+        grad_s = torch.zeros_like(s)
+    dq, dk, df, dgamma = _bwd_op(q_b, k_b, gamma, s, lse, grad_s, ctx.chunk_size, ctx.panel_size)
+    return dq, dk, df, dgamma, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------
+def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: int | None = None):
+    """s = (I - diag(gamma) alpha)^-1 f with fused Triton kernels; memory linear in T.
+
+    Args:
+        q_b, k_b: [B, T, K] feedback queries/keys (logits q_b . k_b / sqrt(K), strict-causal softmax).
+        f: [B, T, V] forward-branch output (V may be a tensor-parallel slice; K != V is fine).
+        gamma: [B, T] feedback gains.
+        chunk_size: C, rows of a diagonal block solved in registers: a power of two in [16, 128].
+        panel_size: L, rows (columns in backward) of P materialised at once in an [B, L, T] fp32
+            buffer; a multiple of chunk_size. Default DEFAULT_PANEL_SIZE (capped at T).
+    Returns:
+        s: [B, T, V] in f's dtype. Inputs may be fp32, bf16, fp16 or fp64; the solve runs in fp32
+        (fp64 for fp64 f). Differentiable in q_b, k_b, f and gamma.
+    """
+    if q_b.dim() != 3 or k_b.shape != q_b.shape:
+        raise ValueError(f"q_b and k_b must both be [B, T, K], got {tuple(q_b.shape)} and {tuple(k_b.shape)}")
+    batch, T, _ = q_b.shape
+    if f.dim() != 3 or f.shape[:2] != (batch, T) or gamma.shape != (batch, T):
+        raise ValueError(f"expected f [B, T, V] and gamma [B, T] with B, T = {batch}, {T}; "
+                         f"got {tuple(f.shape)} and {tuple(gamma.shape)}")
+    if T == 0:
+        raise ValueError("T must be >= 1")
+    if chunk_size < 16 or chunk_size > 128 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two in [16, 128] for the Triton path, got {chunk_size}")
+    panel_size = DEFAULT_PANEL_SIZE if panel_size is None else panel_size
+    if panel_size < chunk_size or panel_size % chunk_size:
+        raise ValueError(f"panel_size ({panel_size}) must be a positive multiple of chunk_size ({chunk_size})")
+    if len({t.device for t in (q_b, k_b, f, gamma)}) != 1:
+        raise ValueError("q_b, k_b, f and gamma must be on one device")
+    if f.device.type != "cuda" and not is_interpreter():
+        raise RuntimeError(
+            f"feedback_impl='triton' on {f.device.type} tensors needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before importing triton (slow; tests only), or use impl='chunked'"
+        )
+    s, _ = _fwd_op(q_b, k_b, f, gamma, chunk_size, panel_size)
+    return s
