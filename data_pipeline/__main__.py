@@ -1,0 +1,128 @@
+"""Command line: prepare shards, train a tokenizer, inspect a prepared directory.
+
+    python -m data_pipeline prepare --source builtin --tokenizer pydocs4k --seq-len 1024 --out data/pydocs
+    python -m data_pipeline prepare --source corpus.jsonl.gz --text-field content --tokenizer o200k_base \
+        --seq-len 8192 --out data/web --on-error skip
+    python -m data_pipeline train-tokenizer --source builtin --vocab-size 4096 --name pydocs4k \
+        --out data_pipeline/tokenizers/pydocs4k.tiktoken
+    python -m data_pipeline inspect data/pydocs --verify --show 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("prepare", help="tokenise, pack and shard a corpus")
+    p.add_argument("--source", action="append", required=True,
+                   help="'builtin', a .jsonl[.gz|.xz|.bz2] / .parquet / text file, or a directory; repeatable")
+    p.add_argument("--tokenizer", required=True,
+                   help="gpt2 | r50k_base | cl100k_base | o200k_base | pydocs4k | path/to/file.tiktoken")
+    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample (each stores seq_len + 1)")
+    p.add_argument("--out", required=True, help="output directory (manifest.json, train/, val/)")
+    p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
+    p.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
+    p.add_argument("--shard-mb", type=float, default=128, help="target shard size in MB")
+    p.add_argument("--entry-kb", type=float, default=512, help="target tokens per tar entry in KiB")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="bad documents: stop with an error naming file and line, or skip and count them")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    t = commands.add_parser("train-tokenizer", help="train a byte-level BPE (rustbpe) as a .tiktoken file")
+    t.add_argument("--source", action="append", required=True, help="as for prepare; repeatable")
+    t.add_argument("--vocab-size", type=int, required=True, help="ids including <|endoftext|>")
+    t.add_argument("--name", required=True, help="tokenizer name (first part of its id)")
+    t.add_argument("--out", required=True, help="output .tiktoken path (a .json sidecar is written too)")
+    t.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
+    t.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="as for prepare")
+
+    i = commands.add_parser("inspect", help="summarise (and check) a prepared directory")
+    i.add_argument("dir", help="prepared data directory")
+    i.add_argument("--verify", action="store_true", help="check every shard's sha256 and every entry")
+    i.add_argument("--show", type=int, default=0, metavar="N", help="decode the first N train samples")
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command == "prepare":
+        return _prepare(args)
+    if args.command == "train-tokenizer":
+        from .train_tokenizer import train_tokenizer
+        tid = train_tokenizer(args.source, args.out, args.vocab_size, args.name, args.text_field, args.on_error)
+        print(f"wrote {args.out} (+ .json), tokenizer id {tid}")
+        return 0
+    return _inspect(args)
+
+
+def _prepare(args) -> int:
+    from .prepare import prepare
+    manifest = prepare(args.source, args.tokenizer, args.seq_len, args.out, text_field=args.text_field,
+                       val_fraction=args.val_fraction, num_workers=args.workers,
+                       shard_bytes=int(args.shard_mb * 1e6), entry_bytes=int(args.entry_kb * 1024),
+                       on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress)
+    _summary(args.out, manifest)
+    return 0
+
+
+def _summary(data_dir: str, manifest: dict) -> None:
+    print(f"{data_dir}: tokenizer {manifest['tokenizer_id']} (vocab {manifest['vocab_size']}), "
+          f"seq_len {manifest['seq_len']}, {manifest['samples_per_entry']} samples per tar entry")
+    docs = manifest["documents"]
+    print(f"  documents {docs['total']}, text {docs['text_bytes'] / 1e6:.1f} MB, tokens {docs['tokens']:,}"
+          f"; skipped {manifest['skipped'] or 'none'}")
+    for name, split in manifest["splits"].items():
+        print(f"  {name:5s} {split['samples']:>9,} samples {split['tokens']:>13,} tokens "
+              f"{len(split['shards']):>5} shards {split['documents']:>8,} documents")
+
+
+def _inspect(args) -> int:
+    from .manifest import read_manifest
+    manifest = read_manifest(args.dir)
+    _summary(args.dir, manifest)
+    if args.verify:
+        problems = _verify(args.dir, manifest)
+        print(f"  verify: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+        for problem in problems:
+            print(f"    {problem}")
+        if problems:
+            return 1
+    if args.show:
+        from .loader import build_dataloader
+        from .tokenizer import load_tokenizer
+        tok = load_tokenizer(manifest["tokenizer"]["spec"])
+        loader = build_dataloader(args.dir, "train", 1, 0, 1, 0, seed=0, infinite=False,
+                                  expected_tokenizer_id=manifest["tokenizer_id"], lanes=1)
+        for _, batch in zip(range(args.show), loader):
+            print(f"--- sample {int(batch['sample_index'][0])}: "
+                  f"{int(batch['doc_ids'][0].max()) + 1} document(s)")
+            print(tok.decode(batch["tokens"][0][batch["doc_ids"][0] >= 0].tolist()))
+    return 0
+
+
+def _verify(data_dir: str, manifest: dict) -> list[str]:
+    from .errors import DataError
+    from .shards import ShardReader, shard_specs
+    problems = []
+    for split in manifest["splits"]:
+        for spec in shard_specs(manifest, split, data_dir, None):
+            reader = ShardReader(manifest["sample_len"], manifest["samples_per_entry"],
+                                 manifest["vocab_size"], True, set())
+            try:
+                for entry in range(spec.entries):
+                    reader.read(spec, entry)
+            except DataError as e:
+                problems.append(str(e))
+            reader.close()
+    return problems
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Tokeniser worker for `prepare`: kept free of torch/webdataset imports so spawned workers start fast."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .tokenizer import Tokenizer, load_tokenizer
+
+_tokenizer: Tokenizer | None = None
+
+
+def init_worker(tok: Tokenizer | str, expected_id: str | None = None) -> None:
+    global _tokenizer
+    _tokenizer = tok if isinstance(tok, Tokenizer) else load_tokenizer(tok)
+    if expected_id is not None and _tokenizer.id != expected_id:
+        raise RuntimeError(f"worker loaded tokenizer {_tokenizer.id}, the parent has {expected_id}")
+
+
+def encode(texts: list[str]) -> list[np.ndarray]:
+    encoding = _tokenizer.encoding
+    # encode_to_numpy with no allowed special tokens == encode_ordinary, minus the Python list.
+    return [encoding.encode_to_numpy(t, allowed_special=set(), disallowed_special=()) for t in texts]
