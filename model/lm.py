@@ -1,7 +1,9 @@
 """SessaLM: token embedding (no absolute positions) -> N Sessa layers -> LayerNorm -> LM head."""
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import sharded_state_dict_default
 from torch import nn
 
 from .config import SessaConfig
@@ -27,6 +29,7 @@ class SessaLM(MegatronModule):
             ensure_model_parallel()
             megatron_config = make_megatron_config(config)
         super().__init__(megatron_config)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.sessa = config
         self.pre_process, self.post_process = pre_process, post_process
         self.share_embeddings_and_output_weights = config.tie_embeddings
@@ -81,6 +84,33 @@ class SessaLM(MegatronModule):
             return (logits, new_caches) if caches is not None else logits
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1)  # [B, T]
+
+    # --- checkpointing -------------------------------------------------------------------------
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        """Checkpoint keys use global layer numbers, so a checkpoint reshards across pipeline stages."""
+        state = {}
+        for name, child in self.named_children():
+            if name == "layers":
+                for layer in child:
+                    state.update(layer.sharded_state_dict(f"{prefix}layers.{layer.layer_number}.", sharded_offsets, metadata))
+            else:
+                state.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+        return state
+
+    def load_global_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """Load a state dict keyed by global layer numbers (as saved by `sharded_state_dict`)."""
+        local_of = {layer.layer_number: i for i, layer in enumerate(self.layers)}
+        local = {}
+        for key, value in state_dict.items():
+            key = key[len(prefix):]
+            if key.startswith("layers."):
+                _, number, rest = key.split(".", 2)
+                key = f"layers.{local_of[int(number)]}.{rest}"
+            local[key] = value
+        missing, unexpected = self.load_state_dict(local, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
 
     # --- accounting ---------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:

@@ -1,0 +1,111 @@
+"""Sharded, atomic checkpoints on megatron-core `dist_checkpointing` (torch_dist backend).
+
+Layout of a run's checkpoint folder:
+
+    checkpoints/
+      latest                 # text: the step of the newest complete checkpoint
+      iter_0000100/          # one dist_checkpointing directory per saved step
+      .tmp_iter_0000200/     # a save in progress; renamed into place only when complete
+
+A save writes into a temporary directory, every rank waits for every other, then rank 0 renames
+it into place and replaces `latest` with `os.replace` (atomic on POSIX). A process killed in the
+middle of a save leaves `latest` pointing at the previous complete checkpoint.
+"""
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+
+CHECKPOINT_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    def __init__(self, root: Path, keep_last: int = 3, keep_every: int = 0):
+        self.root = Path(root)
+        self.keep_last, self.keep_every = keep_last, keep_every
+
+    def step_dir(self, step: int) -> Path:
+        return self.root / f"iter_{step:07d}"
+
+    def saved_steps(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        return sorted(int(m.group(1)) for p in self.root.iterdir() if (m := CHECKPOINT_DIR.match(p.name)))
+
+    def latest_step(self) -> int | None:
+        pointer = self.root / "latest"
+        if not pointer.is_file():
+            return None
+        text = pointer.read_text().strip()
+        if not text.isdigit() or not self.step_dir(int(text)).is_dir():
+            raise RuntimeError(f"{pointer} names step {text!r} but {self.root} has no such complete checkpoint; "
+                               f"complete ones: {self.saved_steps()}. Fix or delete {pointer}.")
+        return int(text)
+
+    def remove_partial_saves(self) -> None:
+        """Delete temporary directories left by a save that was killed (rank 0 only)."""
+        if _is_rank0() and self.root.is_dir():
+            for path in self.root.glob(".tmp_iter_*"):
+                shutil.rmtree(path, ignore_errors=True)
+        _barrier()
+
+    def save(self, step: int, sharded_state_dict: dict) -> Path:
+        """Write `sharded_state_dict` for `step` collectively; returns the final directory."""
+        tmp = self.root / f".tmp_iter_{step:07d}"
+        final = self.step_dir(step)
+        if _is_rank0():
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        _barrier()
+        dist_checkpointing.save(sharded_state_dict, str(tmp))
+        _barrier()  # every rank's shards are on disk
+        if _is_rank0():
+            if final.exists():  # re-saving a step (e.g. after a resume at that step)
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            pointer_tmp = self.root / "latest.tmp"
+            with open(pointer_tmp, "w") as f:
+                f.write(f"{step}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(pointer_tmp, self.root / "latest")
+            _fsync_dir(self.root)
+            self._prune(latest=step)
+        _barrier()
+        return final
+
+    def _prune(self, latest: int) -> None:
+        steps = self.saved_steps()
+        keep = set(steps[-self.keep_last:]) | {latest}
+        if self.keep_every:
+            keep |= {s for s in steps if s % self.keep_every == 0}
+        for step in steps:
+            if step not in keep:
+                shutil.rmtree(self.step_dir(step), ignore_errors=True)
+
+    def load_common(self, step: int) -> dict:
+        """The non-sharded part (iteration, config, scheduler, ...), readable before building anything."""
+        return dist_checkpointing.load_common_state_dict(str(self.step_dir(step)))
+
+    def load(self, step: int, sharded_state_dict: dict) -> dict:
+        return dist_checkpointing.load(sharded_state_dict, str(self.step_dir(step)))

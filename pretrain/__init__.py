@@ -1,0 +1,1 @@
+"""Pretraining loop for Sessa models on megatron-core (see pretrain/__main__.py for usage)."""

@@ -1,0 +1,257 @@
+"""One dataclass tree for a pretraining run, loaded from YAML with dotted CLI overrides.
+
+    python -m pretrain --config configs/tiny.yaml --optim.lr 3e-4 --train.max_steps 200
+
+Every section validates itself in `__post_init__` and names the offending field.
+"""
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from model import SessaConfig
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the field and what to change."""
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    max_steps: int = 100
+    global_batch_tokens: int = 16384  # tokens per optimizer step, over all data-parallel ranks
+    micro_batch_size: int = 1  # sequences per forward pass per rank; the rest is gradient accumulation
+    seed: int = 1234
+
+    def __post_init__(self):
+        for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    path: str = "data/builtin"  # directory written by `python -m data_pipeline prepare`
+    num_workers: int = 2  # DataLoader worker processes per rank
+    seed: int = 1234  # shard/sample shuffling seed
+
+    def __post_init__(self):
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    weight_decay: float = 0.1  # not applied to norms, biases or the gamma parameters
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 disables
+    distributed: bool = True  # megatron's distributed optimizer (ZeRO-1: Adam states sharded over DP)
+
+    def __post_init__(self):
+        if not 0 < self.lr:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr must lie in [0, optim.lr={self.lr}], got {self.min_lr}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"optim.{name} must lie in [0, 1), got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class ScheduleConfig:
+    style: str = "cosine"  # "cosine" (warmup + cosine to min_lr) or "wsd" (warmup-stable-decay)
+    warmup_steps: int = 10
+    wsd_decay_fraction: float = 0.2  # share of steps spent in the final decay for "wsd"
+    wsd_decay_style: str = "linear"  # "linear", "cosine", "exponential" or "minus_sqrt"
+
+    def __post_init__(self):
+        if self.style not in ("cosine", "wsd"):
+            raise ConfigError(f"schedule.style must be 'cosine' or 'wsd', got {self.style!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"schedule.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 < self.wsd_decay_fraction <= 1:
+            raise ConfigError(f"schedule.wsd_decay_fraction must lie in (0, 1], got {self.wsd_decay_fraction}")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    sequence_parallel: bool = False
+
+    def __post_init__(self):
+        if self.tensor < 1 or self.pipeline < 1:
+            raise ConfigError("parallel.tensor and parallel.pipeline must be >= 1")
+        if self.sequence_parallel and self.tensor == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    interval_steps: int = 100  # save every N steps (0: never by step count)
+    interval_minutes: float = 0.0  # and/or every N minutes of wall time (0: never by time)
+    keep_last: int = 3  # keep the newest k checkpoints ...
+    keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of n (0: none)
+    resume: bool = True  # continue from `latest` in the run directory when there is one
+    save_on_exit: bool = True  # save when training ends or on SIGTERM/SIGUSR1
+
+    def __post_init__(self):
+        if self.interval_steps < 0 or self.interval_minutes < 0 or self.keep_every < 0:
+            raise ConfigError("checkpoint.interval_steps, interval_minutes and keep_every must be >= 0")
+        if self.keep_last < 1:
+            raise ConfigError(f"checkpoint.keep_last must be >= 1, got {self.keep_last}")
+
+
+@dataclass(kw_only=True)
+class LoggingConfig:
+    interval: int = 1  # steps between console/metrics lines
+    wandb: str = "offline"  # "offline", "online" or "disabled"; online needs WANDB_API_KEY
+    wandb_project: str = "sessa-pretrain"
+    progress_bar: bool = True
+    peak_tflops: float = 0.0  # per-device peak for MFU (e.g. 989 for H100/H200 bf16); 0: no MFU
+
+    def __post_init__(self):
+        if self.wandb not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logging.wandb must be 'offline', 'online' or 'disabled', got {self.wandb!r}")
+        if self.interval < 1:
+            raise ConfigError(f"logging.interval must be >= 1, got {self.interval}")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    interval: int = 50  # steps between validation passes (0: only at the end)
+    batches: int = 4  # validation micro-batches per pass, per data-parallel rank
+    sample_prompt: str = "The"
+    sample_tokens: int = 48  # tokens generated at the end of training (0: none)
+    sample_temperature: float = 0.8
+    sample_top_k: int = 40
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    run_name: str = "tiny"
+    runs_dir: str = "runs"
+    model: SessaConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if self.schedule.warmup_steps >= self.train.max_steps:
+            raise ConfigError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than "
+                              f"train.max_steps ({self.train.max_steps})")
+        if not self.run_name or "/" in self.run_name:
+            raise ConfigError(f"run_name must be a non-empty folder name without '/', got {self.run_name!r}")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runs_dir) / self.run_name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- loading ----------------------------------------------------------------------------------
+def _coerce(value, annotation, where: str):
+    """Convert a YAML/CLI value to the field's annotated type, or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            return None
+        return _coerce(value, options[0], where)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping of fields, got {value!r}")
+        return _build(annotation, value, where)
+    if annotation is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}")
+        return value
+    if annotation in (int, float):
+        if isinstance(value, str):  # CLI values, and YAML's "3e-4" (YAML 1.1 reads it as a string)
+            try:
+                value = float(value) if annotation is float else int(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (annotation is int and not isinstance(value, int)):
+            kind = "an integer" if annotation is int else "a number"
+            raise ConfigError(f"{where} must be {kind}, got {value!r}")
+        return annotation(value)
+    if annotation is str:
+        return str(value)
+    return value
+
+
+def _build(cls, values: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown field(s) {', '.join(f'{where}.{k}' if where else k for k in unknown)}; "
+                          f"valid fields: {', '.join(sorted(known))}")
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where else name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as err:  # a required field is missing
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+    except ValueError as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where or 'config'}: {err}") from None
+
+
+def apply_override(tree: dict, dotted: str, value) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--{dotted}: {part} is not a section")
+    node[leaf] = value
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file + ["--section.field", "value", ...] overrides -> a validated RunConfig."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; recipes live in configs/ (e.g. configs/tiny.yaml)")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    overrides = list(overrides or [])
+    while overrides:
+        flag = overrides.pop(0)
+        if "=" in flag:
+            flag, value = flag.split("=", 1)
+        elif overrides:
+            value = overrides.pop(0)
+        else:
+            raise ConfigError(f"override {flag} has no value")
+        if not flag.startswith("--"):
+            raise ConfigError(f"overrides look like --section.field value, got {flag!r}")
+        apply_override(tree, flag[2:], value)
+    if "model" not in tree:
+        raise ConfigError(f"{path}: the 'model' section is required (vocab_size, hidden_size, num_layers, num_heads)")
+    return _build(RunConfig, tree, "")
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

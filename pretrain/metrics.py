@@ -1,0 +1,61 @@
+"""Run logging: console progress bar, metrics.jsonl, and wandb (offline unless asked otherwise)."""
+import json
+import os
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import RunConfig
+
+
+class MetricsLogger:
+    """Writes only on the logging rank; other ranks get a logger that does nothing."""
+
+    def __init__(self, config: RunConfig, enabled: bool, start_step: int):
+        self.enabled = enabled
+        self.wandb_run = None
+        self.bar = None
+        if not enabled:
+            return
+        self.jsonl = open(config.run_dir / "metrics.jsonl", "a", buffering=1)
+        if config.logging.progress_bar:
+            self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc=config.run_name,
+                            dynamic_ncols=True, mininterval=1.0)
+        if config.logging.wandb != "disabled":
+            mode = config.logging.wandb
+            if mode == "online" and not os.environ.get("WANDB_API_KEY"):
+                raise RuntimeError("logging.wandb is 'online' but WANDB_API_KEY is not set; set the key or "
+                                   "use --logging.wandb offline")
+            import wandb
+
+            self.wandb_run = wandb.init(
+                project=config.logging.wandb_project, name=config.run_name, id=config.run_name.replace("/", "-"),
+                dir=str(config.run_dir), mode=mode, config=config.to_dict(), resume="allow",
+            )
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log(metrics, step=step)
+
+    def advance(self, steps: int, summary: dict) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+            self.bar.set_postfix(summary, refresh=False)
+
+    def print(self, message: str) -> None:
+        if self.enabled:
+            (self.bar.write if self.bar is not None else print)(message)
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
