@@ -5,7 +5,18 @@ loading a `fully_reshardable` optimizer checkpoint copies every key of the local
 the checkpoint, including the per-parameter "step" tensor, which that format does not store (it
 restores "step" from the param groups beforehand). The load fails with KeyError: 'step'. The fix
 skips state keys the checkpoint does not carry; "step" keeps the value restored from the groups.
+
+Same setting, before a load: `sharded_state_dict(is_loading=True)` reads the optimizer's own state
+dict and asserts all parameters share one "step", which fails for a fresh torch Adam with no state
+at all. `initialise_optimizer_state` gives every parameter zero moments and step 0 first; the load
+then overwrites them in place.
+
+And after a load: megatron puts ONE "step" tensor object into every parameter's state; torch's Adam
+increments `state["step"]` in place per parameter, so a shared tensor advances once per parameter
+per step and the bias correction is wrong from the first step after a resume.
+`load_optimizer_state` loads and then gives each parameter its own copy.
 """
+import torch
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 _applied = False
@@ -30,3 +41,24 @@ def apply_megatron_fixes() -> None:
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states_present_in_checkpoint
     _applied = True
+
+
+@torch.no_grad()
+def initialise_optimizer_state(optimizer) -> None:
+    """Zero Adam moments and step for every parameter that has no state yet (megatron optimizer)."""
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = chained.optimizer
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param]["step"] = torch.zeros((), dtype=torch.float32)
+                    inner.state[param]["exp_avg"] = torch.zeros_like(param)
+                    inner.state[param]["exp_avg_sq"] = torch.zeros_like(param)
+
+
+def load_optimizer_state(optimizer, state_dict) -> None:
+    optimizer.load_state_dict(state_dict)
+    for chained in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for param_state in chained.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].clone()

@@ -25,7 +25,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, Par
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from checkpoints import CheckpointManager
-from checkpoints.megatron_fixes import apply_megatron_fixes
+from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimizer_state, load_optimizer_state
 from data_pipeline.loader import build_dataloader, merge_dp_states
 from data_pipeline.manifest import read_manifest
 from data_pipeline.tokenizer import load_tokenizer
@@ -369,9 +369,10 @@ class Trainer:
             return
         common = self.checkpoints.load_common(step)
         self._check_checkpoint_compatible(common, step)
+        initialise_optimizer_state(self.optimizer)
         loaded = self.checkpoints.load(step, self._sharded_state(loading=True, saved_layout=common["layout"]))
         self.model.load_global_state_dict(loaded["model"], prefix="model.")
-        self.optimizer.load_state_dict(loaded["optimizer"])
+        load_optimizer_state(self.optimizer, loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         data_states = [entry for entry in loaded["data"]]
         if len(data_states) == self.env.dp_size:

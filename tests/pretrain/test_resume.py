@@ -1,0 +1,73 @@
+"""Crash-safe, exact resume of the real trainer (megatron-core DDP, distributed optimizer, gloo)."""
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from conftest import read_metrics, run_pretrain, start_pretrain
+
+pytestmark = pytest.mark.slow
+
+
+def _kill_after_step(process, run_dir: Path, step: int, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while max(read_metrics(run_dir), default=0) < step:
+        if process.poll() is not None:
+            raise AssertionError(f"training exited with {process.returncode} before step {step}")
+        if time.time() > deadline:
+            raise AssertionError(f"no step {step} within {timeout} s")
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # the whole group: torchrun and its ranks
+    process.wait()
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["dp1", "dp2"])
+def test_sigkill_then_restart_gives_bitwise_identical_losses(recipe, tmp_path, nproc):
+    run_pretrain(recipe, "--run_name", "straight", nproc=nproc)
+    reference = read_metrics(tmp_path / "runs" / "straight")
+    assert sorted(reference) == list(range(1, 11))
+
+    run_dir = tmp_path / "runs" / "crashed"
+    process = start_pretrain(recipe, "--run_name", "crashed", "--checkpoint.interval_steps", "4", nproc=nproc)
+    _kill_after_step(process, run_dir, 6)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "4"
+    run_pretrain(recipe, "--run_name", "crashed", "--checkpoint.interval_steps", "4", nproc=nproc)
+    resumed = read_metrics(run_dir)
+    assert sorted(resumed) == list(range(1, 11))
+    for step in range(5, 11):  # steps re-done after the restart
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+
+
+def test_kill_during_save_keeps_previous_checkpoint(recipe, tmp_path):
+    run_dir = tmp_path / "runs" / "torn"
+    checkpoints = run_dir / "checkpoints"
+    process = start_pretrain(recipe, "--run_name", "torn", "--checkpoint.interval_steps", "3")
+    deadline = time.time() + 600
+    while not (checkpoints / ".tmp_iter_0000006").exists():  # the second save has begun writing
+        assert process.poll() is None and time.time() < deadline, "training ended before the second save"
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (checkpoints / "latest").read_text().strip() == "3"
+    assert not (checkpoints / "iter_0000006").exists()
+
+    run_pretrain(recipe, "--run_name", "torn", "--checkpoint.interval_steps", "3")
+    run_pretrain(recipe, "--run_name", "straight")
+    resumed, reference = read_metrics(run_dir), read_metrics(tmp_path / "runs" / "straight")
+    assert [resumed[s] for s in range(4, 11)] == [reference[s] for s in range(4, 11)]
+    assert not list(checkpoints.glob(".tmp_iter_*"))
+    assert (checkpoints / "latest").read_text().strip() == "10"
+
+
+def test_sigterm_saves_and_exits_cleanly(recipe, tmp_path):
+    run_dir = tmp_path / "runs" / "preempted"
+    process = start_pretrain(recipe, "--run_name", "preempted", "--train.max_steps", "200")
+    deadline = time.time() + 600
+    while max(read_metrics(run_dir), default=0) < 3:
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=300) == 0
+    saved = int((run_dir / "checkpoints" / "latest").read_text())
+    assert 3 <= saved < 200 and saved == max(read_metrics(run_dir))
