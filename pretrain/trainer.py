@@ -345,8 +345,9 @@ class Trainer:
             "model": model_state,
             "optimizer": self.optimizer.sharded_state_dict(model_state, is_loading=loading, metadata=OPTIMIZER_SHARDING),
             # Every data-parallel rank's loader position; loaded by all ranks so the DP size may change.
+            # Loading: every rank reads all of them (only DP rank 0's request counts as the main replica).
             "data": [ShardedObject("data_loader_state", None if loading else self.train_loader.state_dict(),
-                                   (layout["dp"],), (i,), replica_id=(env.tp_rank, env.pp_rank))
+                                   (layout["dp"],), (i,), replica_id=(env.tp_rank, env.pp_rank, env.dp_rank if loading else 0))
                      for i in (range(layout["dp"]) if loading else [env.dp_rank])],
             "step": self.step, "consumed_tokens": self.consumed_tokens,
             "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict(),
