@@ -54,15 +54,24 @@ GPU_TILES = TritonTiles()
 INTERPRETER_TILES = TritonTiles(block_m=32, block_n=32, block_k=16, block_v=16, num_warps=1, num_stages=1)
 # Rows (forward) / columns (backward) of P materialised at once: an [L, T] buffer in fp32.
 DEFAULT_PANEL_SIZE = 1024
-# tl.dot precision for the large contractions when any input is bf16/fp16 ("tf32" is exact for
-# bf16-valued loads and rounds the fp32 intermediates P, s, lam to 10 mantissa bits; "tf32x3" or
-# "ieee" trade speed for accuracy). fp32/fp64 inputs always use "ieee"; the diagonal solve too.
+# tl.dot input precision on the GPU (the interpreter ignores it and computes in the operand dtype).
+# Every operand is fp32 (fp64 for fp64 inputs) when it reaches tl.dot. Large contractions: "tf32"
+# when any input is bf16/fp16 (exact for the bf16/fp16-valued q_b/k_b loads; rounds the fp32
+# intermediates P, s, lam to 10 mantissa bits, well below the bf16 output's 8), "tf32x3" (3 TF32
+# MMAs, about fp32 accuracy) for fp32 inputs. The diagonal C x C solve always uses "tf32x3": "ieee"
+# (FMA) 64 x 64 dots spill registers on sm_90. fp64 runs "ieee" everywhere (a test/debug dtype).
 HALF_DOT_PRECISION = "tf32"
+FP32_DOT_PRECISION = "tf32x3"
+SOLVE_DOT_PRECISION = "tf32x3"
+
+
+# Read once: `@triton.jit` decided interpreter-or-compiled when triton_kernels.py was imported.
+_INTERPRET = bool(triton.knobs.runtime.interpret)
 
 
 def is_interpreter() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1 at import time)."""
-    return bool(triton.knobs.runtime.interpret)
+    """True when the kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import time)."""
+    return _INTERPRET
 
 
 def _tiles(device: torch.device) -> TritonTiles:
@@ -73,10 +82,13 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _dot_precision(*tensors: torch.Tensor) -> str:
-    if any(t.dtype == torch.float64 for t in tensors):
-        return "ieee"
-    return "ieee" if all(t.dtype == torch.float32 for t in tensors) else HALF_DOT_PRECISION
+def _dot_precisions(acc: torch.dtype, *tensors: torch.Tensor) -> tuple[str, str]:
+    """(large contractions, diagonal solve) input precisions for tl.dot."""
+    if acc == torch.float64:
+        return "ieee", "ieee"
+    if all(t.dtype in (torch.float32, torch.float64) for t in tensors):
+        return FP32_DOT_PRECISION, SOLVE_DOT_PRECISION
+    return HALF_DOT_PRECISION, SOLVE_DOT_PRECISION
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -147,7 +159,7 @@ def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL
     V = f.shape[-1]
     tiles = tiles or _tiles(f.device)
     acc = _compute_dtype(f.dtype)
-    precision = "ieee" if acc == torch.float64 else _dot_precision(q_b, k_b, f)
+    precision, solve_precision = _dot_precisions(acc, q_b, k_b, f)
     scale = K**-0.5
     lse = _empty((batch, T), acc, f.device)
     s = _empty((batch, T, V), acc, f.device)
@@ -165,7 +177,7 @@ def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL
         feedback_solve_fwd_kernel[grid_solve](
             panel, context, f, gamma, s, T, V, r0, r1, panel.stride(0), context.stride(0),
             BC=chunk_size, BV=tiles.block_v, LOG2_BC=int(math.log2(chunk_size)), HAS_CONTEXT=r0 > 0,
-            num_warps=tiles.num_warps, num_stages=1,
+            SOLVE_PRECISION=solve_precision, num_warps=tiles.num_warps, num_stages=1,
         )
     return s, lse
 
@@ -176,7 +188,7 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
     V = s.shape[-1]
     tiles = tiles or _tiles(s.device)
     acc = lse.dtype
-    precision = "ieee" if acc == torch.float64 else _dot_precision(q_b, k_b, s, grad_s)
+    precision, solve_precision = _dot_precisions(acc, q_b, k_b, s, grad_s)
     scale = K**-0.5
     L = _panel_rows(T, chunk_size, panel_size)
     panel = _empty((batch, L, T), acc, s.device)
@@ -196,7 +208,7 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
         feedback_solve_bwd_kernel[grid_solve](
             panel, context, grad_s, gamma, lam, T, V, c0, c1, panel.stride(0), context.stride(0),
             BC=chunk_size, BV=tiles.block_v, LOG2_BC=int(math.log2(chunk_size)), HAS_CONTEXT=c1 < T,
-            num_warps=tiles.num_warps, num_stages=1,
+            SOLVE_PRECISION=solve_precision, num_warps=tiles.num_warps, num_stages=1,
         )
 
     # 2. delta, dq, dk over row panels: the flash-attention backward with values s and dO = lam,

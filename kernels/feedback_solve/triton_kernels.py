@@ -179,7 +179,7 @@ def panel_matmul_kernel(
 @triton.jit
 def feedback_solve_fwd_kernel(
     p, ctx, f, gamma, s, T, V, r0, r1, s_pb, s_cb,
-    BC: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    BC: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):
     """Rows [r0, r1) of s = f + gamma * (P @ s), chunk by chunk. Grid (cdiv(V, BV), B).
 
@@ -212,14 +212,14 @@ def feedback_solve_fwd_kernel(
             o_j = r0 + i_j * BC + o_i
             b_p = tl.load(p + (o_c[:, None] - r0) * T + o_j[None, :], mask=m_c[:, None], other=0)
             b_s = tl.load(s + o_j[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0)
-            b_acc += tl.dot(b_p, b_s, input_precision="ieee")  # [BC, BC] @ [BC, BV]
+            b_acc += tl.dot(b_p, b_s, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
         b_g = tl.load(gamma + o_c, mask=m_c, other=0).to(ACC)
         b_x = tl.load(f + o_c[:, None] * V + o_v[None, :], mask=m_cv, other=0).to(ACC) + b_g[:, None] * b_acc
         b_a = b_g[:, None] * tl.load(p + (o_c[:, None] - r0) * T + o_c[None, :], mask=m_c[:, None] & m_c[None, :], other=0)
         for i in tl.static_range(LOG2_BC):
-            b_x += tl.dot(b_a, b_x, input_precision="ieee")  # [BC, BC] @ [BC, BV]
+            b_x += tl.dot(b_a, b_x, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
             if i < LOG2_BC - 1:
-                b_a = tl.dot(b_a, b_a, input_precision="ieee")  # [BC, BC] @ [BC, BC]
+                b_a = tl.dot(b_a, b_a, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BC]
         tl.store(s + o_c[:, None] * V + o_v[None, :], b_x.to(s.dtype.element_ty), mask=m_cv)
         tl.debug_barrier()  # the next chunks read these rows of s back from global memory
 
@@ -227,7 +227,7 @@ def feedback_solve_fwd_kernel(
 @triton.jit
 def feedback_solve_bwd_kernel(
     pt, ctx, grad_s, gamma, lam, T, V, c0, c1, s_pb, s_cb,
-    BC: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    BC: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):
     """Rows [c0, c1) of lam = grad_s + B^T lam, B = diag(gamma) P, in reverse chunk order. Grid (cdiv(V, BV), B).
 
@@ -262,14 +262,14 @@ def feedback_solve_bwd_kernel(
             b_pt = tl.load(pt + (o_c[:, None] - c0) * T + o_j[None, :], mask=m_c[:, None] & m_j[None, :], other=0)
             b_gj = tl.load(gamma + o_j, mask=m_j, other=0).to(ACC)
             b_l = tl.load(lam + o_j[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
-            b_acc += tl.dot(b_pt, b_gj[:, None] * b_l, input_precision="ieee")  # [BC, BC] @ [BC, BV]
+            b_acc += tl.dot(b_pt, b_gj[:, None] * b_l, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
         b_x = tl.load(grad_s + o_c[:, None] * V + o_v[None, :], mask=m_cv, other=0).to(ACC) + b_acc
         b_g = tl.load(gamma + o_c, mask=m_c, other=0).to(ACC)
         b_at = tl.load(pt + (o_c[:, None] - c0) * T + o_c[None, :], mask=m_c[:, None] & m_c[None, :], other=0)
         b_at = b_at * b_g[None, :]  # A^T, strictly upper
         for i in tl.static_range(LOG2_BC):
-            b_x += tl.dot(b_at, b_x, input_precision="ieee")  # [BC, BC] @ [BC, BV]
+            b_x += tl.dot(b_at, b_x, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
             if i < LOG2_BC - 1:
-                b_at = tl.dot(b_at, b_at, input_precision="ieee")  # [BC, BC] @ [BC, BC]
+                b_at = tl.dot(b_at, b_at, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BC]
         tl.store(lam + o_c[:, None] * V + o_v[None, :], b_x.to(lam.dtype.element_ty), mask=m_cv)
         tl.debug_barrier()  # earlier chunks read these rows of lam back from global memory

@@ -1,0 +1,144 @@
+"""Compile every shipped Triton specialisation of the feedback solve for Hopper, without a GPU.
+
+    python -m kernels.feedback_solve.triton_compile_check          # table
+    python -m kernels.feedback_solve.triton_compile_check --json   # for tests/kernels
+
+Uses `triton.compile(ASTSource(...), target=GPUTarget("cuda", 90, 32))` (ptxas ships in the Triton
+wheel) and reads the resources of each cubin with the bundled `cuobjdump -res-usage`: registers per
+thread, local memory (spills) and stack, plus the dynamic shared memory from Triton's metadata.
+
+Must run in a process where TRITON_INTERPRET is unset: with it set, `@triton.jit` builds interpreter
+functions that cannot be compiled (tests/kernels/test_feedback_triton_sm90.py starts a subprocess).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+SM90_SHARED_LIMIT = 227 * 1024  # max dynamic shared memory per block on H100/H200
+SM90_MAX_REGS = 255
+
+
+def _specs(chunk_sizes=(64,)):
+    """(name, kernel, pointer dtypes, constexprs, launch options) for each specialisation we ship."""
+    from . import triton_kernels as tk
+    from .triton_chunk import GPU_TILES as tiles
+
+    launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    gemm = dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k)
+    specs = []
+    # (label, q/k/f/gamma dtype, compute dtype, dot precision for the large contractions)
+    for label, dt, acc, prec in (("bf16", "bf16", "fp32", "tf32"), ("fp16", "fp16", "fp32", "tf32"),
+                                 ("fp32", "fp32", "fp32", "ieee"), ("fp64", "fp64", "fp64", "ieee")):
+        specs.append((f"lse[{label}]", tk.feedback_lse_kernel, dict(q=dt, k=dt, lse=acc),
+                      dict(BT=tiles.block_m, BS=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=prec), launch))
+        specs.append((f"probs[{label}]", tk.feedback_probs_kernel, dict(q=dt, k=dt, lse=acc, p=acc),
+                      dict(gemm, DOT_PRECISION=prec), launch))
+        specs.append((f"dlogits[{label}]", tk.feedback_dlogits_kernel,
+                      dict(p=acc, lam=acc, s=dt, gamma=dt, delta=acc),
+                      dict(BM=tiles.block_m, BN=tiles.block_n, BV=tiles.block_k, DOT_PRECISION=prec), launch))
+        # P @ s (s saved in f's dtype) / P^T @ (gamma * lam) / dlogits @ k_b, dlogits^T @ q_b (+=)
+        for what, x, w, row_scale, accumulate in (("P@s", dt, acc, False, False),
+                                                  ("Pt@gamma*lam", acc, dt, True, False),
+                                                  ("dS@k", dt, acc, False, False),
+                                                  ("dSt@q+=", dt, acc, False, True)):
+            specs.append((f"matmul:{what}[{label}]", tk.panel_matmul_kernel, dict(a=acc, x=x, w=w, c=acc),
+                          dict(BM=tiles.block_m, BN=tiles.block_n, BJ=tiles.block_k, ROW_SCALE=row_scale,
+                               ACCUMULATE=accumulate, DOT_PRECISION=prec), launch))
+        for chunk in chunk_sizes:
+            for has_context in (False, True):
+                solve = dict(BC=chunk, BV=tiles.block_v, LOG2_BC=chunk.bit_length() - 1, HAS_CONTEXT=has_context,
+                             SOLVE_PRECISION="ieee" if acc == "fp64" else "tf32x3")
+                solve_launch = dict(num_warps=tiles.num_warps, num_stages=1)
+                tag = f"C={chunk},ctx={int(has_context)}"
+                specs.append((f"solve_fwd[{label},{tag}]", tk.feedback_solve_fwd_kernel,
+                              dict(p=acc, ctx=acc, f=dt, gamma=dt, s=acc), solve, solve_launch))
+                specs.append((f"solve_bwd[{label},{tag}]", tk.feedback_solve_bwd_kernel,
+                              dict(pt=acc, ctx=acc, grad_s=dt, gamma=dt, lam=acc), solve, solve_launch))
+    return specs
+
+
+def _signature(kernel, pointers, constexprs):
+    """Pointers 16-byte aligned and integer sizes/strides divisible by 16, as for D = 1024..4096."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointers:
+            signature[name] = "*" + pointers[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif name == "scale":
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if name in ("T", "K", "V", "M", "N", "J") or name.startswith("s_"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    return signature, attrs
+
+
+def _resources(cubin: bytes) -> dict:
+    from triton.backends.nvidia import compiler as nvidia_compiler
+
+    cuobjdump = os.path.join(os.path.dirname(nvidia_compiler.__file__), "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as handle:
+        handle.write(cubin)
+        handle.flush()
+        report = subprocess.run([cuobjdump, "-res-usage", handle.name], capture_output=True, text=True, check=True)
+    match = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", report.stdout)
+    if match is None:
+        raise RuntimeError(f"unexpected cuobjdump output:\n{report.stdout}")
+    regs, stack, static_shared, local = map(int, match.groups())
+    return dict(regs=regs, stack=stack, static_shared=static_shared, local=local)
+
+
+def compile_all(chunk_sizes=(64,)) -> list[dict]:
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if triton.knobs.runtime.interpret:
+        raise RuntimeError("unset TRITON_INTERPRET: interpreter kernels cannot be compiled")
+    target = GPUTarget("cuda", 90, 32)
+    results = []
+    for name, kernel, pointers, constexprs, options in _specs(chunk_sizes):
+        signature, attrs = _signature(kernel, pointers, constexprs)
+        row = dict(name=name, num_warps=options["num_warps"], num_stages=options["num_stages"])
+        try:
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options)
+        except Exception as error:  # reported per specialisation; the tests fail on it
+            row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            results.append(row)
+            continue
+        cubin = compiled.asm.get("cubin", b"")
+        row.update(cubin_bytes=len(cubin), shared=compiled.metadata.shared)
+        if cubin:
+            row.update(_resources(cubin))
+        results.append(row)
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[64], help="diagonal block sizes C to compile")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    results = compile_all(tuple(args.chunk_sizes))
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"{'kernel':40s} {'warps':>5s} {'shared':>8s} {'regs':>5s} {'local':>6s} {'stack':>6s}")
+    for row in results:
+        if "error" in row:
+            print(f"{row['name']:40s} ERROR {row['error']}")
+            continue
+        print(f"{row['name']:40s} {row['num_warps']:5d} {row['shared']:8d} {row.get('regs', -1):5d} "
+              f"{row.get('local', -1):6d} {row.get('stack', -1):6d}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,203 @@
+"""The Triton feedback-solve kernels, run by the Triton interpreter on CPU, against the PyTorch paths.
+
+How to run (CI does exactly this; the sm_90 compile-only checks in test_feedback_triton_sm90.py run
+in their own subprocess, so one command covers both):
+    TRITON_INTERPRET=1 python -m pytest tests/kernels -q
+This module sets TRITON_INTERPRET=1 itself if it is unset, which works as long as nothing in the
+pytest process imported kernels/feedback_solve/triton_kernels.py before it (the variable is read
+when `@triton.jit` decorates the kernels).
+
+Known interpreter gaps, and how the kernels are built around them:
+  - bf16 `tl.dot` returns garbage in the interpreter: every operand is cast to fp32 (fp64 for fp64
+    inputs) before `tl.dot`, so bf16 inputs are tested for real (the bf16 test below).
+  - `input_precision` is ignored (numpy computes in the operand dtype): on the GPU the large
+    contractions run with "tf32" for bf16/fp16 inputs (HALF_DOT_PRECISION) and everything else, and
+    the diagonal solve always, with "ieee"; that choice is not exercised here.
+  - `tl.device_assert` never fires and out-of-bounds unmasked loads are silent: the launchers
+    validate shapes on the host, every load is masked, and work buffers are NaN-filled here so
+    that a read of an unwritten element shows up as NaN in the outputs.
+  - programs run one after another, so races are invisible: the sequential solves read back rows
+    their own program stored, behind `tl.debug_barrier()`; nothing else is shared between programs.
+  - `triton.autotune` with more than one config fails: the kernels use fixed constexpr tiles
+    (INTERPRETER_TILES, small, for speed; GPU_TILES on the GPU).
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
+import torch
+
+from kernels.feedback_solve import feedback_solve, feedback_solve_chunked, feedback_solve_dense
+from kernels.feedback_solve import triton_chunk
+from kernels.feedback_solve.triton_chunk import TritonTiles, feedback_solve_triton, feedback_triton_fwd
+
+if not triton_chunk.is_interpreter() or not type(triton_chunk.feedback_lse_kernel).__name__.startswith("Interpreted"):
+    pytest.fail(
+        "the Triton kernels were imported without TRITON_INTERPRET=1; run "
+        "`TRITON_INTERPRET=1 python -m pytest tests/kernels`",
+        pytrace=False,
+    )
+
+TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=2e-5, rtol=2e-4)}
+GRAD_NAMES = ("q_b", "k_b", "f", "gamma")
+
+
+@pytest.fixture(autouse=True)
+def nan_filled_work_buffers(monkeypatch):
+    """Uninitialised work buffers become NaN, so reading an element no kernel wrote poisons the result."""
+
+    def empty(shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(triton_chunk, "_empty", empty)
+
+
+def make_inputs(batch, T, K, V, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q_b = torch.randn(batch, T, K, generator=gen, dtype=dtype)
+    k_b = torch.randn(batch, T, K, generator=gen, dtype=dtype)
+    f = torch.randn(batch, T, V, generator=gen, dtype=dtype)
+    gamma = 0.999 * torch.tanh(2 * torch.randn(batch, T, generator=gen, dtype=dtype))
+    return [x.requires_grad_() for x in (q_b, k_b, f, gamma)]
+
+
+def outputs_and_grads(fn, inputs, grad_out):
+    s = fn(*inputs)
+    return s, torch.autograd.grad(s, inputs, grad_out)
+
+
+def assert_matches(got, want, tolerances, what):
+    s_got, grads_got = got
+    s_want, grads_want = want
+    torch.testing.assert_close(s_got, s_want, **tolerances, msg=lambda m: f"s vs {what}: {m}")
+    for name, g_got, g_want in zip(GRAD_NAMES, grads_got, grads_want):
+        torch.testing.assert_close(g_got, g_want, **tolerances, msg=lambda m: f"d{name} vs {what}: {m}")
+
+
+# (T, chunk C, panel L): T = 1; T < C; T = C; several panels with a ragged last chunk and panel;
+# one panel; L = C (every chunk its own panel).
+CASES = [(1, 16, 32), (5, 16, 32), (16, 16, 32), (37, 16, 32), (130, 16, 32), (100, 32, 128), (70, 16, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("T,chunk_size,panel_size", CASES, ids=[f"T{t}-C{c}-L{p}" for t, c, p in CASES])
+def test_matches_chunked_and_dense(T, chunk_size, panel_size, dtype):
+    """Output and all four gradients; batch 2, K = 24 and V = 20 (not powers of two, K != V)."""
+    inputs = make_inputs(2, T, 24, 20, dtype, seed=T)
+    grad_out = torch.randn(2, T, 20, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    triton_out = outputs_and_grads(lambda *x: feedback_solve_triton(*x, chunk_size, panel_size), inputs, grad_out)
+    assert triton_out[0].dtype == dtype
+    chunked_out = outputs_and_grads(lambda *x: feedback_solve_chunked(*x, chunk_size), inputs, grad_out)
+    dense_out = outputs_and_grads(feedback_solve_dense, inputs, grad_out)
+    assert_matches(triton_out, chunked_out, TOLERANCES[dtype], "chunked")
+    assert_matches(triton_out, dense_out, TOLERANCES[dtype], "dense")
+
+
+@pytest.mark.parametrize("K,V", [(40, 9), (7, 33)])
+def test_feature_sizes_and_tiles(K, V, monkeypatch):
+    """Other K/V (several K blocks, V smaller/larger than a tile) and rectangular tiles."""
+    monkeypatch.setattr(triton_chunk, "INTERPRETER_TILES", TritonTiles(block_m=16, block_n=32, block_k=16, block_v=32))
+    inputs = make_inputs(2, 45, K, V, torch.float64, seed=K)
+    grad_out = torch.randn(2, 45, V, dtype=torch.float64)
+    triton_out = outputs_and_grads(lambda *x: feedback_solve_triton(*x, 16, 32), inputs, grad_out)
+    assert_matches(triton_out, outputs_and_grads(feedback_solve_dense, inputs, grad_out), TOLERANCES[torch.float64], "dense")
+
+
+def test_row_logsumexp():
+    """lse[t] = logsumexp_{j<t} q_t . k_j / sqrt(K), and 0 for row 0, as the chunked path saves it."""
+    q_b, k_b, f, gamma = (x.detach() for x in make_inputs(2, 50, 24, 20, torch.float64))
+    _, lse = feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size=16, panel_size=32)
+    logits = (q_b @ k_b.transpose(1, 2)) * 24**-0.5
+    logits = logits.masked_fill(~torch.ones(50, 50, dtype=torch.bool).tril(-1), float("-inf"))
+    want = torch.logsumexp(logits, -1).nan_to_num(neginf=0.0)
+    torch.testing.assert_close(lse, want)
+
+
+def test_gradcheck_fp64():
+    """Finite differences through the custom op's registered autograd (fast mode)."""
+    inputs = make_inputs(2, 21, 6, 5, torch.float64, seed=3)
+    assert torch.autograd.gradcheck(lambda *x: feedback_solve_triton(*x, 16, 16), inputs, fast_mode=True)
+
+
+def test_bfloat16_inputs_solve_in_float32():
+    """bf16 in, bf16 out, gradients in the inputs' dtypes; only the final cast rounds the output."""
+    inputs = [x.detach().to(torch.bfloat16).requires_grad_() for x in make_inputs(2, 70, 24, 20, torch.float32)]
+    s = feedback_solve_triton(*inputs, 16, 32)
+    assert s.dtype == torch.bfloat16
+    exact = feedback_solve_dense(*(x.detach().double() for x in inputs))
+    torch.testing.assert_close(s.double(), exact, atol=0.0, rtol=2**-8)
+    grads = torch.autograd.grad(s, inputs, torch.ones_like(s))
+    assert [g.dtype for g in grads] == [torch.bfloat16] * 4
+    # The backward uses s as saved (bf16, like the output), so compare with the chunked path loosely.
+    chunked = torch.autograd.grad(feedback_solve_chunked(*inputs, 16), inputs, torch.ones_like(s))
+    for name, got, want in zip(GRAD_NAMES, grads, chunked):
+        torch.testing.assert_close(got.float(), want.float(), atol=5e-2, rtol=2e-2, msg=lambda m: f"d{name}: {m}")
+
+
+def test_non_contiguous_inputs():
+    """q_b, k_b as column halves of one projection (as the layer splits them), f and gamma strided."""
+    gen = torch.Generator().manual_seed(5)
+    qk = torch.randn(2, 40, 2 * 24, dtype=torch.float64, generator=gen, requires_grad=True)
+    f_t = torch.randn(2, 20, 40, dtype=torch.float64, generator=gen, requires_grad=True)
+    g_raw = torch.randn(2, 40, 3, dtype=torch.float64, generator=gen, requires_grad=True)
+    args = lambda: (*qk.split(24, dim=-1), f_t.transpose(1, 2), 0.9 * torch.tanh(g_raw[..., 1]))  # noqa: E731
+    grad_out = torch.randn(2, 40, 20, dtype=torch.float64)
+    got = feedback_solve_triton(*args(), 16, 32)
+    want = feedback_solve_dense(*args())
+    torch.testing.assert_close(got, want, **TOLERANCES[torch.float64])
+    grads = torch.autograd.grad(got, (qk, f_t, g_raw), grad_out)
+    grads_want = torch.autograd.grad(want, (qk, f_t, g_raw), grad_out)
+    for got_g, want_g in zip(grads, grads_want):
+        torch.testing.assert_close(got_g, want_g, **TOLERANCES[torch.float64])
+
+
+def test_dispatcher_selects_triton():
+    inputs = make_inputs(1, 33, 24, 20, torch.float32)
+    s = feedback_solve(*inputs, impl="triton", chunk_size=16)
+    torch.testing.assert_close(s, feedback_solve_dense(*inputs), **TOLERANCES[torch.float32])
+
+
+def test_torch_compile_traces_the_custom_op():
+    """fullgraph torch.compile (aot_eager: no inductor codegen) through forward and backward."""
+    inputs = make_inputs(2, 40, 24, 20, torch.float64, seed=7)
+    grad_out = torch.randn(2, 40, 20, dtype=torch.float64)
+    compiled = torch.compile(lambda *x: feedback_solve_triton(*x, 16, 32), backend="aot_eager", fullgraph=True)
+    got = outputs_and_grads(compiled, inputs, grad_out)
+    assert_matches(got, outputs_and_grads(feedback_solve_dense, inputs, grad_out), TOLERANCES[torch.float64], "dense")
+
+
+def test_opcheck():
+    """Schema, fake (meta) kernels and autograd registration of the torch.library ops."""
+    inputs = make_inputs(2, 20, 6, 5, torch.float64, seed=9)
+    torch.library.opcheck(torch.ops.sessa.feedback_solve_triton_fwd.default, (*inputs, 16, 16))
+    s, lse = torch.ops.sessa.feedback_solve_triton_fwd(*(x.detach() for x in inputs), 16, 16)
+    q_b, k_b, _, gamma = (x.detach() for x in inputs)
+    torch.library.opcheck(
+        torch.ops.sessa.feedback_solve_triton_bwd.default, (q_b, k_b, gamma, s, lse, torch.randn_like(s), 16, 16)
+    )
+
+
+def test_stability_bound():
+    """||s||_inf <= ||f||_inf / (1 - gamma_max) with a constant gain close to 1 (SESSA.md §2)."""
+    q_b, k_b, f, _ = (x.detach() for x in make_inputs(2, 130, 8, 4, torch.float64))
+    gamma = torch.full((2, 130), 0.99, dtype=torch.float64)
+    s = feedback_solve_triton(q_b, k_b, f, gamma, 32, 64)
+    assert s.abs().max() <= f.abs().max() / (1 - 0.99) + 1e-9
+    torch.testing.assert_close(s, feedback_solve_dense(q_b, k_b, f, gamma))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [(dict(chunk_size=24), "power of two"), (dict(chunk_size=256), "power of two"),
+     (dict(chunk_size=16, panel_size=40), "multiple of chunk_size")],
+)
+def test_rejects_bad_sizes(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        feedback_solve_triton(*make_inputs(1, 8, 4, 4, torch.float32), **kwargs)
+
+
+def test_rejects_bad_shapes():
+    q_b, k_b, f, gamma = make_inputs(1, 8, 4, 4, torch.float32)
+    with pytest.raises(ValueError, match="gamma"):
+        feedback_solve_triton(q_b, k_b, f, gamma[:, :4])
