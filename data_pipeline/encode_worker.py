@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import Tokenizer
 
 _tokenizer: Tokenizer | None = None
 
 
-def init_worker(tok: Tokenizer | str, expected_id: str | None = None) -> None:
+def init_worker(tok: Tokenizer) -> None:
     global _tokenizer
-    _tokenizer = tok if isinstance(tok, Tokenizer) else load_tokenizer(tok)
-    if expected_id is not None and _tokenizer.id != expected_id:
-        raise RuntimeError(f"worker loaded tokenizer {_tokenizer.id}, the parent has {expected_id}")
+    _tokenizer = tok
 
 
 def encode(texts: list[str]) -> list[np.ndarray]:

@@ -163,13 +163,35 @@ class PackedTokenDataset(IterableDataset):
                     yield epoch, base + int(row), data.tokens[row], n_valid, starts
 
     def _collate(self, rows: list[tuple]) -> dict:
-        L1 = self.sample_len
-        return {
-            "tokens": torch.from_numpy(np.stack([r[2] for r in rows]).astype(np.int64)),
-            "doc_ids": torch.from_numpy(np.stack([doc_ids(r[3], r[4], L1) for r in rows])),
-            "sample_index": torch.tensor([r[1] for r in rows], dtype=torch.int64),
-            "epoch": torch.tensor([r[0] for r in rows], dtype=torch.int64),
+        parts = {  # int64 parts first, so every part of the packed block below stays aligned
+            "tokens": np.stack([r[2] for r in rows]).astype(np.int64),
+            "sample_index": np.array([r[1] for r in rows], dtype=np.int64),
+            "epoch": np.array([r[0] for r in rows], dtype=np.int64),
+            "doc_ids": np.stack([doc_ids(r[3], r[4], self.sample_len) for r in rows]),
         }
+        if get_worker_info() is None:
+            return {name: torch.from_numpy(array) for name, array in parts.items()}
+        # Handing a tensor to the main process costs a shared-memory segment and a file
+        # descriptor each; one block per batch instead of four doubled the rate.
+        block = torch.empty(sum(a.nbytes for a in parts.values()), dtype=torch.uint8)
+        flat, at = block.numpy(), 0
+        for array in parts.values():
+            flat[at:at + array.nbytes] = array.reshape(-1).view(np.uint8)
+            at += array.nbytes
+        return {"_packed": block, "_rows": len(rows)}
+
+    def unpack(self, batch: dict) -> dict:
+        """The main-process side of _collate's packing."""
+        if "_packed" not in batch:
+            return batch
+        block, B, L1 = batch.pop("_packed"), batch.pop("_rows"), self.sample_len
+        sizes = {"tokens": (8, (B, L1)), "sample_index": (8, (B,)), "epoch": (8, (B,)), "doc_ids": (4, (B, L1))}
+        at = 0
+        for name, (itemsize, shape) in sizes.items():
+            n = itemsize * int(np.prod(shape))
+            batch[name] = block[at:at + n].view(torch.int64 if itemsize == 8 else torch.int32).view(shape)
+            at += n
+        return batch
 
 
 class TokenDataLoader(StatefulDataLoader):
@@ -195,6 +217,7 @@ class TokenDataLoader(StatefulDataLoader):
             self._positions[worker] = batch.pop("_position")
             self._next_worker = (worker + 1) % len(self._positions)
             self.skipped.update(batch.pop("_skipped"))
+            batch = dataset.unpack(batch)
             if len(batch["tokens"]):
                 yield batch
         if not dataset.layout.infinite:  # pass complete: the next one starts over

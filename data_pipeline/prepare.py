@@ -15,7 +15,7 @@ import multiprocessing
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -188,18 +188,19 @@ def _tokenize(documents: Iterator[Document], tok: Tokenizer,
             yield batch, encode([d.text for d in batch])
         return
     # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would copy mid-lock.
+    # The Encoding travels pickled, so workers skip re-reading rank files and re-hashing the id.
     context = multiprocessing.get_context("spawn")
-    with context.Pool(num_workers, initializer=init_worker, initargs=(tok.spec, tok.id)) as pool:
-        # Texts go out and token arrays come back in order; keep the batches to pair them up.
-        pending: list[list[Document]] = []
+    with context.Pool(num_workers, initializer=init_worker, initargs=(tok,)) as pool:
+        pending: deque[list[Document]] = deque()  # batches sent out, to pair with results in order
 
         def texts():
             for batch in batches:
                 pending.append(batch)
                 yield [d.text for d in batch]
 
+        # imap's feeder thread reads ahead only as far as the pipe to the workers lets it
         for ids in pool.imap(encode, texts(), chunksize=1):
-            yield pending.pop(0), ids
+            yield pending.popleft(), ids
 
 
 def _progress_bar(enabled: bool):

@@ -16,6 +16,7 @@ tokens; shard manifests and checkpoints store it and a mismatch is refused.
 from __future__ import annotations
 
 import base64
+import functools
 import gzip
 import hashlib
 import importlib.util
@@ -94,6 +95,18 @@ class Tokenizer:
 def load_tokenizer(spec: str) -> Tokenizer:
     """Load "gpt2" | "r50k_base" | "cl100k_base" | "o200k_base" | "pydocs4k" | path/to/x.tiktoken."""
     spec = str(spec)
+    path = BUILTIN_BPE_PATH if spec == BUILTIN_BPE_NAME else Path(spec)
+    # Cached per process (hashing the ranks for the id takes ~0.3 s for o200k); a file is
+    # re-read when it changes.
+    stamp = None
+    if spec not in STANDARD_ENCODINGS and path.is_file():
+        files = [path, Path(str(path) + ".json")]
+        stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.exists() else None for f in files)
+    return _load_tokenizer(spec, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _load_tokenizer(spec: str, _file_stamp) -> Tokenizer:
     if spec in STANDARD_ENCODINGS:
         encoding = _load_standard(spec)
     elif spec == BUILTIN_BPE_NAME:

@@ -28,6 +28,7 @@ def offline(monkeypatch, tmp_path):
     """A fresh tiktoken cache and no way to download: everything must come from the packages."""
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    tokmod._load_tokenizer.cache_clear()  # our per-process cache too
 
     read_file = tiktoken.load.read_file
 
@@ -47,6 +48,7 @@ def test_standard_encoding_loads_offline_with_verified_rank_files(offline, name,
     assert (tok.vocab_size, tok.eot_id, tok.name, tok.id) == (n_vocab, eot, name, tid)
     assert tok.decode(tok.encode("Grüße, 世界 <|endoftext|>")) == "Grüße, 世界 <|endoftext|>"
     assert tok.encode("<|endoftext|>") != [eot]  # special-token text in documents stays text
+    assert load_tokenizer(name) is tok  # cached per process
     # the cache holds exactly the files tiktoken would have downloaded, under its own names
     for url, sha in tokmod._RANK_FILES[name].items():
         cached = offline / hashlib.sha1(url.encode()).hexdigest()
@@ -58,6 +60,7 @@ def test_corrupted_cache_file_is_replaced(offline):
     (cached,) = offline.iterdir()
     cached.write_bytes(b"garbage")
     tiktoken.registry.ENCODINGS.clear()
+    tokmod._load_tokenizer.cache_clear()
     assert load_tokenizer("cl100k_base").encode("hello world") == [15339, 1917]
 
 
