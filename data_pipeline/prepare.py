@@ -35,7 +35,7 @@ TASK_BYTES = 512 << 10  # text per worker task: big enough to amortise IPC, smal
 
 def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int, out: str | os.PathLike, *,
             text_field: str = "text", val_fraction: float = 0.01, num_workers: int | None = None,
-            shard_bytes: int = 128 << 20, entry_bytes: int = 512 << 10, on_error: str = "raise",
+            shard_bytes: int = 128_000_000, entry_bytes: int = 512 << 10, on_error: str = "raise",
             overwrite: bool = False, progress: bool = True) -> dict:
     """Tokenise `sources` into `out`/{train,val}/shard-NNNNNN.tar and `out`/manifest.json.
 
