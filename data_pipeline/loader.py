@@ -116,12 +116,12 @@ class PackedTokenDataset(IterableDataset):
         return self._batches(w, self.start_positions[w])
 
     def _batches(self, w: int, position: int) -> Iterator[dict]:
-        verified: set[str] = set()
+        verified, failed = set(), {}  # shared by this worker's readers: hash/fail a shard once
         orders: dict[int, EpochOrder] = {}
         P = self.layout.lanes
         lanes = [self._lane(self.layout.stream(self.dp_rank, w, p), lane_consumed(position, p, P),
                             ShardReader(self.sample_len, self.table.samples_per_entry, self.vocab_size,
-                                        self.verify_checksums, verified), orders) for p in range(P)]
+                                        self.verify_checksums, verified, failed), orders) for p in range(P)]
         finished = False
         while not finished:
             rows, skipped = [], Counter()
@@ -139,8 +139,9 @@ class PackedTokenDataset(IterableDataset):
                                         "every sample was skipped as bad; nothing left to train on")
                     continue
                 rows.append(item)
-            if rows or skipped:
-                yield self._collate(rows) | {"_worker": w, "_position": position, "_skipped": dict(skipped)}
+            if rows or skipped:  # (no rows: the pass ended in skipped samples; report them anyway)
+                yield (self._collate(rows) if rows else {}) | {
+                    "_worker": w, "_position": position, "_skipped": dict(skipped)}
 
     def _lane(self, stream: int, consumed: int, reader: ShardReader, orders: dict) -> Iterator[tuple]:
         for epoch, start, end in self.layout.stream_intervals(stream, consumed):
@@ -217,9 +218,8 @@ class TokenDataLoader(StatefulDataLoader):
             self._positions[worker] = batch.pop("_position")
             self._next_worker = (worker + 1) % len(self._positions)
             self.skipped.update(batch.pop("_skipped"))
-            batch = dataset.unpack(batch)
-            if len(batch["tokens"]):
-                yield batch
+            if batch:
+                yield dataset.unpack(batch)
         if not dataset.layout.infinite:  # pass complete: the next one starts over
             self._positions, self._next_worker = [0] * dataset.layout.workers, 0
 

@@ -54,10 +54,11 @@ class ShardReader:
     """Reads entries of one shard at a time; one per stream (lane), so streams never share a cursor."""
 
     def __init__(self, sample_len: int, samples_per_entry: int, vocab_size: int, verify_checksums: bool,
-                 verified: set[str]):
+                 verified: set[str], failed: dict[str, DataError]):
         self.sample_len, self.samples_per_entry, self.vocab_size = sample_len, samples_per_entry, vocab_size
         self.verify_checksums = verify_checksums
         self.verified = verified  # shared by a worker's readers: hash each shard once per process
+        self.failed = failed  # shard-level errors, shared too: a bad shard is not re-opened per entry
         self._spec: ShardSpec | None = None
         self._tar: tarfile.TarFile | None = None
         self._index: dict[int, tuple[tarfile.TarInfo, tarfile.TarInfo]] = {}  # seekable shards
@@ -75,16 +76,16 @@ class ShardReader:
         if self._cache is not None and self._spec == spec and self._cache[0] == entry:
             return self._cache[1]
         where = f"{spec.url} entry {entry} (key {spec.first_entry + entry:09d})"
+        if spec.url in self.failed:
+            raise self.failed[spec.url]
         try:
             if self._spec != spec:
                 self._open(spec)
             tokens_bytes, docs_bytes = self._read_members(spec, entry)
-        except DataError:
-            self.close()
-            raise
         except (tarfile.TarError, OSError, EOFError) as e:
-            self.close()
-            raise DataError("unreadable_shard", where, f"cannot read shard: {type(e).__name__}: {e}") from None
+            self._fail(spec, DataError("unreadable_shard", where, f"cannot read shard: {type(e).__name__}: {e}"))
+        except DataError as e:
+            self._fail(spec, e)
         try:
             tokens, bounds = decode_entry(tokens_bytes, docs_bytes, self.sample_len, self.vocab_size)
         except ValueError as e:
@@ -95,6 +96,13 @@ class ShardReader:
         result = Entry(tokens, bounds)
         self._cache = (entry, result)
         return result
+
+    def _fail(self, spec: ShardSpec, error: DataError):
+        # Errors opening or walking the tar (not a bad entry's content) condemn the whole shard:
+        # later entries fail fast instead of re-hashing or re-streaming it each time.
+        self.close()
+        self.failed[spec.url] = error
+        raise error from None
 
     # -- opening and checking ------------------------------------------------------------------
 
