@@ -20,7 +20,6 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
-import webdataset
 
 from .encode_worker import encode, init_worker
 from .errors import check_on_error
@@ -112,7 +111,7 @@ class SplitWriter:
     def __init__(self, out: Path, split: str, samples_per_entry: int, entries_per_shard: int):
         self.out, self.split = out, split
         self.samples_per_entry, self.entries_per_shard = samples_per_entry, entries_per_shard
-        self._writer: webdataset.ShardWriter | None = None  # opened on the first entry: no empty tars
+        self._writer = None  # a webdataset.ShardWriter, opened on the first entry: no empty tars
         self._pending: list[PackedSample] = []
         self._entries = 0
         self._current = Counter()  # counts of the shard being written
@@ -126,6 +125,8 @@ class SplitWriter:
 
     def _write_entry(self) -> None:
         if self._writer is None:
+            import webdataset  # here, not at the top: it imports torch, and spawned tokeniser
+            # workers re-import the caller's main module (and so this one) before they start
             (self.out / self.split).mkdir(parents=True, exist_ok=True)
             self._writer = webdataset.ShardWriter(
                 str(self.out / self.split / "shard-%06d.tar"), maxcount=self.entries_per_shard,
