@@ -26,7 +26,7 @@ from .errors import check_on_error
 from .manifest import FORMAT, write_manifest
 from .packing import TOKEN_DTYPE, PackedSample, SequencePacker, encode_entry
 from .readers import Document, describe_sources, iter_documents
-from .tokenizer import Tokenizer, load_tokenizer
+from .tokenizer import BUILTIN_BPE_NAME, STANDARD_ENCODINGS, Tokenizer, load_tokenizer
 
 SPLITS = ("train", "val")
 TASK_BYTES = 512 << 10  # text per worker task: big enough to amortise IPC, small enough to balance
@@ -49,7 +49,7 @@ def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int, 
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    num_workers = num_workers or os.cpu_count() or 1
+    num_workers = num_workers or len(os.sched_getaffinity(0))
     out = Path(out)
     _prepare_out_dir(out, overwrite)
 
@@ -89,7 +89,8 @@ def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int, 
     manifest = {
         "format": FORMAT,
         "tokenizer_id": tok.id,
-        "tokenizer": {"name": tok.name, "spec": tok.spec, "vocab_size": tok.vocab_size, "eot_id": tok.eot_id},
+        "tokenizer": {"name": tok.name, "spec": _portable_spec(tok.spec), "vocab_size": tok.vocab_size,
+                      "eot_id": tok.eot_id},
         "vocab_size": tok.vocab_size,
         "seq_len": seq_len,
         "sample_len": sample_len,
@@ -152,6 +153,11 @@ class SplitWriter:
             self._writer.close()
         return {"samples": sum(s["samples"] for s in self.shards),
                 "tokens": sum(s["tokens"] for s in self.shards), "shards": self.shards}
+
+
+def _portable_spec(spec: str) -> str:
+    """What load_tokenizer needs to reload it from anywhere: names stay names, paths become absolute."""
+    return spec if spec in (*STANDARD_ENCODINGS, BUILTIN_BPE_NAME) else os.path.abspath(spec)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:

@@ -25,6 +25,7 @@ epoch is finished with every sample seen exactly once, whatever the new size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -56,10 +57,11 @@ class ShardTable:
         return -(-self.samples[shard] // self.samples_per_entry)
 
     def first_sample(self, shard: int) -> int:
-        return sum(self.samples[:shard])
+        return int(self._offsets[shard])
 
-    def first_entry(self, shard: int) -> int:
-        return sum(self.entries(s) for s in range(shard))
+    @functools.cached_property
+    def _offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.samples, dtype=np.int64)])
 
 
 class EpochOrder:
