@@ -28,7 +28,8 @@ from .triton_kernels import (
 )
 
 __all__ = [
-    "TritonTiles",
+    "Tiles",
+    "TritonConfig",
     "feedback_solve_triton",
     "feedback_triton_bwd",
     "feedback_triton_fwd",
@@ -37,32 +38,57 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class TritonTiles:
-    """Tile sizes (all constexprs; powers of two >= 16) and launch parameters."""
+class Tiles:
+    """One kernel's tile sizes (constexprs; powers of two >= 16) and launch parameters."""
 
-    block_m: int = 64  # rows of a logits / GEMM output tile
-    block_n: int = 64  # columns of a logits / GEMM output tile
-    block_k: int = 64  # reduction step: over K (logits), V (lam . s) or positions (P @ X)
-    block_v: int = 64  # value columns per program of the sequential diagonal solve
-    num_warps: int = 4
+    block_m: int  # rows of the output tile
+    block_n: int  # columns of the output tile
+    block_k: int  # reduction step: over K (logits), V (lam . s) or positions (P @ X)
+    num_warps: int = 8
     num_stages: int = 2
 
 
-# Defaults; no autotuning, so CPU runs are deterministic and GPU runs compile once per shape class.
-GPU_TILES = TritonTiles()
-# The interpreter's cost grows with programs x loop steps x ops, not with FLOPs; tests may override.
-INTERPRETER_TILES = TritonTiles(block_m=32, block_n=32, block_k=16, block_v=16, num_warps=1, num_stages=1)
+@dataclass(frozen=True)
+class TritonConfig:
+    """Per-kernel tiles. Fixed (no autotuning): CPU runs are deterministic and the sm_90 compile
+    check covers exactly what ships. The GPU defaults compile without register spills for bf16,
+    fp16 and fp32 inputs (tests/kernels/test_feedback_triton_sm90.py)."""
+
+    lse: Tiles
+    probs: Tiles
+    dlogits: Tiles
+    matmul: Tiles
+    solve_block_v: int  # value columns per program of the sequential diagonal solve
+    max_solve_block: int  # the largest diagonal block C solved in registers; larger chunk_size is
+    solve_num_warps: int  # solved as C-row sub-blocks (the same computation, see README)
+
+
+GPU_CONFIG = TritonConfig(
+    lse=Tiles(64, 64, 32),  # BK = 64 spills 16 bytes for fp32 inputs (tf32x3)
+    probs=Tiles(64, 64, 64),
+    dlogits=Tiles(64, 64, 64),
+    matmul=Tiles(64, 64, 64),
+    solve_block_v=32,
+    max_solve_block=16,  # "ieee" (FMA) C x C dots: C = 32 spills for fp32, C = 64 spills 10 KB
+    solve_num_warps=4,
+)
+# The interpreter's cost grows with programs x loop steps x ops, not with FLOPs: few, small tiles.
+# Tests may monkeypatch this (e.g. max_solve_block=16 to run the GPU's blocking on CPU).
+_SMALL = Tiles(32, 32, 16, num_warps=1, num_stages=1)
+INTERPRETER_CONFIG = TritonConfig(
+    lse=_SMALL, probs=_SMALL, dlogits=_SMALL, matmul=_SMALL, solve_block_v=16, max_solve_block=128, solve_num_warps=1
+)
 # Rows (forward) / columns (backward) of P materialised at once: an [L, T] buffer in fp32.
 DEFAULT_PANEL_SIZE = 1024
 # tl.dot input precision on the GPU (the interpreter ignores it and computes in the operand dtype).
 # Every operand is fp32 (fp64 for fp64 inputs) when it reaches tl.dot. Large contractions: "tf32"
 # when any input is bf16/fp16 (exact for the bf16/fp16-valued q_b/k_b loads; rounds the fp32
-# intermediates P, s, lam to 10 mantissa bits, well below the bf16 output's 8), "tf32x3" (3 TF32
-# MMAs, about fp32 accuracy) for fp32 inputs. The diagonal C x C solve always uses "tf32x3": "ieee"
-# (FMA) 64 x 64 dots spill registers on sm_90. fp64 runs "ieee" everywhere (a test/debug dtype).
+# intermediates P, s, lam to 10 mantissa bits, below the bf16 output's 8), "tf32x3" (3 TF32 MMAs,
+# about fp32 accuracy) for fp32 inputs. The diagonal solve is exact fp32 FMA ("ieee") on 16 x 16
+# blocks. fp64 runs "ieee" everywhere (a test dtype).
 HALF_DOT_PRECISION = "tf32"
 FP32_DOT_PRECISION = "tf32x3"
-SOLVE_DOT_PRECISION = "tf32x3"
+SOLVE_DOT_PRECISION = "ieee"
 
 
 # Read once: `@triton.jit` decided interpreter-or-compiled when triton_kernels.py was imported.
@@ -74,8 +100,8 @@ def is_interpreter() -> bool:
     return _INTERPRET
 
 
-def _tiles(device: torch.device) -> TritonTiles:
-    return GPU_TILES if device.type == "cuda" and not is_interpreter() else INTERPRETER_TILES
+def _config(device: torch.device) -> TritonConfig:
+    return GPU_CONFIG if device.type == "cuda" and not is_interpreter() else INTERPRETER_CONFIG
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,9 +140,10 @@ def _launch_lse(q_b, k_b, lse, scale, tiles, precision):
     )
 
 
-def _launch_probs(q_b, k_b, lse, panel, scale, rows, cols, transposed, tiles, precision):
-    """P[t, j] for t in rows, j in cols into `panel` [B, L, T]: at [t - rows[0], j], or at
-    [j - cols[0], t] when `transposed` (a column panel)."""
+def _launch_probs(q_b, k_b, lse, panel, scale, rows, cols, tiles, precision, column_gamma=None):
+    """P[t, j] for t in rows, j in cols into the row panel `panel` [B, L, T] at [t - rows[0], j]; or,
+    given `column_gamma`, B[t, j] = gamma_t P[t, j] into a column panel at [j - cols[0], t]."""
+    transposed = column_gamma is not None
     batch, T, K = q_b.shape
     (t0, t1), (j0, j1) = rows, cols
     if transposed:
@@ -125,91 +152,92 @@ def _launch_probs(q_b, k_b, lse, panel, scale, rows, cols, transposed, tiles, pr
         p_t0, p_j0, s_pt, s_pj = t0, 0, panel.stride(1), 1
     grid = (triton.cdiv(t1 - t0, tiles.block_m), triton.cdiv(j1 - j0, tiles.block_n), batch)
     feedback_probs_kernel[grid](
-        q_b, k_b, lse, panel, T, K, scale,
+        q_b, k_b, lse, column_gamma if transposed else lse, panel, T, K, scale,
         t0, t1, j0, j1, p_t0, p_j0, panel.stride(0), s_pt, s_pj,
-        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision,
+        BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision, TIMES_GAMMA=transposed,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
-def _launch_matmul(a, a_strides, x, out, M, N, J, tiles, precision, row_scale=None, accumulate=False):
-    """out[b, :M, :N] (+)= a[b, :M, :J] @ (row_scale[b, :J, None] * x[b, :J, :N]).
+def _launch_matmul(a, a_strides, x, out, M, N, J, tiles, precision, accumulate=False):
+    """out[b, :M, :N] (+)= a[b, :M, :J] @ x[b, :J, :N].
 
     `a` is any strided [B, M, J] view given by (its tensor, (s_b, s_m, s_j)); x and out are row-major
     views ([B, J, N], [B, M, N]) with unit stride along N.
     """
     assert x.stride(-1) == 1 and out.stride(-1) == 1
     batch = out.shape[0]
-    w = row_scale if row_scale is not None else x  # dummy pointer when unused
-    s_wb = row_scale.stride(0) if row_scale is not None else 0
     grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n), batch)
     panel_matmul_kernel[grid](
-        a, x, w, out, M, N, J,
-        *a_strides, x.stride(0), x.stride(1), s_wb, out.stride(0), out.stride(1),
-        BM=tiles.block_m, BN=tiles.block_n, BJ=tiles.block_k,
-        ROW_SCALE=row_scale is not None, ACCUMULATE=accumulate, DOT_PRECISION=precision,
+        a, x, out, M, N, J,
+        *a_strides, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        BM=tiles.block_m, BN=tiles.block_n, BJ=tiles.block_k, ACCUMULATE=accumulate, DOT_PRECISION=precision,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
-def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL_SIZE, tiles=None):
+def _launch_solve(kernel, panel, context, rhs, out, rows, has_context, solve_block, config, precision, gamma=None):
+    """One program per (value block, sequence) walks the panel's diagonal blocks of `solve_block` rows."""
+    batch, T, V = out.shape
+    grid = (triton.cdiv(V, config.solve_block_v), batch)
+    extra = (gamma,) if gamma is not None else ()  # the forward reads gamma; the backward panel holds B
+    kernel[grid](
+        panel, context, rhs, *extra, out, T, V, *rows, panel.stride(0), context.stride(0),
+        BC=solve_block, BV=config.solve_block_v, LOG2_BC=solve_block.bit_length() - 1, HAS_CONTEXT=has_context,
+        SOLVE_PRECISION=precision, num_warps=config.solve_num_warps, num_stages=1,
+    )
+
+
+def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL_SIZE, config=None):
     """s = (I - diag(gamma) alpha)^-1 f. Contiguous inputs; returns s [B, T, V] and lse [B, T] in the
     compute dtype (fp32, or fp64 for fp64 f)."""
     batch, T, K = q_b.shape
     V = f.shape[-1]
-    tiles = tiles or _tiles(f.device)
+    config = config or _config(f.device)
     acc = _compute_dtype(f.dtype)
     precision, solve_precision = _dot_precisions(acc, q_b, k_b, f)
     scale = K**-0.5
     lse = _empty((batch, T), acc, f.device)
     s = _empty((batch, T, V), acc, f.device)
-    _launch_lse(q_b, k_b, lse, scale, tiles, precision)
+    _launch_lse(q_b, k_b, lse, scale, config.lse, precision)
 
     L = _panel_rows(T, chunk_size, panel_size)
+    solve_block = min(chunk_size, config.max_solve_block)
     panel = _empty((batch, L, T), acc, f.device)  # P of L rows against all keys
     context = _empty((batch, L, V), acc, f.device)  # the panel rows' context from earlier panels
-    grid_solve = (triton.cdiv(V, tiles.block_v), batch)
     for r0 in range(0, T, L):
         r1 = min(r0 + L, T)
-        _launch_probs(q_b, k_b, lse, panel, scale, (r0, r1), (0, r1), False, tiles, precision)
+        _launch_probs(q_b, k_b, lse, panel, scale, (r0, r1), (0, r1), config.probs, precision)
         if r0 > 0:  # context[t] = sum_{j < r0} P[t, j] s[j]: a [L, r0] @ [r0, V] GEMM
-            _launch_matmul(panel, panel.stride(), s, context, r1 - r0, V, r0, tiles, precision)
-        feedback_solve_fwd_kernel[grid_solve](
-            panel, context, f, gamma, s, T, V, r0, r1, panel.stride(0), context.stride(0),
-            BC=chunk_size, BV=tiles.block_v, LOG2_BC=int(math.log2(chunk_size)), HAS_CONTEXT=r0 > 0,
-            SOLVE_PRECISION=solve_precision, num_warps=tiles.num_warps, num_stages=1,
-        )
+            _launch_matmul(panel, panel.stride(), s, context, r1 - r0, V, r0, config.matmul, precision)
+        _launch_solve(feedback_solve_fwd_kernel, panel, context, f, s, (r0, r1), r0 > 0, solve_block, config,
+                      solve_precision, gamma=gamma)
     return s, lse
 
 
-def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=DEFAULT_PANEL_SIZE, tiles=None):
+def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=DEFAULT_PANEL_SIZE, config=None):
     """Returns (dq_b, dk_b, df = lam, dgamma = delta) in the compute dtype (lse's dtype)."""
     batch, T, K = q_b.shape
     V = s.shape[-1]
-    tiles = tiles or _tiles(s.device)
+    config = config or _config(s.device)
     acc = lse.dtype
     precision, solve_precision = _dot_precisions(acc, q_b, k_b, s, grad_s)
     scale = K**-0.5
     L = _panel_rows(T, chunk_size, panel_size)
+    solve_block = min(chunk_size, config.max_solve_block)
     panel = _empty((batch, L, T), acc, s.device)
     context = _empty((batch, L, V), acc, s.device)
-    grid_solve = (triton.cdiv(V, tiles.block_v), batch)
 
-    # 1. lam = (I - B)^-T grad_s over column panels, last to first.
+    # 1. lam = (I - B)^-T grad_s over column panels of B, last to first.
     lam = _empty((batch, T, V), acc, s.device)
     for c0 in range((T - 1) // L * L, -1, -L):
         c1 = min(c0 + L, T)
-        _launch_probs(q_b, k_b, lse, panel, scale, (c0, T), (c0, c1), True, tiles, precision)
-        if c1 < T:  # context[j] = sum_{t >= c1} P[t, j] gamma_t lam_t: [L, T - c1] @ [T - c1, V]
-            _launch_matmul(
-                panel[:, :, c1:], panel.stride(), lam[:, c1:], context, c1 - c0, V, T - c1, tiles, precision,
-                row_scale=gamma[:, c1:],
-            )
-        feedback_solve_bwd_kernel[grid_solve](
-            panel, context, grad_s, gamma, lam, T, V, c0, c1, panel.stride(0), context.stride(0),
-            BC=chunk_size, BV=tiles.block_v, LOG2_BC=int(math.log2(chunk_size)), HAS_CONTEXT=c1 < T,
-            SOLVE_PRECISION=solve_precision, num_warps=tiles.num_warps, num_stages=1,
-        )
+        _launch_probs(q_b, k_b, lse, panel, scale, (c0, T), (c0, c1), config.probs, precision, column_gamma=gamma)
+        if c1 < T:  # context[j] = sum_{t >= c1} B[t, j] lam_t: [L, T - c1] @ [T - c1, V]
+            _launch_matmul(panel[:, :, c1:], panel.stride(), lam[:, c1:], context, c1 - c0, V, T - c1,
+                           config.matmul, precision)
+        _launch_solve(feedback_solve_bwd_kernel, panel, context, grad_s, lam, (c0, c1), c1 < T, solve_block, config,
+                      solve_precision)
 
     # 2. delta, dq, dk over row panels: the flash-attention backward with values s and dO = lam,
     #    as GEMMs over a materialised [L, T] panel of P and then of dL/dlogits.
@@ -219,10 +247,11 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
     for r0 in range(0, T, L):
         r1 = min(r0 + L, T)
         n = r1 - r0
-        _launch_probs(q_b, k_b, lse, panel, scale, (r0, r1), (0, r1), False, tiles, precision)
+        _launch_probs(q_b, k_b, lse, panel, scale, (r0, r1), (0, r1), config.probs, precision)
         # u[t] = sum_{j<t} P[t, j] s[j]; delta[t] = lam[t] . u[t] = dL/dgamma[t]
-        _launch_matmul(panel, panel.stride(), s, context, n, V, r1, tiles, precision)
+        _launch_matmul(panel, panel.stride(), s, context, n, V, r1, config.matmul, precision)
         delta[:, r0:r1] = (lam[:, r0:r1] * context[:, :n]).sum(-1)
+        tiles = config.dlogits
         grid = (triton.cdiv(n, tiles.block_m), triton.cdiv(r1, tiles.block_n), batch)
         feedback_dlogits_kernel[grid](
             panel, lam, s, gamma, delta, T, V, scale, r0, r1, r1, panel.stride(0),
@@ -230,10 +259,11 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
         # dq[t] = sum_j dlogits[t, j] k[j]: [n, r1] @ [r1, K]
-        _launch_matmul(panel, panel.stride(), k_b, dq[:, r0:r1], n, K, r1, tiles, precision)
+        _launch_matmul(panel, panel.stride(), k_b, dq[:, r0:r1], n, K, r1, config.matmul, precision)
         # dk[j] += sum_t dlogits[t, j] q[t]: [r1, n] @ [n, K] (the panel read transposed)
         s_b, s_t, s_j = panel.stride()
-        _launch_matmul(panel, (s_b, s_j, s_t), q_b[:, r0:r1], dk, r1, K, n, tiles, precision, accumulate=True)
+        _launch_matmul(panel, (s_b, s_j, s_t), q_b[:, r0:r1], dk, r1, K, n, config.matmul, precision,
+                       accumulate=True)
     return dq, dk, lam, delta
 
 
@@ -329,6 +359,10 @@ def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: 
     panel_size = DEFAULT_PANEL_SIZE if panel_size is None else panel_size
     if panel_size < chunk_size or panel_size % chunk_size:
         raise ValueError(f"panel_size ({panel_size}) must be a positive multiple of chunk_size ({chunk_size})")
+    K, V = q_b.shape[-1], f.shape[-1]
+    if T * max(K, V, _panel_rows(T, chunk_size, panel_size)) >= 2**31:
+        raise ValueError(f"T * max(K, V, panel_size) must be < 2**31 (int32 offsets inside a sequence); got T={T}, "
+                         f"K={K}, V={V}, panel_size={panel_size}")
     if len({t.device for t in (q_b, k_b, f, gamma)}) != 1:
         raise ValueError("q_b, k_b, f and gamma must be on one device")
     if f.device.type != "cuda" and not is_interpreter():

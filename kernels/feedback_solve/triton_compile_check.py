@@ -22,42 +22,56 @@ SM90_SHARED_LIMIT = 227 * 1024  # max dynamic shared memory per block on H100/H2
 SM90_MAX_REGS = 255
 
 
-def _specs(chunk_sizes=(64,)):
-    """(name, kernel, pointer dtypes, constexprs, launch options) for each specialisation we ship."""
-    from . import triton_kernels as tk
-    from .triton_chunk import GPU_TILES as tiles
+# label -> (q_b/k_b/f/gamma dtype, compute dtype)
+DTYPES = {"bf16": ("bf16", "fp32"), "fp16": ("fp16", "fp32"), "fp32": ("fp32", "fp32"), "fp64": ("fp64", "fp64")}
 
-    launch = dict(num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    gemm = dict(BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k)
+
+def _specs(dtypes=("bf16", "fp32"), solve_blocks=None):
+    """(name, kernel, pointer dtypes, constexprs, launch options) for each specialisation the launchers
+    use with GPU_CONFIG; `solve_blocks` adds other diagonal block sizes to explore."""
+    from . import triton_chunk as tc
+    from . import triton_kernels as tk
+
+    config = tc.GPU_CONFIG
+    solve_blocks = solve_blocks or (config.max_solve_block,)
+
+    def tiles(t: "tc.Tiles", m="BM", n="BN", k="BK"):
+        return {m: t.block_m, n: t.block_n, k: t.block_k}, dict(num_warps=t.num_warps, num_stages=t.num_stages)
+
     specs = []
-    # (label, q/k/f/gamma dtype, compute dtype, dot precision for the large contractions)
-    for label, dt, acc, prec in (("bf16", "bf16", "fp32", "tf32"), ("fp16", "fp16", "fp32", "tf32"),
-                                 ("fp32", "fp32", "fp32", "ieee"), ("fp64", "fp64", "fp64", "ieee")):
+    for label in dtypes:
+        dt, acc = DTYPES[label]
+        if acc == "fp64":
+            prec = solve_prec = "ieee"
+        else:
+            prec = tc.FP32_DOT_PRECISION if dt == "fp32" else tc.HALF_DOT_PRECISION
+            solve_prec = tc.SOLVE_DOT_PRECISION
+        constexprs, launch = tiles(config.lse, "BT", "BS", "BK")
         specs.append((f"lse[{label}]", tk.feedback_lse_kernel, dict(q=dt, k=dt, lse=acc),
-                      dict(BT=tiles.block_m, BS=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=prec), launch))
-        specs.append((f"probs[{label}]", tk.feedback_probs_kernel, dict(q=dt, k=dt, lse=acc, p=acc),
-                      dict(gemm, DOT_PRECISION=prec), launch))
+                      dict(constexprs, DOT_PRECISION=prec), launch))
+        constexprs, launch = tiles(config.probs)
+        for times_gamma in (False, True):
+            specs.append((f"probs{'*gamma' if times_gamma else ''}[{label}]", tk.feedback_probs_kernel,
+                          dict(q=dt, k=dt, lse=acc, gamma=dt if times_gamma else acc, p=acc),
+                          dict(constexprs, DOT_PRECISION=prec, TIMES_GAMMA=times_gamma), launch))
+        constexprs, launch = tiles(config.dlogits, k="BV")
         specs.append((f"dlogits[{label}]", tk.feedback_dlogits_kernel,
-                      dict(p=acc, lam=acc, s=dt, gamma=dt, delta=acc),
-                      dict(BM=tiles.block_m, BN=tiles.block_n, BV=tiles.block_k, DOT_PRECISION=prec), launch))
-        # P @ s (s saved in f's dtype) / P^T @ (gamma * lam) / dlogits @ k_b, dlogits^T @ q_b (+=)
-        for what, x, w, row_scale, accumulate in (("P@s", dt, acc, False, False),
-                                                  ("Pt@gamma*lam", acc, dt, True, False),
-                                                  ("dS@k", dt, acc, False, False),
-                                                  ("dSt@q+=", dt, acc, False, True)):
-            specs.append((f"matmul:{what}[{label}]", tk.panel_matmul_kernel, dict(a=acc, x=x, w=w, c=acc),
-                          dict(BM=tiles.block_m, BN=tiles.block_n, BJ=tiles.block_k, ROW_SCALE=row_scale,
-                               ACCUMULATE=accumulate, DOT_PRECISION=prec), launch))
-        for chunk in chunk_sizes:
+                      dict(p=acc, lam=acc, s=dt, gamma=dt, delta=acc), dict(constexprs, DOT_PRECISION=prec), launch))
+        constexprs, launch = tiles(config.matmul, k="BJ")
+        # P @ s (s saved in f's dtype), B^T @ lam; dlogits @ k_b; dlogits^T @ q_b accumulated
+        for what, x, accumulate in (("P@s", dt, False), ("Bt@lam", acc, False), ("dSt@q+=", dt, True)):
+            specs.append((f"matmul:{what}[{label}]", tk.panel_matmul_kernel, dict(a=acc, x=x, c=acc),
+                          dict(constexprs, ACCUMULATE=accumulate, DOT_PRECISION=prec), launch))
+        for block in solve_blocks:
             for has_context in (False, True):
-                solve = dict(BC=chunk, BV=tiles.block_v, LOG2_BC=chunk.bit_length() - 1, HAS_CONTEXT=has_context,
-                             SOLVE_PRECISION="ieee" if acc == "fp64" else "tf32x3")
-                solve_launch = dict(num_warps=tiles.num_warps, num_stages=1)
-                tag = f"C={chunk},ctx={int(has_context)}"
+                constexprs = dict(BC=block, BV=config.solve_block_v, LOG2_BC=block.bit_length() - 1,
+                                  HAS_CONTEXT=has_context, SOLVE_PRECISION=solve_prec)
+                launch = dict(num_warps=config.solve_num_warps, num_stages=1)
+                tag = f"C={block},ctx={int(has_context)}"
                 specs.append((f"solve_fwd[{label},{tag}]", tk.feedback_solve_fwd_kernel,
-                              dict(p=acc, ctx=acc, f=dt, gamma=dt, s=acc), solve, solve_launch))
+                              dict(p=acc, ctx=acc, f=dt, gamma=dt, s=acc), constexprs, launch))
                 specs.append((f"solve_bwd[{label},{tag}]", tk.feedback_solve_bwd_kernel,
-                              dict(pt=acc, ctx=acc, grad_s=dt, gamma=dt, lam=acc), solve, solve_launch))
+                              dict(bt=acc, ctx=acc, grad_s=dt, lam=acc), constexprs, launch))
     return specs
 
 
@@ -74,7 +88,7 @@ def _signature(kernel, pointers, constexprs):
             signature[name] = "fp32"
         else:
             signature[name] = "i32"
-            if name in ("T", "K", "V", "M", "N", "J") or name.startswith("s_"):
+            if name in ("T", "K", "V", "N") or name.startswith("s_"):  # not the do_not_specialize ones
                 attrs[(index,)] = [["tt.divisibility", 16]]
     return signature, attrs
 
@@ -94,7 +108,7 @@ def _resources(cubin: bytes) -> dict:
     return dict(regs=regs, stack=stack, static_shared=static_shared, local=local)
 
 
-def compile_all(chunk_sizes=(64,)) -> list[dict]:
+def compile_all(dtypes=("bf16", "fp32"), solve_blocks=None) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -103,7 +117,7 @@ def compile_all(chunk_sizes=(64,)) -> list[dict]:
         raise RuntimeError("unset TRITON_INTERPRET: interpreter kernels cannot be compiled")
     target = GPUTarget("cuda", 90, 32)
     results = []
-    for name, kernel, pointers, constexprs, options in _specs(chunk_sizes):
+    for name, kernel, pointers, constexprs, options in _specs(dtypes, solve_blocks):
         signature, attrs = _signature(kernel, pointers, constexprs)
         row = dict(name=name, num_warps=options["num_warps"], num_stages=options["num_stages"])
         try:
@@ -123,19 +137,20 @@ def compile_all(chunk_sizes=(64,)) -> list[dict]:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[64], help="diagonal block sizes C to compile")
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp32"], choices=sorted(DTYPES), help="input dtypes")
+    parser.add_argument("--solve-blocks", type=int, nargs="+", help="diagonal block sizes C (default: the shipped one)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    results = compile_all(tuple(args.chunk_sizes))
+    results = compile_all(tuple(args.dtypes), args.solve_blocks)
     if args.json:
         print(json.dumps(results))
         return 0
-    print(f"{'kernel':40s} {'warps':>5s} {'shared':>8s} {'regs':>5s} {'local':>6s} {'stack':>6s}")
+    print(f"{'kernel':32s} {'warps':>5s} {'stages':>6s} {'shared':>8s} {'regs':>5s} {'local':>6s} {'stack':>6s}")
     for row in results:
         if "error" in row:
-            print(f"{row['name']:40s} ERROR {row['error']}")
+            print(f"{row['name']:32s} ERROR {row['error']}")
             continue
-        print(f"{row['name']:40s} {row['num_warps']:5d} {row['shared']:8d} {row.get('regs', -1):5d} "
+        print(f"{row['name']:32s} {row['num_warps']:5d} {row['num_stages']:6d} {row['shared']:8d} {row.get('regs', -1):5d} "
               f"{row.get('local', -1):6d} {row.get('stack', -1):6d}")
     return 0
 

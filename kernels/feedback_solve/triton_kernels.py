@@ -7,12 +7,14 @@ buffer (memory linear in T), and only the small C x C diagonal blocks of the tri
 done sequentially, in registers. Kernels (prefixes: i_ program ids, o_ offsets, m_ masks, b_ blocks):
 
   feedback_lse_kernel        row log-sum-exp of the strict-causal logits, flash style, parallel.
-  feedback_probs_kernel      P[t, j] = exp(q_t . k_j * scale - lse_t) (j < t) for a rectangle of
-                             (t, j), written into a panel buffer in row or column (transposed) layout.
+  feedback_probs_kernel      P[t, j] = exp(q_t . k_j * scale - lse_t) (j < t), or B[t, j] = gamma_t P[t, j],
+                             for a rectangle of (t, j), into a panel buffer in row or column layout.
   feedback_dlogits_kernel    in place on a row panel: P -> dL/dlogits = gamma_t P (lam_t . s_j - delta_t) * scale.
-  panel_matmul_kernel        C (+)= A @ (w * X) for strided A: every other T x T contraction.
+  panel_matmul_kernel        C (+)= A @ X for strided A: every other T x T contraction.
   feedback_solve_fwd_kernel  forward substitution inside one row panel, chunk by chunk.
   feedback_solve_bwd_kernel  backward (transposed) substitution inside one column panel, in reverse.
+
+Panel offsets and extents are `do_not_specialize`: one compiled variant serves every panel.
 
 Dtypes: inputs may be fp32, bf16, fp16 or fp64. Every operand is cast to the compute dtype of the
 output/work buffer (fp32, or fp64 for fp64 inputs) before `tl.dot`: the interpreter's bf16 `tl.dot`
@@ -60,14 +62,17 @@ def feedback_lse_kernel(
     tl.store(lse + o_t, b_lse.to(lse.dtype.element_ty), mask=m_t)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t0", "t1", "j0", "j1", "p_t0", "p_j0"])
 def feedback_probs_kernel(
-    q, k, lse, p, T, K, scale,
+    q, k, lse, gamma, p, T, K, scale,
     t0, t1, j0, j1,  # the rectangle of queries [t0, t1) x keys [j0, j1) to fill
     p_t0, p_j0, s_pb, s_pt, s_pj,  # p[b, t, j] lives at p + b*s_pb + (t - p_t0)*s_pt + (j - p_j0)*s_pj
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr, TIMES_GAMMA: tl.constexpr,
 ):
-    """Strict-causal probabilities P[t, j] for one [BM, BN] tile, 0 where j >= t. Grid (rows, cols, B)."""
+    """Strict-causal probabilities P[t, j] for one [BM, BN] tile, 0 where j >= t. Grid (rows, cols, B).
+
+    With TIMES_GAMMA the tile holds B[t, j] = gamma_t P[t, j], the system matrix (backward column panels).
+    """
     i_m, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q += i_b.to(tl.int64) * T * K
     k += i_b.to(tl.int64) * T * K
@@ -94,11 +99,13 @@ def feedback_probs_kernel(
             b_l += tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BM, BK] @ [BK, BN]
         b_lse = tl.load(lse + o_t, mask=m_t, other=0).to(ACC)
         b_p = tl.exp(b_l * scale - b_lse[:, None])
+        if TIMES_GAMMA:
+            b_p *= tl.load(gamma + i_b.to(tl.int64) * T + o_t, mask=m_t, other=0).to(ACC)[:, None]
         b_p = tl.where((o_j[None, :] < o_t[:, None]) & m_p, b_p, 0.0)
         tl.store(p_p, b_p, mask=m_p)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["t0", "t1", "j1"])
 def feedback_dlogits_kernel(
     p, lam, s, gamma, delta, T, V, scale,
     t0, t1, j1, s_pb,  # row panel: p[b, t - t0, j] with row stride s_pt = T, keys [0, j1)
@@ -138,16 +145,15 @@ def feedback_dlogits_kernel(
     tl.store(p_p, b_ds, mask=m_p)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "J"])
 def panel_matmul_kernel(
-    a, x, w, c, M, N, J,
-    s_ab, s_am, s_aj, s_xb, s_xj, s_wb, s_cb, s_cm,
-    BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr,
-    ROW_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    a, x, c, M, N, J,
+    s_ab, s_am, s_aj, s_xb, s_xj, s_cb, s_cm,
+    BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """c[b, m, n] (+)= sum_{j<J} a[b, m, j] * w[b, j] * x[b, j, n]. Grid (cdiv(M, BM), cdiv(N, BN), B).
+    """c[b, m, n] (+)= sum_{j<J} a[b, m, j] * x[b, j, n]. Grid (cdiv(M, BM), cdiv(N, BN), B).
 
-    a is strided (a transposed panel is s_am = 1); x and c have unit stride along n; w only if ROW_SCALE.
+    a is strided (a transposed panel is s_am = 1); x and c have unit stride along n.
     """
     i_m, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     a += i_b.to(tl.int64) * s_ab
@@ -165,9 +171,6 @@ def panel_matmul_kernel(
         m_j = o_j < J
         b_a = tl.load(a + o_m[:, None] * s_am + o_j[None, :] * s_aj, mask=m_m[:, None] & m_j[None, :], other=0).to(ACC)
         b_x = tl.load(x + o_j[:, None] * s_xj + o_n[None, :], mask=m_j[:, None] & m_n[None, :], other=0).to(ACC)
-        if ROW_SCALE:
-            b_w = tl.load(w + i_b.to(tl.int64) * s_wb + o_j, mask=m_j, other=0).to(ACC)
-            b_x = b_x * b_w[:, None]
         b_c += tl.dot(b_a, b_x, input_precision=DOT_PRECISION)  # [BM, BJ] @ [BJ, BN]
     p_c = c + o_m[:, None] * s_cm + o_n[None, :]
     m_c = m_m[:, None] & m_n[None, :]
@@ -176,7 +179,7 @@ def panel_matmul_kernel(
     tl.store(p_c, b_c, mask=m_c)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["r0", "r1"])
 def feedback_solve_fwd_kernel(
     p, ctx, f, gamma, s, T, V, r0, r1, s_pb, s_cb,
     BC: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
@@ -224,24 +227,24 @@ def feedback_solve_fwd_kernel(
         tl.debug_barrier()  # the next chunks read these rows of s back from global memory
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["c0", "c1"])
 def feedback_solve_bwd_kernel(
-    pt, ctx, grad_s, gamma, lam, T, V, c0, c1, s_pb, s_cb,
+    bt, ctx, grad_s, lam, T, V, c0, c1, s_pb, s_cb,
     BC: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):
     """Rows [c0, c1) of lam = grad_s + B^T lam, B = diag(gamma) P, in reverse chunk order. Grid (cdiv(V, BV), B).
 
-    pt: column panel, pt[b, j - c0, t] = P[t, j] (row stride T) for keys j in [c0, c1), queries t >= c0.
-    ctx: [B, L, V] sum_{t >= c1} P[t, j] gamma_t lam_t for the panel's j (read if HAS_CONTEXT).
-    lam: [B, T, V] output; rows >= c1 already solved. For chunk c with A^T[j, t] = P[t, j] gamma_t:
-        lam_c = (I - A^T)^-1 (grad_s_c + ctx_c + sum_{c < c' in panel} P[c', c]^T (gamma_c' lam_c'))
+    bt: column panel of the system matrix, bt[b, j - c0, t] = B[t, j] = gamma_t P[t, j] (row stride T)
+        for keys j in [c0, c1), queries t >= c0.
+    ctx: [B, L, V] sum_{t >= c1} B[t, j] lam_t for the panel's j (read if HAS_CONTEXT).
+    lam: [B, T, V] output; rows >= c1 already solved. For chunk c, with A^T = B[c, c]^T strictly upper:
+        lam_c = (I - A^T)^-1 (grad_s_c + ctx_c + sum_{c < c' in panel} B[c', c]^T lam_c')
     """
     i_v, i_b = tl.program_id(0), tl.program_id(1)
-    pt += i_b.to(tl.int64) * s_pb
+    bt += i_b.to(tl.int64) * s_pb
     ctx += i_b.to(tl.int64) * s_cb
     grad_s += i_b.to(tl.int64) * T * V
     lam += i_b.to(tl.int64) * T * V
-    gamma += i_b.to(tl.int64) * T
     ACC = lam.dtype.element_ty
 
     o_v = i_v * BV + tl.arange(0, BV)
@@ -259,14 +262,11 @@ def feedback_solve_bwd_kernel(
         for i_j in range(i_c + 1, n_c):
             o_j = c0 + i_j * BC + o_i
             m_j = o_j < c1
-            b_pt = tl.load(pt + (o_c[:, None] - c0) * T + o_j[None, :], mask=m_c[:, None] & m_j[None, :], other=0)
-            b_gj = tl.load(gamma + o_j, mask=m_j, other=0).to(ACC)
+            b_bt = tl.load(bt + (o_c[:, None] - c0) * T + o_j[None, :], mask=m_c[:, None] & m_j[None, :], other=0)
             b_l = tl.load(lam + o_j[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
-            b_acc += tl.dot(b_pt, b_gj[:, None] * b_l, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
+            b_acc += tl.dot(b_bt, b_l, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
         b_x = tl.load(grad_s + o_c[:, None] * V + o_v[None, :], mask=m_cv, other=0).to(ACC) + b_acc
-        b_g = tl.load(gamma + o_c, mask=m_c, other=0).to(ACC)
-        b_at = tl.load(pt + (o_c[:, None] - c0) * T + o_c[None, :], mask=m_c[:, None] & m_c[None, :], other=0)
-        b_at = b_at * b_g[None, :]  # A^T, strictly upper
+        b_at = tl.load(bt + (o_c[:, None] - c0) * T + o_c[None, :], mask=m_c[:, None] & m_c[None, :], other=0)
         for i in tl.static_range(LOG2_BC):
             b_x += tl.dot(b_at, b_x, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
             if i < LOG2_BC - 1:

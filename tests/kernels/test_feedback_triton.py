@@ -30,7 +30,7 @@ import torch
 
 from kernels.feedback_solve import feedback_solve, feedback_solve_chunked, feedback_solve_dense
 from kernels.feedback_solve import triton_chunk
-from kernels.feedback_solve.triton_chunk import TritonTiles, feedback_solve_triton, feedback_triton_fwd
+from kernels.feedback_solve.triton_chunk import Tiles, TritonConfig, feedback_solve_triton, feedback_triton_fwd
 
 if not triton_chunk.is_interpreter() or not type(triton_chunk.feedback_lse_kernel).__name__.startswith("Interpreted"):
     pytest.fail(
@@ -96,12 +96,25 @@ def test_matches_chunked_and_dense(T, chunk_size, panel_size, dtype):
 
 @pytest.mark.parametrize("K,V", [(40, 9), (7, 33)])
 def test_feature_sizes_and_tiles(K, V, monkeypatch):
-    """Other K/V (several K blocks, V smaller/larger than a tile) and rectangular tiles."""
-    monkeypatch.setattr(triton_chunk, "INTERPRETER_TILES", TritonTiles(block_m=16, block_n=32, block_k=16, block_v=32))
+    """Other K/V (several K blocks, V smaller/larger than a tile) and rectangular, per-kernel tiles."""
+    config = TritonConfig(lse=Tiles(16, 32, 16), probs=Tiles(32, 16, 32), dlogits=Tiles(16, 32, 16),
+                          matmul=Tiles(32, 16, 16), solve_block_v=32, max_solve_block=128, solve_num_warps=1)
+    monkeypatch.setattr(triton_chunk, "INTERPRETER_CONFIG", config)
     inputs = make_inputs(2, 45, K, V, torch.float64, seed=K)
     grad_out = torch.randn(2, 45, V, dtype=torch.float64)
     triton_out = outputs_and_grads(lambda *x: feedback_solve_triton(*x, 16, 32), inputs, grad_out)
     assert_matches(triton_out, outputs_and_grads(feedback_solve_dense, inputs, grad_out), TOLERANCES[torch.float64], "dense")
+
+
+def test_gpu_blocking_on_cpu(monkeypatch):
+    """The GPU configuration's structure: chunk_size 64 solved as 16-row diagonal blocks (max_solve_block)
+    inside 64-row panels, with the GPU's 64-wide tiles and 32 value columns per solve program."""
+    gpu = triton_chunk.GPU_CONFIG
+    monkeypatch.setattr(triton_chunk, "INTERPRETER_CONFIG", gpu)
+    inputs = make_inputs(2, 150, 24, 40, torch.float32, seed=11)
+    grad_out = torch.randn(2, 150, 40)
+    triton_out = outputs_and_grads(lambda *x: feedback_solve_triton(*x, 64, 64), inputs, grad_out)
+    assert_matches(triton_out, outputs_and_grads(feedback_solve_dense, inputs, grad_out), TOLERANCES[torch.float32], "dense")
 
 
 def test_row_logsumexp():
