@@ -59,8 +59,10 @@ class TritonConfig:
     dlogits: Tiles
     matmul: Tiles
     solve_block_v: int  # value columns per program of the sequential diagonal solve
+    solve_block_j: int  # rows per step when a diagonal block sums its panel's solved rows
     max_solve_block: int  # the largest diagonal block C solved in registers; larger chunk_size is
     solve_num_warps: int  # solved as C-row sub-blocks (the same computation, see README)
+    solve_num_stages: int
 
 
 GPU_CONFIG = TritonConfig(
@@ -69,17 +71,20 @@ GPU_CONFIG = TritonConfig(
     dlogits=Tiles(64, 64, 64),
     matmul=Tiles(64, 64, 64),
     solve_block_v=32,
+    solve_block_j=32,
     max_solve_block=16,  # "ieee" (FMA) C x C dots: C = 32 spills for fp32, C = 64 spills 10 KB
     solve_num_warps=4,
+    solve_num_stages=3,  # pipelines the loads of the in-panel sum (rows stored before the barrier)
 )
 # The interpreter's cost grows with programs x loop steps x ops, not with FLOPs: few, small tiles.
 # Tests may monkeypatch this (e.g. max_solve_block=16 to run the GPU's blocking on CPU).
 _SMALL = Tiles(32, 32, 16, num_warps=1, num_stages=1)
 INTERPRETER_CONFIG = TritonConfig(
-    lse=_SMALL, probs=_SMALL, dlogits=_SMALL, matmul=_SMALL, solve_block_v=16, max_solve_block=128, solve_num_warps=1
+    lse=_SMALL, probs=_SMALL, dlogits=_SMALL, matmul=_SMALL, solve_block_v=16, solve_block_j=32, max_solve_block=128,
+    solve_num_warps=1, solve_num_stages=1,
 )
 # Rows (forward) / columns (backward) of P materialised at once: an [L, T] buffer in fp32.
-DEFAULT_PANEL_SIZE = 1024
+DEFAULT_PANEL_SIZE = 512
 # tl.dot input precision on the GPU (the interpreter ignores it and computes in the operand dtype).
 # Every operand is fp32 (fp64 for fp64 inputs) when it reaches tl.dot. Large contractions: "tf32"
 # when any input is bf16/fp16 (exact for the bf16/fp16-valued q_b/k_b loads; rounds the fp32
@@ -176,15 +181,16 @@ def _launch_matmul(a, a_strides, x, out, M, N, J, tiles, precision, accumulate=F
     )
 
 
-def _launch_solve(kernel, panel, context, rhs, out, rows, has_context, solve_block, config, precision, gamma=None):
+def _launch_solve(kernel, panel, context, rhs, out, rows, has_context, solve_block, config, precisions, gamma=None):
     """One program per (value block, sequence) walks the panel's diagonal blocks of `solve_block` rows."""
     batch, T, V = out.shape
     grid = (triton.cdiv(V, config.solve_block_v), batch)
     extra = (gamma,) if gamma is not None else ()  # the forward reads gamma; the backward panel holds B
     kernel[grid](
         panel, context, rhs, *extra, out, T, V, *rows, panel.stride(0), context.stride(0),
-        BC=solve_block, BV=config.solve_block_v, LOG2_BC=solve_block.bit_length() - 1, HAS_CONTEXT=has_context,
-        SOLVE_PRECISION=precision, num_warps=config.solve_num_warps, num_stages=1,
+        BC=solve_block, BJ=config.solve_block_j, BV=config.solve_block_v, LOG2_BC=solve_block.bit_length() - 1,
+        HAS_CONTEXT=has_context, DOT_PRECISION=precisions[0], SOLVE_PRECISION=precisions[1],
+        num_warps=config.solve_num_warps, num_stages=config.solve_num_stages,
     )
 
 
@@ -211,7 +217,7 @@ def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL
         if r0 > 0:  # context[t] = sum_{j < r0} P[t, j] s[j]: a [L, r0] @ [r0, V] GEMM
             _launch_matmul(panel, panel.stride(), s, context, r1 - r0, V, r0, config.matmul, precision)
         _launch_solve(feedback_solve_fwd_kernel, panel, context, f, s, (r0, r1), r0 > 0, solve_block, config,
-                      solve_precision, gamma=gamma)
+                      (precision, solve_precision), gamma=gamma)
     return s, lse
 
 
@@ -237,7 +243,7 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
             _launch_matmul(panel[:, :, c1:], panel.stride(), lam[:, c1:], context, c1 - c0, V, T - c1,
                            config.matmul, precision)
         _launch_solve(feedback_solve_bwd_kernel, panel, context, grad_s, lam, (c0, c1), c1 < T, solve_block, config,
-                      solve_precision)
+                      (precision, solve_precision))
 
     # 2. delta, dq, dk over row panels: the flash-attention backward with values s and dO = lam,
     #    as GEMMs over a materialised [L, T] panel of P and then of dL/dlogits.

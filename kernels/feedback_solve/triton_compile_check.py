@@ -64,9 +64,10 @@ def _specs(dtypes=("bf16", "fp32"), solve_blocks=None):
                           dict(constexprs, ACCUMULATE=accumulate, DOT_PRECISION=prec), launch))
         for block in solve_blocks:
             for has_context in (False, True):
-                constexprs = dict(BC=block, BV=config.solve_block_v, LOG2_BC=block.bit_length() - 1,
-                                  HAS_CONTEXT=has_context, SOLVE_PRECISION=solve_prec)
-                launch = dict(num_warps=config.solve_num_warps, num_stages=1)
+                constexprs = dict(BC=block, BJ=config.solve_block_j, BV=config.solve_block_v,
+                                  LOG2_BC=block.bit_length() - 1, HAS_CONTEXT=has_context, DOT_PRECISION=prec,
+                                  SOLVE_PRECISION=solve_prec)
+                launch = dict(num_warps=config.solve_num_warps, num_stages=config.solve_num_stages)
                 tag = f"C={block},ctx={int(has_context)}"
                 specs.append((f"solve_fwd[{label},{tag}]", tk.feedback_solve_fwd_kernel,
                               dict(p=acc, ctx=acc, f=dt, gamma=dt, s=acc), constexprs, launch))

@@ -182,7 +182,8 @@ def panel_matmul_kernel(
 @triton.jit(do_not_specialize=["r0", "r1"])
 def feedback_solve_fwd_kernel(
     p, ctx, f, gamma, s, T, V, r0, r1, s_pb, s_cb,
-    BC: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BJ: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):
     """Rows [r0, r1) of s = f + gamma * (P @ s), chunk by chunk. Grid (cdiv(V, BV), B).
 
@@ -191,7 +192,8 @@ def feedback_solve_fwd_kernel(
     s: [B, T, V] output; rows < r0 already solved. For chunk c with A = diag(gamma_c) P[c, c]:
         s_c = (I - A)^-1 (f_c + gamma_c * (ctx_c + sum_{r0 <= c' < c} P[c, c'] s_c'))
     and A is nilpotent (strictly lower, A^BC = 0), so (I - A)^-1 = (I + A)(I + A^2)(I + A^4)...
-    (I + A^(BC/2)): LOG2_BC register matmuls and squarings replace the row-by-row substitution.
+    (I + A^(BC/2)): LOG2_BC register matmuls and squarings replace the row-by-row substitution
+    (SOLVE_PRECISION). The in-panel past is summed in steps of BJ rows (DOT_PRECISION).
     """
     i_v, i_b = tl.program_id(0), tl.program_id(1)
     p += i_b.to(tl.int64) * s_pb
@@ -211,11 +213,13 @@ def feedback_solve_fwd_kernel(
         b_acc = tl.zeros([BC, BV], dtype=ACC)
         if HAS_CONTEXT:
             b_acc += tl.load(ctx + (o_c[:, None] - r0) * V + o_v[None, :], mask=m_cv, other=0)
-        for i_j in range(0, i_c):
-            o_j = r0 + i_j * BC + o_i
-            b_p = tl.load(p + (o_c[:, None] - r0) * T + o_j[None, :], mask=m_c[:, None], other=0)
-            b_s = tl.load(s + o_j[:, None] * V + o_v[None, :], mask=m_v[None, :], other=0)
-            b_acc += tl.dot(b_p, b_s, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
+        c_start = r0 + i_c * BC
+        for j_start in range(r0, c_start, BJ):  # solved rows of this panel: [r0, c_start)
+            o_j = j_start + tl.arange(0, BJ)
+            m_j = o_j < c_start
+            b_p = tl.load(p + (o_c[:, None] - r0) * T + o_j[None, :], mask=m_c[:, None] & m_j[None, :], other=0)
+            b_s = tl.load(s + o_j[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
+            b_acc += tl.dot(b_p, b_s, input_precision=DOT_PRECISION)  # [BC, BJ] @ [BJ, BV]
         b_g = tl.load(gamma + o_c, mask=m_c, other=0).to(ACC)
         b_x = tl.load(f + o_c[:, None] * V + o_v[None, :], mask=m_cv, other=0).to(ACC) + b_g[:, None] * b_acc
         b_a = b_g[:, None] * tl.load(p + (o_c[:, None] - r0) * T + o_c[None, :], mask=m_c[:, None] & m_c[None, :], other=0)
@@ -230,7 +234,8 @@ def feedback_solve_fwd_kernel(
 @triton.jit(do_not_specialize=["c0", "c1"])
 def feedback_solve_bwd_kernel(
     bt, ctx, grad_s, lam, T, V, c0, c1, s_pb, s_cb,
-    BC: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
+    BC: tl.constexpr, BJ: tl.constexpr, BV: tl.constexpr, LOG2_BC: tl.constexpr, HAS_CONTEXT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, SOLVE_PRECISION: tl.constexpr,
 ):
     """Rows [c0, c1) of lam = grad_s + B^T lam, B = diag(gamma) P, in reverse chunk order. Grid (cdiv(V, BV), B).
 
@@ -259,12 +264,12 @@ def feedback_solve_bwd_kernel(
         b_acc = tl.zeros([BC, BV], dtype=ACC)
         if HAS_CONTEXT:
             b_acc += tl.load(ctx + (o_c[:, None] - c0) * V + o_v[None, :], mask=m_cv, other=0)
-        for i_j in range(i_c + 1, n_c):
-            o_j = c0 + i_j * BC + o_i
+        for j_start in range(c0 + (i_c + 1) * BC, c1, BJ):  # solved rows of this panel after the chunk
+            o_j = j_start + tl.arange(0, BJ)
             m_j = o_j < c1
             b_bt = tl.load(bt + (o_c[:, None] - c0) * T + o_j[None, :], mask=m_c[:, None] & m_j[None, :], other=0)
             b_l = tl.load(lam + o_j[:, None] * V + o_v[None, :], mask=m_j[:, None] & m_v[None, :], other=0)
-            b_acc += tl.dot(b_bt, b_l, input_precision=SOLVE_PRECISION)  # [BC, BC] @ [BC, BV]
+            b_acc += tl.dot(b_bt, b_l, input_precision=DOT_PRECISION)  # [BC, BJ] @ [BJ, BV]
         b_x = tl.load(grad_s + o_c[:, None] * V + o_v[None, :], mask=m_cv, other=0).to(ACC) + b_acc
         b_at = tl.load(bt + (o_c[:, None] - c0) * T + o_c[None, :], mask=m_c[:, None] & m_c[None, :], other=0)
         for i in tl.static_range(LOG2_BC):

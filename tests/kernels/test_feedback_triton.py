@@ -98,7 +98,8 @@ def test_matches_chunked_and_dense(T, chunk_size, panel_size, dtype):
 def test_feature_sizes_and_tiles(K, V, monkeypatch):
     """Other K/V (several K blocks, V smaller/larger than a tile) and rectangular, per-kernel tiles."""
     config = TritonConfig(lse=Tiles(16, 32, 16), probs=Tiles(32, 16, 32), dlogits=Tiles(16, 32, 16),
-                          matmul=Tiles(32, 16, 16), solve_block_v=32, max_solve_block=128, solve_num_warps=1)
+                          matmul=Tiles(32, 16, 16), solve_block_v=32, solve_block_j=16, max_solve_block=128,
+                          solve_num_warps=1, solve_num_stages=1)
     monkeypatch.setattr(triton_chunk, "INTERPRETER_CONFIG", config)
     inputs = make_inputs(2, 45, K, V, torch.float64, seed=K)
     grad_out = torch.randn(2, 45, V, dtype=torch.float64)
