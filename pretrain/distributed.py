@@ -1,6 +1,7 @@
 """Process-group and megatron parallel-state setup for one training process."""
 import datetime
 import os
+import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -29,18 +30,43 @@ class DistEnv:
         return self.pp_rank == self.pp_size - 1 and self.tp_rank == 0 and self.dp_rank == 0
 
 
+def torch_env_from_slurm(environ) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK (+ MASTER_ADDR/PORT where unset) for one srun task per rank.
+
+    Only inside an srun step (SLURM_STEP_NUM_TASKS is set there, not in the batch script) and only
+    when no launcher set RANK (torchrun does). MASTER_ADDR defaults to the step's first node,
+    MASTER_PORT to 20000 + job id % 20000 (launch/slurm/pretrain.sbatch exports both).
+    """
+    if "RANK" in environ or "SLURM_STEP_NUM_TASKS" not in environ:
+        return {}
+    env = {"RANK": environ["SLURM_PROCID"], "WORLD_SIZE": environ["SLURM_STEP_NUM_TASKS"],
+           "LOCAL_RANK": environ["SLURM_LOCALID"]}
+    if int(env["WORLD_SIZE"]) > 1:
+        if "MASTER_ADDR" not in environ:
+            hosts = subprocess.run(["scontrol", "show", "hostnames", environ["SLURM_STEP_NODELIST"]],
+                                   capture_output=True, text=True, check=True).stdout.split()
+            env["MASTER_ADDR"] = hosts[0]
+        if "MASTER_PORT" not in environ:
+            env["MASTER_PORT"] = str(20000 + int(environ["SLURM_JOB_ID"]) % 20000)
+    return env
+
+
 def init_distributed(parallel: ParallelConfig) -> DistEnv:
-    """torchrun-style env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or a single process.
+    """torchrun-style env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), one srun task per rank
+    (the same derived from SLURM_*, see torch_env_from_slurm) or a single process.
 
     NCCL on GPUs, gloo on CPU; without a GPU megatron's CUDA assumptions are redirected to the CPU
     (see pretrain/cpu_compat.py).
     """
+    os.environ.update(torch_env_from_slurm(os.environ))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
+        # All of a node's GPUs are visible, or only this rank's (srun --gpus-per-task): then it is device 0.
+        device_index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(device_index)
+        device, backend = torch.device("cuda", device_index), "nccl"
     else:
         from . import cpu_compat
 

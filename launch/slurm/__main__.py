@@ -1,0 +1,179 @@
+"""Submit pretraining to SLURM: checks the recipe, fills in the resources, calls sbatch.
+
+    python -m launch.slurm [options] --config configs/1.3b.yaml [--section.field value ...]
+    python -m launch.slurm --nodes 4 --gpus-per-node 8 --time 24:00:00 --partition gpu --config configs/1.3b.yaml
+    python -m launch.slurm --chain 5 --time 4:00:00 --config configs/7b.yaml        # no requeue: 5 jobs, afterany
+    python -m launch.slurm --sweep sweep.txt --max-parallel 4 --train.max_steps 2000  # one array task per line
+
+Every recipe is loaded with pretrain.config first (unknown fields, bad values, a world size that does
+not divide by TP x PP, or a global batch that does not divide by the data-parallel layout fail here,
+not in the queue). The job runs launch/slurm/pretrain.sbatch from the current directory; its log is
+`<logs>/<job name>-<job id>.out` (arrays: `-<array id>_<index>.out`). Prints one job id per line.
+A sweep file lists one run per line, `<recipe.yaml> [--section.field value ...]` (`#` comments);
+overrides given here apply to every line first, each line's own come after (and win); every line
+must name its own run directory (`--run_name ...`).
+"""
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from .job import BadInput, read_sweep, split_train_args, sweep_entry
+
+SBATCH_SCRIPT = Path(__file__).resolve().with_name("pretrain.sbatch")
+REPO = SBATCH_SCRIPT.parents[2]
+
+
+def parse_time(limit: str) -> int:
+    """SLURM's time formats (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", limit)
+    if not match:
+        raise BadInput(f"--time {limit!r} is not a SLURM time (M, M:S, H:M:S, D-H, D-H:M, D-H:M:S)")
+    days, a, b, c = (int(x) if x else None for x in match.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:
+        return (a * 60 + b) * 60 + c
+    return a * 60 + (b or 0)
+
+
+def check_recipe(train_args: list[str], world_size: int):
+    """Load the recipe as the trainer will; check it against the layout. Returns the RunConfig."""
+    from pretrain.config import ConfigError, load_config  # imports torch: only here
+
+    config, overrides = split_train_args(train_args)
+    try:
+        run = load_config(config, overrides)
+    except ConfigError as err:
+        raise BadInput(f"{config}: {err}") from None
+    model_parallel = run.parallel.tensor * run.parallel.pipeline
+    if world_size % model_parallel:
+        raise BadInput(f"{config}: {world_size} ranks do not divide by parallel.tensor x parallel.pipeline "
+                       f"= {model_parallel}")
+    manifest = Path(run.data.path) / "manifest.json"
+    if manifest.is_file():
+        seq_len = json.loads(manifest.read_text())["seq_len"]
+        per_step = run.train.micro_batch_size * seq_len * (world_size // model_parallel)
+        if run.train.global_batch_tokens % per_step:
+            raise BadInput(f"{config}: train.global_batch_tokens ({run.train.global_batch_tokens}) is not a multiple "
+                           f"of micro_batch_size x seq_len x data-parallel size = {per_step} on {world_size} ranks")
+    return run
+
+
+def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict, list[str]]:
+    """(sbatch arguments without dependency, extra environment, arguments of pretrain.sbatch)."""
+    ranks_per_node = opts.ranks_per_node or opts.gpus_per_node or 1
+    world_size = opts.nodes * ranks_per_node
+    if opts.sweep:
+        runs = [check_recipe(sweep_entry(opts.sweep, index, train_args), world_size)
+                for index in range(len(read_sweep(opts.sweep)))]
+        dirs = [str(run.run_dir) for run in runs]
+        if len(set(dirs)) != len(dirs):
+            raise BadInput(f"sweep {opts.sweep}: runs share a run directory ({', '.join(dirs)}); give each line "
+                           f"its own --run_name")
+        job_name = opts.job_name or f"sweep-{Path(opts.sweep).stem}"
+    else:
+        runs = [check_recipe(train_args, world_size)]
+        job_name = opts.job_name or runs[0].run_name
+    if opts.time and parse_time(opts.time) <= opts.signal_lead + 30:
+        raise BadInput(f"--time {opts.time} leaves no time before the warning --signal-lead {opts.signal_lead} s "
+                       f"(+ up to 30 s); lengthen --time or shorten --signal-lead")
+    cpus_per_rank = opts.cpus_per_rank or max(run.data.num_workers for run in runs) + 1
+    logs = Path(opts.logs)
+    args = ["--parsable", f"--job-name={job_name}", f"--nodes={opts.nodes}",
+            f"--signal=USR1@{opts.signal_lead}", "--open-mode=append",
+            f"--output={logs / ('%x-%A_%a.out' if opts.sweep else '%x-%j.out')}",
+            "--no-requeue" if opts.chain > 1 or opts.no_requeue else "--requeue"]
+    if opts.launcher == "torchrun":
+        args += ["--ntasks-per-node=1", f"--cpus-per-task={ranks_per_node * cpus_per_rank}"]
+    else:
+        args += [f"--ntasks-per-node={ranks_per_node}", f"--cpus-per-task={cpus_per_rank}"]
+    if opts.gpus_per_node:
+        args.append(f"--gpus-per-node={opts.gpus_per_node}")
+    for flag in ("time", "partition", "account", "qos"):
+        if getattr(opts, flag):
+            args.append(f"--{flag}={getattr(opts, flag)}")
+    if opts.sweep:
+        args.append(f"--array=0-{len(runs) - 1}" + (f"%{opts.max_parallel}" if opts.max_parallel else ""))
+    args += opts.sbatch_arg
+    env = {"SESSA_LAUNCH": opts.launcher, "SESSA_RANKS_PER_NODE": str(ranks_per_node), "SESSA_REPO": str(REPO),
+           "SESSA_REQUEUE": "0" if opts.chain > 1 or opts.no_requeue else "1",
+           "SESSA_MAX_RESTARTS": str(opts.max_restarts), "SESSA_SHUTDOWN_TIMEOUT": str(opts.signal_lead)}
+    if opts.sweep:
+        env["SESSA_SWEEP"] = str(Path(opts.sweep).resolve())
+    return args, env, train_args
+
+
+def submit(opts, train_args: list[str]) -> list[str]:
+    args, env, script_args = build_submission(opts, train_args)
+    Path(opts.logs).mkdir(parents=True, exist_ok=True)
+    job_ids, dependency = [], opts.dependency
+    for _ in range(opts.chain):
+        command = ["sbatch", *args, *([f"--dependency={dependency}"] if dependency else []), str(SBATCH_SCRIPT),
+                   *script_args]
+        if opts.dry_run:
+            print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(command))
+            job_ids.append(f"<job {len(job_ids) + 1}>")
+        else:
+            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+            if done.returncode != 0:
+                raise BadInput(f"sbatch failed: {done.stderr.strip() or done.stdout.strip()}")
+            job_ids.append(done.stdout.strip().split(";")[0])
+            print(job_ids[-1], flush=True)
+        dependency = f"afterany:{job_ids[-1]}"
+    return job_ids
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs to request per node (0: none)")
+    parser.add_argument("--ranks-per-node", type=int, help="training processes per node (default: GPUs, else 1)")
+    parser.add_argument("--cpus-per-rank", type=int, help="CPUs per rank (default: data.num_workers + 1)")
+    parser.add_argument("--launcher", choices=("torchrun", "srun"), default="torchrun",
+                        help="torchrun: one srun task per node running torchrun; srun: one srun task per rank")
+    parser.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the partition's)")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--job-name", help="default: the run name (sweeps: sweep-<file name>)")
+    parser.add_argument("--signal-lead", type=int, default=300,
+                        help="seconds before the time limit at which the ranks get SIGUSR1 and save (default 300)")
+    parser.add_argument("--max-restarts", type=int, default=20, help="requeue at most this often (default 20)")
+    parser.add_argument("--no-requeue", action="store_true", help="never requeue (the run stops at the time limit)")
+    parser.add_argument("--chain", type=int, default=1,
+                        help="submit N jobs, each --dependency=afterany on the previous, without requeue")
+    parser.add_argument("--dependency", help="dependency of the (first) job, passed to sbatch")
+    parser.add_argument("--sweep", help="sweep file: a job array with one run per line")
+    parser.add_argument("--max-parallel", type=int, help="at most this many array tasks at once")
+    parser.add_argument("--logs", default="logs/slurm", help="folder for the job logs (default logs/slurm)")
+    parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
+                        help="extra sbatch argument, e.g. --sbatch-arg=--exclusive (repeatable)")
+    parser.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting")
+    opts, train_args = parser.parse_known_args(argv)
+    if opts.chain < 1 or opts.nodes < 1:
+        parser.error("--chain and --nodes must be >= 1")
+    return opts, train_args
+
+
+def main(argv=None) -> int:
+    opts, train_args = parse_args(argv)
+    try:
+        if opts.sweep:
+            if any(a == "--config" or a.startswith("--config=") for a in train_args):
+                raise BadInput("with --sweep the recipes come from the sweep file; give only common overrides here")
+        else:
+            split_train_args(train_args)
+        submit(opts, train_args)
+    except BadInput as err:
+        print(f"launch error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
