@@ -215,3 +215,25 @@ def test_rejects_bad_shapes():
     q_b, k_b, f, gamma = make_inputs(1, 8, 4, 4, torch.float32)
     with pytest.raises(ValueError, match="gamma"):
         feedback_solve_triton(q_b, k_b, f, gamma[:, :4])
+
+
+def test_sessa_layer_with_triton_feedback():
+    """feedback_impl="triton" in a SessaLayer (on CPU: the interpreter) equals the chunked solve,
+    output and every parameter gradient; the layer hands the kernels [T, B, D]-transposed views."""
+    from model import SessaConfig, SessaLayer
+
+    results = {}
+    for impl in ("chunked", "triton"):
+        config = SessaConfig(vocab_size=61, hidden_size=24, num_layers=1, num_heads=2, feedback_impl=impl,
+                             feedback_chunk_size=16)
+        layer = SessaLayer(config).double()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.normal_(0, 0.2)
+        x = torch.randn(37, 2, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+        y, _ = layer(x)
+        (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+        results[impl] = {"output": y.detach(), **{n: p.grad for n, p in layer.named_parameters()}}
+    for name, want in results["chunked"].items():
+        torch.testing.assert_close(results["triton"][name], want, **TOLERANCES[torch.float64], msg=name)
