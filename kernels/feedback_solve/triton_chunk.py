@@ -12,7 +12,7 @@ On CUDA tensors the kernels are compiled for the GPU. On CPU tensors they only r
 interpreter (`TRITON_INTERPRET=1` set before this module is first imported); that is how the tests
 run them. Saved for backward: q_b, k_b, gamma, s (in f's dtype) and the row log-sum-exp; nothing T x T.
 """
-import math
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -120,6 +120,11 @@ def _dot_precisions(acc: torch.dtype, *tensors: torch.Tensor) -> tuple[str, str]
     if all(t.dtype in (torch.float32, torch.float64) for t in tensors):
         return FP32_DOT_PRECISION, SOLVE_DOT_PRECISION
     return HALF_DOT_PRECISION, SOLVE_DOT_PRECISION
+
+
+def _on_device(device: torch.device):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -280,9 +285,10 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
 def _fwd_op(
     q_b: torch.Tensor, k_b: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, chunk_size: int, panel_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    s, lse = feedback_triton_fwd(
-        q_b.contiguous(), k_b.contiguous(), f.contiguous(), gamma.contiguous(), chunk_size, panel_size
-    )
+    with _on_device(f.device):
+        s, lse = feedback_triton_fwd(
+            q_b.contiguous(), k_b.contiguous(), f.contiguous(), gamma.contiguous(), chunk_size, panel_size
+        )
     return s.to(f.dtype), lse
 
 
@@ -303,10 +309,11 @@ def _bwd_op(
     chunk_size: int,
     panel_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, df, dgamma = feedback_triton_bwd(
-        q_b.contiguous(), k_b.contiguous(), gamma.contiguous(), s.contiguous(), lse.contiguous(),
-        grad_s.contiguous(), chunk_size, panel_size,
-    )
+    with _on_device(s.device):
+        dq, dk, df, dgamma = feedback_triton_bwd(
+            q_b.contiguous(), k_b.contiguous(), gamma.contiguous(), s.contiguous(), lse.contiguous(),
+            grad_s.contiguous(), chunk_size, panel_size,
+        )
     # Fresh tensors even when no cast is needed: a custom op's outputs may not alias each other.
     return dq.to(q_b.dtype), dk.to(k_b.dtype), df.to(s.dtype), dgamma.to(gamma.dtype)
 

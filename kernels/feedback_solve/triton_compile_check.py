@@ -50,18 +50,22 @@ def _specs(dtypes=("bf16", "fp32"), solve_blocks=None):
         specs.append((f"lse[{label}]", tk.feedback_lse_kernel, dict(q=dt, k=dt, lse=acc),
                       dict(constexprs, DOT_PRECISION=prec), launch))
         constexprs, launch = tiles(config.probs)
+        # Unit strides are specialised to constexpr 1 by the JIT, as here: row panels are contiguous
+        # along keys j, column panels (holding B = gamma P, transposed) along queries t.
         for times_gamma in (False, True):
+            unit_stride = {"s_pt": 1} if times_gamma else {"s_pj": 1}
             specs.append((f"probs{'*gamma' if times_gamma else ''}[{label}]", tk.feedback_probs_kernel,
                           dict(q=dt, k=dt, lse=acc, gamma=dt if times_gamma else acc, p=acc),
-                          dict(constexprs, DOT_PRECISION=prec, TIMES_GAMMA=times_gamma), launch))
+                          dict(constexprs, DOT_PRECISION=prec, TIMES_GAMMA=times_gamma, **unit_stride), launch))
         constexprs, launch = tiles(config.dlogits, k="BV")
         specs.append((f"dlogits[{label}]", tk.feedback_dlogits_kernel,
                       dict(p=acc, lam=acc, s=dt, gamma=dt, delta=acc), dict(constexprs, DOT_PRECISION=prec), launch))
         constexprs, launch = tiles(config.matmul, k="BJ")
         # P @ s (s saved in f's dtype), B^T @ lam; dlogits @ k_b; dlogits^T @ q_b accumulated
-        for what, x, accumulate in (("P@s", dt, False), ("Bt@lam", acc, False), ("dSt@q+=", dt, True)):
+        for what, x, accumulate, unit_stride in (("P@s", dt, False, "s_aj"), ("Bt@lam", acc, False, "s_aj"),
+                                                 ("dS@k", dt, False, "s_aj"), ("dSt@q+=", dt, True, "s_am")):
             specs.append((f"matmul:{what}[{label}]", tk.panel_matmul_kernel, dict(a=acc, x=x, c=acc),
-                          dict(constexprs, ACCUMULATE=accumulate, DOT_PRECISION=prec), launch))
+                          dict(constexprs, ACCUMULATE=accumulate, DOT_PRECISION=prec, **{unit_stride: 1}), launch))
         for block in solve_blocks:
             for has_context in (False, True):
                 constexprs = dict(BC=block, BJ=config.solve_block_j, BV=config.solve_block_v,
