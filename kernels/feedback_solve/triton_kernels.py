@@ -18,9 +18,10 @@ Panel offsets and extents are `do_not_specialize`: one compiled variant serves e
 
 Dtypes: inputs may be fp32, bf16, fp16 or fp64. Every operand is cast to the compute dtype of the
 output/work buffer (fp32, or fp64 for fp64 inputs) before `tl.dot`: the interpreter's bf16 `tl.dot`
-is wrong, and the solve must run in fp32 anyway. `DOT_PRECISION` is "ieee" for fp32/fp64 inputs and
-may be "tf32" for half inputs (exact for the bf16-valued q/k loads); the diagonal solve always uses
-"ieee". Sizes that are not powers of two (T, K, V) are masked; tile sizes are constexprs.
+is wrong, and the solve must run in fp32 anyway. The launcher picks `DOT_PRECISION` ("tf32" for
+half inputs, exact for the bf16-valued q/k loads; "tf32x3" for fp32; "ieee" for fp64) and
+`SOLVE_PRECISION` ("ieee") for the diagonal inverse. Sizes that are not powers of two (T, K, V) are
+masked; tile sizes are constexprs.
 """
 import triton
 import triton.language as tl
