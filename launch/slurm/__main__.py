@@ -78,13 +78,13 @@ def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict, list
     else:
         runs = [check_recipe(train_args, world_size)]
         job_name = opts.job_name or runs[0].run_name
-    if opts.time and parse_time(opts.time) <= opts.signal_lead + 30:
-        raise BadInput(f"--time {opts.time} leaves no time before the warning --signal-lead {opts.signal_lead} s "
-                       f"(+ up to 30 s); lengthen --time or shorten --signal-lead")
+    if opts.time and parse_time(opts.time) <= opts.signal_lead:
+        raise BadInput(f"--time {opts.time} is not longer than --signal-lead {opts.signal_lead} s; lengthen --time "
+                       f"or shorten --signal-lead")
     cpus_per_rank = opts.cpus_per_rank or max(run.data.num_workers for run in runs) + 1
     logs = Path(opts.logs)
     args = ["--parsable", f"--job-name={job_name}", f"--nodes={opts.nodes}",
-            f"--signal=USR1@{opts.signal_lead}", "--open-mode=append",
+            f"--signal=B:USR1@{opts.signal_lead}", "--open-mode=append",
             f"--output={logs / ('%x-%A_%a.out' if opts.sweep else '%x-%j.out')}",
             "--no-requeue" if opts.chain > 1 or opts.no_requeue else "--requeue"]
     if opts.launcher == "torchrun":

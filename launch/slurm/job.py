@@ -155,6 +155,7 @@ def record_launch(run_dir: Path, train_args: list[str], start_step: int, owner: 
     record = {
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "owner": owner,
         "cwd": os.getcwd(), "train_args": train_args, "start_step": start_step,
+        "restart": int(env.get("SLURM_RESTART_COUNT", "0")),
         "launcher": env.get("SESSA_LAUNCH", "local"), "ranks_per_node": env.get("SESSA_RANKS_PER_NODE"),
         "git": {"commit": commit, "dirty": bool(diff), "branch": (_git("rev-parse", "--abbrev-ref", "HEAD") or "").strip()},
         "slurm": {k: env[k] for k in SLURM_RECORDED if k in env},

@@ -1,0 +1,158 @@
+"""launch/slurm on a real SLURM cluster (tests/launch/slurm_cluster.py): multi-node training in both
+launch modes, time-limit signal + requeue + exact resume, run lock, afterany chains, job arrays."""
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import REPO, finish, job_log, read_metrics, start_local
+from slurm_cluster import ENDED
+
+from launch.slurm.__main__ import parse_args, submit
+
+pytestmark = pytest.mark.slow
+
+
+def helper(tmp_path, *argv: str) -> list[str]:
+    """`python -m launch.slurm ARGV` in this process (the recipe check imports torch once, not per call)."""
+    opts, train_args = parse_args(["--gpus-per-node", "0", "--cpus-per-rank", "1", "--logs", str(tmp_path / "logs"),
+                                   *argv])
+    return submit(opts, train_args)
+
+
+def test_two_nodes_both_launchers_match_local_torchrun(slurm, job_env, recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # jobs run in the submit directory, not the repository
+    local_log = tmp_path / "local.log"
+    local = start_local(recipe, 4, "--run_name", "local4", log=local_log)
+    # srun mode through the helper: 2 nodes x 2 srun tasks, ranks from SLURM_PROCID/NTASKS/LOCALID.
+    (srun_job,) = helper(tmp_path, "--nodes", "2", "--ranks-per-node", "2", "--launcher", "srun",
+                         "--config", str(recipe), "--run_name", "srun22")
+    # torchrun mode by plain sbatch, as documented for users without the helper.
+    sbatch = subprocess.run(
+        ["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=2",
+         f"--output={tmp_path / 'logs' / '%x-%j.out'}", str(REPO / "launch" / "slurm" / "pretrain.sbatch"),
+         "--config", str(recipe), "--run_name", "torchrun22"],
+        env={**job_env, "SESSA_REPO": str(REPO), "SESSA_RANKS_PER_NODE": "2"}, capture_output=True, text=True)
+    assert sbatch.returncode == 0, sbatch.stderr
+    torchrun_job = sbatch.stdout.strip()
+
+    finish(local, local_log)
+    reference = read_metrics(tmp_path / "runs" / "local4")
+    assert sorted(reference) == list(range(1, 11))
+    for job, run, log_name in ((srun_job, "srun22", "srun22"), (torchrun_job, "torchrun22", "sessa-pretrain")):
+        (record,) = slurm.wait(job, timeout=300)
+        log = job_log(tmp_path / "logs" / f"{log_name}-{job}.out")
+        assert record["JobState"] == "COMPLETED", log[-4000:]
+        assert len(slurm.run("scontrol", "show", "hostnames", record["NodeList"]).stdout.split()) == 2
+        assert "world 4 (TP 1 x PP 1 x DP 4)" in log
+        run_dir = tmp_path / "runs" / run
+        assert read_metrics(run_dir) == reference, run
+        assert (run_dir / "checkpoints" / "latest").read_text().strip() == "10"
+        assert not (run_dir / "RUN_LOCK").exists()  # released when the run is done
+        (launch,) = [json.loads(p.read_text()) for p in (run_dir / "launches").glob("*.json")]
+        assert launch["slurm"]["SLURM_JOB_ID"] == job and launch["decision"] == "done"
+        assert len(launch["git"]["commit"]) == 40 and launch["train_args"][:2] == ["--config", str(recipe)]
+        assert (run_dir / "config.yaml").exists()
+
+
+def test_time_limit_signal_requeues_and_resumes_exactly(slurm, job_env, recipe, tmp_path, monkeypatch):
+    """--time 1 with a 45 s signal lead: SLURM warns the batch script at its first time-limit check
+    (every 30 s, so 0-30 s into the job, often while the ranks still import); the script signals
+    each rank once it can catch the signal (retrying every 2 s here); the ranks save and exit; the
+    job requeues itself and resumes. The requeued job gets 10 minutes so that the test ends after
+    one requeue; the loss curve must equal an uninterrupted run's at every step."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SESSA_RESIGNAL_S", "2")
+    steps = 200  # ~0.14 s/step beside the reference: the run lasts longer than the <= 30 s before the warning
+    common = ("--train.max_steps", str(steps), "--logging.interval", "1", "--checkpoint.keep_last", "2")
+    local_log = tmp_path / "local.log"
+    local = start_local(recipe, 2, "--run_name", "straight", *common, log=local_log)
+    (job,) = helper(tmp_path, "--nodes", "2", "--ranks-per-node", "1", "--time", "1", "--signal-lead", "45",
+                    "--config", str(recipe), "--run_name", "preempted", *common)
+    log_path = tmp_path / "logs" / f"preempted-{job}.out"
+
+    # While it runs, a second job on the same run directory must refuse to start.
+    deadline = time.time() + 120
+    while not (tmp_path / "runs" / "preempted" / "RUN_LOCK").exists():
+        assert time.time() < deadline, job_log(log_path)[-3000:]
+        time.sleep(0.5)
+    (intruder,) = helper(tmp_path, "--nodes", "1", "--ranks-per-node", "1", "--launcher", "srun",
+                         "--job-name", "intruder", "--config", str(recipe), "--run_name", "preempted", *common)
+    (intruder_record,) = slurm.wait(intruder, timeout=120)
+    intruder_log = job_log(tmp_path / "logs" / f"intruder-{intruder}.out")
+    assert intruder_record["JobState"] == "FAILED" and intruder_record["ExitCode"] == "4:0", intruder_log
+    assert f"is in use by slurm:{job} " in intruder_log
+
+    deadline = time.time() + 180
+    while "run requeue" not in job_log(log_path):
+        state = slurm.jobs(job)[0]["JobState"]
+        assert state not in ENDED, f"the job ended ({state}) without a requeue (if it finished before the warning, " \
+                                   f"raise `steps`):\n{job_log(log_path)[-5000:]}"
+        assert time.time() < deadline, job_log(log_path)[-5000:]
+        time.sleep(0.5)
+    slurm.run("scontrol", "update", f"JobId={job}", "TimeLimit=10")
+    finish(local, local_log)
+    (record,) = slurm.wait(job, timeout=420)
+    log = job_log(log_path)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log[-5000:]
+    assert "time-limit warning" in log and "received SIGUSR1" in log and "resumed from" in log
+    run_dir = tmp_path / "runs" / "preempted"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == str(steps)
+    first, second = sorted((json.loads(p.read_text()) for p in (run_dir / "launches").glob("*.json")),
+                           key=lambda r: r["restart"])
+    assert (first["decision"], second["decision"]) == ("requeue", "done")
+    assert 0 < first["reached_step"] == second["start_step"] < steps
+    reference, resumed = read_metrics(tmp_path / "runs" / "straight"), read_metrics(run_dir)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    assert resumed == reference  # every step, including those after the resume, bitwise
+
+
+def test_afterany_chain_without_requeue(slurm, job_env, recipe, tmp_path, monkeypatch):
+    """Chain mode: job 1 gets the time-limit warning early (SIGUSR1 to its batch script, as
+    --signal=B:USR1 sends it), stops and ends without requeue; job 2 (afterany) resumes and
+    finishes; job 3 finds the run complete."""
+    monkeypatch.chdir(tmp_path)
+    jobs = helper(tmp_path, "--chain", "3", "--launcher", "srun", "--config", str(recipe), "--run_name", "chained",
+                  "--train.max_steps", "40")
+    run_dir = tmp_path / "runs" / "chained"
+    deadline = time.time() + 180
+    while max(read_metrics(run_dir), default=0) < 3:
+        assert time.time() < deadline, job_log(tmp_path / "logs" / f"chained-{jobs[0]}.out")
+        time.sleep(0.2)
+    slurm.run("scancel", "--batch", "--signal=USR1", jobs[0])
+    records = [slurm.wait(job, timeout=240)[0] for job in jobs]
+    logs = [job_log(tmp_path / "logs" / f"chained-{job}.out") for job in jobs]
+    assert [r["JobState"] for r in records] == ["COMPLETED"] * 3, logs
+    assert [r["Restarts"] for r in records] == ["0"] * 3
+    assert records[0]["EndTime"] <= records[1]["StartTime"] and records[1]["EndTime"] <= records[2]["StartTime"]
+    assert "time-limit warning" in logs[0] and "received SIGUSR1" in logs[0] and "run stopped" in logs[0]
+    assert "resumed from" in logs[1] and "run done" in logs[1]
+    assert "already reached step 40 of 40: nothing to do" in logs[2] and "step 1 " not in logs[2]
+    assert sorted(read_metrics(run_dir)) == list(range(1, 41))
+
+
+def test_job_array_sweep_runs_every_line(slurm, job_env, recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text(f"# lr sweep\n{recipe} --run_name lr_high --optim.lr 3e-3\n\n"
+                     f"{recipe} --run_name lr_low --optim.lr 3e-4 --optim.min_lr 3e-5\n")
+    done = subprocess.run([sys.executable, "-m", "launch.slurm", "--gpus-per-node", "0", "--cpus-per-rank", "1",
+                           "--launcher", "srun", "--logs", str(tmp_path / "logs"), "--sweep", str(sweep),
+                           "--train.max_steps", "4"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**job_env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    array_job = done.stdout.strip()
+    records = slurm.wait(array_job, timeout=240)
+    logs = {r["ArrayTaskId"]: job_log(tmp_path / "logs" / f"sweep-sweep-{array_job}_{r['ArrayTaskId']}.out")
+            for r in records}
+    assert sorted(logs) == ["0", "1"] and all(r["JobState"] == "COMPLETED" for r in records), logs
+    high, low = (read_metrics(tmp_path / "runs" / name) for name in ("lr_high", "lr_low"))
+    assert sorted(high) == sorted(low) == [1, 2, 3, 4]
+    assert high[1] == low[1] and high[4] < low[4]  # same start, the larger lr falls faster
+    for index, name, lr in (("0", "lr_high", "3e-3"), ("1", "lr_low", "3e-4")):
+        (launch,) = [json.loads(p.read_text()) for p in (tmp_path / "runs" / name / "launches").glob("*.json")]
+        assert launch["slurm"]["SLURM_ARRAY_JOB_ID"] == array_job and launch["slurm"]["SLURM_ARRAY_TASK_ID"] == index
+        assert launch["train_args"][:4] == ["--config", str(recipe), "--train.max_steps", "4"]  # common first
+        assert launch["train_args"][4:8] == ["--run_name", name, "--optim.lr", lr]
