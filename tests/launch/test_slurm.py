@@ -11,6 +11,8 @@ from conftest import REPO, finish, job_log, read_metrics, start_local
 from slurm_cluster import ENDED
 
 from launch.slurm.__main__ import parse_args, submit
+from pretrain.distributed import torch_env_from_slurm
+from pretrain.runlock import LOCK_NAME, RunLockedError, acquire_run_lock
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +120,7 @@ def test_afterany_chain_without_requeue(slurm, job_env, recipe, tmp_path, monkey
                   "--train.max_steps", "40")
     run_dir = tmp_path / "runs" / "chained"
     deadline = time.time() + 180
-    while max(read_metrics(run_dir), default=0) < 3:
+    while not (run_dir / "RUN_LOCK").exists():  # job 1 is starting its ranks
         assert time.time() < deadline, job_log(tmp_path / "logs" / f"chained-{jobs[0]}.out")
         time.sleep(0.2)
     slurm.run("scancel", "--batch", "--signal=USR1", jobs[0])
@@ -156,3 +158,32 @@ def test_job_array_sweep_runs_every_line(slurm, job_env, recipe, tmp_path, monke
         assert launch["slurm"]["SLURM_ARRAY_JOB_ID"] == array_job and launch["slurm"]["SLURM_ARRAY_TASK_ID"] == index
         assert launch["train_args"][:4] == ["--config", str(recipe), "--train.max_steps", "4"]  # common first
         assert launch["train_args"][4:8] == ["--run_name", name, "--optim.lr", lr]
+
+
+def test_run_lock_owner_state_and_master_address_from_slurm(slurm, job_env, tmp_path):
+    """A lock held by a live SLURM job blocks; one held by an ended or unknown job is stale. Rank 0's
+    node comes from `scontrol show hostnames` of the step's node list."""
+    sbatch = ("sbatch", "--parsable", f"--output={tmp_path / '%j.out'}")
+    ended = slurm.run(*sbatch, "--wrap", "true").stdout.strip()
+    running = slurm.run(*sbatch, "--wrap", "sleep 300").stdout.strip()
+    try:
+        slurm.wait(ended, timeout=60)
+        deadline = time.time() + 60
+        while slurm.jobs(running)[0]["JobState"] != "RUNNING":
+            assert time.time() < deadline
+            time.sleep(0.5)
+        lock = tmp_path / "run" / LOCK_NAME
+        lock.parent.mkdir()
+        for owner, live in ((running, True), (ended, False), ("999999", False)):
+            lock.write_text(json.dumps({"owner": f"slurm:{owner}"}))
+            if live:
+                with pytest.raises(RunLockedError, match=f"in use by slurm:{owner} "):
+                    acquire_run_lock(lock.parent, "slurm:1")
+            else:
+                acquire_run_lock(lock.parent, "slurm:1")
+                assert json.loads(lock.read_text())["previous_owner"] == f"slurm:{owner}"
+    finally:
+        slurm.run("scancel", running)
+    step = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7",
+            "SLURM_STEP_NODELIST": "n[3-4]"}
+    assert torch_env_from_slurm(step)["MASTER_ADDR"] == "n3"

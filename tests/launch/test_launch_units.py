@@ -1,0 +1,192 @@
+"""The launch pieces that need no SLURM: run resolution, sweeps, the resume decision, the run lock,
+rank variables from SLURM_*, the submit helper's checks and sbatch arguments, launch/local.sh."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import yaml
+from conftest import REPO, pretrain_helpers, read_metrics
+
+from launch.slurm.__main__ import build_submission, parse_args, parse_time
+from launch.slurm.job import BadInput, decide, latest_step, resolve_run, split_train_args, sweep_entry
+from pretrain.distributed import torch_env_from_slurm
+from pretrain.runlock import LOCK_NAME, RunLock, RunLockedError, acquire_run_lock, current_owner
+
+
+@pytest.fixture
+def bare_recipe(tmp_path):
+    """The test recipe without run_name, runs_dir and train.max_steps: pretrain.config's defaults apply."""
+    tree = json.loads(json.dumps(pretrain_helpers.TEST_RECIPE))
+    del tree["run_name"], tree["train"]["max_steps"]
+    path = tmp_path / "bare.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+@pytest.mark.parametrize("overrides", [[], ["--run_name", "x", "--runs_dir=/tmp/elsewhere", "--train.max_steps", "7"],
+                                       ["--train.max_steps=12", "--run_name=y"]], ids=["defaults", "spaced", "equals"])
+def test_resolve_run_agrees_with_pretrain_config(bare_recipe, overrides):
+    from pretrain.config import load_config
+
+    config = load_config(bare_recipe, list(overrides))
+    assert resolve_run(["--config", str(bare_recipe), *overrides]) == (config.run_dir, config.train.max_steps)
+    assert resolve_run([*overrides, f"--config={bare_recipe}"]) == (config.run_dir, config.train.max_steps)
+
+
+def test_train_args_and_sweep_files(tmp_path):
+    assert split_train_args(["--a.b", "1", "--config", "c.yaml"]) == ("c.yaml", ["--a.b", "1"])
+    with pytest.raises(BadInput, match="no --config"):
+        split_train_args(["--a.b", "1"])
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# comment\n\na.yaml --run_name a --optim.lr 1e-3  # first\n--config b.yaml --run_name 'b c'\n")
+    assert sweep_entry(sweep, 0, ["--train.max_steps", "5"]) == [
+        "--config", "a.yaml", "--train.max_steps", "5", "--run_name", "a", "--optim.lr", "1e-3"]
+    assert sweep_entry(sweep, 1, []) == ["--config", "b.yaml", "--run_name", "b c"]
+    with pytest.raises(BadInput, match="outside the 2 runs"):
+        sweep_entry(sweep, 2, [])
+    (tmp_path / "empty.txt").write_text("# nothing\n")
+    with pytest.raises(BadInput, match="lists no runs"):
+        sweep_entry(tmp_path / "empty.txt", 0, [])
+
+
+def _checkpoint(run_dir, step, pointer=None):
+    (run_dir / "checkpoints" / f"iter_{step:07d}").mkdir(parents=True, exist_ok=True)
+    (run_dir / "checkpoints" / "latest").write_text(f"{pointer if pointer is not None else step}\n")
+
+
+def test_latest_step_and_the_decision_after_an_attempt(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    assert latest_step(run_dir) == 0
+    _checkpoint(run_dir, 4, pointer=9)  # `latest` naming a missing checkpoint does not count
+    assert latest_step(run_dir) == 0
+    _checkpoint(run_dir, 4)
+    assert latest_step(run_dir) == 4
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert decide(run_dir, 10, 0, requeue=True, max_restarts=3) == "requeue"
+    assert decide(run_dir, 10, 0, requeue=False, max_restarts=3) == "stopped"  # chain mode
+    assert decide(run_dir, 10, 4, requeue=True, max_restarts=3) == "failed"  # no progress: never requeue
+    assert decide(run_dir, 4, 0, requeue=True, max_restarts=3) == "done"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
+    assert decide(run_dir, 10, 0, requeue=True, max_restarts=3) == "stopped"
+
+
+def test_run_lock(tmp_path, monkeypatch):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SESSA_RUN_LOCK_OWNER", raising=False)
+    run_dir = tmp_path / "run"
+    lock = acquire_run_lock(run_dir)
+    assert lock.owner == current_owner() and json.loads((run_dir / LOCK_NAME).read_text())["owner"] == lock.owner
+    assert acquire_run_lock(run_dir).owner == lock.owner  # the owner re-enters (a requeued job)
+
+    child = subprocess.Popen(["sleep", "60"])
+    try:
+        with pytest.raises(RunLockedError, match=f"in use by pid:.*:{os.getpid()}:"):
+            acquire_run_lock(run_dir, current_owner(child.pid))
+        monkeypatch.setenv("SESSA_RUN_LOCK_OWNER", lock.owner)  # a trainer under its launcher
+        assert acquire_run_lock(run_dir).owner == lock.owner
+        monkeypatch.delenv("SESSA_RUN_LOCK_OWNER")
+        RunLock(run_dir / LOCK_NAME, "pid:someone:1:1").release()  # not ours: stays
+        assert (run_dir / LOCK_NAME).exists()
+        lock.release()
+        assert not (run_dir / LOCK_NAME).exists()
+        held = acquire_run_lock(run_dir, current_owner(child.pid))
+    finally:
+        child.kill()
+        child.wait()
+    taken = acquire_run_lock(run_dir)  # the owner is gone: stale, taken over
+    assert json.loads((run_dir / LOCK_NAME).read_text())["previous_owner"] == held.owner
+    taken.release()
+
+    (run_dir / LOCK_NAME).write_text(json.dumps({"owner": "slurm:123"}))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no scontrol here: cannot tell, so refuse
+    with pytest.raises(RunLockedError, match="scontrol is not available"):
+        acquire_run_lock(run_dir)
+
+
+def test_rank_variables_from_slurm():
+    assert torch_env_from_slurm({}) == {}
+    step = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "20123",
+            "MASTER_ADDR": "n1"}
+    assert torch_env_from_slurm(step) == {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_PORT": "20123"}
+    assert torch_env_from_slurm({**step, "RANK": "0"}) == {}  # torchrun set them
+    single = {"SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    assert torch_env_from_slurm(single) == {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    batch_script = {"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_JOB_ID": "5"}  # no step: plain process
+    assert torch_env_from_slurm(batch_script) == {}
+
+
+def test_parse_time():
+    assert [parse_time(t) for t in ("5", "5:30", "1:00:00", "2-3", "1-00:30", "1-1:1:1")] == [
+        300, 330, 3600, 183600, 88200, 90061]
+    with pytest.raises(BadInput):
+        parse_time("1h")
+
+
+def test_submit_helper_checks_and_sbatch_arguments(recipe, tmp_path):
+    def build(*argv):
+        return build_submission(*parse_args(["--logs", str(tmp_path / "logs"), "--gpus-per-node", "0", *argv]))
+
+    args, env, script_args = build("--nodes", "2", "--gpus-per-node", "2", "--time", "4:00:00", "--partition", "gpu",
+                                   "--config", str(recipe), "--train.max_steps", "5")
+    assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=6", "--gpus-per-node=2", "--time=4:00:00",
+            "--partition=gpu", "--signal=B:USR1@300", "--requeue", "--job-name=test"} <= set(args)
+    assert env["SESSA_LAUNCH"] == "torchrun" and env["SESSA_RANKS_PER_NODE"] == "2" and env["SESSA_REQUEUE"] == "1"
+    assert script_args == ["--config", str(recipe), "--train.max_steps", "5"]
+    args, env, _ = build("--launcher", "srun", "--gpus-per-node", "0", "--ranks-per-node", "2", "--chain", "3",
+                         "--config", str(recipe))
+    assert {"--ntasks-per-node=2", "--cpus-per-task=3", "--no-requeue"} <= set(args) and env["SESSA_REQUEUE"] == "0"
+    with pytest.raises(BadInput, match="not a multiple of micro_batch_size x seq_len x data-parallel size = 768"):
+        build("--gpus-per-node", "0", "--ranks-per-node", "6", "--config", str(recipe))
+    with pytest.raises(BadInput, match="3 ranks do not divide by parallel.tensor x parallel.pipeline = 2"):
+        build("--gpus-per-node", "0", "--ranks-per-node", "3", "--config", str(recipe), "--parallel.tensor", "2")
+    with pytest.raises(BadInput, match="unknown field"):
+        build("--config", str(recipe), "--train.max_stepz", "5")
+    with pytest.raises(BadInput, match="not longer than --signal-lead"):
+        build("--time", "5", "--config", str(recipe))
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text(f"{recipe} --optim.lr 1e-2\n{recipe} --optim.lr 3e-3\n")
+    with pytest.raises(BadInput, match="share a run directory"):
+        build("--sweep", str(sweep))
+    sweep.write_text(f"{recipe} --run_name a\n{recipe} --run_name b\n")
+    args, env, _ = build("--sweep", str(sweep), "--max-parallel", "1")
+    assert "--array=0-1%1" in args and env["SESSA_SWEEP"] == str(sweep)
+
+
+def _local(recipe, *overrides):
+    return subprocess.Popen(["bash", str(REPO / "launch" / "local.sh"), "--nproc-per-node", "1", "--config",
+                             str(recipe), *overrides], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_local_launcher_refuses_finished_and_locked_runs(recipe, tmp_path):
+    run_dir = tmp_path / "runs" / "test"
+    _checkpoint(run_dir, 10)
+    process = _local(recipe)
+    out = process.communicate(timeout=60)[0]
+    assert process.returncode == 3 and "already reached step 10 of 10" in out
+    lock = acquire_run_lock(run_dir, current_owner())  # this live process owns the run
+    process = _local(recipe, "--train.max_steps", "20")
+    out = process.communicate(timeout=60)[0]
+    assert process.returncode == 4 and f"in use by {lock.owner}" in out
+
+
+@pytest.mark.slow
+def test_local_launcher_stops_cleanly_on_sigterm(recipe, tmp_path):
+    """SIGTERM to launch/local.sh reaches the rank (not its loader workers or checkpoint writers): it
+    saves and exits, the script exits 0 and releases the lock; the same command would resume."""
+    run_dir = tmp_path / "runs" / "test"
+    process = _local(recipe, "--train.max_steps", "400", "--checkpoint.interval_steps", "1")
+    deadline = time.time() + 120
+    while max(read_metrics(run_dir), default=0) < 2:
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)  # most likely during one of the per-step saves
+    out = process.communicate(timeout=120)[0]
+    assert process.returncode == 0 and "received SIGTERM" in out and "run stopped" in out, out[-3000:]
+    stopped = int((run_dir / "checkpoints" / "latest").read_text())
+    assert 2 <= stopped < 400 and not (run_dir / LOCK_NAME).exists()
+    (record,) = [json.loads(p.read_text()) for p in (run_dir / "launches").glob("*.json")]
+    assert record["decision"] == "stopped" and record["reached_step"] == stopped and record["launcher"] == "local"
