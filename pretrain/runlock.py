@@ -81,6 +81,7 @@ def owner_alive(owner: str) -> bool:
 class RunLock:
     path: Path
     owner: str
+    reentered: bool = False  # the owner already held it (a requeued job; a trainer under its launcher)
 
     def release(self) -> None:
         """Remove the lock if it is still ours."""
@@ -132,4 +133,29 @@ def acquire_run_lock(run_dir: str | Path, owner: str | None = None) -> RunLock:
         tmp = path.with_name(f".{LOCK_NAME}.{os.getpid()}")
         tmp.write_text(json.dumps(record) + "\n")
         os.replace(tmp, path)
-    return RunLock(path, owner)
+    return RunLock(path, owner, reentered=held.get("owner") == owner)
+
+
+def acquire_for_training(run_dir: str | Path) -> RunLock | None:
+    """The trainer's hook, on every rank once the process group exists: rank 0 takes the lock (or
+    re-enters its launcher's), every rank raises RunLockedError when another job owns the run. A
+    lock taken here is released at exit; a launcher's lock stays with the launcher."""
+    import atexit
+
+    import torch.distributed as dist
+
+    lock, error = None, ""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            lock = acquire_run_lock(run_dir)
+        except RunLockedError as err:
+            error = str(err)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        raise RunLockedError(error)
+    if lock is not None and not lock.reentered:
+        atexit.register(lock.release)
+    return lock

@@ -63,8 +63,8 @@ def check_recipe(train_args: list[str], world_size: int):
     return run
 
 
-def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict, list[str]]:
-    """(sbatch arguments without dependency, extra environment, arguments of pretrain.sbatch)."""
+def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict]:
+    """(sbatch arguments except the dependency, environment for pretrain.sbatch); checks the recipes."""
     ranks_per_node = opts.ranks_per_node or opts.gpus_per_node or 1
     world_size = opts.nodes * ranks_per_node
     if opts.sweep:
@@ -101,19 +101,20 @@ def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict, list
     args += opts.sbatch_arg
     env = {"SESSA_LAUNCH": opts.launcher, "SESSA_RANKS_PER_NODE": str(ranks_per_node), "SESSA_REPO": str(REPO),
            "SESSA_REQUEUE": "0" if opts.chain > 1 or opts.no_requeue else "1",
-           "SESSA_MAX_RESTARTS": str(opts.max_restarts), "SESSA_SHUTDOWN_TIMEOUT": str(opts.signal_lead)}
+           "SESSA_MAX_RESTARTS": str(opts.max_restarts)}
     if opts.sweep:
         env["SESSA_SWEEP"] = str(Path(opts.sweep).resolve())
-    return args, env, train_args
+    return args, env
 
 
 def submit(opts, train_args: list[str]) -> list[str]:
-    args, env, script_args = build_submission(opts, train_args)
-    Path(opts.logs).mkdir(parents=True, exist_ok=True)
+    args, env = build_submission(opts, train_args)
+    if not opts.dry_run:
+        Path(opts.logs).mkdir(parents=True, exist_ok=True)  # SLURM does not create it: the job would fail
     job_ids, dependency = [], opts.dependency
     for _ in range(opts.chain):
         command = ["sbatch", *args, *([f"--dependency={dependency}"] if dependency else []), str(SBATCH_SCRIPT),
-                   *script_args]
+                   *train_args]
         if opts.dry_run:
             print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(command))
             job_ids.append(f"<job {len(job_ids) + 1}>")

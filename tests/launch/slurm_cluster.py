@@ -41,7 +41,7 @@ def ensure_installed() -> None:
     if os.geteuid() != 0:
         raise ClusterError(f"SLURM is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update"], ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]):
+    for command in (["apt-get", "update"], ["apt-get", "install", "-y", *PACKAGES]):
         done = _run(command, timeout=900, env=env)
         if done.returncode != 0:
             raise ClusterError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")

@@ -13,7 +13,8 @@ from conftest import REPO, pretrain_helpers, read_metrics
 from launch.slurm.__main__ import build_submission, parse_args, parse_time
 from launch.slurm.job import BadInput, decide, latest_step, resolve_run, split_train_args, sweep_entry
 from pretrain.distributed import torch_env_from_slurm
-from pretrain.runlock import LOCK_NAME, RunLock, RunLockedError, acquire_run_lock, current_owner
+from pretrain.runlock import (LOCK_NAME, RunLock, RunLockedError, acquire_for_training, acquire_run_lock,
+                              current_owner)
 
 
 @pytest.fixture
@@ -106,6 +107,29 @@ def test_run_lock(tmp_path, monkeypatch):
         acquire_run_lock(run_dir)
 
 
+def test_trainer_hook_takes_the_lock_for_all_ranks(tmp_path, monkeypatch):
+    """acquire_for_training inside a (one-rank, gloo) process group: the decision is broadcast."""
+    import torch.distributed as dist
+
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.setenv("SESSA_RUN_LOCK_OWNER", "pid:launcher:1:1")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        child = subprocess.Popen(["sleep", "60"])
+        try:
+            acquire_run_lock(tmp_path / "busy", current_owner(child.pid))
+            with pytest.raises(RunLockedError, match=f"in use by pid:.*:{child.pid}:"):
+                acquire_for_training(tmp_path / "busy")
+        finally:
+            child.kill()
+            child.wait()
+        (tmp_path / "ours").mkdir()
+        (tmp_path / "ours" / LOCK_NAME).write_text(json.dumps({"owner": "pid:launcher:1:1"}))
+        assert acquire_for_training(tmp_path / "ours").reentered  # the launcher's: left to the launcher
+    finally:
+        dist.destroy_process_group()
+
+
 def test_rank_variables_from_slurm():
     assert torch_env_from_slurm({}) == {}
     step = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "20123",
@@ -129,14 +153,12 @@ def test_submit_helper_checks_and_sbatch_arguments(recipe, tmp_path):
     def build(*argv):
         return build_submission(*parse_args(["--logs", str(tmp_path / "logs"), "--gpus-per-node", "0", *argv]))
 
-    args, env, script_args = build("--nodes", "2", "--gpus-per-node", "2", "--time", "4:00:00", "--partition", "gpu",
-                                   "--config", str(recipe), "--train.max_steps", "5")
+    args, env = build("--nodes", "2", "--gpus-per-node", "2", "--time", "4:00:00", "--partition", "gpu",
+                      "--config", str(recipe), "--train.max_steps", "5")
     assert {"--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=6", "--gpus-per-node=2", "--time=4:00:00",
             "--partition=gpu", "--signal=B:USR1@300", "--requeue", "--job-name=test"} <= set(args)
     assert env["SESSA_LAUNCH"] == "torchrun" and env["SESSA_RANKS_PER_NODE"] == "2" and env["SESSA_REQUEUE"] == "1"
-    assert script_args == ["--config", str(recipe), "--train.max_steps", "5"]
-    args, env, _ = build("--launcher", "srun", "--gpus-per-node", "0", "--ranks-per-node", "2", "--chain", "3",
-                         "--config", str(recipe))
+    args, env = build("--launcher", "srun", "--ranks-per-node", "2", "--chain", "3", "--config", str(recipe))
     assert {"--ntasks-per-node=2", "--cpus-per-task=3", "--no-requeue"} <= set(args) and env["SESSA_REQUEUE"] == "0"
     with pytest.raises(BadInput, match="not a multiple of micro_batch_size x seq_len x data-parallel size = 768"):
         build("--gpus-per-node", "0", "--ranks-per-node", "6", "--config", str(recipe))
@@ -151,7 +173,7 @@ def test_submit_helper_checks_and_sbatch_arguments(recipe, tmp_path):
     with pytest.raises(BadInput, match="share a run directory"):
         build("--sweep", str(sweep))
     sweep.write_text(f"{recipe} --run_name a\n{recipe} --run_name b\n")
-    args, env, _ = build("--sweep", str(sweep), "--max-parallel", "1")
+    args, env = build("--sweep", str(sweep), "--max-parallel", "1")
     assert "--array=0-1%1" in args and env["SESSA_SWEEP"] == str(sweep)
 
 
