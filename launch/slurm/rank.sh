@@ -66,6 +66,6 @@ case $mode in
     fi
     exit "$rc" ;;
   *)
-    echo "usage: $0 rank|torchrun ARGS..." >&2
+    echo "usage: $0 rank|torchrun ARGS... | signal SIG" >&2
     exit 2 ;;
 esac
