@@ -88,9 +88,11 @@ class Trainer:
         self._seed(config.train.seed)
         self._build_model()
         self._build_optimizer()
+        self.data_workers, lanes = self._data_layout()
         self.train_loader = build_dataloader(
             config.data.path, "train", config.train.micro_batch_size, self.env.dp_rank, self.env.dp_size,
-            config.data.num_workers, config.data.seed, infinite=True, expected_tokenizer_id=self.tokenizer_id,
+            self.data_workers, config.data.seed, infinite=True, expected_tokenizer_id=self.tokenizer_id,
+            lanes=lanes,
         )
         self.checkpoints = CheckpointManager(config.run_dir / "checkpoints", config.checkpoint.keep_last,
                                              config.checkpoint.keep_every)
@@ -119,6 +121,17 @@ class Trainer:
                 f"x seq_len x data-parallel size = {train.micro_batch_size} x {self.seq_len} x {self.env.dp_size} "
                 f"= {tokens_per_microbatch}")
         return train.global_batch_tokens // tokens_per_microbatch
+
+    def _data_layout(self) -> tuple[int, int]:
+        """(DataLoader workers, lanes per worker) such that each step reads exactly one sample from
+        each of G streams, G = sequences per global batch. The loader's streams then do not depend
+        on the data-parallel size: every layout trains on the same global batches, and a resume at
+        another layout continues with the batches the uninterrupted run would have seen."""
+        requested = self.config.data.num_workers
+        # Each worker must serve the same number of micro-batches per step, so it must divide them.
+        workers = max(w for w in range(1, max(requested, 1) + 1) if self.num_microbatches % w == 0)
+        lanes = self.num_microbatches // workers * self.config.train.micro_batch_size
+        return (workers if requested else 0), lanes
 
     def _seed(self, seed: int) -> None:
         # Same weights on every rank (init is layout independent); per-rank streams for anything random.
@@ -174,6 +187,8 @@ class Trainer:
         return (f"run {cfg.run_name}: {params / 1e6:.2f}M parameters, seq_len {self.seq_len}, "
                 f"world {env.world_size} (TP {env.tp_size} x PP {env.pp_size} x DP {env.dp_size}), "
                 f"{self.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank and step, "
+                f"{self.data_workers} data workers per rank"
+                f"{'' if self.data_workers == cfg.data.num_workers else ' (a divisor of the micro-batches)'}, "
                 f"device {self.device}, estimated {memory['total']:.2f} GB per device; "
                 f"start at step {self.step}/{cfg.train.max_steps}")
 
@@ -375,10 +390,12 @@ class Trainer:
         self.model.load_global_state_dict(loaded["model"], prefix="model.")
         load_optimizer_state(self.optimizer, loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
-        data_states = [entry for entry in loaded["data"]]
-        if len(data_states) == self.env.dp_size:
+        data_states = list(loaded["data"])
+        shape = ("dp_size", "workers", "lanes")
+        saved_layout, our_layout = data_states[0]["layout"], self.train_loader.state_dict()["layout"]
+        if all(saved_layout[k] == our_layout[k] for k in shape):
             self.train_loader.load_state_dict(data_states[self.env.dp_rank])
-        else:
+        else:  # another DP size, worker count or batch shape: re-deal what is left of the epoch
             self.train_loader.load_state_dict(merge_dp_states(data_states, self.env.dp_rank, self.env.dp_size))
         if "rng" in loaded:
             self._set_rng_state(loaded["rng"])

@@ -113,7 +113,10 @@ def test_trainer_hook_takes_the_lock_for_all_ranks(tmp_path, monkeypatch):
 
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     monkeypatch.setenv("SESSA_RUN_LOCK_OWNER", "pid:launcher:1:1")
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    owns_group = not dist.is_initialized()  # other tests in this process may have made one
+    if owns_group:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         child = subprocess.Popen(["sleep", "60"])
         try:
@@ -127,7 +130,8 @@ def test_trainer_hook_takes_the_lock_for_all_ranks(tmp_path, monkeypatch):
         (tmp_path / "ours" / LOCK_NAME).write_text(json.dumps({"owner": "pid:launcher:1:1"}))
         assert acquire_for_training(tmp_path / "ours").reentered  # the launcher's: left to the launcher
     finally:
-        dist.destroy_process_group()
+        if owns_group:
+            dist.destroy_process_group()
 
 
 def test_rank_variables_from_slurm():
