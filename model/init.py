@@ -69,6 +69,8 @@ def init_weights(model, seed: int = 0) -> None:
         weight_name = name.removesuffix("bias") + "weight" if name.endswith(".bias") else name
         weight_shape = _full_shape(params[weight_name])
         fan_in = weight_shape[-1] if weight_shape else 1  # a bias' fan-in is its weight's
+        if name == "output_layer.weight" and model.sessa.tie_embeddings:
+            name = "embedding.weight"  # the last pipeline stage's copy of the tied matrix
         gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
         full = _draw(name, shape, fan_in, model.sessa, gen)
         param.copy_(_local_slice(param, full).to(param.dtype))

@@ -4,12 +4,15 @@ Activations are sequence-first, [T, B, D], as everywhere in megatron-core. Tenso
 (SESSA.md §6) is a property of the layers used here, not of this code:
   - in_proj is column-parallel and gathers `a` (every rank needs all of a_bar for the contractions);
     gate_proj is column-parallel and keeps its slice of g;
+  - with sequence parallelism the norm and residual see T / tp positions: in_proj/gate_proj
+    all-gather the sequence and out_proj reduce-scatters it; the mixer works on the full sequence;
   - q/k/v are column-parallel by heads; attention and the feedback solve run on the local heads'
     feature columns (the solve is per column and commutes with W_o);
   - the feedback q_b/k_b are column-parallel and gathered (B*T*2D per layer, never T x T);
   - mixer.out_proj (W_o) and out_proj (W_out) are row-parallel: one reduction each.
 """
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +20,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
 from megatron.core.transformer.module import MegatronModule
@@ -183,15 +187,20 @@ class SessaLayer(MegatronModule):
         self.layer_number = layer_number  # global index, used for init seeds and checkpoint keys
         D = config.hidden_size
         self.norm = submodules.norm(D, eps=config.norm_eps, dtype=megatron_config.params_dtype)
+        for param in self.norm.parameters():  # partial gradients per sequence shard: summed over TP
+            param.sequence_parallel = megatron_config.sequence_parallel
         # W_in is split into its two halves so each shards (and reshards) on its own.
         self.in_proj = submodules.column_linear(
-            D, D, config=megatron_config, init_method=_uninitialised, bias=True, gather_output=True
+            D, D, config=megatron_config, init_method=_uninitialised, bias=True, gather_output=False
         )
         self.gate_proj = submodules.column_linear(
             D, D, config=megatron_config, init_method=_uninitialised, bias=True, gather_output=False
         )
+        # The mixer's input a_bar is already the full sequence: its linears must not gather it again.
+        mixer_config = (dataclasses.replace(megatron_config, sequence_parallel=False)
+                        if megatron_config.sequence_parallel else megatron_config)
         self.mixer = build_module(
-            submodules.mixer or SessaMixer, config, megatron_config=megatron_config, submodules=submodules
+            submodules.mixer or SessaMixer, config, megatron_config=mixer_config, submodules=submodules
         )
         self.out_proj = submodules.row_linear(
             D, D, config=megatron_config, init_method=_uninitialised, bias=True,
@@ -199,9 +208,10 @@ class SessaLayer(MegatronModule):
         )
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None):
-        """x [T, B, D] -> (y [T, B, D], cache)."""
+        """x [T, B, D] -> (y [T, B, D], cache); T / tp positions each under sequence parallelism."""
         x_ln = self.norm(x)
         a, _ = self.in_proj(x_ln)
+        a = gather_from_tensor_model_parallel_region(a)  # [T, B, D] on every rank
         g, _ = self.gate_proj(x_ln)  # the gate has no activation
         s, cache = self.mixer(F.gelu(a), cache)  # exact (erf) GELU
         y, _ = self.out_proj(s * g)

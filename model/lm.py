@@ -1,9 +1,9 @@
 """SessaLM: token embedding (no absolute positions) -> N Sessa layers -> LayerNorm -> LM head."""
 import torch
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.utils import sharded_state_dict_default
+from megatron.core.transformer.utils import make_tp_sharded_tensor_for_checkpoint, sharded_state_dict_default
 from torch import nn
 
 from .config import SessaConfig
@@ -45,15 +45,30 @@ class SessaLM(MegatronModule):
         )
         if post_process:
             self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=megatron_config.params_dtype)
+            for param in self.final_norm.parameters():
+                param.sequence_parallel = megatron_config.sequence_parallel
             self.output_layer = tensor_parallel.ColumnParallelLinear(
                 config.hidden_size, config.padded_vocab_size, config=megatron_config, init_method=_uninitialised,
                 bias=False, gather_output=False,
                 skip_weight_param_allocation=pre_process and config.tie_embeddings,
             )
+        if config.tie_embeddings and pre_process != post_process:
+            # The first and last pipeline stages each hold a copy of the tied matrix. Both start equal
+            # (init_weights draws them from the same seed); megatron's finalize_model_grads sums
+            # their gradients over the embedding group, so every update keeps them equal.
+            weight = self.shared_embedding_or_output_weight()
+            weight.shared_embedding = True
+            weight.shared = post_process  # counted once in the gradient norm: on the first stage
 
     def set_input_tensor(self, input_tensor):
         """Pipeline-parallel hook: the activation received from the previous stage."""
         self.input_tensor = input_tensor[0] if isinstance(input_tensor, (list, tuple)) else input_tensor
+
+    def shared_embedding_or_output_weight(self) -> torch.Tensor | None:
+        """The tied matrix on this stage (megatron's hook for syncing it across stages)."""
+        if self.pre_process:
+            return self.embedding.weight
+        return self.output_layer.weight if self.post_process else None
 
     def output_weight(self) -> torch.Tensor | None:
         if self.pre_process and self.sessa.tie_embeddings:
@@ -65,9 +80,14 @@ class SessaLM(MegatronModule):
         """tokens [B, T] -> per-token loss [B, T] if labels are given, else logits [B, T, V / tp].
 
         With `caches` (one per layer, see `model.generation`) returns (logits, new caches).
+        A stage without the LM head returns its hidden states [T, B, D] for the next stage.
         """
+        if caches is not None and self.config.sequence_parallel:
+            raise ValueError("decoding with caches needs sequence_parallel=False (one token cannot be split)")
         if self.pre_process:
             hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [T, B, D]
+            if self.config.sequence_parallel:
+                hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # [T / tp, B, D]
         else:
             hidden = self.input_tensor
         new_caches = []
@@ -82,7 +102,7 @@ class SessaLM(MegatronModule):
         if labels is None:
             logits = logits.transpose(0, 1)  # [B, T, V / tp]
             return (logits, new_caches) if caches is not None else logits
-        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.transpose(0, 1).contiguous())
+        loss = tensor_parallel.vocab_parallel_cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1)  # [B, T]
 
     # --- checkpointing -------------------------------------------------------------------------
@@ -95,6 +115,14 @@ class SessaLM(MegatronModule):
                     state.update(layer.sharded_state_dict(f"{prefix}layers.{layer.layer_number}.", sharded_offsets, metadata))
             else:
                 state.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+        if self.sessa.tie_embeddings and self.post_process and not self.pre_process:
+            # The last stage's copy of the tied matrix is a replica of the embedding: not written
+            # twice, and loaded from the embedding's data.
+            state[f"{prefix}output_layer.weight"] = make_tp_sharded_tensor_for_checkpoint(
+                self.output_layer.weight, f"{prefix}embedding.weight",
+                replica_id=(1, 0, parallel_state.get_data_parallel_rank(with_context_parallel=True)),
+                allow_shape_mismatch=True,
+            )
         return state
 
     def load_global_state_dict(self, state_dict: dict, prefix: str = "") -> None:

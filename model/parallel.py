@@ -30,7 +30,7 @@ def megatron_config(config: SessaConfig, *, sequence_parallel: bool = False, **o
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     config.check_tensor_parallel(tp_size)
     dtype = TORCH_DTYPES[config.dtype]
-    return TransformerConfig(
+    fields = dict(
         num_layers=config.num_layers,
         hidden_size=config.hidden_size,
         num_attention_heads=config.num_heads,
@@ -44,5 +44,5 @@ def megatron_config(config: SessaConfig, *, sequence_parallel: bool = False, **o
         fp16=dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=True,
-        **overrides,
     )
+    return TransformerConfig(**(fields | overrides))

@@ -1,4 +1,5 @@
-"""TP=2 == TP=1: loss, logits and every parameter gradient of SessaLM (SESSA.md §6 layout, gloo)."""
+"""TP=2 == TP=1: loss, logits and every parameter gradient of SessaLM (SESSA.md §6 layout, gloo),
+for grouped-query and multi-head attention, with and without sequence parallelism."""
 import os
 import subprocess
 import sys
@@ -6,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tp_case import CONFIG, make_tokens
+from tp_case import CASES, make_tokens
 
 from model import SessaLM, init_weights
 from model.init import global_named_parameters
@@ -14,22 +15,29 @@ from model.init import global_named_parameters
 HERE = Path(__file__).parent
 
 
-@pytest.mark.slow
-def test_tensor_parallel_two_ranks_matches_one(tmp_path):
-    out = tmp_path / "tp2.pt"
+@pytest.fixture(scope="module")
+def tp2_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "tp2.pt"
     env = {**os.environ, "PYTHONPATH": f"{HERE.parents[1]}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0",
-                    str(HERE / "tp_worker.py"), str(out)], check=True, env=env, timeout=600,
-                   capture_output=True)
-    tp2 = torch.load(out)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(HERE / "tp_worker.py"), str(out)], env=env, timeout=600, capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out)
 
-    model = SessaLM(CONFIG).double()
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_tensor_parallel_two_ranks_matches_one(tp2_results, case):
+    name, config, _ = case
+    tp2 = tp2_results[name]
+    model = SessaLM(config).double()
     init_weights(model, seed=3)
-    model.double()
-    tokens = make_tokens()
+    tokens = make_tokens(config)
     loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
     loss.backward()
-    torch.testing.assert_close(tp2["loss"], loss.detach(), atol=1e-12, rtol=1e-12)
+    # The model runs in float64 but megatron's vocab-parallel cross entropy works in float32.
+    torch.testing.assert_close(tp2["loss"], loss.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(tp2["logits"], model(tokens[:, :-1]).detach(), atol=1e-12, rtol=1e-12)
-    for name, param in global_named_parameters(model):
-        torch.testing.assert_close(tp2["grads"][name], param.grad, atol=1e-11, rtol=1e-9, msg=name)
+    for param_name, param in global_named_parameters(model):
+        torch.testing.assert_close(tp2["grads"][param_name], param.grad, atol=1e-8, rtol=1e-6, msg=param_name)

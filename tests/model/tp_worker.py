@@ -1,6 +1,7 @@
-"""Run by torchrun from test_tensor_parallel.py: a SessaLM at tensor-parallel size = world size.
+"""Run by torchrun from test_tensor_parallel.py: SessaLM at tensor-parallel size = world size.
 
-Writes the loss, the logits and every parameter's full gradient (shards gathered) to argv[1].
+For every case of tp_case.CASES writes the loss, the logits and every parameter's full gradient
+(shards gathered) to argv[1].
 """
 import sys
 
@@ -9,33 +10,43 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
-from model import SessaLM, init_weights
+from model import SessaLM, init_weights, megatron_config
 from model.init import global_named_parameters
-from tp_case import CONFIG, make_tokens
+from pretrain import cpu_compat
+from tp_case import CASES, make_tokens
 
 
-def main(out_path: str) -> None:
-    dist.init_process_group("gloo")
-    parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
-    model = SessaLM(CONFIG).double()
-    init_weights(model, seed=3)
-    model.double()
-    tokens = make_tokens()
-    loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
-    loss.backward()
-    with torch.no_grad():
-        logits = gather_from_tensor_model_parallel_region(model(tokens[:, :-1]))
-    grads = {}
+def gathered_grads(model) -> dict:
     tp = dist.get_world_size()
+    grads = {}
     for name, param in global_named_parameters(model):
         grad = param.grad
         if getattr(param, "tensor_model_parallel", False):
             pieces = [torch.empty_like(grad) for _ in range(tp)]
             dist.all_gather(pieces, grad.contiguous())
             grad = torch.cat(pieces, dim=param.partition_dim)
+        elif getattr(param, "sequence_parallel", False):  # partial sums over the sequence shards
+            dist.all_reduce(grad)
         grads[name] = grad
+    return grads
+
+
+def main(out_path: str) -> None:
+    dist.init_process_group("gloo")
+    cpu_compat.enable()  # sequence parallelism allocates its gather buffers on "the current device"
+    parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
+    results = {}
+    for name, config, sequence_parallel in CASES:
+        model = SessaLM(config, megatron_config(config, sequence_parallel=sequence_parallel, params_dtype=torch.float64))
+        init_weights(model, seed=3)
+        tokens = make_tokens(config)
+        loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
+        loss.backward()
+        with torch.no_grad():
+            logits = gather_from_tensor_model_parallel_region(model(tokens[:, :-1]))
+        results[name] = {"loss": loss.detach(), "logits": logits, "grads": gathered_grads(model)}
     if dist.get_rank() == 0:
-        torch.save({"loss": loss.detach(), "logits": logits, "grads": grads}, out_path)
+        torch.save(results, out_path)
     dist.destroy_process_group()
 
 
