@@ -113,8 +113,9 @@ class SessaLM(MegatronModule):
             if name == "layers":
                 for layer in child:
                     state.update(layer.sharded_state_dict(f"{prefix}layers.{layer.layer_number}.", sharded_offsets, metadata))
-            else:
-                state.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+            else:  # tp_group given: else megatron marks replicated tensors as main replica on every TP rank
+                state.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata,
+                                                        tp_group=parallel_state.get_tensor_model_parallel_group()))
         if self.sessa.tie_embeddings and self.post_process and not self.pre_process:
             # The last stage's copy of the tied matrix is a replica of the embedding: not written
             # twice, and loaded from the embedding's data.

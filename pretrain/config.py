@@ -25,11 +25,14 @@ class TrainConfig:
     global_batch_tokens: int = 16384  # tokens per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 1  # sequences per forward pass per rank; the rest is gradient accumulation
     seed: int = 1234
+    exit_interval: int = 0  # save and exit after a step divisible by this (0: run to max_steps)
 
     def __post_init__(self):
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.exit_interval < 0:
+            raise ConfigError(f"train.exit_interval must be >= 0, got {self.exit_interval}")
 
 
 @dataclass(kw_only=True)
@@ -86,13 +89,38 @@ class ScheduleConfig:
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    virtual_stages: int = 1  # model chunks per pipeline rank (> 1: megatron's interleaved 1F1B)
+    pipeline_layout: str = ""  # layers per stage, e.g. "3|3|2|2" (pipeline x virtual_stages entries); "": even
     sequence_parallel: bool = False
 
     def __post_init__(self):
-        if self.tensor < 1 or self.pipeline < 1:
-            raise ConfigError("parallel.tensor and parallel.pipeline must be >= 1")
+        if self.tensor < 1 or self.pipeline < 1 or self.virtual_stages < 1:
+            raise ConfigError("parallel.tensor, parallel.pipeline and parallel.virtual_stages must be >= 1")
+        if self.virtual_stages > 1 and self.pipeline == 1:
+            raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline > 1")
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+
+    def stage_layers(self, num_layers: int) -> list[list[int]]:
+        """Global layer numbers of each of the pipeline x virtual_stages stages, in model order.
+        Stage v * pipeline + r is model chunk v of pipeline rank r (megatron's interleaving)."""
+        stages = self.pipeline * self.virtual_stages
+        if self.pipeline_layout:
+            try:
+                counts = [int(part) for part in self.pipeline_layout.split("|")]
+            except ValueError:
+                raise ConfigError(f"parallel.pipeline_layout must look like '3|3|2|2', got {self.pipeline_layout!r}") from None
+            if len(counts) != stages or sum(counts) != num_layers or min(counts) < 1:
+                raise ConfigError(f"parallel.pipeline_layout {self.pipeline_layout!r} must give {stages} stages "
+                                  f"(pipeline x virtual_stages) of >= 1 layers summing to model.num_layers={num_layers}")
+        else:
+            if num_layers % stages:
+                raise ConfigError(f"model.num_layers ({num_layers}) is not divisible by parallel.pipeline x "
+                                  f"parallel.virtual_stages = {stages}; set parallel.pipeline_layout, e.g. "
+                                  f"'{'|'.join(str(num_layers // stages + (i < num_layers % stages)) for i in range(stages))}'")
+            counts = [num_layers // stages] * stages
+        starts = [sum(counts[:i]) for i in range(stages)]
+        return [list(range(start, start + count)) for start, count in zip(starts, counts)]
 
 
 @dataclass(kw_only=True)
@@ -154,6 +182,11 @@ class RunConfig:
         if self.schedule.warmup_steps >= self.train.max_steps:
             raise ConfigError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than "
                               f"train.max_steps ({self.train.max_steps})")
+        self.parallel.stage_layers(self.model.num_layers)  # validates the pipeline split
+        try:
+            self.model.check_tensor_parallel(self.parallel.tensor)
+        except ValueError as err:
+            raise ConfigError(f"{err} (parallel.tensor)") from None
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"run_name must be a non-empty folder name without '/', got {self.run_name!r}")
 

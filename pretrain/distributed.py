@@ -82,7 +82,10 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
         else:
             dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size, timeout=timeout)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(parallel.tensor, parallel.pipeline)
+        parallel_state.initialize_model_parallel(
+            parallel.tensor, parallel.pipeline,
+            virtual_pipeline_model_parallel_size=parallel.virtual_stages if parallel.virtual_stages > 1 else None,
+        )
     return DistEnv(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

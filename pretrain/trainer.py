@@ -6,6 +6,7 @@
     finally:
         trainer.close()
 """
+import collections
 import contextlib
 import math
 import os
@@ -29,7 +30,7 @@ from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimize
 from data_pipeline.loader import build_dataloader, merge_dp_states
 from data_pipeline.manifest import read_manifest
 from data_pipeline.tokenizer import load_tokenizer
-from model import SessaLM, flops_per_token, init_weights, megatron_config
+from model import SessaLM, count_parameters, flops_per_token, init_weights, megatron_config
 from model.generation import generate
 
 from .config import ConfigError, RunConfig, save_config
@@ -63,6 +64,32 @@ class _TimedIterator:
         batch = next(self.iterator)
         self.wait_seconds += time.perf_counter() - start
         return batch
+
+
+class _SharedBatches:
+    """One micro-batch stream read by every model chunk of a rank (virtual pipeline stages): each
+    chunk's forward steps ask for the same micro-batches in the same order; each is fetched once."""
+
+    def __init__(self, iterator, readers: int):
+        self.iterator = iterator
+        self.buffer = collections.deque()
+        self.first = 0  # micro-batch index of buffer[0]
+        self.positions = [0] * readers
+
+    def readers(self) -> list:
+        return [self._read(i) for i in range(len(self.positions))]
+
+    def _read(self, reader: int):
+        while True:
+            index = self.positions[reader]
+            while index >= self.first + len(self.buffer):
+                self.buffer.append(next(self.iterator))
+            batch = self.buffer[index - self.first]
+            self.positions[reader] += 1
+            while self.buffer and min(self.positions) > self.first:  # every chunk has read it
+                self.buffer.popleft()
+                self.first += 1
+            yield batch
 
 
 class Trainer:
@@ -120,7 +147,15 @@ class Trainer:
                 f"train.global_batch_tokens ({train.global_batch_tokens}) must be a multiple of micro_batch_size "
                 f"x seq_len x data-parallel size = {train.micro_batch_size} x {self.seq_len} x {self.env.dp_size} "
                 f"= {tokens_per_microbatch}")
-        return train.global_batch_tokens // tokens_per_microbatch
+        microbatches = train.global_batch_tokens // tokens_per_microbatch
+        parallel = self.config.parallel
+        if parallel.virtual_stages > 1:  # megatron's interleaved schedule fills the pipeline first
+            for name, count in (("micro-batches per step", microbatches), ("eval.batches", self.config.eval.batches)):
+                if count < parallel.pipeline:
+                    raise ConfigError(f"{name} ({count}) must be >= parallel.pipeline ({parallel.pipeline}) with "
+                                      f"parallel.virtual_stages > 1; raise train.global_batch_tokens / eval.batches "
+                                      f"or use parallel.virtual_stages: 1")
+        return microbatches
 
     def _data_layout(self) -> tuple[int, int]:
         """(DataLoader workers, lanes per worker) such that each step reads exactly one sample from
@@ -140,20 +175,29 @@ class Trainer:
         torch.manual_seed(seed + self.env.rank)
 
     def _build_model(self) -> None:
+        """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
         cfg, env = self.config, self.env
-        if env.pp_size > 1:
-            raise ConfigError("parallel.pipeline > 1 is not supported by this trainer yet; set parallel.pipeline: 1")
-        self.megatron_config = megatron_config(cfg.model, sequence_parallel=cfg.parallel.sequence_parallel,
-                                               calculate_per_token_loss=True)
-        self.model = SessaLM(cfg.model, self.megatron_config)
-        init_weights(self.model, cfg.train.seed)
-        self.model.to(self.device)
+        virtual = cfg.parallel.virtual_stages
+        self.megatron_config = megatron_config(
+            cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, calculate_per_token_loss=True,
+            virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
+            batch_p2p_comm=self.device.type == "cuda",  # gloo's batched p2p mis-orders interleaved stages
+        )
+        stages = cfg.parallel.stage_layers(cfg.model.num_layers)
+        self.chunks = []
+        for v in range(virtual):
+            stage = v * env.pp_size + env.pp_rank
+            chunk = SessaLM(cfg.model, self.megatron_config, pre_process=stage == 0,
+                            post_process=stage == len(stages) - 1, layer_numbers=stages[stage])
+            init_weights(chunk, cfg.train.seed)
+            self.chunks.append(chunk.to(self.device))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.optim.distributed,
         )
-        self.ddp = DistributedDataParallel(self.megatron_config, ddp_config, self.model)
+        self.ddp = [DistributedDataParallel(self.megatron_config, ddp_config, chunk, disable_bucketing=i > 0)
+                    for i, chunk in enumerate(self.chunks)]
         self.megatron_config.finalize_model_grads_func = finalize_model_grads
-        self.megatron_config.no_sync_func = self.ddp.no_sync
+        self.megatron_config.no_sync_func = [d.no_sync for d in self.ddp] if virtual > 1 else self.ddp[0].no_sync
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          and cfg.model.dtype == "float32" else contextlib.nullcontext())
 
@@ -167,13 +211,14 @@ class Trainer:
             params_dtype=self.megatron_config.params_dtype,
         )
         no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(name="no_decay", fn=_no_weight_decay))
-        self.optimizer = get_megatron_optimizer(optim, [self.ddp], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
+        self.optimizer = get_megatron_optimizer(optim, self.ddp, config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
         steps = cfg.train.max_steps
         wsd = cfg.schedule.style == "wsd"
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr,
             lr_warmup_steps=cfg.schedule.warmup_steps, lr_decay_steps=steps,
             lr_decay_style="WSD" if wsd else "cosine",
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,  # the config wins (extended runs)
             start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=steps,
             wd_incr_style="constant",
             wsd_decay_steps=max(1, round(cfg.schedule.wsd_decay_fraction * steps)) if wsd else None,
@@ -182,10 +227,11 @@ class Trainer:
 
     def _banner(self) -> str:
         cfg, env = self.config, self.env
-        params = self.model.num_parameters()
+        params = count_parameters(cfg.model)
         memory = estimate_memory_gb(cfg, self.seq_len, env.dp_size)
         return (f"run {cfg.run_name}: {params / 1e6:.2f}M parameters, seq_len {self.seq_len}, "
-                f"world {env.world_size} (TP {env.tp_size} x PP {env.pp_size} x DP {env.dp_size}), "
+                f"world {env.world_size} (TP {env.tp_size} x PP {env.pp_size} x DP {env.dp_size}"
+                f"{f', {cfg.parallel.virtual_stages} virtual stages' if cfg.parallel.virtual_stages > 1 else ''}), "
                 f"{self.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank and step, "
                 f"{self.data_workers} data workers per rank"
                 f"{'' if self.data_workers == cfg.data.num_workers else ' (a divisor of the micro-batches)'}, "
@@ -209,18 +255,24 @@ class Trainer:
         return total, count, {"lm loss": torch.stack((total.detach(), count.float()))}
 
     def _mean_loss(self, reduced: list[dict]) -> float:
-        """Token-weighted loss over micro-batches and data-parallel ranks."""
+        """Token-weighted loss over micro-batches and data-parallel ranks, known to every stage."""
         totals = torch.zeros(2, device=self.device)
-        for entry in reduced:
+        for entry in reduced:  # only the last pipeline stage computes losses
             totals += entry["lm loss"].to(self.device)
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
         return (totals[0] / totals[1]).item()
 
+    def _chunk_iterators(self, iterator):
+        """megatron's schedules take one data iterator per model chunk when stages interleave."""
+        return iterator if len(self.chunks) == 1 else _SharedBatches(iterator, len(self.chunks)).readers()
+
     def _train_step(self, iterator) -> tuple[float, float]:
-        self.ddp.zero_grad_buffer()
+        for chunk in self.ddp:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         reduced = get_forward_backward_func()(
-            forward_step_func=self._forward_step, data_iterator=iterator, model=[self.ddp],
+            forward_step_func=self._forward_step, data_iterator=iterator, model=self.ddp,
             num_microbatches=self.num_microbatches, seq_length=self.seq_len,
             micro_batch_size=self.config.train.micro_batch_size, forward_only=False,
         )
@@ -233,21 +285,24 @@ class Trainer:
         loader = build_dataloader(cfg.data.path, "val", cfg.train.micro_batch_size, self.env.dp_rank,
                                   self.env.dp_size, 0, cfg.data.seed, infinite=True,
                                   expected_tokenizer_id=self.tokenizer_id)
-        self.ddp.eval()
+        for chunk in self.ddp:
+            chunk.eval()
         with torch.no_grad():
             reduced = get_forward_backward_func()(
-                forward_step_func=self._forward_step, data_iterator=iter(loader), model=[self.ddp],
-                num_microbatches=cfg.eval.batches, seq_length=self.seq_len,
+                forward_step_func=self._forward_step, data_iterator=self._chunk_iterators(iter(loader)),
+                model=self.ddp, num_microbatches=cfg.eval.batches, seq_length=self.seq_len,
                 micro_batch_size=cfg.train.micro_batch_size, forward_only=True,
             )
-        self.ddp.train()
+        for chunk in self.ddp:
+            chunk.train()
         loss = self._mean_loss(reduced)
         return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
         cfg = self.config
-        iterator = _TimedIterator(self.train_loader)
+        timed = _TimedIterator(self.train_loader)
+        iterator = self._chunk_iterators(timed)
         flops = flops_per_token(cfg.model, self.seq_len)
         last_save = time.time()
         interval = cfg.logging.interval
@@ -264,7 +319,7 @@ class Trainer:
                     "train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
                     "train/tokens_per_s": tokens_per_s, "train/consumed_tokens": self.consumed_tokens,
                     "perf/model_tflops_per_device": flops * tokens_per_s / self.env.world_size / 1e12,
-                    "perf/data_wait_s": iterator.wait_seconds - window_wait,
+                    "perf/data_wait_s": timed.wait_seconds - window_wait,
                     "perf/step_s": elapsed / steps_in_window,
                     "perf/memory_gb": self._memory_gb(),
                 }
@@ -276,11 +331,16 @@ class Trainer:
                 if not cfg.logging.progress_bar:
                     self.logger.print(f"step {self.step} loss {loss:.4f} lr {metrics['train/lr']:.3e} "
                                       f"grad_norm {grad_norm:.3f} tok/s {tokens_per_s:.0f}")
-                window_start, window_wait = time.perf_counter(), iterator.wait_seconds
+                window_start, window_wait = time.perf_counter(), timed.wait_seconds
 
             if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.max_steps:
                 self._log_eval()
             stop, time_due = self._agree_on_flags(last_save)
+            exit_due = bool(cfg.train.exit_interval) and self.step % cfg.train.exit_interval == 0
+            if exit_due and self.step < cfg.train.max_steps:
+                self.save()
+                self.logger.print(f"train.exit_interval: saved step {self.step}, exiting")
+                return
             if stop or time_due or (cfg.checkpoint.interval_steps and self.step % cfg.checkpoint.interval_steps == 0):
                 if not stop or cfg.checkpoint.save_on_exit:
                     self.save()
@@ -324,14 +384,18 @@ class Trainer:
         cfg = self.config
         if not cfg.eval.sample_tokens:
             return
+        if len(self.chunks) > 1 or self.env.pp_size > 1 or cfg.parallel.sequence_parallel:
+            self.logger.print("no sample: decoding needs the whole model on one rank and no sequence parallelism")
+            return
+        model = self.chunks[0]
         tokenizer = load_tokenizer(self.manifest["tokenizer"]["spec"])
         prompt = torch.tensor([tokenizer.encode(cfg.eval.sample_prompt)], device=self.device)
         generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
-        self.model.eval()
+        model.eval()
         with self.autocast:
-            out = generate(self.model, prompt, cfg.eval.sample_tokens, temperature=cfg.eval.sample_temperature,
+            out = generate(model, prompt, cfg.eval.sample_tokens, temperature=cfg.eval.sample_temperature,
                            top_k=cfg.eval.sample_top_k, generator=generator)
-        self.model.train()
+        model.train()
         self.logger.print(f"sample after step {self.step}:\n{tokenizer.decode(out[0].tolist())}")
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -354,7 +418,9 @@ class Trainer:
 
     def _sharded_state(self, *, loading: bool, saved_layout: dict | None = None) -> dict:
         env = self.env
-        model_state = self.model.sharded_state_dict(prefix="model.")
+        model_state = {}
+        for chunk in self.chunks:  # keys carry global layer numbers: chunks never collide
+            model_state.update(chunk.sharded_state_dict(prefix="model."))
         layout = saved_layout or self._layout()
         state = {
             "model": model_state,
@@ -387,7 +453,9 @@ class Trainer:
         self._check_checkpoint_compatible(common, step)
         initialise_optimizer_state(self.optimizer)
         loaded = self.checkpoints.load(step, self._sharded_state(loading=True, saved_layout=common["layout"]))
-        self.model.load_global_state_dict(loaded["model"], prefix="model.")
+        for chunk in self.chunks:
+            keys = chunk.sharded_state_dict(prefix="model.").keys()
+            chunk.load_global_state_dict({k: loaded["model"][k] for k in keys}, prefix="model.")
         load_optimizer_state(self.optimizer, loaded["optimizer"])
         self.scheduler.load_state_dict(loaded["scheduler"])
         data_states = list(loaded["data"])

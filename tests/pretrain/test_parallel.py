@@ -1,0 +1,58 @@
+"""Pipeline, tensor and data parallelism through the real trainer (megatron-core schedules, gloo):
+every layout trains on the same global batches, so losses match the single process, and a
+checkpoint saved at (TP, PP, DP) = (2, 2, 1) resumes at other layouts with the same next losses."""
+import shutil
+
+import pytest
+from conftest import read_metrics, run_pretrain
+
+FOUR_LAYERS = ("--model.num_layers", "4", "--model.num_kv_heads", "2", "--data.num_workers", "0")
+
+
+def assert_same_losses(run, reference, steps):
+    assert sorted(run) == list(steps), sorted(run)
+    for step in steps:
+        assert run[step] == pytest.approx(reference[step], abs=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def single_process_losses(tmp_path_factory, prepared_data):
+    """The uninterrupted single-process run every layout is compared with."""
+    from conftest import TEST_RECIPE
+    import json
+
+    import yaml
+
+    root = tmp_path_factory.mktemp("single")
+    tree = json.loads(json.dumps(TEST_RECIPE))
+    tree["data"]["path"] = str(prepared_data)
+    tree["runs_dir"] = str(root / "runs")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    run_pretrain(recipe, "--run_name", "single", *FOUR_LAYERS, "--train.max_steps", "6")
+    return read_metrics(root / "runs" / "single")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [("2", "1"), ("2", "2")], ids=["pp2", "pp2_virtual2"])
+def test_pipeline_matches_single_process(recipe, tmp_path, single_process_losses, layout):
+    pipeline, virtual = layout
+    run_pretrain(recipe, "--run_name", "pp", *FOUR_LAYERS, "--train.max_steps", "6", "--parallel.pipeline",
+                 pipeline, "--parallel.virtual_stages", virtual, "--eval.batches", "2", nproc=2)
+    assert_same_losses(read_metrics(tmp_path / "runs" / "pp"), single_process_losses, range(1, 7))
+
+
+@pytest.mark.slow
+def test_tp2_pp2_matches_single_process_and_reshards(recipe, tmp_path, single_process_losses):
+    runs = tmp_path / "runs"
+    run_pretrain(recipe, "--run_name", "tp2pp2", *FOUR_LAYERS, "--train.max_steps", "6", "--train.exit_interval", "4",
+                 "--parallel.tensor", "2", "--parallel.pipeline", "2", "--parallel.sequence_parallel", "true", nproc=4)
+    assert_same_losses(read_metrics(runs / "tp2pp2"), single_process_losses, range(1, 5))
+
+    for tensor, pipeline, nproc in [(1, 1, 1), (1, 2, 2), (2, 1, 2)]:  # DP = nproc / (TP x PP)
+        name = f"from_tp2pp2_to_tp{tensor}pp{pipeline}dp{nproc // (tensor * pipeline)}"
+        shutil.copytree(runs / "tp2pp2", runs / name)
+        done = run_pretrain(recipe, "--run_name", name, *FOUR_LAYERS, "--train.max_steps", "6",
+                            "--parallel.tensor", str(tensor), "--parallel.pipeline", str(pipeline), nproc=nproc)
+        assert "resumed from" in done.stdout + done.stderr
+        assert_same_losses(read_metrics(runs / name), single_process_losses, range(1, 7))
