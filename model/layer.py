@@ -4,8 +4,10 @@ Activations are sequence-first, [T, B, D], as everywhere in megatron-core. Tenso
 (SESSA.md §6) is a property of the layers used here, not of this code:
   - in_proj is column-parallel and gathers `a` (every rank needs all of a_bar for the contractions);
     gate_proj is column-parallel and keeps its slice of g;
-  - with sequence parallelism the norm and residual see T / tp positions: in_proj/gate_proj
-    all-gather the sequence and out_proj reduce-scatters it; the mixer works on the full sequence;
+  - with sequence parallelism the norm and residual see T / tp positions: the normed input is
+    all-gathered along the sequence once and out_proj reduce-scatters it; the mixer sees all of T;
+  - column-parallel linears that share an input (in_proj + gate_proj; the mixer's five) skip
+    their own input-gradient all-reduce: one reduction per shared input instead of one per linear;
   - q/k/v are column-parallel by heads; attention and the feedback solve run on the local heads'
     feature columns (the solve is per column and commutes with W_o);
   - the feedback q_b/k_b are column-parallel and gathered (B*T*2D per layer, never T x T);
@@ -20,6 +22,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
     gather_from_tensor_model_parallel_region,
     scatter_to_tensor_model_parallel_region,
 )
@@ -81,10 +84,10 @@ class SessaMixer(MegatronModule):
         self.local_heads = config.num_heads // tp_size
         self.local_kv_heads = config.num_kv_heads // tp_size
 
-        def column(out_features, gather_output):
+        def column(out_features, gather_output):  # input gradients reduced once, in forward()
             return submodules.column_linear(
                 D, out_features, config=megatron_config, init_method=_uninitialised,
-                bias=True, gather_output=gather_output,
+                bias=True, gather_output=gather_output, disable_grad_reduce=True,
             )
 
         # Forward branch: heads sharded across tensor-parallel ranks.
@@ -118,9 +121,12 @@ class SessaMixer(MegatronModule):
         past = cache.length if cache is not None else 0
         positions = torch.arange(past, past + T, device=a_bar.device)
 
-        q = apply_interleaved_rope(self._heads(self.q_proj, a_bar, self.local_heads), positions, self.rope_inv_freq)
-        k = apply_interleaved_rope(self._heads(self.k_proj, a_bar, self.local_kv_heads), positions, self.rope_inv_freq)
-        v = self._heads(self.v_proj, a_bar, self.local_kv_heads)
+        # The five column-parallel projections each see all of a_bar and return partial input
+        # gradients: copy_to_... is the identity forward and sums them with one all-reduce backward.
+        a_shared = copy_to_tensor_model_parallel_region(a_bar)
+        q = apply_interleaved_rope(self._heads(self.q_proj, a_shared, self.local_heads), positions, self.rope_inv_freq)
+        k = apply_interleaved_rope(self._heads(self.k_proj, a_shared, self.local_kv_heads), positions, self.rope_inv_freq)
+        v = self._heads(self.v_proj, a_shared, self.local_kv_heads)
         if cache is not None:
             k = torch.cat((cache.keys, k), dim=2)
             v = torch.cat((cache.values, v), dim=2)
@@ -129,8 +135,9 @@ class SessaMixer(MegatronModule):
 
         # Each rank solves only its own columns, so the gradients reaching the replicated feedback
         # inputs are partial sums: copy_to_... is the identity forward and all-reduces them backward.
-        q_b = copy_to_tensor_model_parallel_region(self.fb_q_proj(a_bar)[0]).transpose(0, 1)  # [B, T, D]
-        k_b = copy_to_tensor_model_parallel_region(self.fb_k_proj(a_bar)[0]).transpose(0, 1)
+        q_b = copy_to_tensor_model_parallel_region(self.fb_q_proj(a_shared)[0]).transpose(0, 1)  # [B, T, D]
+        k_b = copy_to_tensor_model_parallel_region(self.fb_k_proj(a_shared)[0]).transpose(0, 1)
+        # gamma_ctx is replicated and its input gradient already complete: it reads a_bar itself.
         gate_logit = self.gamma_bias + self.gamma_ctx(a_bar).squeeze(-1)  # [T, B]
         gamma = copy_to_tensor_model_parallel_region(self.sessa.gamma_max * torch.tanh(gate_logit)).transpose(0, 1)
 
@@ -189,18 +196,18 @@ class SessaLayer(MegatronModule):
         self.norm = submodules.norm(D, eps=config.norm_eps, dtype=megatron_config.params_dtype)
         for param in self.norm.parameters():  # partial gradients per sequence shard: summed over TP
             param.sequence_parallel = megatron_config.sequence_parallel
+        # forward() hands the linears below the full sequence (gathered once), so they must not
+        # gather it again; the row-parallel out_proj keeps the config and reduce-scatters.
+        full_sequence_config = (dataclasses.replace(megatron_config, sequence_parallel=False)
+                                if megatron_config.sequence_parallel else megatron_config)
         # W_in is split into its two halves so each shards (and reshards) on its own.
-        self.in_proj = submodules.column_linear(
-            D, D, config=megatron_config, init_method=_uninitialised, bias=True, gather_output=False
+        self.in_proj, self.gate_proj = (
+            submodules.column_linear(D, D, config=full_sequence_config, init_method=_uninitialised, bias=True,
+                                     gather_output=False, disable_grad_reduce=True)
+            for _ in range(2)
         )
-        self.gate_proj = submodules.column_linear(
-            D, D, config=megatron_config, init_method=_uninitialised, bias=True, gather_output=False
-        )
-        # The mixer's input a_bar is already the full sequence: its linears must not gather it again.
-        mixer_config = (dataclasses.replace(megatron_config, sequence_parallel=False)
-                        if megatron_config.sequence_parallel else megatron_config)
         self.mixer = build_module(
-            submodules.mixer or SessaMixer, config, megatron_config=mixer_config, submodules=submodules
+            submodules.mixer or SessaMixer, config, megatron_config=full_sequence_config, submodules=submodules
         )
         self.out_proj = submodules.row_linear(
             D, D, config=megatron_config, init_method=_uninitialised, bias=True,
@@ -210,6 +217,11 @@ class SessaLayer(MegatronModule):
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None):
         """x [T, B, D] -> (y [T, B, D], cache); T / tp positions each under sequence parallelism."""
         x_ln = self.norm(x)
+        # One collective for both halves of W_in: backward sums their partial input gradients.
+        if self.config.sequence_parallel:
+            x_ln = gather_from_sequence_parallel_region(x_ln)  # [T, B, D]; reduce-scatter backward
+        else:
+            x_ln = copy_to_tensor_model_parallel_region(x_ln)  # identity; all-reduce backward
         a, _ = self.in_proj(x_ln)
         a = gather_from_tensor_model_parallel_region(a)  # [T, B, D] on every rank
         g, _ = self.gate_proj(x_ln)  # the gate has no activation
