@@ -44,6 +44,8 @@ def enable() -> None:
     torch.cuda.synchronize = lambda device=None: None
     tp_random._get_cuda_rng_state = lambda *args, **kwargs: torch.get_rng_state()
     tp_random._set_cuda_rng_state = lambda new_state, *args, **kwargs: torch.set_rng_state(new_state)
+    torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()  # RNG tracker's add()/fork()
+    torch.cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
     torch.cuda.manual_seed = lambda seed: None  # the CPU generator is seeded by the trainer
 
     original_type = torch.Tensor.type
