@@ -28,7 +28,7 @@ def main():
 
     import torch
 
-    from model import flops_per_token
+    from model import count_parameters, flops_per_token
     from pretrain.config import load_config
     from pretrain.trainer import Trainer, _TimedIterator
 
@@ -40,13 +40,14 @@ def main():
     ])
     trainer = Trainer(config)
     try:
-        iterator = _TimedIterator(trainer.train_loader)
+        timed = _TimedIterator(trainer.train_loader)
+        iterator = trainer._chunk_iterators(timed)
         for _ in range(args.warmup):
             trainer._train_step(iterator)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
-        start, wait_before = time.perf_counter(), iterator.wait_seconds
+        start, wait_before = time.perf_counter(), timed.wait_seconds
         for _ in range(args.steps):
             loss, _ = trainer._train_step(iterator)
         if trainer.device.type == "cuda":
@@ -56,12 +57,12 @@ def main():
         tflops = flops_per_token(config.model, trainer.seq_len) * tokens_per_s / trainer.env.world_size / 1e12
         row = {
             "config": args.config, "device": str(trainer.device), "world_size": trainer.env.world_size,
-            "params_m": round(trainer.model.num_parameters() / 1e6, 2), "seq_len": trainer.seq_len,
+            "params_m": round(count_parameters(config.model) / 1e6, 2), "seq_len": trainer.seq_len,
             "global_batch_tokens": config.train.global_batch_tokens, "step_s": round(elapsed / args.steps, 3),
             "tokens_per_s": round(tokens_per_s, 1), "model_tflops_per_device": round(tflops, 4),
             "mfu": round(tflops / args.peak_tflops, 4) if args.peak_tflops else None,
             "peak_memory_gb": round(trainer._memory_gb(), 3),
-            "data_wait_share": round((iterator.wait_seconds - wait_before) / elapsed, 4), "final_loss": round(loss, 4),
+            "data_wait_share": round((timed.wait_seconds - wait_before) / elapsed, 4), "final_loss": round(loss, 4),
         }
     finally:
         trainer.close()

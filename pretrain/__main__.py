@@ -21,6 +21,7 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    from .runlock import RunLockedError
     from .trainer import Trainer  # heavy imports after the config is known to be valid
 
     trainer = None
@@ -30,6 +31,9 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    except RunLockedError as err:
+        print(f"run locked: {err}", file=sys.stderr)
+        return 4  # launch/local.sh and pretrain.sbatch use the same code
     finally:
         if trainer is not None:
             trainer.close()

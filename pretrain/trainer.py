@@ -37,6 +37,7 @@ from .config import ConfigError, RunConfig, save_config
 from .distributed import init_distributed, shutdown_distributed
 from .memory import estimate_memory_gb
 from .metrics import MetricsLogger
+from .runlock import acquire_for_training
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}  # reloadable at any DP size
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -97,6 +98,7 @@ class Trainer:
         self.config = config
         self.env = init_distributed(config.parallel)
         self.device = self.env.device
+        self.run_lock = acquire_for_training(config.run_dir)  # one live job per run directory
         apply_megatron_fixes()
         self._stop_signal = None
         for sig in STOP_SIGNALS:
@@ -440,7 +442,14 @@ class Trainer:
         return state
 
     def save(self) -> None:
-        path = self.checkpoints.save(self.step, self._sharded_state(loading=False))
+        # A stop signal arriving now waits until the checkpoint is complete; the writer processes
+        # megatron starts for the save inherit the mask, so a signal sent to the whole process
+        # group cannot kill them mid-write either.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            path = self.checkpoints.save(self.step, self._sharded_state(loading=False))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.last_saved_step = self.step
         self.logger.print(f"saved checkpoint {path}")
 
