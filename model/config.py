@@ -3,12 +3,15 @@ from dataclasses import asdict, dataclass
 
 from kernels.feedback_solve import FEEDBACK_IMPLS
 
+ARCHS = ("sessa", "transformer")  # "transformer": the Transformer++ baseline of model/transformer.py
 INIT_SCHEMES = ("reference", "scaled")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(kw_only=True)
 class SessaConfig:
+    arch: str = "sessa"  # "transformer": the same width/depth/heads as a Transformer++ (scaling comparisons)
+    ffn_hidden_size: int | None = None  # transformer only: SwiGLU width; None = 8/3 * hidden_size up to a multiple of 64
     vocab_size: int
     hidden_size: int  # D, the model width
     num_layers: int
@@ -28,7 +31,11 @@ class SessaConfig:
     def __post_init__(self):
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
+        if self.arch not in ARCHS:
+            raise ValueError(f"SessaConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64  # LLaMA's rule
+        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
                      "feedback_chunk_size", "vocab_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

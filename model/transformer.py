@@ -1,0 +1,199 @@
+"""The Transformer++ baseline for scaling comparisons: megatron-core's GPTModel, local spec.
+
+Pre-norm decoder with RMSNorm, RoPE (rotate-half, base `rope_base`), grouped-query attention, a
+SwiGLU MLP of width `ffn_hidden_size` and no biases anywhere; tied embeddings per the config. It
+reads the same `SessaConfig` (with `arch: transformer`) so both arms of a sweep share width, depth,
+heads, vocabulary, dtype and initialisation std, and it presents the interface the trainer uses
+for `SessaLM`: forward(tokens, labels) -> per-token loss [B, T], `sharded_state_dict`,
+`load_global_state_dict`, `num_parameters`.
+
+    model = TransformerLM(config)            # single process: megatron state set up for world size 1
+    init_transformer_weights(model, seed=0)  # layout independent, like model.init.init_weights
+"""
+import math
+import zlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+from .config import SessaConfig
+from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
+
+
+def transformer_megatron_config(config: SessaConfig, **overrides):
+    """The megatron TransformerConfig of the Transformer++ arm (on top of `model.parallel.megatron_config`)."""
+    fields = dict(
+        ffn_hidden_size=config.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=config.norm_eps,
+        gated_linear_unit=True,  # SwiGLU: fc1 holds the gate and the up projection
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=config.init_std,
+    )
+    return make_megatron_config(config, **(fields | overrides))
+
+
+class TransformerLM(GPTModel):
+    """megatron GPTModel (local spec) with SessaLM's calling convention.
+
+    Args mirror SessaLM: `config` with arch "transformer", an optional megatron config (built from
+    `config` when omitted), pre_process / post_process for pipeline stages.
+    """
+
+    def __init__(self, config: SessaConfig, megatron_config=None, *, pre_process: bool = True,
+                 post_process: bool = True, max_sequence_length: int = 1 << 16, vp_stage: int | None = None):
+        if config.arch != "transformer":
+            raise ValueError(f"TransformerLM needs model.arch == 'transformer', got {config.arch!r}")
+        if megatron_config is None:
+            ensure_model_parallel()
+            megatron_config = transformer_megatron_config(config)
+        if not tensor_parallel.get_cuda_rng_tracker().is_initialized():
+            # megatron's attention forks the model-parallel RNG (for dropout, which is 0 here)
+            tensor_parallel.model_parallel_cuda_manual_seed(0)
+        super().__init__(
+            config=megatron_config,
+            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            vocab_size=config.padded_vocab_size,
+            max_sequence_length=max_sequence_length,
+            pre_process=pre_process,
+            post_process=post_process,
+            share_embeddings_and_output_weights=config.tie_embeddings,
+            position_embedding_type="rope",
+            rotary_base=int(config.rope_base),
+            vp_stage=vp_stage,
+        )
+        self.sessa = config  # the trainer and init read the hyper-parameters here, as on SessaLM
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
+        """tokens [B, T] -> per-token loss [B, T] with labels, else logits [B, T, V / tp]."""
+        T = tokens.shape[1] if tokens is not None else self.input_tensor.shape[0]
+        positions = torch.arange(T, device=self.embedding.word_embeddings.weight.device if self.pre_process
+                                 else self.input_tensor.device).unsqueeze(0)
+        # attention_mask=None: the local attention applies its causal mask itself
+        return super().forward(tokens, positions, None, labels=labels, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
+    def load_global_state_dict(self, state_dict: dict, prefix: str = "") -> None:
+        """Load a full (single-stage) state dict keyed as `state_dict()` on a one-stage model."""
+        offset = self.decoder.layers[0].layer_number - 1 if len(self.decoder.layers) else 0
+        local = {}
+        for key, value in state_dict.items():
+            key = key[len(prefix):]
+            if key.startswith("decoder.layers."):
+                _, _, number, rest = key.split(".", 3)
+                number = int(number) - offset
+                if not 0 <= number < len(self.decoder.layers):
+                    continue  # another pipeline stage's layer
+                key = f"decoder.layers.{number}.{rest}"
+            elif key.startswith("embedding.") and not self.pre_process:
+                continue
+            elif key.startswith(("output_layer.", "decoder.final_layernorm.")) and not self.post_process:
+                continue
+            local[key] = value
+        missing, unexpected = self.load_state_dict(local, strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Parameters of the full model (all shards counted once)."""
+        return count_transformer_parameters(self.sessa, exclude_embeddings)
+
+
+def count_transformer_parameters(config: SessaConfig, exclude_embeddings: bool = False) -> int:
+    """Transformer++ parameters (padded vocabulary; tied embeddings counted once)."""
+    D, F_, kv = config.hidden_size, config.ffn_hidden_size, config.num_kv_heads * config.head_size
+    layer = D + D * (D + 2 * kv) + D * D + D + 2 * D * F_ + F_ * D  # norm, qkv, proj, norm, fc1 (gate+up), fc2
+    embeddings = config.padded_vocab_size * D * (1 if config.tie_embeddings else 2)
+    return config.num_layers * layer + D + (0 if exclude_embeddings else embeddings)
+
+
+def megatron_config_for(config: SessaConfig, **overrides):
+    """The megatron TransformerConfig for either architecture (`model.arch`)."""
+    if config.arch == "transformer":
+        return transformer_megatron_config(config, **overrides)
+    return make_megatron_config(config, **overrides)
+
+
+def build_model(config: SessaConfig, megatron_config, pre_process: bool = True, post_process: bool = True,
+                layer_numbers: list[int] | None = None, vp_stage: int | None = None):
+    """One model chunk of either architecture: the trainer's single constructor call.
+
+    The Transformer arm takes megatron's own pipeline split (even, from the parallel state), so
+    `layer_numbers` must match it when given.
+    """
+    if config.arch == "sessa":
+        from .lm import SessaLM
+
+        return SessaLM(config, megatron_config, pre_process=pre_process, post_process=post_process,
+                       layer_numbers=layer_numbers)
+    model = TransformerLM(config, megatron_config, pre_process=pre_process, post_process=post_process,
+                          vp_stage=vp_stage)
+    own = [layer.layer_number - 1 for layer in model.decoder.layers]
+    if layer_numbers is not None and list(layer_numbers) != own:
+        raise ValueError(f"model.arch 'transformer' splits layers evenly across pipeline stages ({own} here); "
+                         f"parallel.pipeline_layout {list(layer_numbers)} is not supported for it")
+    return model
+
+
+def init_model_weights(model, seed: int = 0) -> None:
+    """Layout-independent initialisation for either architecture."""
+    if isinstance(model, TransformerLM):
+        init_transformer_weights(model, seed)
+    else:
+        from .init import init_weights
+
+        init_weights(model, seed)
+
+
+def _global_name(model: TransformerLM, name: str) -> str:
+    if name.startswith("decoder.layers."):
+        _, _, local, rest = name.split(".", 3)
+        name = f"decoder.layers.{model.decoder.layers[int(local)].layer_number - 1}.{rest}"
+    return name
+
+
+@torch.no_grad()
+def init_transformer_weights(model: TransformerLM, seed: int = 0) -> None:
+    """Layout-independent init: norms 1, weights normal(init_std), residual outputs (linear_proj,
+    fc2) normal(init_std / sqrt(2 L)); each full tensor drawn from a (seed, global name) generator."""
+    cfg = model.sessa
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        name = _global_name(model, name)
+        if name == "output_layer.weight" and cfg.tie_embeddings:
+            name = "embedding.word_embeddings.weight"
+        shape = list(param.shape)
+        if getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= tp_size
+        gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        if "layernorm" in name or name.endswith("norm.weight"):
+            full = torch.ones(shape)
+        elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+            full = torch.empty(shape).normal_(0.0, cfg.init_std / math.sqrt(2 * cfg.num_layers), generator=gen)
+        else:
+            full = torch.empty(shape).normal_(0.0, cfg.init_std, generator=gen)
+        if getattr(param, "tensor_model_parallel", False):
+            if name.endswith("linear_fc1.weight") and tp_size > 1:
+                # megatron interleaves gate and up per rank: [gate_r; up_r] of each half
+                gate, up = full.chunk(2, dim=0)
+                full = torch.cat([torch.cat((g, u)) for g, u in zip(gate.chunk(tp_size), up.chunk(tp_size))])
+            size = param.shape[param.partition_dim]
+            full = full.narrow(param.partition_dim, tp_rank * size, size)
+        param.copy_(full.to(param.dtype))

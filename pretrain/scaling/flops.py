@@ -1,0 +1,239 @@
+"""The FLOP ledger: analytic FLOPs per token for both architectures, per component.
+
+Conventions (`FlopLedger.per_token(convention)`):
+  "6N"                 6 x parameters (embeddings included; tied embeddings counted once).
+  "6N_non_embedding"   6 x parameters without the embedding / untied output matrices (Kaplan et al.).
+  "model"              every matmul of the mathematics, 2 FLOPs per multiply-add, with attention
+                       counted causally: a query at position t sees t + 1 keys in the forward
+                       branch and t keys (the strict past) in Sessa's feedback branch. Training
+                       = 3 x forward (backward = 2 x forward). This is what MFU divides by.
+  "hardware"           what the implementation executes: matmuls of the chunked solve with its
+                       [C, t] tiles and C x C diagonal solves, the feedback logits recomputed in
+                       backward (and on every tensor-parallel rank), flash-style attention counted
+                       causally with a 2.5 x backward (scores recomputed), megatron's local
+                       attention counted over the full T x T square (it masks, it does not skip),
+                       and one more forward of every layer under full activation recomputation.
+Elementwise work (softmax, norms, GELU/SiLU, RoPE) is left out of every convention, as in
+`torch.utils.flop_counter`, which the tests compare the hardware numbers with (within 2%, after
+registering `flop_counter_formulas()` for the ops it has no formula for).
+
+Components: projections (every weight matmul of the mixing layers: Sessa's W_in, q/k/v, W_o,
+feedback q_b/k_b, gamma, W_out; the Transformer's qkv and output projection), mlp (the
+Transformer's SwiGLU), attention (causal forward attention), feedback_logits (q_b . k_b),
+feedback_sum (the probability-weighted sum over past s), feedback_solve (the diagonal-block
+solves), lm_head, and recompute (hardware only).
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from model.config import SessaConfig
+
+CONVENTIONS = ("6N", "6N_non_embedding", "model", "hardware")
+ATTENTION_KERNELS = ("flash", "dense")  # flash: causal tiles only (SDPA); dense: full T x T, masked
+RECOMPUTE = ("none", "full")
+
+
+# --- parameters -------------------------------------------------------------------------------
+def count_params(config: SessaConfig, exclude_embeddings: bool = False) -> int:
+    """Parameters of either architecture (tensor-parallel shards counted once, padded vocabulary)."""
+    if config.arch == "transformer":
+        from model.transformer import count_transformer_parameters
+
+        return count_transformer_parameters(config, exclude_embeddings)
+    from model.lm import count_parameters
+
+    return count_parameters(config, exclude_embeddings)
+
+
+def layer_weight_elements(config: SessaConfig) -> dict[str, int]:
+    """Matrix-weight elements of one layer, by component (what a token multiplies through)."""
+    D, kv = config.hidden_size, config.num_kv_heads * config.head_size
+    if config.arch == "transformer":
+        F = config.ffn_hidden_size
+        return {"projections": D * (D + 2 * kv) + D * D, "mlp": 2 * D * F + F * D}
+    projections = (
+        2 * D * D  # W_in: a and g halves
+        + D * D + 2 * D * kv  # q, k, v
+        + 2 * D * D  # feedback q_b, k_b
+        + D  # gamma_ctx
+        + (D * D if config.num_heads > 1 else 0)  # W_o (identity for a single head)
+        + D * D  # W_out
+    )
+    return {"projections": projections, "mlp": 0}
+
+
+# --- the chunked feedback solve, as executed ----------------------------------------------------
+def chunked_solve_flops(T: int, K: int, V: int, chunk_size: int) -> dict[str, dict[str, int]]:
+    """FLOPs of one sequence's chunked solve (kernels/feedback_solve/chunk.py), forward and backward.
+
+    Rows are processed in chunks of n <= C queries against keys [0, c1): logits [n, K] @ [K, c1],
+    past context [n, c0] @ [c0, V], a unit-lower n x n solve with V right-hand sides (n (n - 1) V).
+    Backward recomputes the logits, solves the transposed blocks, accumulates the later chunks'
+    terms ([c0, n] @ [n, V]), the context and lambda . s ([n, c1] x V each), dq and dk ([n, c1] x K each).
+    """
+    fwd = {"feedback_logits": 0, "feedback_sum": 0, "feedback_solve": 0}
+    bwd = dict(fwd)
+    for c0 in range(0, T, chunk_size):
+        c1 = min(c0 + chunk_size, T)
+        n = c1 - c0
+        fwd["feedback_logits"] += 2 * n * K * c1
+        fwd["feedback_sum"] += 2 * n * c0 * V
+        fwd["feedback_solve"] += n * (n - 1) * V
+        bwd["feedback_logits"] += 3 * 2 * n * K * c1  # recomputed logits, dq, dk
+        bwd["feedback_sum"] += 2 * c0 * n * V + 2 * 2 * n * c1 * V  # later terms, context, lambda . s
+        bwd["feedback_solve"] += n * (n - 1) * V
+    return {"forward": fwd, "backward": bwd}
+
+
+def causal_pairs(s_q: int, s_k: int) -> int:
+    """(query, key) pairs a causal mask keeps, queries aligned to the end of the keys."""
+    past = s_k - s_q
+    return sum(min(past + i + 1, s_k) for i in range(s_q)) if past else s_q * (s_q + 1) // 2
+
+
+# --- the ledger ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class FlopLedger:
+    """FLOPs per token of one model at one sequence length, per component and convention."""
+
+    arch: str
+    seq_len: int
+    params: int
+    params_non_embedding: int
+    forward: dict[str, float] = field(default_factory=dict)  # "model" convention, forward pass
+    hardware_forward: dict[str, float] = field(default_factory=dict)
+    hardware_backward: dict[str, float] = field(default_factory=dict)  # includes "recompute"
+
+    def per_token(self, convention: str = "model", training: bool = True) -> float:
+        if convention == "6N":
+            return (6 if training else 2) * self.params
+        if convention == "6N_non_embedding":
+            return (6 if training else 2) * self.params_non_embedding
+        if convention == "model":
+            return (3 if training else 1) * sum(self.forward.values())
+        if convention == "hardware":
+            return sum(self.hardware_forward.values()) + (sum(self.hardware_backward.values()) if training else 0)
+        raise ValueError(f"FLOP convention must be one of {CONVENTIONS}, got {convention!r}")
+
+    def all_conventions(self, training: bool = True) -> dict[str, float]:
+        return {name: self.per_token(name, training) for name in CONVENTIONS}
+
+    def table(self) -> str:
+        """Per-component forward FLOPs per token (model and hardware) and backward (hardware)."""
+        names = list(dict.fromkeys([*self.forward, *self.hardware_forward, *self.hardware_backward]))
+        lines = [f"{'component':<16} {'model fwd':>14} {'hw fwd':>14} {'hw bwd':>14}"]
+        for name in names:
+            lines.append(f"{name:<16} {self.forward.get(name, 0):>14.4g} {self.hardware_forward.get(name, 0):>14.4g} "
+                         f"{self.hardware_backward.get(name, 0):>14.4g}")
+        for convention, value in self.all_conventions().items():
+            lines.append(f"training FLOPs/token [{convention}] = {value:.4g}")
+        return "\n".join(lines)
+
+
+def ledger(config: SessaConfig, seq_len: int, *, tensor_parallel: int = 1, recompute: str = "none",
+           attention_kernel: str | None = None, chunk_size: int | None = None) -> FlopLedger:
+    """The ledger of `config` trained on sequences of `seq_len` tokens.
+
+    Args:
+        tensor_parallel: the feedback logits are computed on every tensor-parallel rank (hardware).
+        recompute: "full" adds one forward of every layer to the hardware backward.
+        attention_kernel: "flash" (causal tiles: Sessa's SDPA) or "dense" (full square, masked:
+            megatron's local attention, the Transformer arm's default).
+        chunk_size: the feedback solve's chunk (default: the config's).
+    """
+    if recompute not in RECOMPUTE:
+        raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
+    attention_kernel = attention_kernel or ("dense" if config.arch == "transformer" else "flash")
+    if attention_kernel not in ATTENTION_KERNELS:
+        raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {attention_kernel!r}")
+    T, D, L = seq_len, config.hidden_size, config.num_layers
+    width = config.num_heads * config.head_size  # query heads x head size
+    weights = layer_weight_elements(config)
+
+    forward = {name: 2.0 * L * n for name, n in weights.items()}
+    forward["attention"] = L * 2 * 2 * width * (T + 1) / 2  # scores and values, t + 1 keys on average
+    if config.arch == "sessa":
+        forward["feedback_logits"] = L * 2 * D * (T - 1) / 2  # strict past: t keys
+        forward["feedback_sum"] = L * 2 * D * (T - 1) / 2
+        forward["feedback_solve"] = 0.0  # the sum over the past *is* the recurrence
+    forward["lm_head"] = 2.0 * config.padded_vocab_size * D
+
+    hw_fwd = {name: value for name, value in forward.items() if not name.startswith(("attention", "feedback"))}
+    hw_bwd = {name: 2 * value for name, value in hw_fwd.items()}  # input and weight gradients
+    if attention_kernel == "flash":
+        hw_fwd["attention"] = L * 4 * width * causal_pairs(T, T) / T
+        hw_bwd["attention"] = 2.5 * hw_fwd["attention"]  # scores recomputed
+    else:
+        hw_fwd["attention"] = L * 4 * width * T
+        hw_bwd["attention"] = 2 * hw_fwd["attention"]
+    if config.arch == "sessa":
+        solve = chunked_solve_flops(T, D, D, chunk_size or config.feedback_chunk_size)
+        for name in solve["forward"]:
+            replicas = tensor_parallel if name == "feedback_logits" else 1
+            hw_fwd[name] = L * replicas * solve["forward"][name] / T
+            hw_bwd[name] = L * replicas * solve["backward"][name] / T
+    hw_bwd["recompute"] = (sum(hw_fwd.values()) - hw_fwd["lm_head"]) if recompute == "full" else 0.0
+    return FlopLedger(
+        arch=config.arch, seq_len=T,
+        params=count_params(config), params_non_embedding=count_params(config, exclude_embeddings=True),
+        forward=forward, hardware_forward=hw_fwd, hardware_backward=hw_bwd,
+    )
+
+
+def flops_per_token(config: SessaConfig, seq_len: int, training: bool = True, convention: str = "model") -> float:
+    """Training (or forward) FLOPs per token; the trainer's MFU uses the "model" convention."""
+    return ledger(config, seq_len).per_token(convention, training)
+
+
+# --- formulas for torch.utils.flop_counter ------------------------------------------------------
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, dropout_p=0.0, is_causal=False, *args,
+                    out_shape=None, attn_mask=None, **kwargs) -> int:
+    b, h, s_q, d_qk = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    pairs = causal_pairs(s_q, s_k) if is_causal else s_q * s_k
+    return 2 * b * h * pairs * (d_qk + d_v)
+
+
+def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, out_shape_, lse_shape,
+                             dropout_p=0.0, is_causal=False, *args, out_shape=None, **kwargs) -> int:
+    b, h, s_q, d_qk = query_shape
+    s_k, d_v = key_shape[2], value_shape[3]
+    pairs = causal_pairs(s_q, s_k) if is_causal else s_q * s_k
+    return 2 * b * h * pairs * (2 * d_qk + 3 * d_v)  # recomputed scores, dP, dV, dQ, dK
+
+
+def _solve_triangular_flops(a_shape, b_shape, *args, upper=None, left=True, unitriangular=False,
+                            out_shape=None, **kwargs) -> int:
+    n = a_shape[-1]
+    rhs = b_shape[-1] if left else b_shape[-2]
+    batch = 1
+    for size in out_shape[:-2]:
+        batch *= size
+    return batch * (n * (n - 1) if unitriangular else n * n) * rhs
+
+
+def _triton_fwd_flops(q_shape, k_shape, f_shape, gamma_shape, chunk_size, panel_size, *, out_shape=None) -> int:
+    B, T, K = q_shape
+    return B * sum(chunked_solve_flops(T, K, f_shape[-1], chunk_size)["forward"].values())
+
+
+def _triton_bwd_flops(q_shape, k_shape, gamma_shape, s_shape, lse_shape, grad_shape, chunk_size, panel_size,
+                      *, out_shape=None) -> int:
+    B, T, K = q_shape
+    return B * sum(chunked_solve_flops(T, K, s_shape[-1], chunk_size)["backward"].values())
+
+
+def flop_counter_formulas() -> dict:
+    """`custom_mapping` for FlopCounterMode: the ops our models run that it has no formula for
+    (CPU flash attention, the triangular solves, the Triton feedback ops when loaded)."""
+    aten = torch.ops.aten  # keys are overload packets: FlopCounterMode looks ops up by packet
+    formulas = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
+        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
+        aten.linalg_solve_triangular: _solve_triangular_flops,
+    }
+    if hasattr(torch.ops, "sessa") and hasattr(torch.ops.sessa, "feedback_solve_triton_fwd"):
+        formulas[torch.ops.sessa.feedback_solve_triton_fwd] = _triton_fwd_flops
+        formulas[torch.ops.sessa.feedback_solve_triton_bwd] = _triton_bwd_flops
+    return formulas
