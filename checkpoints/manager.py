@@ -71,13 +71,18 @@ class CheckpointManager:
 
     def save(self, step: int, sharded_state_dict: dict) -> Path:
         """Write `sharded_state_dict` for `step` collectively; returns the final directory."""
+        return self.save_with(step, lambda tmp: dist_checkpointing.save(sharded_state_dict, str(tmp)))
+
+    def save_with(self, step: int, write) -> Path:
+        """Run `write(tmp_dir)` on every rank (any checkpoint format, e.g. DeepSpeed's), then publish
+        the directory as `step` with the same rename and atomic `latest` as `save`."""
         tmp = self.root / f".tmp_iter_{step:07d}"
         final = self.step_dir(step)
         if _is_rank0():
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        dist_checkpointing.save(sharded_state_dict, str(tmp))
+        write(tmp)
         _barrier()  # every rank's shards are on disk
         if _is_rank0():
             if final.exists():  # re-saving a step (e.g. after a resume at that step)

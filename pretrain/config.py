@@ -165,9 +165,41 @@ class EvalConfig:
 
 
 @dataclass(kw_only=True)
+class DeepSpeedConfig:
+    """Used with `engine: deepspeed` (pretrain/deepspeed_engine.py); ignored by the megatron engine."""
+    stage: int = 1  # ZeRO stage: 0 (plain DP), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
+    offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO-Offload)
+    offload_params: bool = False  # parameters on the CPU between uses (ZeRO-Infinity; stage 3 only)
+    cpu_adam: bool = True  # with offload_optimizer: DeepSpeed's compiled CPU-Adam; false: torch AdamW
+    reduce_bucket_size: int = 500_000_000  # elements per gradient reduction bucket
+    allgather_bucket_size: int = 500_000_000  # elements per parameter all-gather bucket (stages 1-2)
+    prefetch_bucket_size: int = 50_000_000  # elements of parameters prefetched ahead (stage 3)
+    overlap_comm: bool = False  # overlap gradient reduction with backward (more memory)
+    activation_checkpointing: str = "none"  # "none", "full" (each layer) or "feedback" (each layer's mixer)
+    config_json: str = ""  # optional DeepSpeed JSON file whose keys override the generated config
+
+    def __post_init__(self):
+        if self.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.stage must be 0, 1, 2 or 3, got {self.stage}")
+        if self.offload_params and self.stage != 3:
+            raise ConfigError(f"deepspeed.offload_params needs deepspeed.stage 3, got stage {self.stage}")
+        if self.offload_optimizer and self.stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.stage >= 1")
+        for name in ("reduce_bucket_size", "allgather_bucket_size", "prefetch_bucket_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"deepspeed.{name} must be >= 1, got {getattr(self, name)}")
+        if self.activation_checkpointing not in ("none", "full", "feedback"):
+            raise ConfigError(f"deepspeed.activation_checkpointing must be 'none', 'full' or 'feedback', "
+                              f"got {self.activation_checkpointing!r}")
+        if self.config_json and not Path(self.config_json).is_file():
+            raise ConfigError(f"deepspeed.config_json {self.config_json!r} does not exist")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     run_name: str = "tiny"
     runs_dir: str = "runs"
+    engine: str = "megatron"  # "megatron" (DDP + distributed optimizer) or "deepspeed" (ZeRO, see deepspeed:)
     model: SessaConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -177,8 +209,20 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     def __post_init__(self):
+        if self.engine not in ("megatron", "deepspeed"):
+            raise ConfigError(f"engine must be 'megatron' or 'deepspeed', got {self.engine!r}")
+        if self.engine == "deepspeed":
+            if self.parallel.pipeline > 1:
+                raise ConfigError(f"engine: deepspeed does not support parallel.pipeline > 1 (got "
+                                  f"{self.parallel.pipeline}): ZeRO-2/3 cannot shard gradients across megatron's "
+                                  f"pipeline schedule; use engine: megatron for pipeline parallelism")
+            if self.parallel.sequence_parallel:
+                raise ConfigError("engine: deepspeed does not support parallel.sequence_parallel (the norms' "
+                                  "gradients need megatron's tensor-parallel reduction); set it to false or "
+                                  "use engine: megatron")
         if self.schedule.warmup_steps >= self.train.max_steps:
             raise ConfigError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than "
                               f"train.max_steps ({self.train.max_steps})")
