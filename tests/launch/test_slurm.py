@@ -116,6 +116,7 @@ def test_afterany_chain_without_requeue(slurm, job_env, recipe, tmp_path, monkey
     --signal=B:USR1 sends it), stops and ends without requeue; job 2 (afterany) resumes and
     finishes; job 3 finds the run complete."""
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SESSA_RESIGNAL_S", "1")  # the tiny run may start and finish within the default 10 s
     jobs = helper(tmp_path, "--chain", "3", "--launcher", "srun", "--config", str(recipe), "--run_name", "chained",
                   "--train.max_steps", "40")
     run_dir = tmp_path / "runs" / "chained"
