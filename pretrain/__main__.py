@@ -2,6 +2,7 @@
 
     python -m pretrain --config configs/tiny.yaml [--section.field value ...]       # one process
     torchrun --nproc-per-node 8 -m pretrain --config configs/1.3b.yaml              # one node
+    torchrun --nproc-per-node 8 -m pretrain --config configs/1.3b.yaml --engine deepspeed --deepspeed.stage 2
 Restarting the same command resumes from the run's `latest` checkpoint.
 """
 import argparse
@@ -23,6 +24,9 @@ def main(argv=None) -> int:
 
     from .runlock import RunLockedError
     from .trainer import Trainer  # heavy imports after the config is known to be valid
+
+    if config.engine == "deepspeed":
+        from .deepspeed_engine import DeepSpeedTrainer as Trainer  # noqa: F811
 
     trainer = None
     try:
