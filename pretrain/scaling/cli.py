@@ -5,6 +5,7 @@
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _fit(args) -> int:
@@ -30,10 +31,73 @@ def _fit(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    import yaml
+
+    from .plan import HparamRules, Planner, SizeRule, apply_overrides, format_table, to_json
+
+    base = yaml.safe_load(open(args.base)) or {}
+    overrides = {k: v for k, v in (("lr", args.lr), ("batch_tokens", args.batch_tokens), ("beta2", args.beta2),
+                                   ("warmup_steps", args.warmup_steps)) if v is not None}
+    planner = Planner(
+        base=base, seq_len=args.seq_len, archs=tuple(args.archs), micro_batch=args.micro_batch,
+        size_rule=SizeRule(aspect=args.aspect, head_size=args.head_size, kv_group=args.kv_group),
+        rules=HparamRules(overrides=overrides), tolerance=args.tolerance, decay_fraction=args.decay_fraction,
+        seed=args.seed,
+    )
+    if args.mode == "isoflop":
+        if not args.budgets:
+            print("plan: --mode isoflop needs --budgets", file=sys.stderr)
+            return 2
+        points = planner.isoflop(args.budgets, args.widths, args.sizes_per_budget, args.spread)
+    else:
+        points = planner.ladder(args.widths, tuple(args.ratios))
+    print(format_table(points, args.tflops_per_gpu))
+    if args.dry_run:
+        return 0
+    out = Path(args.out)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for point in points:
+        tree = apply_overrides(base, point.overrides)
+        tree["runs_dir"] = str(out / "runs")
+        (out / "configs" / f"{point.name}.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    (out / "plan.json").write_text(json.dumps({"base": args.base, "seq_len": args.seq_len, "mode": args.mode,
+                                               "points": to_json(points)}, indent=1))
+    print(f"wrote {out / 'plan.json'} and {len(points)} configs in {out / 'configs'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain.scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    plan = sub.add_parser("plan", help="lay out a sweep: one config per point, FLOPs target vs achieved")
+    plan.add_argument("--base", required=True, help="base recipe YAML (vocabulary, data, everything not swept)")
+    plan.add_argument("--mode", choices=("isoflop", "ladder"), default="isoflop",
+                      help="isoFLOP grid per budget, or a tokens-per-parameter WSD ladder per width")
+    plan.add_argument("--budgets", type=float, nargs="*", default=[], help="compute budgets in FLOPs (isoflop)")
+    plan.add_argument("--widths", type=int, nargs="+", required=True, help="candidate model widths")
+    plan.add_argument("--archs", nargs="+", default=["sessa", "transformer"], choices=("sessa", "transformer"))
+    plan.add_argument("--seq-len", type=int, required=True, help="tokens per sequence of the prepared data")
+    plan.add_argument("--sizes-per-budget", type=int, default=3, help="model sizes per isoFLOP budget")
+    plan.add_argument("--spread", type=float, default=4.0, help="isoflop sizes span N*/spread .. N* x spread")
+    plan.add_argument("--ratios", type=float, nargs="+", default=[10, 20, 40, 80], help="ladder tokens per parameter")
+    plan.add_argument("--aspect", type=float, default=64.0, help="width / layers of the width-depth rule")
+    plan.add_argument("--head-size", type=int, default=64, help="attention head size of the width-depth rule")
+    plan.add_argument("--kv-group", type=int, default=1, help="query heads per kv-head")
+    plan.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (batch rounding)")
+    plan.add_argument("--decay-fraction", type=float, default=0.2, help="WSD cooldown share of each run")
+    plan.add_argument("--tolerance", type=float, default=0.02, help="flag points off budget by more than this")
+    plan.add_argument("--seed", type=int, default=1234, help="training seed of every point")
+    plan.add_argument("--lr", type=float, help="fixed learning rate instead of the per-size rule")
+    plan.add_argument("--batch-tokens", type=int, help="fixed global batch (tokens) instead of the rule")
+    plan.add_argument("--beta2", type=float, help="fixed Adam beta2 instead of the rule")
+    plan.add_argument("--warmup-steps", type=int, help="fixed warmup instead of the rule")
+    plan.add_argument("--tflops-per-gpu", type=float, help="measured model TFLOP/s per GPU, for the GPU-hour estimate")
+    plan.add_argument("--out", default="sweeps/default", help="sweep directory (plan.json, configs/)")
+    plan.add_argument("--dry-run", action="store_true", help="print the table only")
+    plan.set_defaults(handler=_plan)
 
     fit = sub.add_parser("fit", help="fit a scaling law (Chinchilla approach 1, 2 or 3) with bootstrap intervals")
     fit.add_argument("--points", required=True, help="CSV with columns params, tokens, loss (optional: budget)")

@@ -1,0 +1,87 @@
+"""The sweep planner: budgets, rounding, flags, ladders, per-size rules, configs the trainer loads."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.config import load_config
+from pretrain.scaling.plan import HparamRules, Planner, SizeRule, apply_overrides, config_hash
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+WIDTHS = [32, 48, 64, 96, 128]
+
+
+def planner(**kwargs):
+    return Planner(base=BASE, seq_len=64, size_rule=SizeRule(aspect=32, head_size=16), **kwargs)
+
+
+def test_isoflop_points_hit_their_budgets_or_are_flagged():
+    points = planner().isoflop([3e12, 1e13], WIDTHS, sizes_per_budget=3)
+    assert len(points) == 2 * 2 * 3  # archs x budgets x sizes
+    for p in points:
+        assert p.achieved_flops == pytest.approx(p.steps * p.batch_tokens * p.flops_per_token)
+        assert p.off_budget == (abs(p.achieved_flops / p.target_flops - 1) > 0.02)
+        assert p.tokens == p.steps * p.batch_tokens and p.batch_tokens % 64 == 0
+    # sizes bracket the 20 tokens/param optimum: the smallest model sees more tokens per parameter
+    sessa = [p for p in points if p.arch == "sessa" and p.target_flops == 1e13]
+    assert sessa[0].tokens / sessa[0].params > 20 > sessa[-1].tokens / sessa[-1].params
+    # a fixed batch too large for the budget cannot be rounded onto it: flagged, never hidden
+    coarse = planner(rules=HparamRules(overrides={"batch_tokens": 2**20})).isoflop([3e12], WIDTHS)
+    assert all(p.off_budget for p in coarse)
+
+
+def test_ladder_branches_fork_from_the_constant_phase():
+    points = planner(archs=("sessa",)).ladder([32, 64], ratios=(10, 20, 40, 80))
+    for width in (32, 64):
+        rungs = [p for p in points if p.width == width]
+        main = next(p for p in rungs if not p.fork_of)
+        assert main.tokens / main.params == pytest.approx(80, rel=0.02)
+        main_stable = round(main.steps * (1 - main.decay_fraction))
+        for p in rungs:
+            assert p.batch_tokens == main.batch_tokens and p.lr == main.lr
+            if p.fork_of:
+                assert p.fork_of == main.name and 0 < p.fork_step < main_stable
+                assert round(p.steps * (1 - p.decay_fraction)) == p.fork_step  # decay starts at the fork
+                assert p.overrides["schedule.wsd_decay_fraction"] == pytest.approx(p.decay_fraction, abs=1e-6)
+
+
+def test_rules_and_overrides():
+    rules = HparamRules()
+    assert rules.lr(1e21) < rules.lr(1e15)  # larger budgets train with smaller learning rates
+    assert rules.batch_tokens(1e21, 2048, 1) > rules.batch_tokens(1e15, 2048, 1)
+    assert rules.beta2(16 * 2048, 2048) == 0.99 and rules.beta2(512 * 2048, 2048) == 0.95
+    fixed = HparamRules(overrides={"lr": 1e-3, "beta2": 0.9, "warmup_steps": 5})
+    assert (fixed.lr(1e20), fixed.beta2(10, 1), fixed.warmup_steps(10**9, 10, 100)) == (1e-3, 0.9, 5)
+
+
+def test_config_hash_keys_what_changes_the_result():
+    a = planner().isoflop([3e12], WIDTHS, sizes_per_budget=2)
+    hashes = [p.config_hash for p in a]
+    assert len(set(hashes)) == len(hashes)
+    again = planner().isoflop([3e12], WIDTHS, sizes_per_budget=2)
+    assert [p.config_hash for p in again] == hashes
+    tree = apply_overrides(BASE, a[0].overrides)
+    assert config_hash(tree | {"run_name": "renamed", "logging": {"interval": 99}}) == a[0].config_hash
+    assert config_hash(apply_overrides(tree, {"train.seed": 1})) != a[0].config_hash
+
+
+def test_plan_cli_dry_run_and_written_configs_load(tmp_path):
+    base = ["--base", "configs/tiny.yaml", "--budgets", "3e12", "1e13", "--widths", *map(str, WIDTHS),
+            "--seq-len", "64", "--head-size", "16", "--aspect", "32"]
+    done = subprocess.run([sys.executable, "-m", "pretrain.scaling", "plan", *base, "--dry-run",
+                           "--tflops-per-gpu", "400"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "achieved" in done.stdout and "GPU-hours" in done.stdout
+    assert not (REPO / "sweeps").exists() or not any((REPO / "sweeps").iterdir())
+    done = subprocess.run([sys.executable, "-m", "pretrain.scaling", "plan", *base, "--out", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert len(plan["points"]) == 12
+    for point in plan["points"]:
+        config = load_config(tmp_path / "configs" / f"{point['name']}.yaml")  # the trainer's own validation
+        assert config.model.arch == point["arch"] and config.train.max_steps == point["steps"]
