@@ -114,6 +114,9 @@ class ParallelConfig:
                 raise ConfigError(f"parallel.pipeline_layout {self.pipeline_layout!r} must give {stages} stages "
                                   f"(pipeline x virtual_stages) of >= 1 layers summing to model.num_layers={num_layers}")
         else:
+            if num_layers < stages:
+                raise ConfigError(f"model.num_layers ({num_layers}) is smaller than parallel.pipeline x "
+                                  f"parallel.virtual_stages = {stages}: every stage needs a layer")
             if num_layers % stages:
                 raise ConfigError(f"model.num_layers ({num_layers}) is not divisible by parallel.pipeline x "
                                   f"parallel.virtual_stages = {stages}; set parallel.pipeline_layout, e.g. "

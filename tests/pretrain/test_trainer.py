@@ -99,6 +99,11 @@ def test_model_vocab_smaller_than_tokenizer_is_refused(recipe):
     (["--model.num_kv_heads", "3"], "num_kv_heads"),
     (["--parallel.sequence_parallel", "true"], "sequence_parallel needs"),
     (["--checkpoint.keep_last", "0"], "keep_last"),
+    (["--parallel.tensor", "2"], r"num_kv_heads \(1\) must be divisible.*parallel.tensor"),
+    (["--parallel.pipeline", "2", "--parallel.virtual_stages", "2"], "every stage needs a layer"),
+    (["--parallel.pipeline", "2", "--model.num_layers", "3"], "set parallel.pipeline_layout, e.g. '2|1'"),
+    (["--parallel.pipeline", "2", "--parallel.pipeline_layout", "2|1"], "pipeline_layout '2|1' must give 2 stages"),
+    (["--parallel.virtual_stages", "2"], "virtual_stages > 1 needs parallel.pipeline > 1"),
     (["--logging.wandb", "cloud"], "logging.wandb"),
 ])
 def test_config_errors_name_the_field(recipe, overrides, match):
