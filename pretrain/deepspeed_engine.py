@@ -152,6 +152,13 @@ class DeepSpeedTrainer(Trainer):
         self.megatron_config = megatron_config(cfg.model, sequence_parallel=False, calculate_per_token_loss=True)
         model = SessaLM(cfg.model, self.megatron_config)
         init_weights(model, cfg.train.seed)
+        # DeepSpeed broadcasts (and ZeRO-3 partitions) every parameter as `p.data.view(torch.uint8)`,
+        # which fails for 0-dim tensors (the gamma biases): they train as shape [1] here (broadcasting
+        # gives the same forward) and are restored to shape [] by `consolidated_state_dict`.
+        self.scalar_params = [name for name, param in model.named_parameters() if param.dim() == 0]
+        for name in self.scalar_params:
+            param = model.get_parameter(name)
+            param.data = param.data.reshape(1)
         checkpoint_activations(model, cfg.deepspeed.activation_checkpointing)
         self.chunks = [model.to(self.device)]
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -175,12 +182,6 @@ class DeepSpeedTrainer(Trainer):
             optimizer = torch.optim.AdamW(groups, **kwargs)
         self._resume_plan = self._plan_resume() if cfg.checkpoint.resume else None
         universal = bool(self._resume_plan and self._resume_plan["universal"])
-        for param in model.parameters():
-            if param.dim() == 0:
-                # DeepSpeed broadcasts every replicated parameter as `p.data.view(torch.uint8)`, which
-                # fails for 0-dim tensors (the gamma biases). Every rank already holds identical weights
-                # (init_weights is seeded per parameter name), so those are marked as not to broadcast.
-                param.ds_optim_param = True
         self.ds_config = deepspeed_config(cfg, self.num_microbatches, self.env.dp_size, load_universal=universal)
         _skip_cpu_shm_comm()
         for name, value in (("LOCAL_RANK", self.env.local_rank), ("RANK", self.env.rank),
@@ -277,7 +278,7 @@ class DeepSpeedTrainer(Trainer):
         return {"engine": "deepspeed", "step": self.step, "consumed_tokens": self.consumed_tokens,
                 "scheduler": self.scheduler.state_dict(), "config": self.config.to_dict(),
                 "tokenizer_id": self.tokenizer_id, "layout": self._layout(),
-                "zero_stage": self.config.deepspeed.stage}
+                "zero_stage": self.config.deepspeed.stage, "scalar_params": self.scalar_params}
 
     def _write_checkpoint(self, tmp: Path) -> None:
         self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
@@ -392,10 +393,13 @@ def consolidated_state_dict(checkpoint: Path) -> dict:
         raise ValueError(f"{checkpoint} was saved with parallel.tensor={common['layout']['tp']}; consolidation "
                          f"is supported for tensor-parallel size 1 only")
     if common["zero_stage"] == 0:  # no ZeRO shards: the module state holds the weights
-        module = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
-        return {k: v.float() for k, v in module.items()}
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    return {k: v.float().contiguous() for k, v in state.items()}
+        state = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
+    state = {k: v.float().contiguous() for k, v in state.items()}
+    for name in common["scalar_params"]:  # trained as shape [1], see DeepSpeedTrainer._build_model
+        state[name] = state[name].reshape(())
+    return state
 
 
 def main(argv=None) -> int:
