@@ -67,6 +67,59 @@ def _plan(args) -> int:
     return 0
 
 
+def _collect(args) -> int:
+    from .collect import collect, write_table
+
+    rows = collect(args.sweep)
+    csv_path, parquet_path = write_table(rows, Path(args.sweep) / "results")
+    fitted = sum(r["post_cooldown"] and not r["diverged"] for r in rows)
+    print(f"{len(rows)} rows ({fitted} fitted, {sum(r['diverged'] for r in rows)} from diverged runs) -> "
+          f"{csv_path}, {parquet_path}")
+    return 0
+
+
+def _compare(args) -> int:
+    from .collect import read_table
+    from .compare import compare_table
+
+    rows = read_table(Path(args.sweep) / "results" / "results.csv")
+    result = compare_table(rows, args.budgets or None, bootstrap=args.bootstrap, seed=args.seed)
+    path = Path(args.sweep) / "results" / "compare.json"
+    path.write_text(json.dumps({str(k): v for k, v in result.items()}, indent=1))
+    for seq_len, entry in result.items():
+        if "error" in entry:
+            print(f"seq_len {seq_len}: {entry['error']}")
+            continue
+        for row in entry["multiplier"]:
+            band = row.get("interval", [float("nan")] * 2)
+            print(f"seq_len {seq_len} C={row['flops']:.3g}: compute multiplier {row['multiplier']:.3g} "
+                  f"[{band[0]:.3g}, {band[1]:.3g}]")
+        for name, e in entry["exponents"].items():
+            print(f"seq_len {seq_len} {name}: sessa {e['sessa']:.3g} transformer {e['transformer']:.3g} "
+                  f"p={e.get('p_value', float('nan')):.3g}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _plot(args) -> int:
+    from .collect import read_table
+    from .plot import plot_all
+
+    sweep = Path(args.sweep)
+    rows = read_table(sweep / "results" / "results.csv")
+    compare_path = sweep / "results" / "compare.json"
+    comparison = json.loads(compare_path.read_text()) if compare_path.exists() else None
+    elapsed = None
+    if (sweep / "launch.json").exists():
+        elapsed = json.loads((sweep / "launch.json").read_text()).get("elapsed_s")
+    from .plot import fit_arms
+
+    report = plot_all(rows, sweep / "report", sweep=sweep, fits=fit_arms(rows, args.bootstrap, args.seed),
+                      comparison=comparison, elapsed_s=elapsed)
+    print(f"wrote {report} and its plots")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain.scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--out", default="sweeps/default", help="sweep directory (plan.json, configs/)")
     plan.add_argument("--dry-run", action="store_true", help="print the table only")
     plan.set_defaults(handler=_plan)
+
+    collect = sub.add_parser("collect", help="results table (CSV + Parquet) of a sweep's runs")
+    collect.add_argument("--sweep", required=True, help="sweep directory (plan.json, runs/)")
+    collect.set_defaults(handler=_collect)
+
+    compare = sub.add_parser("compare", help="Sessa vs Transformer: compute multiplier, exponent test")
+    compare.add_argument("--sweep", required=True, help="sweep directory with results/results.csv")
+    compare.add_argument("--budgets", type=float, nargs="*", default=[], help="budgets (default: the sweep's)")
+    compare.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per architecture")
+    compare.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
+    compare.set_defaults(handler=_compare)
+
+    plot = sub.add_parser("plot", help="PNG plots and report.md of a collected sweep")
+    plot.add_argument("--sweep", required=True, help="sweep directory with results/results.csv")
+    plot.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the bands")
+    plot.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
+    plot.set_defaults(handler=_plot)
 
     fit = sub.add_parser("fit", help="fit a scaling law (Chinchilla approach 1, 2 or 3) with bootstrap intervals")
     fit.add_argument("--points", required=True, help="CSV with columns params, tokens, loss (optional: budget)")

@@ -89,6 +89,7 @@ class FitResult:
     intervals: dict[str, list[float]] = field(default_factory=dict)  # name -> [low, high]
     optimum: dict[str, float] = field(default_factory=dict)  # for `target_flops`: N*, D*, L*
     details: dict = field(default_factory=dict)
+    samples: list = field(default_factory=list, repr=False)  # the bootstrap refits (not serialised)
 
     def to_dict(self) -> dict:
         return {"approach": self.approach, **self.params, "intervals": self.intervals,
@@ -183,7 +184,7 @@ def fit_approach3(points: Points, *, target_flops: float | None = None, bootstra
     return FitResult(
         approach=3, params=law,
         intervals=_percentile_intervals(samples, level) if samples else {},
-        optimum=optimum,
+        optimum=optimum, samples=samples,
         details={"huber_objective": float(objective) * delta**2, "points": len(points), "bootstrap": bootstrap, "level": level,
                  "N_exponent": law["beta"] / (law["alpha"] + law["beta"]),
                  "residuals": (np.log(points.loss) - np.log(law_loss(law, points.params, points.tokens))).tolist()},
