@@ -129,7 +129,7 @@ def checkpoint_activations(model: SessaLM, mode: str) -> None:
     backward. Parameter names are unchanged (the forward is wrapped per instance)."""
     if mode == "none":
         return
-    from deepspeed.checkpointing import non_reentrant_checkpoint
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
     for layer in model.layers:
         module = layer if mode == "full" else layer.mixer
