@@ -123,14 +123,17 @@ def _skip_cpu_shm_comm() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
-def checkpoint_activations(model: SessaLM, mode: str) -> None:
-    """DeepSpeed's non-reentrant activation checkpointing: recompute each layer ("full") or each
-    layer's mixer, the attention + feedback solve whose activations grow with T ("feedback"), in
-    backward. Parameter names are unchanged (the forward is wrapped per instance)."""
+def checkpoint_activations(model: SessaLM, mode: str, *, reentrant: bool = False) -> None:
+    """DeepSpeed's activation checkpointing: recompute each layer ("full") or each layer's mixer,
+    the attention + feedback solve whose activations grow with T ("feedback"), in backward.
+    Non-reentrant by default; ZeRO-3 needs the reentrant variant (its recomputation in backward
+    runs under ZeRO-3's backward hooks; the non-reentrant one would keep references to parameters
+    ZeRO-3 has already released). Parameter names are unchanged (the forward is wrapped per instance)."""
     if mode == "none":
         return
-    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+    from deepspeed.runtime.activation_checkpointing import checkpointing
 
+    run = checkpointing.checkpoint if reentrant else checkpointing.non_reentrant_checkpoint
     for layer in model.layers:
         module = layer if mode == "full" else layer.mixer
         inner = module.forward
@@ -138,7 +141,7 @@ def checkpoint_activations(model: SessaLM, mode: str) -> None:
         def forward(x, cache=None, _inner=inner):
             if cache is not None or not torch.is_grad_enabled():  # decoding, evaluation
                 return _inner(x, cache)
-            return non_reentrant_checkpoint(lambda h: _inner(h, None)[0], x), None
+            return run(lambda h: _inner(h, None)[0], x), None
 
         module.forward = forward
 
@@ -159,7 +162,7 @@ class DeepSpeedTrainer(Trainer):
         for name in self.scalar_params:
             param = model.get_parameter(name)
             param.data = param.data.reshape(1)
-        checkpoint_activations(model, cfg.deepspeed.activation_checkpointing)
+        checkpoint_activations(model, cfg.deepspeed.activation_checkpointing, reentrant=cfg.deepspeed.stage == 3)
         self.chunks = [model.to(self.device)]
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          and cfg.model.dtype == "float32" else torch.autocast("cpu", enabled=False))

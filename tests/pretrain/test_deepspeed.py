@@ -104,21 +104,23 @@ def test_activation_checkpointing_keeps_gradients():
                          feedback_impl="chunked", feedback_chunk_size=16)
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
     grads = {}
-    for mode in ("none", "full", "feedback"):
+    variants = [("none", False), ("full", False), ("feedback", False), ("full", True), ("feedback", True)]
+    for mode, reentrant in variants:  # the reentrant variant is the one used with ZeRO-3
         model = SessaLM(config)
         init_weights(model, 3)
-        checkpoint_activations(model, mode)
+        checkpoint_activations(model, mode, reentrant=reentrant)
         calls = []
         for layer in model.layers:  # count the attention's runs: recomputed in backward when checkpointed
             attention = layer.mixer._causal_attention
             layer.mixer._causal_attention = lambda *a, _f=attention: calls.append(1) or _f(*a)
         model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
         assert len(calls) == config.num_layers * (1 if mode == "none" else 2), mode
-        grads[mode] = {name: param.grad.clone() for name, param in model.named_parameters()}
-    for mode in ("full", "feedback"):
-        assert grads[mode].keys() == grads["none"].keys()
-        for name, grad in grads["none"].items():
-            torch.testing.assert_close(grads[mode][name], grad, rtol=1e-6, atol=1e-7, msg=f"{mode}: {name}")
+        grads[mode, reentrant] = {name: param.grad.clone() for name, param in model.named_parameters()}
+    reference = grads["none", False]
+    for variant in variants[1:]:
+        assert grads[variant].keys() == reference.keys()
+        for name, grad in reference.items():
+            torch.testing.assert_close(grads[variant][name], grad, rtol=1e-6, atol=1e-7, msg=f"{variant}: {name}")
 
 
 # --- ZeRO vs the megatron engine --------------------------------------------------------------------
