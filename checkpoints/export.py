@@ -1,0 +1,292 @@
+"""Export a training checkpoint to Hugging Face, plain safetensors or the reference layout.
+
+Memory stays bounded: the output shards are planned from the checkpoint's metadata (shapes only),
+then each shard's tensors are read, converted, written and freed before the next shard. Every
+export carries `sessa_export.json`: source, step, tokens seen, config, git commit, tokenizer id,
+converter version and the sha256 of every file written.
+"""
+import base64
+import hashlib
+import json
+import shutil
+import subprocess
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from model.config import SessaConfig
+
+from . import layout
+from .readers import CheckpointError, open_checkpoint
+
+CONVERTER_VERSION = "1"
+FORMATS = ("hf", "safetensors", "reference")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+HF_DIR = Path(__file__).parent / "hf"
+TOKENIZER_SAMPLE = ("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n"
+                    "The quick brown fox jumps over the lazy dog. 1234567 <|endoftext|> Ünïcödé — ✓")
+
+
+def parse_size(text: str) -> int:
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    text = str(text).strip().upper()
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * factor)
+    return int(text)
+
+
+def model_config(common: dict) -> SessaConfig:
+    """The SessaConfig saved with the checkpoint (never retyped)."""
+    saved = dict(common["config"]["model"])
+    known = {f.name for f in fields(SessaConfig)}
+    return SessaConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_strict(reader, config: SessaConfig) -> None:
+    """Every model tensor of the checkpoint is consumed exactly once and every needed one exists."""
+    needed = layout.native_names(config)
+    duplicates = {n for n in needed if needed.count(n) > 1}
+    if duplicates:
+        raise CheckpointError(f"name table consumes {sorted(duplicates)} twice (converter bug)")
+    missing = [n for n in needed if n not in reader.shapes]
+    if missing:
+        raise CheckpointError(f"checkpoint {reader.path} lacks tensor model.{missing[0]} ({len(missing)} missing); "
+                              f"it does not match its saved config (num_layers={config.num_layers}, "
+                              f"num_heads={config.num_heads}, tie_embeddings={config.tie_embeddings})")
+    extra = sorted(set(reader.shapes) - set(needed))
+    if extra:
+        raise CheckpointError(f"checkpoint {reader.path} has tensor model.{extra[0]} that the name table does not "
+                              f"consume ({len(extra)} extra); add it to checkpoints/layout.py or fix the config")
+    rows = reader.shapes["embedding.weight"][0]
+    if rows != config.padded_vocab_size:
+        raise CheckpointError(f"model.embedding.weight has {rows} rows but vocab_size {config.vocab_size} padded to "
+                              f"{config.vocab_pad_multiple} gives {config.padded_vocab_size}; the config does not match")
+
+
+def plan_shards(entries, max_bytes: int, element_size: int) -> list[list]:
+    shards, current, size = [], [], 0
+    for entry in entries:
+        nbytes = max(1, torch.Size(entry.shape).numel()) * element_size
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(entry)
+        size += nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+def write_sharded(reader, config, entries, out: Path, dtype, max_bytes: int, convert, name_of) -> dict:
+    """Write `entries` shard by shard; returns the weight map (name -> file)."""
+    shards = plan_shards(entries, max_bytes, torch.tensor([], dtype=dtype).element_size())
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        filename = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        sources = reader.read([p for e in shard for p in e.native])
+        tensors = {}
+        for entry in shard:
+            tensors[name_of(entry)] = convert(entry, sources).to(dtype).contiguous()
+            weight_map[name_of(entry)] = filename
+        del sources
+        save_file(tensors, str(out / filename), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        total = sum(max(1, torch.Size(e.shape).numel()) for e in entries) * torch.tensor([], dtype=dtype).element_size()
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    return weight_map
+
+
+# --- tokenizer ---------------------------------------------------------------------------------
+def export_tokenizer(tokenizer, config: SessaConfig, out: Path) -> None:
+    """tokenizer.json (+ tokenizer_config.json) from our tiktoken encoding, checked on a fixed sample."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    encoding = tokenizer.encoding
+    if encoding.n_vocab > config.vocab_size:
+        raise CheckpointError(f"tokenizer {tokenizer.id} has {encoding.n_vocab} tokens but model.vocab_size is "
+                              f"{config.vocab_size}: the embedding cannot hold them; wrong --tokenizer?")
+    specials = sorted(encoding._special_tokens.items(), key=lambda kv: kv[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        bpe = Path(tmp) / "ranks.tiktoken"
+        bpe.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
+                               for t, r in sorted(encoding._mergeable_ranks.items(), key=lambda kv: kv[1])))
+        converted = TikTokenConverter(vocab_file=str(bpe), pattern=encoding._pat_str,
+                                      extra_special_tokens=[t for t, _ in specials]).converted()
+    for token, token_id in specials:
+        if converted.token_to_id(token) != token_id:
+            raise CheckpointError(f"special token {token!r} has id {token_id} in tiktoken but "
+                                  f"{converted.token_to_id(token)} in the converted tokenizer (ids not contiguous)")
+    eot = "<|endoftext|>" if "<|endoftext|>" in encoding._special_tokens else None
+    fast = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=eot, bos_token=eot,
+                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False)
+    fast.save_pretrained(str(out))
+    check_tokenizer(encoding, PreTrainedTokenizerFast.from_pretrained(str(out)))
+
+
+def check_tokenizer(encoding, fast) -> None:
+    for text in TOKENIZER_SAMPLE.split("\n") + [TOKENIZER_SAMPLE]:
+        ours = encoding.encode(text, allowed_special="all")
+        theirs = fast.encode(text, add_special_tokens=False)
+        if ours != theirs:
+            raise CheckpointError(f"exported tokenizer disagrees with tiktoken on {text!r}: {ours[:12]} vs {theirs[:12]}")
+        if fast.decode(theirs) != text:
+            raise CheckpointError(f"exported tokenizer does not round-trip {text!r}: got {fast.decode(theirs)!r}")
+
+
+def load_tokenizer_for(common: dict, spec: str | None):
+    from data_pipeline.manifest import read_manifest
+    from data_pipeline.tokenizer import load_tokenizer
+
+    if spec is None:
+        data_path = common["config"]["data"]["path"]
+        try:
+            spec = read_manifest(data_path)["tokenizer"]["spec"]
+        except FileNotFoundError as err:
+            raise CheckpointError(f"cannot find the training data {data_path} to learn the tokenizer; "
+                                  f"pass --tokenizer SPEC (tokenizer id {common['tokenizer_id']})") from err
+    tokenizer = load_tokenizer(spec)
+    if tokenizer.id != common["tokenizer_id"]:
+        raise CheckpointError(f"tokenizer {spec!r} has id {tokenizer.id} but the checkpoint was trained with "
+                              f"{common['tokenizer_id']}; pass the right --tokenizer")
+    return tokenizer
+
+
+# --- configs -------------------------------------------------------------------------------------
+def hf_config_dict(config: SessaConfig, dtype, eos_id) -> dict:
+    return {
+        "model_type": "sessa", "architectures": ["SessaForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_sessa.SessaConfig",
+                     "AutoModel": "modeling_sessa.SessaModel",
+                     "AutoModelForCausalLM": "modeling_sessa.SessaForCausalLM"},
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "gamma_max": config.gamma_max,
+        "layer_norm_eps": config.norm_eps, "rope_theta": config.rope_base,
+        "feedback_chunk_size": config.feedback_chunk_size, "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eos_id, "eos_token_id": eos_id,
+        "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
+    }
+
+
+def sessa_config_from_hf(hf: dict, base: SessaConfig | None = None) -> dict:
+    """The SessaConfig shape fields an HF config.json implies."""
+    return {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+            "num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"],
+            "gamma_max": hf["gamma_max"], "norm_eps": hf["layer_norm_eps"], "rope_base": hf["rope_theta"],
+            "tie_embeddings": hf["tie_word_embeddings"]}
+
+
+# --- export --------------------------------------------------------------------------------------
+def export(source, to: str, out, *, step: int | None = None, dtype: str = "fp32", max_shard_size: str = "5GB",
+           verify: bool = True, dry_run: bool = False, tokenizer_spec: str | None = None, log=print) -> dict:
+    if to not in FORMATS:
+        raise CheckpointError(f"--to must be one of {FORMATS}, got {to!r}")
+    if dtype not in DTYPES:
+        raise CheckpointError(f"--dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
+    reader = open_checkpoint(source, step)
+    common = reader.common
+    config = model_config(common)
+    check_strict(reader, config)
+    entries = layout.entries(config, reader.shapes)
+    torch_dtype = DTYPES[dtype]
+    out = Path(out)
+    log(f"source {reader.path} ({reader.format}, layout {common.get('layout')}, step {common.get('step')}); "
+        f"{len(entries)} tensors -> {to} in {out}")
+    tokenizer = load_tokenizer_for(common, tokenizer_spec) if to == "hf" else None
+    if dry_run:
+        for entry in entries:
+            log(f"  {' + '.join('model.' + p for p in entry.native)} -> {entry.target} {list(entry.shape)}")
+        return {"dry_run": True, "tensors": len(entries)}
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"{out} exists and is not empty; choose a new --out directory")
+    out.mkdir(parents=True, exist_ok=True)
+    max_bytes = parse_size(max_shard_size)
+
+    if to == "hf":
+        write_sharded(reader, config, entries, out, torch_dtype, max_bytes,
+                      lambda e, src: layout.fuse(e, src, config), lambda e: e.target)
+        export_tokenizer(tokenizer, config, out)
+        eos = tokenizer.encoding._special_tokens.get("<|endoftext|>")
+        (out / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype, eos), indent=2) + "\n")
+        (out / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": eos, "eos_token_id": eos, "do_sample": False}, indent=2) + "\n")
+        for name in ("configuration_sessa.py", "modeling_sessa.py"):
+            shutil.copyfile(HF_DIR / name, out / name)
+    elif to == "safetensors":  # our native names, full tensors (vocabulary padding kept)
+        names = layout.native_names(config)
+        native = [layout.Entry(n, (n,), reader.shapes[n], False, None) for n in names]
+        write_sharded(reader, config, native, out, torch_dtype, max_bytes, lambda e, src: src[e.target],
+                      lambda e: e.target)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    else:
+        write_reference(reader, config, entries, out, torch_dtype)
+    report = None
+    if verify and to == "hf":
+        from .verify import verify_export
+
+        report = verify_export(reader, config, out, dtype=torch_dtype, tokenizer=tokenizer, log=log)
+    write_manifest(out, reader, config, to, dtype, tokenizer, report)
+    log(f"exported to {out}")
+    return {"out": str(out), "report": report}
+
+
+def write_reference(reader, config, entries, out: Path, dtype) -> None:
+    """layers/{i}.safetensors with the reference layer's exact names, plus the LM parts and config.json."""
+    (out / "layers").mkdir()
+    inv_freq = config.rope_base ** (-torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size)
+    for i in range(config.num_layers):
+        layer = [e for e in entries if e.layer == i]
+        sources = reader.read([p for e in layer for p in e.native])
+        tensors = {layout.reference_name(e.target, i): layout.fuse(e, sources, config).to(dtype).contiguous()
+                   for e in layer}
+        tensors[layout.ROPE_BUFFER] = inv_freq.clone()  # a buffer of the reference layer (fp32)
+        save_file(tensors, str(out / "layers" / f"{i}.safetensors"), metadata={"format": "pt"})
+    rest = [e for e in entries if e.layer is None]
+    sources = reader.read([p for e in rest for p in e.native])
+    save_file({e.target: layout.fuse(e, sources, config).to(dtype).contiguous() for e in rest},
+              str(out / "lm.safetensors"), metadata={"format": "pt"})
+    layer_args = {"d_model": config.hidden_size, "n_heads": config.num_heads, "n_kv_heads": config.num_kv_heads,
+                  "gamma_max": config.gamma_max, "rope_base": config.rope_base, "norm_eps": config.norm_eps}
+    (out / "config.json").write_text(json.dumps({
+        "layer": layer_args, "num_layers": config.num_layers, "vocab_size": config.vocab_size,
+        "tie_embeddings": config.tie_embeddings, "lm_file": "lm.safetensors (embedding, final norm, head: HF names)",
+    }, indent=2) + "\n")
+
+
+def write_manifest(out: Path, reader, config, to, dtype, tokenizer, report) -> None:
+    common = reader.common
+    files = {str(p.relative_to(out)): sha256(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    manifest = {
+        "converter": "sessa-pretrain checkpoints", "converter_version": CONVERTER_VERSION,
+        "format": to, "dtype": dtype, "source": str(reader.path.resolve()), "source_format": reader.format,
+        "source_layout": common.get("layout"), "step": common.get("step"),
+        "tokens_seen": common.get("consumed_tokens"), "run_name": common["config"].get("run_name"),
+        "config": common["config"], "model": config.to_dict(), "tokenizer_id": common.get("tokenizer_id"),
+        "tokenizer_spec": tokenizer.spec if tokenizer is not None else None, "git_commit": git_commit(),
+        "tied_embeddings": config.tie_embeddings, "vocab_padding_stripped": to != "safetensors",
+        "verification": report, "files": files,
+    }
+    (out / "sessa_export.json").write_text(json.dumps(manifest, indent=2, default=str) + "\n")

@@ -1,0 +1,243 @@
+"""Hugging Face model of a Sessa language model (arXiv 2604.18580), pure PyTorch.
+
+Self-contained (only torch and transformers): copied next to the weights of an export and loaded
+with `AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`. Parameter names inside a
+layer are the public reference layer's (`ln`, `W_in`, `mixer.q_proj`, `mixer.proj_fb`, ...).
+
+Layer:  a, g = W_in(LN(x));  s = Mixer(GELU(a));  y = x + W_out(s * g)
+Mixer:  f = W_o(causal attention with interleaved RoPE);  s solves s[t] = f[t] + gamma[t] *
+        sum_{j<t} softmax_{j<t}(q_b[t] . k_b[j] / sqrt(D)) s[j]  (one head over the full width).
+The solve is chunked (never forms T x T): per chunk of C rows, the logits against all earlier keys
+(C x t), the contribution of earlier chunks' s, then the C x C unit-lower-triangular block solve.
+It runs in fp32 whatever the model dtype. `generate()` decodes step by step from `SessaCache`.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+try:
+    from .configuration_sessa import SessaConfig
+except ImportError:  # imported as a top-level module
+    from configuration_sessa import SessaConfig
+
+
+def chunked_feedback_solve(q_b, k_b, f, gamma, chunk_size: int):
+    """q_b, k_b [B, T, D]; f [B, T, V]; gamma [B, T] -> s [B, T, V] (fp32 arithmetic)."""
+    out_dtype = f.dtype
+    q_b, k_b, f, gamma = q_b.float(), k_b.float(), f.float(), gamma.float()
+    B, T, D = q_b.shape
+    scale = D ** -0.5
+    s = torch.empty_like(f)
+    for c0 in range(0, T, chunk_size):
+        c1 = min(c0 + chunk_size, T)
+        logits = torch.einsum("bik,bjk->bij", q_b[:, c0:c1], k_b[:, :c1]) * scale  # [B, C, c1]
+        rows = torch.arange(c0, c1, device=f.device)[:, None]
+        strict_past = torch.arange(c1, device=f.device)[None, :] < rows  # j < t
+        logits = logits.masked_fill(~strict_past, float("-inf"))
+        alpha = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # row t = 0 has no past: all zeros
+        g = gamma[:, c0:c1, None]
+        rhs = f[:, c0:c1] + g * (alpha[:, :, :c0] @ s[:, :c0])  # earlier chunks
+        block = torch.eye(c1 - c0, device=f.device) - g * alpha[:, :, c0:c1]  # unit lower triangular
+        s[:, c0:c1] = torch.linalg.solve_triangular(block, rhs, upper=False, unitriangular=True)
+    return s.to(out_dtype)
+
+
+def apply_interleaved_rope(x, positions, inv_freq):
+    """Rotate pairs (2i, 2i+1) of x [B, H, T, d] by positions[t] * inv_freq[i] (in fp32)."""
+    angles = positions.float()[:, None] * inv_freq.float()[None, :]
+    cos, sin = angles.cos(), angles.sin()
+    x_even, x_odd = x.float()[..., 0::2], x.float()[..., 1::2]
+    return torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1).flatten(-2).to(x.dtype)
+
+
+class SessaCache:
+    """Per layer: rotated forward keys/values [B, H_kv, t, d], feedback keys [B, t, D], past s [B, t, D]."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [None] * num_layers
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        entry = self.layers[layer_idx]
+        return 0 if entry is None else entry[0].shape[2]
+
+
+class SessaMixer(nn.Module):
+    def __init__(self, config: SessaConfig):
+        super().__init__()
+        D, H, H_kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.num_heads, self.num_kv_heads, self.head_size = H, H_kv, D // H
+        self.gamma_max, self.chunk_size = config.gamma_max, config.feedback_chunk_size
+        self.q_proj = nn.Linear(D, D)
+        self.k_proj = nn.Linear(D, H_kv * self.head_size)
+        self.v_proj = nn.Linear(D, H_kv * self.head_size)
+        self.proj_fb = nn.Linear(D, 2 * D)  # rows [q_b; k_b]
+        self.out_proj = nn.Linear(D, D, bias=False) if H > 1 else None  # identity for one head
+        self.gamma_bias = nn.Parameter(torch.ones(()))
+        self.gamma_ctx = nn.Linear(D, 1, bias=False)
+        d = self.head_size
+        self.register_buffer("rope_inv_freq", config.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float32) / d),
+                             persistent=False)
+
+    def _heads(self, x, n):  # [B, T, n*d] -> [B, n, T, d]
+        B, T, _ = x.shape
+        return x.view(B, T, n, self.head_size).transpose(1, 2)
+
+    def forward(self, a_bar, past=None):
+        """a_bar [B, T, D] -> (s [B, T, D], this layer's new cache entry)."""
+        B, T, D = a_bar.shape
+        start = 0 if past is None else past[0].shape[2]
+        positions = torch.arange(start, start + T, device=a_bar.device)
+        q = apply_interleaved_rope(self._heads(self.q_proj(a_bar), self.num_heads), positions, self.rope_inv_freq)
+        k = apply_interleaved_rope(self._heads(self.k_proj(a_bar), self.num_kv_heads), positions, self.rope_inv_freq)
+        v = self._heads(self.v_proj(a_bar), self.num_kv_heads)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        if start == 0:
+            f = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            visible = torch.ones(T, start + T, dtype=torch.bool, device=a_bar.device).tril(start)
+            f = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+        f = f.transpose(1, 2).reshape(B, T, D)
+        q_b, k_b = self.proj_fb(a_bar).chunk(2, dim=-1)
+        gamma = self.gamma_max * torch.tanh(self.gamma_bias + self.gamma_ctx(a_bar).squeeze(-1))  # [B, T]
+        if past is None or past[2].shape[1] == 0:
+            s = chunked_feedback_solve(q_b, k_b, f, gamma, self.chunk_size)
+            fb_keys, states = k_b, s
+        else:  # token by token against the cache: s[t] = f[t] + gamma[t] softmax(q_b[t] K_b) S
+            fb_keys, states, outputs = past[2], past[3], []
+            for t in range(T):
+                logits = torch.einsum("bk,bjk->bj", q_b[:, t].float(), fb_keys.float()) * D ** -0.5
+                context = torch.einsum("bj,bjv->bv", torch.softmax(logits, dim=-1), states.float())
+                s_t = (f[:, t].float() + gamma[:, t, None].float() * context).to(f.dtype)
+                outputs.append(s_t)
+                fb_keys = torch.cat((fb_keys, k_b[:, t:t + 1]), dim=1)
+                states = torch.cat((states, s_t[:, None]), dim=1)
+            s = torch.stack(outputs, dim=1)
+        if self.out_proj is not None:  # W_o commutes with the solve (it acts on features)
+            s = self.out_proj(s)
+        return s, (k, v, fb_keys, states)
+
+
+class SessaLayer(nn.Module):
+    def __init__(self, config: SessaConfig):
+        super().__init__()
+        D = config.hidden_size
+        self.ln = nn.LayerNorm(D, eps=config.layer_norm_eps)
+        self.W_in = nn.Linear(D, 2 * D)  # rows [a; g]
+        self.mixer = SessaMixer(config)
+        self.W_out = nn.Linear(D, D)
+
+    def forward(self, x, past=None):
+        a, g = self.W_in(self.ln(x)).chunk(2, dim=-1)
+        s, entry = self.mixer(F.gelu(a), past)  # exact (erf) GELU; the gate has no activation
+        return x + self.W_out(s * g), entry
+
+
+@dataclass
+class SessaOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: SessaCache | None = None
+    hidden_states: tuple | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+class SessaPreTrainedModel(PreTrainedModel):
+    config_class = SessaConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["SessaLayer"]
+
+    def _init_weights(self, module):
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, SessaMixer):
+            nn.init.ones_(module.gamma_bias)
+
+
+class SessaModel(SessaPreTrainedModel):
+    def __init__(self, config: SessaConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(SessaLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(self, input_ids=None, cache=None, use_cache=False, output_hidden_states=False, inputs_embeds=None,
+                **kwargs):
+        hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if use_cache and cache is None:
+            cache = SessaCache(len(self.layers))
+        all_hidden = [hidden] if output_hidden_states else None  # embedding output, then each layer's
+        for i, layer in enumerate(self.layers):
+            hidden, entry = layer(hidden, cache.layers[i] if cache is not None else None)
+            if cache is not None:
+                cache.layers[i] = entry
+            if output_hidden_states:
+                all_hidden.append(hidden)
+        return SessaOutput(last_hidden_state=self.norm(hidden), cache=cache if use_cache else None,
+                           hidden_states=tuple(all_hidden) if output_hidden_states else None)
+
+
+class SessaForCausalLM(SessaPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: SessaConfig):
+        super().__init__(config)
+        self.model = SessaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # SessaCache holds the feedback keys and past outputs too
+
+    def prepare_inputs_for_generation(self, input_ids, cache=None, use_cache=True, **kwargs):
+        if cache is not None:
+            input_ids = input_ids[:, cache.get_seq_length():]  # only the tokens not yet in the cache
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache}
+
+    def forward(self, input_ids=None, attention_mask=None, cache=None, labels=None, use_cache=None,
+                output_hidden_states=None, return_dict=None, inputs_embeds=None, logits_to_keep=0, **kwargs):
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("SessaForCausalLM does not support padding (attention_mask with zeros); "
+                             "run sequences of different lengths separately")
+        output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
+                                    else self.config.output_hidden_states)
+        outputs = self.model(input_ids, cache=cache, use_cache=bool(use_cache),
+                             output_hidden_states=output_hidden_states, inputs_embeds=inputs_embeds)
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        return SessaOutput(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states)

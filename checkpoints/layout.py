@@ -1,0 +1,125 @@
+"""The one name/layout table between our native parameters, the Hugging Face export and the
+public reference layer (SESSA.md §3). It drives export (native -> target) and import (target ->
+native) alike.
+
+Native names are the global names of `SessaLM.sharded_state_dict` without the `model.` prefix
+(`layers.{n}.mixer.q_proj.weight`, n = global layer number). Every rule says:
+  - `native`: our tensors, concatenated along dim 0 in this order when there are several (the
+    reference fuses W_in = [in_proj; gate_proj] and proj_fb = [fb_q_proj; fb_k_proj]);
+  - `tp`: how the training layout splits them across tensor-parallel ranks (0: rows, column-
+    parallel; 1: columns, row-parallel; None: replicated). The torch_dist reader reassembles the
+    global tensor from the checkpoint's own shard metadata, so this is documentation and the
+    check that the metadata agrees;
+  - `vocab`: the rows are the (padded) vocabulary: padding is stripped on export, re-added (zeros)
+    on import.
+"""
+from dataclasses import dataclass
+
+from model.config import SessaConfig
+from model.reference import REFERENCE_LAYOUT, ROPE_BUFFER
+
+HF_LAYER_PREFIX = "model.layers.{n}."
+
+
+@dataclass(frozen=True)
+class Rule:
+    target: str  # HF name ({n} = layer); for a layer rule, the part after the prefix is the reference name
+    native: tuple[str, ...]  # our names ({n} = layer), fused along dim 0 in this order
+    tp: int | None  # tensor-parallel split dim in training (None = replicated)
+    vocab: bool = False  # rows are the padded vocabulary
+    layer: bool = False
+
+
+_TP_DIM = {  # our layer parameter -> tensor-parallel split dimension
+    "norm.weight": None, "norm.bias": None,
+    "in_proj.weight": 0, "in_proj.bias": 0, "gate_proj.weight": 0, "gate_proj.bias": 0,
+    "mixer.q_proj.weight": 0, "mixer.q_proj.bias": 0, "mixer.k_proj.weight": 0, "mixer.k_proj.bias": 0,
+    "mixer.v_proj.weight": 0, "mixer.v_proj.bias": 0,
+    "mixer.fb_q_proj.weight": 0, "mixer.fb_q_proj.bias": 0, "mixer.fb_k_proj.weight": 0, "mixer.fb_k_proj.bias": 0,
+    "mixer.out_proj.weight": 1, "mixer.gamma_bias": None, "mixer.gamma_ctx.weight": None,
+    "out_proj.weight": 1, "out_proj.bias": None,
+}
+
+
+def rules(config: SessaConfig) -> list[Rule]:
+    """Every tensor of the model, in export order (embedding, layers 0..N-1, final norm, head)."""
+    if config.arch != "sessa":
+        raise ValueError(f"export supports model.arch 'sessa' only, the checkpoint has {config.arch!r}")
+    table = [Rule("model.embed_tokens.weight", ("embedding.weight",), tp=0, vocab=True)]
+    for ref, parts in REFERENCE_LAYOUT.items():
+        if ref == "mixer.out_proj.weight" and config.num_heads == 1:
+            continue  # W_o is the identity for a single head
+        dims = {_TP_DIM[p] for p in parts}
+        table.append(Rule(HF_LAYER_PREFIX + ref, tuple(f"layers.{{n}}.{p}" for p in parts), tp=dims.pop(), layer=True))
+    table += [Rule("model.norm.weight", ("final_norm.weight",), tp=None),
+              Rule("model.norm.bias", ("final_norm.bias",), tp=None)]
+    if not config.tie_embeddings:
+        table.append(Rule("lm_head.weight", ("output_layer.weight",), tp=0, vocab=True))
+    return table
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One concrete target tensor: where it comes from and what shape it has."""
+    target: str
+    native: tuple[str, ...]
+    shape: tuple[int, ...]
+    vocab: bool
+    layer: int | None
+
+
+def entries(config: SessaConfig, native_shapes: dict[str, tuple[int, ...]]) -> list[Entry]:
+    """The table expanded over layers, with target shapes from the native shapes."""
+    out = []
+    for rule in rules(config):
+        for n in (range(config.num_layers) if rule.layer else [None]):
+            native = tuple(p.format(n=n) for p in rule.native)
+            missing = [p for p in native if p not in native_shapes]
+            if missing:
+                raise KeyError(f"the checkpoint has no tensor model.{missing[0]} (needed for {rule.target.format(n=n)}); "
+                               f"was it saved by this recipe's SessaLM with this config?")
+            shapes = [native_shapes[p] for p in native]
+            shape = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+            if rule.vocab:
+                shape = (config.vocab_size, *shape[1:])
+            out.append(Entry(rule.target.format(n=n), native, tuple(shape), rule.vocab, n))
+    return out
+
+
+def native_names(config: SessaConfig) -> list[str]:
+    """Every native tensor the model has (global names)."""
+    return [p.format(n=n) for rule in rules(config)
+            for n in (range(config.num_layers) if rule.layer else [None]) for p in rule.native]
+
+
+def reference_name(target: str, layer: int) -> str:
+    """HF layer name -> the public reference layer's parameter name."""
+    return target.removeprefix(HF_LAYER_PREFIX.format(n=layer))
+
+
+def fuse(entry: Entry, tensors: dict[str, "torch.Tensor"], config: SessaConfig):
+    import torch
+
+    parts = [tensors[p] for p in entry.native]
+    full = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if entry.vocab:
+        full = full[: config.vocab_size]  # strip the vocabulary padding rows
+    return full
+
+
+def split(entry: Entry, tensor, config: SessaConfig) -> dict[str, "torch.Tensor"]:
+    """Inverse of `fuse`: a target tensor -> our native tensors (vocabulary padded with zeros)."""
+    import torch
+
+    if tuple(tensor.shape) != entry.shape:
+        raise ValueError(f"{entry.target} has shape {tuple(tensor.shape)}, the config expects {entry.shape}; "
+                         f"export and config disagree (hidden_size, heads, vocab_size?)")
+    if entry.vocab:
+        pad = config.padded_vocab_size - config.vocab_size
+        tensor = torch.cat((tensor, tensor.new_zeros(pad, *tensor.shape[1:]))) if pad else tensor
+    if len(entry.native) == 1:
+        return {entry.native[0]: tensor.clone()}
+    return {p: piece.clone() for p, piece in zip(entry.native, tensor.chunk(len(entry.native)))}
+
+
+__all__ = ["Rule", "Entry", "rules", "entries", "native_names", "reference_name", "fuse", "split", "ROPE_BUFFER"]
