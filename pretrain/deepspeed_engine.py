@@ -285,6 +285,9 @@ class DeepSpeedTrainer(Trainer):
 
     def _write_checkpoint(self, tmp: Path) -> None:
         self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
+        if self.env.rank == 0:  # DeepSpeed copies its recovery scripts next to the tags; `consolidate` replaces them
+            for script in ("zero_to_fp32.py", "zero_to_torch.py"):
+                (tmp.parent / script).unlink(missing_ok=True)
         rank_state = {"rank": self.env.rank, "dp_rank": self.env.dp_rank, "rng": self._rng_state(),
                       "data": self.train_loader.state_dict()}
         torch.save(rank_state, tmp / f"trainer_rank_{self.env.rank:05d}.pt")
