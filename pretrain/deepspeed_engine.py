@@ -373,15 +373,31 @@ def to_universal(checkpoint: Path) -> Path:
     if common["layout"]["tp"] != 1:
         raise ValueError(f"{checkpoint} was saved with parallel.tensor={common['layout']['tp']}; universal "
                          f"conversion is supported for tensor-parallel size 1 only")
-    final, tmp = checkpoint / UNIVERSAL, checkpoint / f".{UNIVERSAL}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(checkpoint),
+    final, tmp, staged = checkpoint / UNIVERSAL, checkpoint / f".{UNIVERSAL}.tmp", checkpoint / f".{UNIVERSAL}.input"
+    for path in (tmp, staged):
+        shutil.rmtree(path, ignore_errors=True)
+    # ds_to_universal writes every module-state entry as a tensor; megatron's linears add
+    # `_extra_state: None`. It reads a staged copy without them (optimizer shards linked, not copied);
+    # the universal checkpoint then gets the original module states, which a strict load expects.
+    staged.mkdir()
+    model_files = sorted(checkpoint.glob("mp_rank_*_model_states.pt"))
+    for path in checkpoint.iterdir():
+        if path.is_file() and path not in model_files:
+            (staged / path.name).symlink_to(path.resolve())
+    for path in model_files:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state["module"] = {k: v for k, v in state["module"].items() if torch.is_tensor(v)}
+        torch.save(state, staged / path.name)
+    command = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(staged),
                "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
     if common["zero_stage"] <= 2:
         command.append("--inject_missing_state")  # stages 1/2 checkpoints lack the fields it reads
     done = subprocess.run(command, capture_output=True, text=True)
+    shutil.rmtree(staged)
     if done.returncode != 0:
         raise RuntimeError(f"ds_to_universal failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    for path in model_files:
+        shutil.copy2(path, tmp / path.name)
     (checkpoint / "latest_universal").unlink(missing_ok=True)  # ds_to_universal's pointer, not ours
     shutil.rmtree(final, ignore_errors=True)
     os.rename(tmp, final)
