@@ -236,3 +236,36 @@ def test_universal_checkpoint_resumes_two_ranks_on_one(runs, megatron_losses):
     done = run_pretrain(recipe, *args)
     assert "resumed from the universal form" in done.stdout
     assert_same_losses(read_metrics(run_dir), megatron_losses, steps=range(4, 6))
+
+
+# --- the DeepSpeed launcher -----------------------------------------------------------------------
+def test_hostfile_generator():
+    from launch.deepspeed_hostfile import hostfile
+
+    assert hostfile(["node1", "node2"], 8) == "node1 slots=8\nnode2 slots=8\n"
+    with pytest.raises(ValueError, match="distinct"):
+        hostfile(["node1", "node1"], 8)
+    with pytest.raises(ValueError, match="--slots"):
+        hostfile(["node1"], 0)
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_two_nodes_no_ssh(runs, megatron_losses, tmp_path):
+    """The documented multi-node command, two 'nodes' of one rank each on this machine:
+    `deepspeed --hostfile ... --no_ssh --node_rank N` once per node."""
+    recipe, runs_dir = runs
+    hosts = tmp_path / "hostfile"
+    done = subprocess.run([sys.executable, "-m", "launch.deepspeed_hostfile", "--slots", "1", "localhost", "127.0.0.1"],
+                          cwd=REPO, env=pretrain_env(), capture_output=True, text=True, check=True)
+    hosts.write_text(done.stdout)
+    port = _free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", "--hostfile", str(hosts), "--no_ssh",
+                               "--node_rank", str(n), "--master_addr", "127.0.0.1", "--master_port", str(port),
+                               "--no_local_rank", "--module", "pretrain", "--config", str(recipe),
+                               "--run_name", "launcher", *COMMON, *DEEPSPEED],
+                              cwd=REPO, env=pretrain_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for n in (0, 1)]
+    outputs = [node.communicate(timeout=900)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    assert "world 2 (TP 1 x PP 1 x DP 2)" in outputs[0]
+    assert_same_losses(read_metrics(runs_dir / "launcher"), megatron_losses)
