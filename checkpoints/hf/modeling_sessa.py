@@ -79,9 +79,7 @@ class SessaMixer(nn.Module):
         self.out_proj = nn.Linear(D, D, bias=False) if H > 1 else None  # identity for one head
         self.gamma_bias = nn.Parameter(torch.ones(()))
         self.gamma_ctx = nn.Linear(D, 1, bias=False)
-        d = self.head_size
-        self.register_buffer("rope_inv_freq", config.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float32) / d),
-                             persistent=False)
+        self.rope_theta = config.rope_theta
 
     def _heads(self, x, n):  # [B, T, n*d] -> [B, n, T, d]
         B, T, _ = x.shape
@@ -92,8 +90,12 @@ class SessaMixer(nn.Module):
         B, T, D = a_bar.shape
         start = 0 if past is None else past[0].shape[2]
         positions = torch.arange(start, start + T, device=a_bar.device)
-        q = apply_interleaved_rope(self._heads(self.q_proj(a_bar), self.num_heads), positions, self.rope_inv_freq)
-        k = apply_interleaved_rope(self._heads(self.k_proj(a_bar), self.num_kv_heads), positions, self.rope_inv_freq)
+        # Computed here rather than held as a buffer: transformers materialises models from the meta
+        # device and would leave a non-persistent buffer uninitialised.
+        d = self.head_size
+        inv_freq = self.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=a_bar.device) / d)
+        q = apply_interleaved_rope(self._heads(self.q_proj(a_bar), self.num_heads), positions, inv_freq)
+        k = apply_interleaved_rope(self._heads(self.k_proj(a_bar), self.num_kv_heads), positions, inv_freq)
         v = self._heads(self.v_proj(a_bar), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)

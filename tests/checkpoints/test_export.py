@@ -1,0 +1,195 @@
+"""Checkpoint export/import on real training checkpoints (CPU, gloo for the multi-process save)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.pretrain.conftest import REPO, TEST_RECIPE, prepared_data, pretrain_env, run_pretrain  # noqa: F401
+
+from checkpoints.export import model_config
+from checkpoints.readers import open_checkpoint
+from checkpoints.verify import VerificationError, compare, load_exported, native_model, verification_inputs
+
+
+def _recipe(tmp: Path, data: Path, **model) -> Path:
+    tree = json.loads(json.dumps(TEST_RECIPE))
+    tree["data"].update(path=str(data), num_workers=0)
+    tree["model"].update(model)
+    tree["train"]["max_steps"] = 3
+    tree["runs_dir"] = str(tmp / "runs")
+    path = tmp / "recipe.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def cli(*args, expect_ok=True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "checkpoints", *map(str, args)], cwd=REPO, env=pretrain_env(),
+                          capture_output=True, text=True, timeout=600)
+    if expect_ok and done.returncode != 0:
+        raise AssertionError(f"checkpoints {args[0]} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, prepared_data):  # noqa: F811
+    """A 3-step single-process run and its HF export (verified by the exporter itself). The reference
+    init (uniform +-1/sqrt(fan_in)) gives attention that is far from uniform, so heads differ."""
+    tmp = tmp_path_factory.mktemp("export")
+    recipe = _recipe(tmp, prepared_data, init_scheme="reference")
+    run_pretrain(recipe, "--run_name", "tp1")
+    run = tmp / "runs" / "tp1"
+    done = cli("export", run, "--to", "hf", "--out", tmp / "hf")
+    assert "top-1 mismatches: 0" in done.stdout and "exported to" in done.stdout
+    return tmp, recipe, run, tmp / "hf"
+
+
+FRESH_PROCESS = r"""
+import sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+out, ids_path, result = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
+tokenizer = AutoTokenizer.from_pretrained(out)
+ids = torch.load(ids_path)
+with torch.no_grad():
+    hidden = model(ids, output_hidden_states=True)
+    generated = model.generate(ids[:1, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+torch.save({"logits": hidden.logits, "n_hidden": len(hidden.hidden_states), "generated": generated,
+            "class": type(model).__name__, "text_ids": tokenizer.encode("def f(x):\n    return x")}, result)
+"""
+
+
+def test_hf_export_loads_with_remote_code_and_matches_native(trained, tmp_path):
+    tmp, _, run, hf = trained
+    reader = open_checkpoint(run)
+    config = model_config(reader.common)
+    ids = torch.randint(0, config.vocab_size, (2, 2 * config.feedback_chunk_size + 3), generator=torch.Generator().manual_seed(3))
+    torch.save(ids, tmp_path / "ids.pt")
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS)
+    subprocess.run([sys.executable, str(script), str(hf), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
+                   check=True, cwd=tmp_path, env=pretrain_env(), timeout=300)
+    result = torch.load(tmp_path / "out.pt")
+    assert result["class"] == "SessaForCausalLM" and result["n_hidden"] == config.num_layers + 1
+
+    from model.generation import generate
+
+    native = native_model(reader, config)
+    with torch.no_grad():
+        ours = native(ids)[..., : config.vocab_size]
+    assert (ours - result["logits"]).abs().max().item() <= 1e-4
+    assert torch.equal(ours.argmax(-1), result["logits"].argmax(-1))
+    # generate() on the export == our generate(), greedily, token for token
+    assert torch.equal(generate(native, ids[:1, :5], 8, temperature=0), result["generated"])
+    from data_pipeline.tokenizer import load_tokenizer
+
+    assert result["text_ids"] == load_tokenizer("pydocs4k").encoding.encode("def f(x):\n    return x")
+    manifest = json.loads((hf / "sessa_export.json").read_text())
+    assert manifest["step"] == 3 and manifest["tokenizer_id"] == reader.common["tokenizer_id"]
+    assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json", "modeling_sessa.py"}
+
+
+@pytest.mark.parametrize("change", ["swap_heads", "gamma_sign", "rope_pairing"])
+def test_verification_detects_known_bad_changes(trained, change, monkeypatch):
+    _, _, run, hf = trained
+    reader = open_checkpoint(run)
+    config = model_config(reader.common)
+    native, exported = native_model(reader, config), load_exported(hf)
+    compare(native, exported, verification_inputs(config))  # the good export passes
+    mixer = exported.model.layers[1].mixer
+    with torch.no_grad():
+        if change == "swap_heads":  # heads 0 and 1 exchanged in W_o only (a head-permutation bug)
+            d = config.head_size
+            w = mixer.out_proj.weight
+            w[:, :d], w[:, d:2 * d] = w[:, d:2 * d].clone(), w[:, :d].clone()
+        elif change == "gamma_sign":
+            mixer.gamma_bias.neg_()
+    if change == "rope_pairing":  # halves (i, i + d/2) instead of interleaved pairs (2i, 2i + 1)
+        import checkpoints.hf.modeling_sessa as modeling
+
+        def half_split(x, positions, inv_freq):
+            angles = positions.float()[:, None] * inv_freq.float()[None, :]
+            cos, sin = angles.cos(), angles.sin()
+            a, b = x.chunk(2, dim=-1)
+            return torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+
+        monkeypatch.setattr(modeling, "apply_interleaved_rope", half_split)
+    first = "layer 0" if change == "rope_pairing" else "layer 1"
+    with pytest.raises(VerificationError, match=f"first divergence at {first}"):
+        compare(native, exported, verification_inputs(config))
+
+
+def _edit_common(run: Path, tmp: Path, **model_fields) -> Path:
+    """A copy of the run's checkpoint whose saved config differs in `model_fields`."""
+    import shutil
+
+    step_dir = open_checkpoint(run).path
+    copy = tmp / ("edited_" + "_".join(f"{k}{v}" for k, v in model_fields.items())) / step_dir.name
+    shutil.copytree(step_dir, copy)
+    common = torch.load(copy / "common.pt", weights_only=False)
+    common["config"]["model"].update(model_fields)
+    torch.save(common, copy / "common.pt")
+    return copy
+
+
+def test_strict_errors_name_what_to_fix(trained, tmp_path):
+    _, _, run, _ = trained
+    extra = cli("export", _edit_common(run, tmp_path, num_layers=1), "--to", "safetensors", "--out", tmp_path / "a",
+                expect_ok=False)
+    assert extra.returncode == 1 and "model.layers.1." in extra.stderr and "does not consume" in extra.stderr
+    missing = cli("export", _edit_common(run, tmp_path, num_layers=3), "--to", "safetensors", "--out", tmp_path / "b",
+                  expect_ok=False)
+    assert missing.returncode == 1 and "lacks tensor model.layers.2.norm.weight" in missing.stderr
+    vocab = cli("export", _edit_common(run, tmp_path, vocab_size=4000), "--to", "safetensors", "--out", tmp_path / "c",
+                expect_ok=False)
+    assert vocab.returncode == 1 and "model.embedding.weight has 4096 rows" in vocab.stderr
+    tokenizer = cli("export", run, "--to", "hf", "--out", tmp_path / "d", "--tokenizer", "gpt2", expect_ok=False)
+    assert tokenizer.returncode == 1 and "pass the right --tokenizer" in tokenizer.stderr
+
+
+def test_reference_and_safetensors_exports(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    sys.path.insert(0, str(REPO / "tests" / "model"))
+    from reference_layer import ReferenceLayer
+
+    _, _, run, _ = trained
+    reader = open_checkpoint(run)
+    config = model_config(reader.common)
+    cli("export", run, "--to", "reference", "--out", tmp_path / "ref")
+    for i in range(config.num_layers):
+        layer = ReferenceLayer(config.hidden_size, config.num_heads, config.num_kv_heads, config.gamma_max)
+        layer.load_state_dict(load_file(tmp_path / "ref" / "layers" / f"{i}.safetensors"), strict=True)
+    cli("export", run, "--to", "safetensors", "--out", tmp_path / "st", "--max-shard-size", "100KB")
+    index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
+    files = set(index["weight_map"].values())
+    assert len(files) > 1
+    native = reader.read(list(reader.shapes))
+    for name, tensor in native.items():
+        assert torch.equal(load_file(tmp_path / "st" / index["weight_map"][name])[name], tensor), name
+
+
+def test_import_round_trip_is_bit_exact_and_training_resumes(trained):
+    tmp, recipe, run, hf = trained
+    out = tmp / "runs" / "imported"
+    cli("import", hf, "--config", recipe, "--out", out)
+    original, imported = open_checkpoint(run), open_checkpoint(out)
+    assert original.shapes == imported.shapes
+    a, b = original.read(list(original.shapes)), imported.read(list(imported.shapes))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    done = run_pretrain(recipe, "--run_name", "imported", "--train.max_steps", "4", "--data.num_workers", "0")
+    assert "resumed from" in done.stdout + done.stderr and "step 4" in done.stdout + done.stderr
+
+
+@pytest.mark.slow
+def test_tp2_pp2_checkpoint_exports_to_the_same_model(tmp_path, prepared_data):  # noqa: F811
+    recipe = _recipe(tmp_path, prepared_data, num_kv_heads=2)
+    run_pretrain(recipe, "--run_name", "tp2pp2", "--parallel.tensor", "2", "--parallel.pipeline", "2", nproc=4)
+    run = tmp_path / "runs" / "tp2pp2"
+    assert open_checkpoint(run).common["layout"] == {"world_size": 4, "tp": 2, "pp": 2, "dp": 1}
+    done = cli("export", run, "--to", "hf", "--out", tmp_path / "hf")
+    assert "top-1 mismatches: 0" in done.stdout
