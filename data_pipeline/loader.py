@@ -35,6 +35,7 @@ again.
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from collections import Counter
 from collections.abc import Iterator
@@ -195,6 +196,14 @@ class PackedTokenDataset(IterableDataset):
         return batch
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """SLURM preemption and `timeout` signal a whole process group: the trainer saves a checkpoint
+    and stops, so its workers must not die first (torch's worker handler would kill them on SIGTERM,
+    and the trainer would crash mid-step). They end when the loader shuts them down."""
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TokenDataLoader(StatefulDataLoader):
     """A StatefulDataLoader whose state is a small cursor (see module docstring) rather than
     torchdata's per-worker snapshots, so it can be re-dealt to another dp_size / num_workers."""
@@ -205,7 +214,7 @@ class TokenDataLoader(StatefulDataLoader):
         with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                             in_order=True, persistent_workers=False)
+                             in_order=True, persistent_workers=False, worker_init_fn=_ignore_stop_signals)
         self._positions = [0] * dataset.layout.workers
         self._next_worker = 0  # logical worker whose batch comes next (DataLoader round robin)
         self.skipped: Counter = Counter()  # samples skipped as bad (on_error="skip"), by reason
@@ -222,6 +231,13 @@ class TokenDataLoader(StatefulDataLoader):
                 yield dataset.unpack(batch)
         if not dataset.layout.infinite:  # pass complete: the next one starts over
             self._positions, self._next_worker = [0] * dataset.layout.workers, 0
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now. A trainer that stops mid-epoch calls it: the
+        workers ignore stop signals, and an unfinished iterator would otherwise keep them waiting."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
     def state_dict(self) -> dict:
         ds: PackedTokenDataset = self.dataset

@@ -497,6 +497,8 @@ class Trainer:
                               f"checkpoint's tokenizer or start a new run")
 
     def close(self) -> None:
+        if hasattr(self, "train_loader"):
+            self.train_loader.close()
         if hasattr(self, "logger"):
             self.logger.close()
         shutdown_distributed()

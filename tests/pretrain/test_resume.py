@@ -60,14 +60,16 @@ def test_kill_during_save_keeps_previous_checkpoint(recipe, tmp_path):
     assert (checkpoints / "latest").read_text().strip() == "10"
 
 
-def test_sigterm_saves_and_exits_cleanly(recipe, tmp_path):
+def test_sigterm_to_the_process_group_saves_and_exits_cleanly(recipe, tmp_path):
+    """As SLURM preemption and `timeout` do: every process of the group, data workers included,
+    gets SIGTERM; the trainer still finishes its step, saves and exits 0."""
     run_dir = tmp_path / "runs" / "preempted"
-    process = start_pretrain(recipe, "--run_name", "preempted", "--train.max_steps", "200")
+    process = start_pretrain(recipe, "--run_name", "preempted", "--train.max_steps", "200")  # own session
     deadline = time.time() + 600
     while max(read_metrics(run_dir), default=0) < 3:
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
+    os.killpg(process.pid, signal.SIGTERM)
     assert process.wait(timeout=300) == 0
     saved = int((run_dir / "checkpoints" / "latest").read_text())
     assert 3 <= saved < 200 and saved == max(read_metrics(run_dir))
