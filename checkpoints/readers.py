@@ -1,4 +1,4 @@
-"""Read training checkpoints on one CPU process, from the checkpoint's own metadata.
+"""Read training checkpoints (megatron torch_dist or DeepSpeed ZeRO) on one CPU process.
 
 `open_checkpoint(path, step)` accepts a run directory (`runs/NAME`), its `checkpoints/` folder or
 one `iter_NNNNNNN/` directory and returns a reader with:
@@ -32,7 +32,7 @@ def resolve_step_dir(path: Path, step: int | None = None) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a run directory, its checkpoints/ folder or an iter_* directory")
-    if (path / "metadata.json").is_file():  # an iter_NNNNNNN directory itself
+    if (path / "metadata.json").is_file() or (path / "trainer_state.pt").is_file():  # an iter_NNNNNNN directory
         if step is not None and not path.name.endswith(f"{step:07d}"):
             raise CheckpointError(f"{path} is the checkpoint of another step than --step {step}")
         return path
@@ -76,10 +76,37 @@ class MegatronReader:
         return {n: state[MODEL_PREFIX + n] for n in names}
 
 
+class DeepSpeedReader:
+    """A DeepSpeed ZeRO 0-3 checkpoint of `engine: deepspeed` (tensor-parallel size 1), consolidated by
+    DeepSpeed's own zero_to_fp32 utilities (`pretrain.deepspeed_engine.consolidated_state_dict`).
+    That utility merges every ZeRO partition at once, so this reader holds the fp32 model in memory
+    (the torch_dist reader does not)."""
+
+    def __init__(self, step_dir: Path):
+        self.path = Path(step_dir)
+        self.common = torch.load(self.path / "trainer_state.pt", weights_only=False)
+        self.format = f"deepspeed ZeRO-{self.common['zero_stage']}"
+        from pretrain.deepspeed_engine import consolidated_state_dict
+
+        try:
+            self._state = consolidated_state_dict(self.path)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from err
+        self.shapes = {name: tuple(t.shape) for name, t in self._state.items()}
+
+    def read(self, names) -> dict[str, torch.Tensor]:
+        missing = [n for n in names if n not in self._state]
+        if missing:
+            raise CheckpointError(f"{self.path} has no tensor {missing[0]} after DeepSpeed consolidation")
+        return {n: self._state[n] for n in names}
+
+
 def open_checkpoint(path, step: int | None = None):
-    """Auto-detect the checkpoint format of `path` and return its reader."""
+    """Auto-detect the checkpoint format of `path` (megatron torch_dist or DeepSpeed) and return its reader."""
     step_dir = resolve_step_dir(Path(path), step)
     if (step_dir / "metadata.json").is_file():
         return MegatronReader(step_dir)
-    raise CheckpointError(f"{step_dir} is not a megatron torch_dist checkpoint (no metadata.json); DeepSpeed "
-                          f"checkpoints are not readable yet (see README, Export)")
+    if (step_dir / "trainer_state.pt").is_file():
+        return DeepSpeedReader(step_dir)
+    raise CheckpointError(f"{step_dir} is neither a megatron torch_dist checkpoint (metadata.json) nor a DeepSpeed "
+                          f"checkpoint of this recipe (trainer_state.pt)")

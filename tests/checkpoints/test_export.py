@@ -193,3 +193,14 @@ def test_tp2_pp2_checkpoint_exports_to_the_same_model(tmp_path, prepared_data): 
     assert open_checkpoint(run).common["layout"] == {"world_size": 4, "tp": 2, "pp": 2, "dp": 1}
     done = cli("export", run, "--to", "hf", "--out", tmp_path / "hf")
     assert "top-1 mismatches: 0" in done.stdout
+
+
+@pytest.mark.slow
+def test_deepspeed_zero3_checkpoint_exports(tmp_path, prepared_data):  # noqa: F811
+    recipe = _recipe(tmp_path, prepared_data)
+    run_pretrain(recipe, "--run_name", "ds3", "--engine", "deepspeed", "--deepspeed.stage", "3", nproc=2)
+    run = tmp_path / "runs" / "ds3"
+    done = cli("export", run, "--to", "hf", "--out", tmp_path / "hf")
+    assert "deepspeed ZeRO-3" in done.stdout and "top-1 mismatches: 0" in done.stdout
+    manifest = json.loads((tmp_path / "hf" / "sessa_export.json").read_text())
+    assert manifest["source_format"] == "deepspeed ZeRO-3" and manifest["source_layout"]["dp"] == 2
