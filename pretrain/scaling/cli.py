@@ -61,8 +61,13 @@ def _plan(args) -> int:
         tree = apply_overrides(base, point.overrides)
         tree["runs_dir"] = str(out / "runs")
         (out / "configs" / f"{point.name}.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+    existing = []
+    if args.append and (out / "plan.json").exists():
+        existing = json.loads((out / "plan.json").read_text())["points"]
+        names = {p.name for p in points}
+        existing = [p for p in existing if p["name"] not in names]
     (out / "plan.json").write_text(json.dumps({"base": args.base, "seq_len": args.seq_len, "mode": args.mode,
-                                               "points": to_json(points)}, indent=1))
+                                               "points": existing + to_json(points)}, indent=1))
     print(f"wrote {out / 'plan.json'} and {len(points)} configs in {out / 'configs'}")
     return 0
 
@@ -120,6 +125,21 @@ def _plot(args) -> int:
     return 0
 
 
+def _launch(args) -> int:
+    from .launch import launch_local, launch_slurm
+
+    if args.mode == "local":
+        ran = launch_local(args.sweep, max_attempts=args.max_attempts, timeout_s=args.timeout)
+        for name, status in ran.items():
+            print(f"{name}: {status}")
+        print(f"{len(ran)} points run" if ran else "nothing to run: every point is done, diverged or out of attempts")
+        return 0 if all(s in ("done", "diverged") for s in ran.values()) else 1
+    jobs = launch_slurm(args.sweep, max_attempts=args.max_attempts, throttle=args.throttle,
+                        sbatch_lines=[f"#SBATCH {line}" for line in args.sbatch])
+    print(json.dumps(jobs) if jobs else "nothing to submit")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain.scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,7 +170,17 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--tflops-per-gpu", type=float, help="measured model TFLOP/s per GPU, for the GPU-hour estimate")
     plan.add_argument("--out", default="sweeps/default", help="sweep directory (plan.json, configs/)")
     plan.add_argument("--dry-run", action="store_true", help="print the table only")
+    plan.add_argument("--append", action="store_true", help="add these points to an existing plan.json")
     plan.set_defaults(handler=_plan)
+
+    launch = sub.add_parser("launch", help="run the plan's points not done yet (local, or SLURM arrays)")
+    launch.add_argument("--sweep", required=True, help="sweep directory written by plan")
+    launch.add_argument("--mode", choices=("local", "slurm"), default="local")
+    launch.add_argument("--max-attempts", type=int, default=2, help="attempts per point (requeues + reruns)")
+    launch.add_argument("--throttle", type=int, default=4, help="SLURM: array tasks running at once (%%K)")
+    launch.add_argument("--timeout", type=float, default=3600, help="local: seconds per point")
+    launch.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH line, e.g. --sbatch='--gpus=8'")
+    launch.set_defaults(handler=_launch)
 
     collect = sub.add_parser("collect", help="results table (CSV + Parquet) of a sweep's runs")
     collect.add_argument("--sweep", required=True, help="sweep directory (plan.json, runs/)")

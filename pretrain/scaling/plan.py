@@ -200,6 +200,8 @@ class Planner:
             "optim.lr": point.lr, "optim.min_lr": 0.0, "optim.beta2": point.beta2,  # WSD cools down to 0
             "schedule.style": "wsd", "schedule.warmup_steps": point.warmup_steps,
             "schedule.wsd_decay_fraction": round(point.decay_fraction, 6),
+            "eval.interval": 0, "eval.sample_tokens": 0,  # held-out loss once, at the end (post-cooldown)
+            "checkpoint.interval_steps": 0,  # saved on exit; ladder mains also at their branches' forks
         }
         point.overrides = overrides
         point.config_hash = config_hash(apply_overrides(self.base, overrides))
@@ -247,6 +249,11 @@ class Planner:
                     if ratio != max(ratios):
                         point.fork_of, point.fork_step = main.name, stable
                     points.append(self._finish(point))
+                forks = [p.fork_step for p in points if p.fork_of == main.name]
+                if forks:  # the main keeps a checkpoint at every fork step (gcd cadence, none pruned)
+                    every = math.gcd(*forks)
+                    main_point = next(p for p in points if p.name == main.name)
+                    main_point.overrides |= {"checkpoint.interval_steps": every, "checkpoint.keep_every": every}
         return points
 
 

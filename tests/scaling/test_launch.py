@@ -1,0 +1,109 @@
+"""launch: registry, forks, failure vs divergence, SLURM array scripts; and the tiny sweep end to end."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pretrain.scaling.launch import Registry, classify, fork_checkpoint, slurm_scripts
+from pretrain.scaling.plan import Planner, SizeRule, apply_overrides, to_json
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_sweep(root: Path, base: dict, points) -> None:
+    (root / "configs").mkdir(parents=True, exist_ok=True)
+    for p in points:
+        tree = apply_overrides(base, p["overrides"])
+        tree["runs_dir"] = str(root / "runs")
+        (root / "configs" / f"{p['name']}.yaml").write_text(yaml.safe_dump(tree))
+    (root / "plan.json").write_text(json.dumps({"points": points, "seq_len": 64}))
+
+
+def ladder_points():
+    base = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
+    planner = Planner(base=base, seq_len=64, archs=("sessa",), size_rule=SizeRule(aspect=16, head_size=16))
+    return base, to_json(planner.ladder([32], ratios=(0.1, 0.2)))
+
+
+def test_failure_divergence_and_forks(tmp_path):
+    base, points = ladder_points()
+    write_sweep(tmp_path, base, points)
+    branch, main = points
+    assert branch["fork_of"] == main["name"]
+    assert main["overrides"]["checkpoint.keep_every"] == branch["fork_step"]
+    run = tmp_path / "runs" / main["name"]
+    run.mkdir(parents=True)
+    log = lambda records: (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    log([{"step": 5, "train/loss": 8.0}])
+    assert classify(tmp_path, main, -9)[0] == "failed"  # killed before the end: retry
+    log([{"step": 5, "train/loss": 8.0}, {"step": main["steps"], "train/loss": 7.0}])
+    assert classify(tmp_path, main, 0) == ("done", "")
+    log([{"step": 5, "train/loss": 8.0}, {"step": 30, "train/loss": math.nan}])
+    status, reason = classify(tmp_path, main, 1)
+    assert status == "diverged" and "non-finite" in reason  # told apart from a node failure
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        fork_checkpoint(tmp_path, branch)
+    source = run / "checkpoints" / f"iter_{branch['fork_step']:07d}"
+    source.mkdir(parents=True)
+    (source / "common.pt").write_text("x")
+    fork_checkpoint(tmp_path, branch)
+    forked = tmp_path / "runs" / branch["name"] / "checkpoints"
+    assert (forked / "latest").read_text() == str(branch["fork_step"]) and (forked / source.name / "common.pt").exists()
+
+
+def test_slurm_arrays_throttle_and_skip_finished(tmp_path):
+    base, points = ladder_points()
+    write_sweep(tmp_path, base, points)
+    scripts = slurm_scripts(tmp_path, max_attempts=3, throttle=2, sbatch_lines=["#SBATCH --gpus=1"])
+    assert [s.stem for s in scripts] == ["mains", "branches"]
+    mains = scripts[0].read_text()
+    assert "#SBATCH --array=0-0%2" in mains and "#SBATCH --gpus=1" in mains and "scontrol requeue" in mains
+    assert "fork_checkpoint" in scripts[1].read_text()
+    subprocess.run(["bash", "-n", str(scripts[0])], check=True)  # valid bash
+    registry = Registry(tmp_path)
+    registry.get(points[1])["status"] = "done"
+    registry.save()
+    assert [s.stem for s in slurm_scripts(tmp_path)] == ["branches"]  # the finished main is not resubmitted
+
+
+@pytest.mark.slow
+def test_tiny_sweep_end_to_end(tmp_path, prepared_data):
+    """plan (isoFLOP 2 budgets x 3 sizes, plus a WSD ladder with a forked cooldown) x both
+    architectures -> launch (local, the real trainer) -> collect, compare, fit, plot -> launch again."""
+    base = {"model": {"vocab_size": 4096, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
+                      "feedback_impl": "chunked", "feedback_chunk_size": 16},
+            "train": {"micro_batch_size": 4, "seed": 7}, "data": {"path": str(prepared_data), "num_workers": 0},
+            "logging": {"interval": 5, "wandb": "disabled", "progress_bar": False}, "eval": {"batches": 2}}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = tmp_path / "sweep"
+    common = ["--base", str(tmp_path / "base.yaml"), "--seq-len", "64", "--head-size", "16", "--aspect", "16",
+              "--micro-batch", "4", "--out", str(sweep)]
+    cli = lambda *args: subprocess.run([sys.executable, "-m", "pretrain.scaling", *args], cwd=REPO,
+                                       capture_output=True, text=True, timeout=1800)
+    for args in (["plan", *common, "--budgets", "1e10", "3e10", "--widths", "16", "32", "48"],
+                 ["plan", *common, "--mode", "ladder", "--widths", "16", "--ratios", "0.1", "0.2", "--append"]):
+        done = cli(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    plan = json.loads((sweep / "plan.json").read_text())["points"]
+    assert len(plan) == 12 + 4 and sum(bool(p["fork_of"]) for p in plan) == 2
+    done = cli("launch", "--sweep", str(sweep))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    registry = json.loads((sweep / "registry.json").read_text())
+    assert all(e["status"] == "done" for e in registry.values()), registry
+    for branch in (p for p in plan if p["fork_of"]):  # the branch continued from its main's checkpoint
+        assert "resumed from" in (sweep / "runs" / branch["name"] / "launch.log").read_text()
+    for args in (["collect", "--sweep", str(sweep)], ["compare", "--sweep", str(sweep), "--bootstrap", "20"],
+                 ["plot", "--sweep", str(sweep), "--bootstrap", "10"],
+                 ["fit", "--points", str(sweep / "results" / "points_sessa.csv"), "--approach", "3", "--json",
+                  "--bootstrap", "10"]):
+        done = cli(*args)
+        assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("results/results.csv", "results/results.parquet", "results/compare.json", "report/report.md",
+                 "report/isoflop.png", "report/overlay.png"):
+        assert (sweep / name).stat().st_size > 0
+    done = cli("launch", "--sweep", str(sweep))
+    assert done.returncode == 0 and "nothing to run" in done.stdout
