@@ -308,14 +308,14 @@ class Trainer:
         flops = flops_per_token(cfg.model, self.seq_len)
         last_save = time.time()
         interval = cfg.logging.interval
-        window_start, window_wait = time.perf_counter(), 0.0
+        window_start, window_wait, window_step = time.perf_counter(), 0.0, self.step
         while self.step < cfg.train.max_steps:
             loss, grad_norm = self._train_step(iterator)
             self.step += 1
             self.consumed_tokens += cfg.train.global_batch_tokens
             if self.step % interval == 0 or self.step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
-                steps_in_window = (self.step - 1) % interval + 1
+                steps_in_window = self.step - window_step  # fewer than `interval` after a resume
                 tokens_per_s = steps_in_window * cfg.train.global_batch_tokens / elapsed
                 metrics = {
                     "train/loss": loss, "train/lr": self.optimizer.param_groups[0]["lr"], "train/grad_norm": grad_norm,
@@ -333,7 +333,7 @@ class Trainer:
                 if not cfg.logging.progress_bar:
                     self.logger.print(f"step {self.step} loss {loss:.4f} lr {metrics['train/lr']:.3e} "
                                       f"grad_norm {grad_norm:.3f} tok/s {tokens_per_s:.0f}")
-                window_start, window_wait = time.perf_counter(), timed.wait_seconds
+                window_start, window_wait, window_step = time.perf_counter(), timed.wait_seconds, self.step
 
             if cfg.eval.interval and self.step % cfg.eval.interval == 0 and self.step < cfg.train.max_steps:
                 self._log_eval()
