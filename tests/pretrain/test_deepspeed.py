@@ -88,6 +88,7 @@ def test_config_errors_name_the_field(tmp_path, recipe):
     assert generated["zero_optimization"]["stage3_param_persistence_threshold"] == 0
 
 
+@pytest.mark.slow  # needs the megatron run
 def test_engine_refuses_a_megatron_checkpoint(runs, megatron_losses):
     recipe, runs_dir = runs
     shutil.copytree(runs_dir / "megatron", runs_dir / "megatron_then_ds")
@@ -125,11 +126,14 @@ def test_activation_checkpointing_keeps_gradients():
 
 # --- ZeRO vs the megatron engine --------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", [1, 2], ids=["zero1", "zero2"])
-def test_zero_matches_megatron_engine(runs, megatron_losses, stage):
+@pytest.mark.parametrize("stage, offload", [(1, False), (2, False), (2, True)],
+                         ids=["zero1", "zero2", "zero2_offload"])
+def test_zero_matches_megatron_engine(runs, megatron_losses, stage, offload):
+    """offload: optimizer states and step on the CPU (here with torch AdamW, not CPU-Adam)."""
     recipe, runs_dir = runs
-    name = f"zero{stage}"
+    name = f"zero{stage}" + "_offload" * offload
     run_pretrain(recipe, "--run_name", name, *COMMON, *DEEPSPEED, "--deepspeed.stage", str(stage),
+                 "--deepspeed.offload_optimizer", str(offload).lower(), "--deepspeed.cpu_adam", "false",
                  "--checkpoint.interval_steps", "3", nproc=2)
     assert_same_losses(read_metrics(runs_dir / name), megatron_losses)
 
