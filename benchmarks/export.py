@@ -19,20 +19,24 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Peak RSS = VmHWM of the child's own address space: ru_maxrss would also count the pages of the
+# (large) parent that fork copied before exec.
+PEAK = "int(next(l for l in open('/proc/self/status') if l.startswith('VmHWM')).split()[1]) / 1024"
+
 CHILD = r"""
-import resource, sys, time
+import sys, time
 sys.path.insert(0, {repo!r})
 t0 = time.time()
 from checkpoints.export import export
 export({src!r}, "hf", {out!r}, verify=False, tokenizer_spec="pydocs4k", max_shard_size={shard!r}, log=lambda *_: None)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, time.time() - t0)
+print({peak}, time.time() - t0)
 """
 
 BASELINE = r"""
-import resource, sys
+import sys
 sys.path.insert(0, {repo!r})
 import checkpoints.export, transformers, safetensors.torch, megatron.core
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print({peak})
 """
 
 
@@ -68,7 +72,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    baseline = float(subprocess.run([sys.executable, "-c", BASELINE.format(repo=str(REPO))], check=True,
+    baseline = float(subprocess.run([sys.executable, "-c", BASELINE.format(repo=str(REPO), peak=PEAK)], check=True,
                                     capture_output=True, text=True).stdout.split()[-1])
     rows = []
     for size in args.sizes:
@@ -79,7 +83,7 @@ def main() -> None:
             out = Path(tmp) / "hf"
             start = time.time()
             done = subprocess.run([sys.executable, "-c", CHILD.format(repo=str(REPO), src=str(src), out=str(out),
-                                                                      shard=args.max_shard_size)],
+                                                                      shard=args.max_shard_size, peak=PEAK)],
                                   check=True, capture_output=True, text=True)
             peak, seconds = map(float, done.stdout.split()[-2:])
             largest = max(p.stat().st_size for p in out.glob("*.safetensors"))

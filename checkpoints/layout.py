@@ -83,7 +83,9 @@ def entries(config: SessaConfig, native_shapes: dict[str, tuple[int, ...]]) -> l
             if rule.vocab:
                 shape = (config.vocab_size, *shape[1:])
             out.append(Entry(rule.target.format(n=n), native, tuple(shape), rule.vocab, n))
-    return out
+    # Layer-major (embedding, layer 0, layer 1, ..., final norm, head): a shard reads few layers.
+    stage = {"model.embed_tokens.weight": 0}
+    return sorted(out, key=lambda e: (stage.get(e.target, 1 if e.layer is not None else 2), e.layer or 0))
 
 
 def native_names(config: SessaConfig) -> list[str]:

@@ -87,6 +87,14 @@ def test_hf_export_loads_with_remote_code_and_matches_native(trained, tmp_path):
     from data_pipeline.tokenizer import load_tokenizer
 
     assert result["text_ids"] == load_tokenizer("pydocs4k").encoding.encode("def f(x):\n    return x")
+    # registrable from our package, without remote code
+    from transformers import AutoModelForCausalLM
+
+    from checkpoints.hf import register
+
+    register()
+    local = AutoModelForCausalLM.from_pretrained(str(hf))
+    assert type(local).__module__ == "checkpoints.hf.modeling_sessa"
     manifest = json.loads((hf / "sessa_export.json").read_text())
     assert manifest["step"] == 3 and manifest["tokenizer_id"] == reader.common["tokenizer_id"]
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json", "modeling_sessa.py"}
