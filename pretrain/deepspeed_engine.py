@@ -359,8 +359,8 @@ class DeepSpeedTrainer(Trainer):
         self.step, self.consumed_tokens = common["step"], common["consumed_tokens"]
         self.last_saved_step = step
         if self.env.rank == 0:
-            kind = "universal form of " if plan["universal"] else ""
-            print(f"resumed from the {kind}{where} (saved at layout {common['layout']}, "
+            kind = "the universal form of " if plan["universal"] else ""
+            print(f"resumed from {kind}{where} (saved at layout {common['layout']}, "
                   f"ZeRO stage {common['zero_stage']})", flush=True)
 
 

@@ -141,15 +141,19 @@ def test_zero_matches_megatron_engine(runs, megatron_losses, stage, offload):
 @pytest.mark.slow
 def test_zero3_matches_megatron_engine_and_consolidates(runs, megatron_losses, tmp_path):
     """Every parameter partitioned (persistence threshold 0, set through a user DeepSpeed JSON);
-    full activation checkpointing on; the consolidated checkpoint equals the live weights."""
+    full activation checkpointing on; saved and resumed at step 3 (train.exit_interval); the
+    consolidated checkpoint equals the live weights."""
     from pretrain.deepspeed_engine import consolidated_state_dict
 
     recipe, runs_dir = runs
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    args = ("--run_name", "zero3", *COMMON, "--deepspeed.stage", "3", "--deepspeed.config_json", str(user),
+            "--deepspeed.activation_checkpointing", "full")
+    run_pretrain(recipe, *args, *DEEPSPEED, "--train.exit_interval", "3", nproc=2)
+    assert sorted(read_metrics(runs_dir / "zero3")) == [1, 2, 3]
     live = tmp_path / "live.pt"
-    _ds_live_weights(recipe, live, "--run_name", "zero3", *COMMON, "--deepspeed.stage", "3",
-                     "--deepspeed.config_json", str(user), "--deepspeed.activation_checkpointing", "full", nproc=2)
+    _ds_live_weights(recipe, live, *args, nproc=2)  # resumes at step 3
     assert_same_losses(read_metrics(runs_dir / "zero3"), megatron_losses)
 
     checkpoint = runs_dir / "zero3" / "checkpoints" / "iter_0000005"
