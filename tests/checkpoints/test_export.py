@@ -201,6 +201,10 @@ def test_tp2_pp2_checkpoint_exports_to_the_same_model(tmp_path, prepared_data): 
     assert open_checkpoint(run).common["layout"] == {"world_size": 4, "tp": 2, "pp": 2, "dp": 1}
     done = cli("export", run, "--to", "hf", "--out", tmp_path / "hf")
     assert "top-1 mismatches: 0" in done.stdout
+    # ... and back: the import (saved by one process) resumes at TP = 2
+    cli("import", tmp_path / "hf", "--config", recipe, "--out", tmp_path / "runs" / "back")
+    done = run_pretrain(recipe, "--run_name", "back", "--parallel.tensor", "2", "--train.max_steps", "4", nproc=2)
+    assert "resumed from" in done.stdout + done.stderr
 
 
 @pytest.mark.slow
