@@ -77,6 +77,11 @@ def check_strict(reader, config: SessaConfig) -> None:
     if extra:
         raise CheckpointError(f"checkpoint {reader.path} has tensor model.{extra[0]} that the name table does not "
                               f"consume ({len(extra)} extra); add it to checkpoints/layout.py or fix the config")
+    if reader.chunks is not None:
+        try:
+            layout.check_tp_layout(config, reader.chunks, reader.common["layout"]["tp"])
+        except ValueError as err:
+            raise CheckpointError(f"checkpoint {reader.path}: {err}") from err
     rows = reader.shapes["embedding.weight"][0]
     if rows != config.padded_vocab_size:
         raise CheckpointError(f"model.embedding.weight has {rows} rows but vocab_size {config.vocab_size} padded to "

@@ -8,8 +8,8 @@ Native names are the global names of `SessaLM.sharded_state_dict` without the `m
     reference fuses W_in = [in_proj; gate_proj] and proj_fb = [fb_q_proj; fb_k_proj]);
   - `tp`: how the training layout splits them across tensor-parallel ranks (0: rows, column-
     parallel; 1: columns, row-parallel; None: replicated). The torch_dist reader reassembles the
-    global tensor from the checkpoint's own shard metadata, so this is documentation and the
-    check that the metadata agrees;
+    global tensor from the checkpoint's own shard metadata; `check_tp_layout` checks that the
+    pieces the ranks wrote are split exactly like this;
   - `vocab`: the rows are the (padded) vocabulary: padding is stripped on export, re-added (zeros)
     on import.
 """
@@ -88,6 +88,21 @@ def entries(config: SessaConfig, native_shapes: dict[str, tuple[int, ...]]) -> l
     return sorted(out, key=lambda e: (stage.get(e.target, 1 if e.layer is not None else 2), e.layer or 0))
 
 
+def check_tp_layout(config: SessaConfig, chunks: dict, tp_size: int) -> None:
+    """The saved pieces of each tensor match the table: tp_size equal pieces along its split dim,
+    or one full piece for a replicated tensor (megatron writes one replica only)."""
+    for rule in rules(config):
+        for n in (range(config.num_layers) if rule.layer else [None]):
+            for name in (p.format(n=n) for p in rule.native):
+                pieces = sorted(chunks[name])
+                expected = tp_size if rule.tp is not None and tp_size > 1 else 1
+                dims = {d for offsets, _ in pieces for d, o in enumerate(offsets) if o}
+                if len(pieces) != expected or (expected > 1 and dims != {rule.tp}):
+                    raise ValueError(f"model.{name} was saved as {len(pieces)} piece(s) split along dims "
+                                     f"{sorted(dims)}, but the name table expects {expected} along dim {rule.tp} "
+                                     f"at tensor-parallel size {tp_size}; update checkpoints/layout.py")
+
+
 def native_names(config: SessaConfig) -> list[str]:
     """Every native tensor the model has (global names)."""
     return [p.format(n=n) for rule in rules(config)
@@ -124,4 +139,4 @@ def split(entry: Entry, tensor, config: SessaConfig) -> dict[str, "torch.Tensor"
     return {p: piece.clone() for p, piece in zip(entry.native, tensor.chunk(len(entry.native)))}
 
 
-__all__ = ["Rule", "Entry", "rules", "entries", "native_names", "reference_name", "fuse", "split", "ROPE_BUFFER"]
+__all__ = ["Rule", "Entry", "rules", "entries", "native_names", "check_tp_layout", "reference_name", "fuse", "split", "ROPE_BUFFER"]

@@ -65,6 +65,8 @@ class MegatronReader:
             if key.startswith(MODEL_PREFIX) and isinstance(value, TensorStorageMetadata):
                 self._meta[key[len(MODEL_PREFIX):]] = value
         self.shapes = {name: tuple(m.size) for name, m in self._meta.items()}
+        # name -> [(offsets, sizes)] of the pieces the ranks wrote (one per tensor-parallel shard)
+        self.chunks = {name: [(tuple(c.offsets), tuple(c.sizes)) for c in m.chunks] for name, m in self._meta.items()}
 
     def read(self, names) -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self._meta]
@@ -93,6 +95,7 @@ class DeepSpeedReader:
         except ValueError as err:
             raise CheckpointError(str(err)) from err
         self.shapes = {name: tuple(t.shape) for name, t in self._state.items()}
+        self.chunks = None  # consolidated by DeepSpeed: no shard layout to check
 
     def read(self, names) -> dict[str, torch.Tensor]:
         missing = [n for n in names if n not in self._state]

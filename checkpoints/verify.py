@@ -115,7 +115,7 @@ def compare(native, hf_model, inputs, log=print, tolerance: float = TOLERANCE) -
     return report
 
 
-def load_exported(out, register: bool = True):
+def load_exported(out):
     from .hf import SessaForCausalLM
 
     return SessaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()

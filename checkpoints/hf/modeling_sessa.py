@@ -11,7 +11,6 @@ The solve is chunked (never forms T x T): per chunk of C rows, the logits agains
 (C x t), the contribution of earlier chunks' s, then the C x C unit-lower-triangular block solve.
 It runs in fp32 whatever the model dtype. `generate()` decodes step by step from `SessaCache`.
 """
-import math
 from dataclasses import dataclass
 
 import torch
