@@ -21,6 +21,7 @@ per rank (RNG, data-loader position) and, after `to-universal`, a `universal/` D
 universal checkpoint that a resume at another data-parallel size or ZeRO stage loads.
 """
 import argparse
+import contextlib
 import copy
 import json
 import os
@@ -165,7 +166,7 @@ class DeepSpeedTrainer(Trainer):
         checkpoint_activations(model, cfg.deepspeed.activation_checkpointing, reentrant=cfg.deepspeed.stage == 3)
         self.chunks = [model.to(self.device)]
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
-                         and cfg.model.dtype == "float32" else torch.autocast("cpu", enabled=False))
+                         and cfg.model.dtype == "float32" else contextlib.nullcontext())
 
     def _build_optimizer(self) -> None:
         import deepspeed
@@ -240,15 +241,30 @@ class DeepSpeedTrainer(Trainer):
         dist.all_reduce(count, group=dp_group)
         scale = self.num_microbatches * self.env.dp_size / max(count.item(), 1.0)
         totals = torch.zeros(2, device=self.device)
-        for batch in batches:
+        grad_norm = None
+        for i, batch in enumerate(batches):
             total, tokens = self._loss_sum(batch)
             self.engine.backward(total * scale)
+            if i == len(batches) - 1 and self.config.deepspeed.stage == 0:
+                grad_norm = self._grad_norm()  # DeepSpeed reports none without ZeRO
             self.engine.step()  # the optimizer steps at the last micro-batch only
             totals += torch.stack((total.detach(), tokens.float()))
         self.scheduler.step(increment=1)
         dist.all_reduce(totals, group=dp_group)
-        grad_norm = self.engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
         return (totals[0] / totals[1]).item(), float(grad_norm or 0.0)
+
+    def _grad_norm(self) -> float:
+        """Global gradient norm (stage 0: gradients already averaged over DP): tensor-parallel
+        shards summed over the TP group, replicated parameters counted once."""
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        squares = torch.zeros(1, device=self.device)
+        for param in self.chunks[0].parameters():
+            if param.grad is not None and (getattr(param, "tensor_model_parallel", False) or tp_rank == 0):
+                squares += param.grad.float().pow(2).sum()
+        dist.all_reduce(squares, group=parallel_state.get_tensor_model_parallel_group())
+        return squares.sqrt().item()
 
     def evaluate(self) -> dict:
         import math
@@ -418,7 +434,7 @@ def consolidated_state_dict(checkpoint: Path) -> dict:
         state = torch.load(checkpoint / "mp_rank_00_model_states.pt", weights_only=False)["module"]
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
-    state = {k: v.float().contiguous() for k, v in state.items()}
+    state = {k: v.float().contiguous() for k, v in state.items() if torch.is_tensor(v)}  # not megatron's _extra_state
     for name in common["scalar_params"]:  # trained as shape [1], see DeepSpeedTrainer._build_model
         state[name] = state[name].reshape(())
     return state

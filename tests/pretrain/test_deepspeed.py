@@ -126,8 +126,8 @@ def test_activation_checkpointing_keeps_gradients():
 
 # --- ZeRO vs the megatron engine --------------------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("stage, offload", [(1, False), (2, False), (2, True)],
-                         ids=["zero1", "zero2", "zero2_offload"])
+@pytest.mark.parametrize("stage, offload", [(0, False), (1, False), (2, False), (2, True)],
+                         ids=["zero0", "zero1", "zero2", "zero2_offload"])
 def test_zero_matches_megatron_engine(runs, megatron_losses, stage, offload):
     """offload: optimizer states and step on the CPU (here with torch AdamW, not CPU-Adam)."""
     recipe, runs_dir = runs
@@ -136,6 +136,8 @@ def test_zero_matches_megatron_engine(runs, megatron_losses, stage, offload):
                  "--deepspeed.offload_optimizer", str(offload).lower(), "--deepspeed.cpu_adam", "false",
                  "--checkpoint.interval_steps", "3", nproc=2)
     assert_same_losses(read_metrics(runs_dir / name), megatron_losses)
+    norms = read_metrics(runs_dir / name, "train/grad_norm")  # stage 0: computed by our engine
+    assert_same_losses(norms, read_metrics(runs_dir / "megatron", "train/grad_norm"), abs=1e-4)
 
 
 @pytest.mark.slow
