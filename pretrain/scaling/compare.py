@@ -37,8 +37,9 @@ def compute_multiplier(sessa: dict, transformer: dict, flops: float) -> float:
 
 
 def _interval(values, level):
-    values = np.asarray(values, float)
-    return [float(np.percentile(values, 50 * (1 - level))), float(np.percentile(values, 50 * (1 + level)))]
+    values = np.asarray(values, float)  # may hold inf (Sessa below the Transformer's floor): no interpolation
+    return [float(np.percentile(values, 50 * (1 - level), method="nearest")),
+            float(np.percentile(values, 50 * (1 + level), method="nearest"))]
 
 
 def _p_value(diffs) -> float:

@@ -150,15 +150,17 @@ def law_loss(law: dict, params, tokens):
 def law_optimum(law: dict, flops: float) -> dict[str, float]:
     """Compute-optimal N*, D*, L* of a parametric law at C = 6 N D."""
     alpha, beta = law["alpha"], law["beta"]
-    g = (alpha * law["A"] / (beta * law["B"])) ** (1.0 / (alpha + beta))
-    n_opt = g * (flops / FLOPS_PER_PARAM_TOKEN) ** (beta / (alpha + beta))
+    # in logs: a degenerate bootstrap refit (an exponent at its bound) must not overflow
+    log_g = (math.log(alpha * law["A"]) - math.log(beta * law["B"])) / (alpha + beta)
+    log_n = log_g + beta / (alpha + beta) * math.log(flops / FLOPS_PER_PARAM_TOKEN)
+    n_opt = math.exp(min(max(log_n, -690.0), 690.0))
     d_opt = flops / FLOPS_PER_PARAM_TOKEN / n_opt
     return {"flops": flops, "N": float(n_opt), "D": float(d_opt), "loss": float(law_loss(law, n_opt, d_opt))}
 
 
 def _percentile_intervals(samples: list[dict], level: float) -> dict[str, list[float]]:
     low, high = 50 * (1 - level), 50 * (1 + level)
-    return {key: [float(np.percentile([s[key] for s in samples], low)), float(np.percentile([s[key] for s in samples], high))]
+    return {key: [float(np.percentile([s[key] for s in samples], q, method="nearest")) for q in (low, high)]
             for key in samples[0]}
 
 
@@ -181,11 +183,15 @@ def fit_approach3(points: Points, *, target_flops: float | None = None, bootstra
         samples.append(refit | {"N_opt": optimum["N"], "D_opt": optimum["D"], "L_opt": optimum["loss"],
                                 "a": refit["beta"] / (refit["alpha"] + refit["beta"])})
     optimum = law_optimum(law, target)
+    names = ("a", "b", "e", "alpha", "beta")
+    at_bounds = [name for name, value in zip(names, theta)
+                 if min(abs(value - BOUNDS[name][0]), abs(value - BOUNDS[name][1])) < 1e-6]
     return FitResult(
         approach=3, params=law,
         intervals=_percentile_intervals(samples, level) if samples else {},
         optimum=optimum, samples=samples,
-        details={"huber_objective": float(objective) * delta**2, "points": len(points), "bootstrap": bootstrap, "level": level,
+        details={"huber_objective": float(objective) * delta**2,
+                 "at_bounds": at_bounds,  # parameters pinned at a bound: the law is not identified "points": len(points), "bootstrap": bootstrap, "level": level,
                  "N_exponent": law["beta"] / (law["alpha"] + law["beta"]),
                  "residuals": (np.log(points.loss) - np.log(law_loss(law, points.params, points.tokens))).tolist()},
     )

@@ -147,6 +147,11 @@ def write_report(out: Path, fits: dict, comparison: dict | None, rows: list[dict
             band = f.intervals.get(name)
             cells.append(f"{f.params[name]:.4g}" + (f" [{band[0]:.3g}, {band[1]:.3g}]" if band else ""))
         lines.append(f"| {arch} | " + " | ".join(cells) + " |")
+    for arch, f in fits.items():
+        if not isinstance(f, Exception) and f.details.get("at_bounds"):
+            lines.append(f"\n**{arch}: {', '.join(f.details['at_bounds'])} at the optimiser's bounds: the data do not "
+                         f"identify the law (too few sizes/tokens); its extrapolations, N*, D* and the compute "
+                         f"multiplier are not meaningful.**")
     if comparison:
         lines += ["", "## Sessa vs Transformer", ""]
         for seq_len, result in comparison.items():
