@@ -158,6 +158,24 @@ def test_strict_errors_name_what_to_fix(trained, tmp_path):
     assert tokenizer.returncode == 1 and "pass the right --tokenizer" in tokenizer.stderr
 
 
+def test_import_refuses_mismatches(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    _, recipe, _, hf = trained
+    shape = cli("import", hf, "--config", recipe, "--out", tmp_path / "runs" / "a", "--model.hidden_size", "64",
+                expect_ok=False)
+    assert shape.returncode == 1 and "hidden_size: export 32 vs config 64" in shape.stderr
+    broken = tmp_path / "broken"
+    shutil.copytree(hf, broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.mixer.gamma_bias"]
+    save_file(tensors, broken / "model.safetensors")
+    missing = cli("import", broken, "--config", recipe, "--out", tmp_path / "runs" / "b", expect_ok=False)
+    assert missing.returncode == 1 and "lacks tensor model.layers.1.mixer.gamma_bias" in missing.stderr
+
+
 def test_reference_and_safetensors_exports(trained, tmp_path):
     from safetensors.torch import load_file
 
