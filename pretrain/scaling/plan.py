@@ -32,6 +32,7 @@ from model.config import SessaConfig
 from .flops import count_params, ledger
 
 TOKENS_PER_PARAM = 20.0
+DEFAULT_SEED = 1234
 
 
 @dataclass(kw_only=True)
@@ -160,7 +161,7 @@ class Planner:
     micro_batch: int = 1
     tolerance: float = 0.02
     decay_fraction: float = 0.2
-    seed: int = 1234
+    seed: int = DEFAULT_SEED
 
     def model_config(self, arch: str, width: int) -> SessaConfig:
         fields = dict(self.base.get("model", {})) | self.size_rule.model_fields(width) | {"arch": arch}
@@ -173,6 +174,8 @@ class Planner:
         config = self.model_config(arch, width)
         per_token = ledger(config, self.seq_len).per_token("model")
         params = count_params(config)
+        if self.seed != DEFAULT_SEED:  # repeated seeds of a point (the noise floor) get their own runs
+            name = f"{name}-s{self.seed}"
         flops_for_rules = budget_for_rules or target_flops
         batch = batch_tokens or self.rules.batch_tokens(flops_for_rules, self.seq_len, self.micro_batch)
         wanted = tokens if tokens is not None else target_flops / per_token

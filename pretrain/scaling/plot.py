@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .collect import fit_rows, read_metrics
-from .fit import FitError, Points, fit_approach3, law_loss, law_optimum
+from .fit import FitError, Points, fit_approach3, law_loss, law_optimum, noise_floor
 
 COLORS = {"sessa": "tab:blue", "transformer": "tab:orange"}
 
@@ -134,8 +134,13 @@ def write_report(out: Path, fits: dict, comparison: dict | None, rows: list[dict
     if elapsed_s is not None:
         lines += [f"Sweep wall time: {elapsed_s / 60:.1f} min.", ""]
     fitted = len(fit_rows(rows))
+    chosen = fit_rows(rows)
+    floor = noise_floor([(r["arch"], r["params"], r["tokens"]) for r in chosen], [r["loss_nats"] for r in chosen])
     lines += [f"{len(rows)} result rows, {fitted} post-cooldown and not diverged (fitted); "
               f"{sum(r['diverged'] for r in rows)} rows of diverged runs flagged.", "",
+              f"Noise floor (seed-to-seed std of the held-out loss, pooled over {floor['groups']} repeated points): "
+              + (f"{floor['std']:.4g} nats." if floor["groups"] else "no point was repeated with another seed "
+                 "(plan again with --seed N --append)."), "",
               "## Fitted laws L(N, D) = E + A/N^alpha + B/D^beta (approach 3, 95% bootstrap intervals)", "",
               "| arch | E | A | B | alpha | beta |", "|---|---|---|---|---|---|"]
     for arch, f in fits.items():

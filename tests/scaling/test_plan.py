@@ -67,6 +67,9 @@ def test_config_hash_keys_what_changes_the_result():
     tree = apply_overrides(BASE, a[0].overrides)
     assert config_hash(tree | {"run_name": "renamed", "logging": {"interval": 99}}) == a[0].config_hash
     assert config_hash(apply_overrides(tree, {"train.seed": 1})) != a[0].config_hash
+    reseeded = planner(seed=7).isoflop([3e12], WIDTHS, sizes_per_budget=2)  # a repeat for the noise floor
+    assert [p.name for p in reseeded] == [f"{p.name}-s7" for p in a]
+    assert not {p.config_hash for p in reseeded} & set(hashes)
 
 
 def test_plan_cli_dry_run_and_written_configs_load(tmp_path):
