@@ -28,8 +28,8 @@ def main():
 
     import torch
 
-    from model import count_parameters, flops_per_token
     from pretrain.config import load_config
+    from pretrain.scaling.flops import count_params, flops_per_token
     from pretrain.trainer import Trainer, _TimedIterator
 
     total = args.warmup + args.steps
@@ -57,7 +57,7 @@ def main():
         tflops = flops_per_token(config.model, trainer.seq_len) * tokens_per_s / trainer.env.world_size / 1e12
         row = {
             "config": args.config, "device": str(trainer.device), "world_size": trainer.env.world_size,
-            "params_m": round(count_parameters(config.model) / 1e6, 2), "seq_len": trainer.seq_len,
+            "params_m": round(count_params(config.model) / 1e6, 2), "seq_len": trainer.seq_len,
             "global_batch_tokens": config.train.global_batch_tokens, "step_s": round(elapsed / args.steps, 3),
             "tokens_per_s": round(tokens_per_s, 1), "model_tflops_per_device": round(tflops, 4),
             "mfu": round(tflops / args.peak_tflops, 4) if args.peak_tflops else None,

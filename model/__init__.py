@@ -2,7 +2,7 @@
 from .config import SessaConfig
 from .init import init_weights
 from .layer import LayerCache, SessaLayer, SessaMixer, SessaSubmodules
-from .lm import SessaLM, count_parameters, flops_per_token
+from .lm import SessaLM, count_parameters
 from .parallel import ensure_model_parallel, megatron_config
 
 __all__ = [
@@ -14,7 +14,6 @@ __all__ = [
     "SessaSubmodules",
     "count_parameters",
     "ensure_model_parallel",
-    "flops_per_token",
     "init_weights",
     "megatron_config",
 ]

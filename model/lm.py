@@ -136,15 +136,20 @@ class SessaLM(MegatronModule):
                 _, number, rest = key.split(".", 2)
                 key = f"layers.{local_of[int(number)]}.{rest}"
             local[key] = value
-        missing, unexpected = self.load_state_dict(local, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+        load_strictly(self, local)
 
     # --- accounting ---------------------------------------------------------------------------
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters of the full model (all tensor-parallel shards counted once)."""
         return count_parameters(self.sessa, exclude_embeddings)
+
+
+def load_strictly(module: nn.Module, state_dict: dict) -> None:
+    """load_state_dict that tolerates only megatron's optional `_extra_state` entries missing."""
+    missing, unexpected = module.load_state_dict(state_dict, strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
 
 
 def _layer_weight_elements(config: SessaConfig) -> tuple[int, int]:
@@ -168,19 +173,3 @@ def count_parameters(config: SessaConfig, exclude_embeddings: bool = False) -> i
     embeddings = config.padded_vocab_size * config.hidden_size * (1 if config.tie_embeddings else 2)
     final_norm = 2 * config.hidden_size
     return config.num_layers * (matrices + vectors) + final_norm + (0 if exclude_embeddings else embeddings)
-
-
-def flops_per_token(config: SessaConfig, seq_len: int, training: bool = True) -> float:
-    """Model FLOPs per token (matmuls only; attention counted causally, average context T/2).
-
-    Per layer and token the forward does 2 FLOPs per matrix weight, plus 2 * 2 * (T/2) * D for the
-    causal forward attention (scores and values) and the same again for the feedback branch
-    (logits of width D and the probability-weighted sum over past s). The chunked solve's diagonal
-    blocks add O(C * D) per token, negligible for C << T. Backward = 2 x forward.
-    """
-    D, L = config.hidden_size, config.num_layers
-    matrices, _ = _layer_weight_elements(config)
-    lm_head = config.padded_vocab_size * D
-    attention_and_feedback = 2 * (2 * 2 * (seq_len / 2) * D)
-    forward = 2 * (L * matrices + lm_head) + L * attention_and_feedback
-    return 3 * forward if training else forward

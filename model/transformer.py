@@ -20,6 +20,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
 from .config import SessaConfig
+from .lm import load_strictly
 from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
 
 
@@ -105,10 +106,7 @@ class TransformerLM(GPTModel):
             elif key.startswith(("output_layer.", "decoder.final_layernorm.")) and not self.post_process:
                 continue
             local[key] = value
-        missing, unexpected = self.load_state_dict(local, strict=False)
-        missing = [k for k in missing if not k.endswith("_extra_state")]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
+        load_strictly(self, local)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Parameters of the full model (all shards counted once)."""

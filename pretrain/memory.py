@@ -4,7 +4,7 @@
 """
 import argparse
 
-from model import count_parameters
+from .scaling.flops import count_params
 
 from .config import RunConfig, load_config
 
@@ -22,7 +22,7 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     """
     model, parallel = config.model, config.parallel
     model_parallel = parallel.tensor * parallel.pipeline
-    params = count_parameters(model) / model_parallel
+    params = count_params(model) / model_parallel
     compute_bytes = 2 if model.dtype != "float32" or config.logging.peak_tflops else BYTES[model.dtype]
     weights = params * BYTES[model.dtype]
     grads = params * 4
@@ -45,7 +45,7 @@ def main():
     args = parser.parse_args()
     config = load_config(args.config)
     estimate = estimate_memory_gb(config, args.seq_len, args.dp)
-    print(f"{config.run_name}: {count_parameters(config.model) / 1e9:.3f}B parameters, TP {config.parallel.tensor} "
+    print(f"{config.run_name}: {count_params(config.model) / 1e9:.3f}B parameters, TP {config.parallel.tensor} "
           f"PP {config.parallel.pipeline} DP {args.dp}, seq_len {args.seq_len}, "
           f"micro-batch {config.train.micro_batch_size}")
     for name, value in estimate.items():

@@ -30,19 +30,20 @@ from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimize
 from data_pipeline.loader import build_dataloader, merge_dp_states
 from data_pipeline.manifest import read_manifest
 from data_pipeline.tokenizer import load_tokenizer
-from model import SessaLM, count_parameters, flops_per_token, init_weights, megatron_config
 from model.generation import generate
+from model.transformer import build_model, init_model_weights, megatron_config_for
 
 from .config import ConfigError, RunConfig, save_config
 from .distributed import init_distributed, shutdown_distributed
 from .memory import estimate_memory_gb
 from .metrics import MetricsLogger
 from .runlock import acquire_for_training
+from .scaling.flops import count_params, flops_per_token
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}  # reloadable at any DP size
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "tie_embeddings",
-                "vocab_pad_multiple")
+SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
+                "tie_embeddings", "vocab_pad_multiple")
 
 
 def _no_weight_decay(param, name: str) -> bool:
@@ -180,7 +181,7 @@ class Trainer:
         """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
         cfg, env = self.config, self.env
         virtual = cfg.parallel.virtual_stages
-        self.megatron_config = megatron_config(
+        self.megatron_config = megatron_config_for(
             cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, calculate_per_token_loss=True,
             virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
             batch_p2p_comm=self.device.type == "cuda",  # gloo's batched p2p mis-orders interleaved stages
@@ -189,9 +190,10 @@ class Trainer:
         self.chunks = []
         for v in range(virtual):
             stage = v * env.pp_size + env.pp_rank
-            chunk = SessaLM(cfg.model, self.megatron_config, pre_process=stage == 0,
-                            post_process=stage == len(stages) - 1, layer_numbers=stages[stage])
-            init_weights(chunk, cfg.train.seed)
+            chunk = build_model(cfg.model, self.megatron_config, pre_process=stage == 0,
+                                post_process=stage == len(stages) - 1, layer_numbers=stages[stage],
+                                vp_stage=v if virtual > 1 else None)
+            init_model_weights(chunk, cfg.train.seed)
             self.chunks.append(chunk.to(self.device))
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.optim.distributed,
@@ -229,7 +231,7 @@ class Trainer:
 
     def _banner(self) -> str:
         cfg, env = self.config, self.env
-        params = count_parameters(cfg.model)
+        params = count_params(cfg.model)
         memory = estimate_memory_gb(cfg, self.seq_len, env.dp_size)
         return (f"run {cfg.run_name}: {params / 1e6:.2f}M parameters, seq_len {self.seq_len}, "
                 f"world {env.world_size} (TP {env.tp_size} x PP {env.pp_size} x DP {env.dp_size}"
@@ -388,6 +390,9 @@ class Trainer:
             return
         if len(self.chunks) > 1 or self.env.pp_size > 1 or cfg.parallel.sequence_parallel:
             self.logger.print("no sample: decoding needs the whole model on one rank and no sequence parallelism")
+            return
+        if cfg.model.arch != "sessa":
+            self.logger.print(f"no sample: decoding with caches is implemented for Sessa, not {cfg.model.arch}")
             return
         model = self.chunks[0]
         tokenizer = load_tokenizer(self.manifest["tokenizer"]["spec"])

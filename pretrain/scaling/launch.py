@@ -11,7 +11,7 @@ Ladder branches (`fork_of`) start from their main run's checkpoint at `fork_step
 copies it into the branch's run directory, and the branch's own config (its WSD decay starts at
 the fork) takes over from there. Mains run first; a branch whose main is not done waits.
 
-  local  one point after another on this machine (`run_point`, the real trainer).
+  local  one point after another on this machine (`python -m pretrain`, the real trainer).
   slurm  an sbatch array for the mains (`--array=0-N%K`, one config per index), and a second
          array of branches with `--dependency=afterany:<mains>`; each task retries itself with
          `scontrol requeue` up to `max_attempts` (attempts counted in the run directory).
@@ -79,7 +79,7 @@ def classify(sweep: Path, point: dict, returncode: int) -> tuple[str, str]:
 
 
 def train_command(sweep: Path, point: dict) -> list[str]:
-    return [sys.executable, "-m", "pretrain.scaling.run_point", "--config",
+    return [sys.executable, "-m", "pretrain", "--config",
             str(sweep / "configs" / f"{point['name']}.yaml")]
 
 
@@ -146,7 +146,7 @@ ATTEMPTS=$(( $(cat "$RUN/attempts" 2>/dev/null || echo 0) + 1 ))
 echo $ATTEMPTS > "$RUN/attempts"
 cd {repo}
 {fork}
-PYTHONPATH={repo}:${{PYTHONPATH:-}} {python} -m pretrain.scaling.run_point --config {sweep}/configs/$NAME.yaml
+PYTHONPATH={repo}:${{PYTHONPATH:-}} {python} -m pretrain --config {sweep}/configs/$NAME.yaml
 CODE=$?
 echo $CODE > "$RUN/exit_code"
 if [ $CODE -ne 0 ] && [ $ATTEMPTS -lt {max_attempts} ]; then
