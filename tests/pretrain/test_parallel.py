@@ -1,10 +1,12 @@
 """Pipeline, tensor and data parallelism through the real trainer (megatron-core schedules, gloo):
 every layout trains on the same global batches, so losses match the single process, and a
 checkpoint saved at (TP, PP, DP) = (2, 2, 1) resumes at other layouts with the same next losses."""
+import json
 import shutil
 
 import pytest
-from conftest import read_metrics, run_pretrain
+import yaml
+from conftest import TEST_RECIPE, read_metrics, run_pretrain
 
 FOUR_LAYERS = ("--model.num_layers", "4", "--model.num_kv_heads", "2", "--data.num_workers", "0")
 
@@ -18,11 +20,6 @@ def assert_same_losses(run, reference, steps):
 @pytest.fixture(scope="module")
 def single_process_losses(tmp_path_factory, prepared_data):
     """The uninterrupted single-process run every layout is compared with."""
-    from conftest import TEST_RECIPE
-    import json
-
-    import yaml
-
     root = tmp_path_factory.mktemp("single")
     tree = json.loads(json.dumps(TEST_RECIPE))
     tree["data"]["path"] = str(prepared_data)
