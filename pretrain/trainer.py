@@ -463,6 +463,9 @@ class Trainer:
         step = self.checkpoints.latest_step()
         if step is None:
             return
+        if (self.checkpoints.step_dir(step) / "trainer_state.pt").is_file():
+            raise ConfigError(f"checkpoint {self.checkpoints.step_dir(step)} was written by engine: deepspeed; "
+                              f"resume it with --engine deepspeed, or start a new run_name")
         common = self.checkpoints.load_common(step)
         self._check_checkpoint_compatible(common, step)
         initialise_optimizer_state(self.optimizer)

@@ -138,6 +138,11 @@ def test_zero_matches_megatron_engine(runs, megatron_losses, stage, offload):
     assert_same_losses(read_metrics(runs_dir / name), megatron_losses)
     norms = read_metrics(runs_dir / name, "train/grad_norm")  # stage 0: computed by our engine
     assert_same_losses(norms, read_metrics(runs_dir / "megatron", "train/grad_norm"), abs=1e-4)
+    if stage == 1:  # and the megatron engine refuses the DeepSpeed checkpoint by name
+        shutil.copytree(runs_dir / name, runs_dir / "ds_then_megatron")
+        done = run_pretrain(recipe, "--run_name", "ds_then_megatron", *COMMON, "--train.max_steps", "6",
+                            expect_ok=False)
+        assert done.returncode == 2 and "written by engine: deepspeed" in done.stderr
 
 
 @pytest.mark.slow
