@@ -53,3 +53,14 @@ def test_tp2_pp2_matches_single_process_and_reshards(recipe, tmp_path, single_pr
                             "--parallel.tensor", str(tensor), "--parallel.pipeline", str(pipeline), nproc=nproc)
         assert "resumed from" in done.stdout + done.stderr
         assert_same_losses(read_metrics(runs / name), single_process_losses, range(1, 7))
+
+
+@pytest.mark.slow
+def test_transformer_arm_tensor_parallel_matches_single_process(recipe, tmp_path):
+    """The scaling baseline (megatron GPTModel) trains through the same trainer at TP=2 as at TP=1."""
+    args = ("--model.arch", "transformer", "--model.num_kv_heads", "2", "--data.num_workers", "0",
+            "--train.max_steps", "4")
+    run_pretrain(recipe, "--run_name", "tf_tp1", *args)
+    run_pretrain(recipe, "--run_name", "tf_tp2", *args, "--parallel.tensor", "2", nproc=2)
+    assert_same_losses(read_metrics(tmp_path / "runs" / "tf_tp2"), read_metrics(tmp_path / "runs" / "tf_tp1"),
+                       range(1, 5))
