@@ -46,12 +46,12 @@ def make_checkpoint(hidden: int, layers: int, directory: Path) -> int:
     from megatron.core import dist_checkpointing
 
     from data_pipeline.tokenizer import load_tokenizer
-    from model import SessaConfig, SessaLM, init_weights
+    from model import ModelConfig, SessaLM, init_weights
     from pretrain import cpu_compat
 
     if not torch.cuda.is_available():
         cpu_compat.enable()  # megatron's save synchronises CUDA otherwise
-    config = SessaConfig(vocab_size=4096, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
+    config = ModelConfig(vocab_size=4096, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
                          feedback_impl="chunked")
     model = SessaLM(config)
     with torch.no_grad():

@@ -77,14 +77,14 @@ def comm_worker(seq_len: int, hidden: int, heads: int, out: str) -> None:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
-    from model import SessaConfig, SessaLayer, megatron_config
+    from model import ModelConfig, SessaLayer, megatron_config
     from pretrain import cpu_compat
 
     dist.init_process_group("gloo")
     cpu_compat.enable()
     parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     model_parallel_cuda_manual_seed(0)  # megatron's attention forks the model-parallel RNG (dropout)
-    config = SessaConfig(vocab_size=256, hidden_size=hidden, num_layers=1, num_heads=heads, num_kv_heads=heads,
+    config = ModelConfig(vocab_size=256, hidden_size=hidden, num_layers=1, num_heads=heads, num_kv_heads=heads,
                          feedback_impl="chunked", feedback_chunk_size=64)
     mconfig = megatron_config(config, ffn_hidden_size=4 * hidden, add_bias_linear=False, gated_linear_unit=True)
     layers = {

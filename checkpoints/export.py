@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from model.config import SessaConfig
+from model.config import ModelConfig
 
 from . import layout
 from .readers import CheckpointError, open_checkpoint
@@ -39,11 +39,11 @@ def parse_size(text: str) -> int:
     return int(text)
 
 
-def model_config(common: dict) -> SessaConfig:
-    """The SessaConfig saved with the checkpoint (never retyped)."""
+def model_config(common: dict) -> ModelConfig:
+    """The ModelConfig saved with the checkpoint (never retyped)."""
     saved = dict(common["config"]["model"])
-    known = {f.name for f in fields(SessaConfig)}
-    return SessaConfig(**{k: v for k, v in saved.items() if k in known})
+    known = {f.name for f in fields(ModelConfig)}
+    return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
 def git_commit() -> str | None:
@@ -62,7 +62,7 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_strict(reader, config: SessaConfig) -> None:
+def check_strict(reader, config: ModelConfig) -> None:
     """Every model tensor of the checkpoint is consumed exactly once and every needed one exists."""
     needed = layout.native_names(config)
     duplicates = {n for n in needed if needed.count(n) > 1}
@@ -124,7 +124,7 @@ def write_sharded(reader, config, entries, out: Path, dtype, max_bytes: int, con
 
 
 # --- tokenizer ---------------------------------------------------------------------------------
-def export_tokenizer(tokenizer, config: SessaConfig, out: Path) -> None:
+def export_tokenizer(tokenizer, config: ModelConfig, out: Path) -> None:
     """tokenizer.json (+ tokenizer_config.json) from our tiktoken encoding, checked on a fixed sample."""
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -180,10 +180,10 @@ def load_tokenizer_for(common: dict, spec: str | None):
 
 
 # --- configs -------------------------------------------------------------------------------------
-def hf_config_dict(config: SessaConfig, dtype, eos_id) -> dict:
+def hf_config_dict(config: ModelConfig, dtype, eos_id) -> dict:
     return {
         "model_type": "sessa", "architectures": ["SessaForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_sessa.SessaConfig",
+        "auto_map": {"AutoConfig": "configuration_sessa.ModelConfig",
                      "AutoModel": "modeling_sessa.SessaModel",
                      "AutoModelForCausalLM": "modeling_sessa.SessaForCausalLM"},
         "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
@@ -196,8 +196,8 @@ def hf_config_dict(config: SessaConfig, dtype, eos_id) -> dict:
     }
 
 
-def sessa_config_from_hf(hf: dict, base: SessaConfig | None = None) -> dict:
-    """The SessaConfig shape fields an HF config.json implies."""
+def sessa_config_from_hf(hf: dict, base: ModelConfig | None = None) -> dict:
+    """The ModelConfig shape fields an HF config.json implies."""
     return {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
             "num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"],
             "gamma_max": hf["gamma_max"], "norm_eps": hf["layer_norm_eps"], "rope_base": hf["rope_theta"],

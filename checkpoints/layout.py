@@ -15,7 +15,7 @@ Native names are the global names of `SessaLM.sharded_state_dict` without the `m
 """
 from dataclasses import dataclass
 
-from model.config import SessaConfig
+from model.config import ModelConfig
 from model.reference import REFERENCE_LAYOUT, ROPE_BUFFER
 
 HF_LAYER_PREFIX = "model.layers.{n}."
@@ -41,7 +41,7 @@ _TP_DIM = {  # our layer parameter -> tensor-parallel split dimension
 }
 
 
-def rules(config: SessaConfig) -> list[Rule]:
+def rules(config: ModelConfig) -> list[Rule]:
     """Every tensor of the model, in export order (embedding, layers 0..N-1, final norm, head)."""
     if config.arch != "sessa":
         raise ValueError(f"export supports model.arch 'sessa' only, the checkpoint has {config.arch!r}")
@@ -68,7 +68,7 @@ class Entry:
     layer: int | None
 
 
-def entries(config: SessaConfig, native_shapes: dict[str, tuple[int, ...]]) -> list[Entry]:
+def entries(config: ModelConfig, native_shapes: dict[str, tuple[int, ...]]) -> list[Entry]:
     """The table expanded over layers, with target shapes from the native shapes."""
     out = []
     for rule in rules(config):
@@ -88,7 +88,7 @@ def entries(config: SessaConfig, native_shapes: dict[str, tuple[int, ...]]) -> l
     return sorted(out, key=lambda e: (stage.get(e.target, 1 if e.layer is not None else 2), e.layer or 0))
 
 
-def check_tp_layout(config: SessaConfig, chunks: dict, tp_size: int) -> None:
+def check_tp_layout(config: ModelConfig, chunks: dict, tp_size: int) -> None:
     """The saved pieces of each tensor match the table: tp_size equal pieces along its split dim,
     or one full piece for a replicated tensor (megatron writes one replica only)."""
     for rule in rules(config):
@@ -103,7 +103,7 @@ def check_tp_layout(config: SessaConfig, chunks: dict, tp_size: int) -> None:
                                      f"at tensor-parallel size {tp_size}; update checkpoints/layout.py")
 
 
-def native_names(config: SessaConfig) -> list[str]:
+def native_names(config: ModelConfig) -> list[str]:
     """Every native tensor the model has (global names)."""
     return [p.format(n=n) for rule in rules(config)
             for n in (range(config.num_layers) if rule.layer else [None]) for p in rule.native]
@@ -114,7 +114,7 @@ def reference_name(target: str, layer: int) -> str:
     return target.removeprefix(HF_LAYER_PREFIX.format(n=layer))
 
 
-def fuse(entry: Entry, tensors: dict[str, "torch.Tensor"], config: SessaConfig):
+def fuse(entry: Entry, tensors: dict[str, "torch.Tensor"], config: ModelConfig):
     import torch
 
     parts = [tensors[p] for p in entry.native]
@@ -124,7 +124,7 @@ def fuse(entry: Entry, tensors: dict[str, "torch.Tensor"], config: SessaConfig):
     return full
 
 
-def split(entry: Entry, tensor, config: SessaConfig) -> dict[str, "torch.Tensor"]:
+def split(entry: Entry, tensor, config: ModelConfig) -> dict[str, "torch.Tensor"]:
     """Inverse of `fuse`: a target tensor -> our native tensors (vocabulary padded with zeros)."""
     import torch
 

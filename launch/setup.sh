@@ -1,9 +1,29 @@
 #!/usr/bin/env bash
-# Installs everything the recipe needs into the current Python (3.11). Idempotent.
+# Installs everything the recipe needs (Python 3.11). Idempotent. Which interpreter: launch/python_env.sh
+# (an active venv/conda env as it is; otherwise ./.venv, created here, since a system python such as
+# Debian 12's refuses pip installs: PEP 668, externally-managed-environment).
 # torch goes first: a package that asks for torch with none present pulls a multi-GB CUDA build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
+source launch/python_env.sh
+if [ "$SESSA_VENV_NEEDED" = 1 ]; then
+  base=$(command -v python3)
+  echo "== setup: no virtual environment is active; creating ./.venv from $base (used by every launch script)"
+  if ! "$base" -m venv .venv 2>/dev/null; then
+    rm -rf .venv
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+      echo "== setup: python3 -m venv needs Debian's python3-venv; installing it"
+      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+      "$base" -m venv .venv
+    else
+      echo "setup: '$base -m venv .venv' failed. Install your distribution's venv package" \
+           "(Debian/Ubuntu: sudo apt-get install python3-venv), or activate a virtual environment, and rerun." >&2
+      exit 1
+    fi
+  fi
+fi
+echo "== setup: using $("$PYTHON" -c 'import sys; print(sys.executable)')"
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
   "$PYTHON" -m pip install --quiet "torch==2.13.0"
 fi

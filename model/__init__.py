@@ -1,5 +1,5 @@
 """The Sessa language model (SESSA.md), on megatron-core tensor-parallel layers."""
-from .config import SessaConfig
+from .config import ModelConfig, SessaConfig
 from .init import init_weights
 from .layer import LayerCache, SessaLayer, SessaMixer, SessaSubmodules
 from .lm import SessaLM, count_parameters
@@ -7,6 +7,7 @@ from .parallel import ensure_model_parallel, megatron_config
 
 __all__ = [
     "LayerCache",
+    "ModelConfig",
     "SessaConfig",
     "SessaLM",
     "SessaLayer",

@@ -1,4 +1,5 @@
-"""SessaConfig: every hyper-parameter of the Sessa language model (SESSA.md §1-3)."""
+"""ModelConfig: every hyper-parameter of the model the recipe trains: Sessa (SESSA.md §1-3) or the
+Transformer++ baseline (`arch`). `SessaConfig` is the old name, kept as an alias for one release."""
 from dataclasses import asdict, dataclass
 
 from kernels.feedback_solve import FEEDBACK_IMPLS
@@ -9,7 +10,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(kw_only=True)
-class SessaConfig:
+class ModelConfig:
     arch: str = "sessa"  # "transformer": the same width/depth/heads as a Transformer++ (scaling comparisons)
     ffn_hidden_size: int | None = None  # transformer only: SwiGLU width; None = 8/3 * hidden_size up to a multiple of 64
     vocab_size: int
@@ -23,6 +24,7 @@ class SessaConfig:
     tie_embeddings: bool = True
     init_scheme: str = "scaled"  # "reference": PyTorch defaults as the public reference; "scaled": normal(init_std)
     init_std: float = 0.02
+    feedback: bool = True  # false: the paper's ablation without the feedback branch (s = f; no fb_* parameters)
     feedback_impl: str = "auto"  # "auto" = triton on CUDA, chunked elsewhere; "dense" is the O(T^2) oracle
     feedback_chunk_size: int = 64
     dtype: str = "float32"  # parameter dtype
@@ -32,41 +34,41 @@ class SessaConfig:
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
         if self.arch not in ARCHS:
-            raise ValueError(f"SessaConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+            raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64  # LLaMA's rule
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
                      "feedback_chunk_size", "vocab_pad_multiple"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"SessaConfig.{name} must be a positive integer, got {value!r}")
+                raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.num_heads:
             raise ValueError(
-                f"SessaConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+                f"ModelConfig.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
         if self.head_size % 2:
             raise ValueError(
-                f"SessaConfig: head size hidden_size/num_heads = {self.head_size} must be even for RoPE pairs; "
+                f"ModelConfig: head size hidden_size/num_heads = {self.head_size} must be even for RoPE pairs; "
                 "change hidden_size or num_heads"
             )
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
-                f"SessaConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
+                f"ModelConfig.num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.num_kv_heads})"
             )
         if not 0.0 < self.gamma_max < 1.0:
-            raise ValueError(f"SessaConfig.gamma_max must lie in (0, 1) for a stable solve, got {self.gamma_max}")
+            raise ValueError(f"ModelConfig.gamma_max must lie in (0, 1) for a stable solve, got {self.gamma_max}")
         if self.norm_eps <= 0:
-            raise ValueError(f"SessaConfig.norm_eps must be > 0, got {self.norm_eps}")
+            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
         if self.rope_base <= 1:
-            raise ValueError(f"SessaConfig.rope_base must be > 1, got {self.rope_base}")
+            raise ValueError(f"ModelConfig.rope_base must be > 1, got {self.rope_base}")
         if self.init_scheme not in INIT_SCHEMES:
-            raise ValueError(f"SessaConfig.init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
+            raise ValueError(f"ModelConfig.init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
         if self.init_std <= 0:
-            raise ValueError(f"SessaConfig.init_std must be > 0, got {self.init_std}")
+            raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
         if self.feedback_impl not in FEEDBACK_IMPLS:
-            raise ValueError(f"SessaConfig.feedback_impl must be one of {FEEDBACK_IMPLS}, got {self.feedback_impl!r}")
+            raise ValueError(f"ModelConfig.feedback_impl must be one of {FEEDBACK_IMPLS}, got {self.feedback_impl!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"SessaConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+            raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
     @property
     def head_size(self) -> int:
@@ -85,10 +87,13 @@ class SessaConfig:
         for name in ("num_heads", "num_kv_heads", "hidden_size"):
             if getattr(self, name) % tp_size:
                 raise ValueError(
-                    f"SessaConfig.{name} ({getattr(self, name)}) must be divisible by the tensor-parallel size ({tp_size})"
+                    f"ModelConfig.{name} ({getattr(self, name)}) must be divisible by the tensor-parallel size ({tp_size})"
                 )
         if self.padded_vocab_size % tp_size:
             raise ValueError(
-                f"SessaConfig.vocab_pad_multiple ({self.vocab_pad_multiple}) must be a multiple of the "
+                f"ModelConfig.vocab_pad_multiple ({self.vocab_pad_multiple}) must be a multiple of the "
                 f"tensor-parallel size ({tp_size})"
             )
+
+
+SessaConfig = ModelConfig  # the old name; removed in the next release

@@ -10,7 +10,7 @@ import zlib
 import torch
 from megatron.core import parallel_state
 
-from .config import SessaConfig
+from .config import ModelConfig
 
 
 def global_named_parameters(model):
@@ -37,7 +37,7 @@ def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
     return full.narrow(dim, parallel_state.get_tensor_model_parallel_rank() * size, size)
 
 
-def _draw(name: str, shape: list[int], fan_in: int, config: SessaConfig, gen: torch.Generator) -> torch.Tensor:
+def _draw(name: str, shape: list[int], fan_in: int, config: ModelConfig, gen: torch.Generator) -> torch.Tensor:
     def uniform(bound):  # PyTorch's nn.Linear default, as the reference leaves it
         return torch.empty(shape).uniform_(-bound, bound, generator=gen)
 

@@ -32,7 +32,7 @@ from torch import nn
 
 from kernels.feedback_solve import feedback_solve
 
-from .config import SessaConfig
+from .config import ModelConfig
 
 
 def _uninitialised(weight):
@@ -76,7 +76,7 @@ class SessaSubmodules:
 class SessaMixer(MegatronModule):
     """Forward causal attention f, then the feedback solve (I - diag(gamma) alpha) s = f."""
 
-    def __init__(self, config: SessaConfig, megatron_config, submodules: SessaSubmodules):
+    def __init__(self, config: ModelConfig, megatron_config, submodules: SessaSubmodules):
         super().__init__(megatron_config)
         self.sessa = config
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -182,7 +182,7 @@ class SessaMixer(MegatronModule):
 class SessaLayer(MegatronModule):
     """x + W_out((Mixer(GELU(a)) * g)), with [a, g] = W_in(LayerNorm(x)); no separate MLP."""
 
-    def __init__(self, config: SessaConfig, megatron_config=None, submodules: SessaSubmodules | None = None,
+    def __init__(self, config: ModelConfig, megatron_config=None, submodules: SessaSubmodules | None = None,
                  layer_number: int = 0):
         if megatron_config is None:
             from .parallel import ensure_model_parallel, megatron_config as make_megatron_config

@@ -6,7 +6,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_tp_sharded_tensor_for_checkpoint, sharded_state_dict_default
 from torch import nn
 
-from .config import SessaConfig
+from .config import ModelConfig
 from .layer import LayerCache, SessaLayer, SessaSubmodules, _uninitialised
 from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
 
@@ -22,7 +22,7 @@ class SessaLM(MegatronModule):
         layer_numbers: global indices of the layers on this stage (default: all).
     """
 
-    def __init__(self, config: SessaConfig, megatron_config=None, *, pre_process: bool = True,
+    def __init__(self, config: ModelConfig, megatron_config=None, *, pre_process: bool = True,
                  post_process: bool = True, layer_numbers: list[int] | None = None,
                  submodules: SessaSubmodules | None = None):
         if megatron_config is None:
@@ -152,7 +152,7 @@ def load_strictly(module: nn.Module, state_dict: dict) -> None:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
 
 
-def _layer_weight_elements(config: SessaConfig) -> tuple[int, int]:
+def _layer_weight_elements(config: ModelConfig) -> tuple[int, int]:
     """(matrix weights, vectors: biases, norms, gamma_bias) of one Sessa layer."""
     D, kv = config.hidden_size, config.num_kv_heads * config.head_size
     matrices = (
@@ -167,7 +167,7 @@ def _layer_weight_elements(config: SessaConfig) -> tuple[int, int]:
     return matrices, vectors
 
 
-def count_parameters(config: SessaConfig, exclude_embeddings: bool = False) -> int:
+def count_parameters(config: ModelConfig, exclude_embeddings: bool = False) -> int:
     """Parameters of the full model (tensor-parallel shards counted once, padded vocabulary)."""
     matrices, vectors = _layer_weight_elements(config)
     embeddings = config.padded_vocab_size * config.hidden_size * (1 if config.tie_embeddings else 2)

@@ -1,10 +1,10 @@
-"""Bridges from SessaConfig to megatron-core: parallel state and the megatron config object."""
+"""Bridges from ModelConfig to megatron-core: parallel state and the megatron config object."""
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
-from .config import SessaConfig
+from .config import ModelConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -21,7 +21,7 @@ def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) 
         parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
 
 
-def megatron_config(config: SessaConfig, *, sequence_parallel: bool = False, **overrides) -> TransformerConfig:
+def megatron_config(config: ModelConfig, *, sequence_parallel: bool = False, **overrides) -> TransformerConfig:
     """The megatron TransformerConfig the parallel layers and schedules read.
 
     Weights are created on the CPU and then overwritten by `model.init.init_weights`, which draws

@@ -5,7 +5,7 @@ separate tensor-parallel linears so they shard and reshard independently. Tensor
 """
 import torch
 
-from .config import SessaConfig
+from .config import ModelConfig
 
 # reference name -> our parameter names, concatenated along dim 0 in this order.
 REFERENCE_LAYOUT: dict[str, tuple[str, ...]] = {
@@ -30,7 +30,7 @@ REFERENCE_LAYOUT: dict[str, tuple[str, ...]] = {
 ROPE_BUFFER = "mixer.rope_inv_freq"
 
 
-def _expected_names(config: SessaConfig) -> list[str]:
+def _expected_names(config: ModelConfig) -> list[str]:
     return [name for name in REFERENCE_LAYOUT if config.num_heads > 1 or name != "mixer.out_proj.weight"]
 
 
@@ -43,7 +43,7 @@ def to_reference_state_dict(layer) -> dict[str, torch.Tensor]:
     return result
 
 
-def from_reference_state_dict(state_dict: dict[str, torch.Tensor], config: SessaConfig) -> dict[str, torch.Tensor]:
+def from_reference_state_dict(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """The reference's state dict of one layer -> our layer's parameters (for `load_state_dict(strict=False)`)."""
     missing = [name for name in _expected_names(config) if name not in state_dict]
     if missing:

@@ -2,7 +2,7 @@
 
 Pre-norm decoder with RMSNorm, RoPE (rotate-half, base `rope_base`), grouped-query attention, a
 SwiGLU MLP of width `ffn_hidden_size` and no biases anywhere; tied embeddings per the config. It
-reads the same `SessaConfig` (with `arch: transformer`) so both arms of a sweep share width, depth,
+reads the same `ModelConfig` (with `arch: transformer`) so both arms of a sweep share width, depth,
 heads, vocabulary, dtype and initialisation std, and it presents the interface the trainer uses
 for `SessaLM`: forward(tokens, labels) -> per-token loss [B, T], `sharded_state_dict`,
 `load_global_state_dict`, `num_parameters`.
@@ -19,12 +19,12 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-from .config import SessaConfig
+from .config import ModelConfig
 from .lm import load_strictly
 from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
 
 
-def transformer_megatron_config(config: SessaConfig, **overrides):
+def transformer_megatron_config(config: ModelConfig, **overrides):
     """The megatron TransformerConfig of the Transformer++ arm (on top of `model.parallel.megatron_config`)."""
     fields = dict(
         ffn_hidden_size=config.ffn_hidden_size,
@@ -54,7 +54,7 @@ class TransformerLM(GPTModel):
     `config` when omitted), pre_process / post_process for pipeline stages.
     """
 
-    def __init__(self, config: SessaConfig, megatron_config=None, *, pre_process: bool = True,
+    def __init__(self, config: ModelConfig, megatron_config=None, *, pre_process: bool = True,
                  post_process: bool = True, max_sequence_length: int = 1 << 16, vp_stage: int | None = None):
         if config.arch != "transformer":
             raise ValueError(f"TransformerLM needs model.arch == 'transformer', got {config.arch!r}")
@@ -113,7 +113,7 @@ class TransformerLM(GPTModel):
         return count_transformer_parameters(self.sessa, exclude_embeddings)
 
 
-def count_transformer_parameters(config: SessaConfig, exclude_embeddings: bool = False) -> int:
+def count_transformer_parameters(config: ModelConfig, exclude_embeddings: bool = False) -> int:
     """Transformer++ parameters (padded vocabulary; tied embeddings counted once)."""
     D, F_, kv = config.hidden_size, config.ffn_hidden_size, config.num_kv_heads * config.head_size
     layer = D + D * (D + 2 * kv) + D * D + D + 2 * D * F_ + F_ * D  # norm, qkv, proj, norm, fc1 (gate+up), fc2
@@ -121,14 +121,14 @@ def count_transformer_parameters(config: SessaConfig, exclude_embeddings: bool =
     return config.num_layers * layer + D + (0 if exclude_embeddings else embeddings)
 
 
-def megatron_config_for(config: SessaConfig, **overrides):
+def megatron_config_for(config: ModelConfig, **overrides):
     """The megatron TransformerConfig for either architecture (`model.arch`)."""
     if config.arch == "transformer":
         return transformer_megatron_config(config, **overrides)
     return make_megatron_config(config, **overrides)
 
 
-def build_model(config: SessaConfig, megatron_config, pre_process: bool = True, post_process: bool = True,
+def build_model(config: ModelConfig, megatron_config, pre_process: bool = True, post_process: bool = True,
                 layer_numbers: list[int] | None = None, vp_stage: int | None = None):
     """One model chunk of either architecture: the trainer's single constructor call.
 

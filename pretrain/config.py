@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from model import SessaConfig
+from model import ModelConfig
 
 
 class ConfigError(ValueError):
@@ -26,8 +26,14 @@ class TrainConfig:
     micro_batch_size: int = 1  # sequences per forward pass per rank; the rest is gradient accumulation
     seed: int = 1234
     exit_interval: int = 0  # save and exit after a step divisible by this (0: run to max_steps)
+    nonfinite: str = "skip"  # a NaN/inf loss or gradient norm: "skip" (drop the update, count it) or "stop"
+    nonfinite_limit: int = 5  # with "skip": stop after this many non-finite steps in a row
 
     def __post_init__(self):
+        if self.nonfinite not in ("skip", "stop"):
+            raise ConfigError(f"train.nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+        if self.nonfinite_limit < 1:
+            raise ConfigError(f"train.nonfinite_limit must be >= 1, got {self.nonfinite_limit}")
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
@@ -40,6 +46,8 @@ class DataConfig:
     path: str = "data/builtin"  # directory written by `python -m data_pipeline prepare`
     num_workers: int = 2  # DataLoader worker processes per rank
     seed: int = 1234  # shard/sample shuffling seed
+    document_masking: bool = True  # a packed document sees only itself (attention and feedback solve)
+    reset_positions: bool = True  # with document_masking: RoPE positions restart at 0 at each document
 
     def __post_init__(self):
         if self.num_workers < 0:
@@ -165,6 +173,7 @@ class EvalConfig:
     sample_tokens: int = 48  # tokens generated at the end of training (0: none)
     sample_temperature: float = 0.8
     sample_top_k: int = 40
+    tasks: str = ""  # evaluation tasks run every `interval` steps: built-in names or task files, comma-separated
 
 
 @dataclass(kw_only=True)
@@ -203,7 +212,7 @@ class RunConfig:
     run_name: str = "tiny"
     runs_dir: str = "runs"
     engine: str = "megatron"  # "megatron" (DDP + distributed optimizer) or "deepspeed" (ZeRO, see deepspeed:)
-    model: SessaConfig
+    model: ModelConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

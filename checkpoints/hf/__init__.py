@@ -1,6 +1,6 @@
 """The Hugging Face package for Sessa: `register()` makes AutoConfig / AutoModelForCausalLM know
 model_type "sessa" without remote code; exports carry copies of these two flat files (auto_map)."""
-from .configuration_sessa import SessaConfig as SessaHFConfig
+from .configuration_sessa import ModelConfig as SessaHFConfig
 from .modeling_sessa import SessaCache, SessaForCausalLM, SessaModel, chunked_feedback_solve
 
 _registered = False

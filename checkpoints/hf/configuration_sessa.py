@@ -5,7 +5,7 @@ Self-contained: copied next to the weights of an export, loaded with `trust_remo
 from transformers import PretrainedConfig
 
 
-class SessaConfig(PretrainedConfig):
+class ModelConfig(PretrainedConfig):
     model_type = "sessa"
 
     def __init__(self, vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,

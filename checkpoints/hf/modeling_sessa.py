@@ -20,9 +20,9 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 try:
-    from .configuration_sessa import SessaConfig
+    from .configuration_sessa import ModelConfig
 except ImportError:  # imported as a top-level module
-    from configuration_sessa import SessaConfig
+    from configuration_sessa import ModelConfig
 
 
 def chunked_feedback_solve(q_b, k_b, f, gamma, chunk_size: int):
@@ -66,7 +66,7 @@ class SessaCache:
 
 
 class SessaMixer(nn.Module):
-    def __init__(self, config: SessaConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         D, H, H_kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_size = H, H_kv, D // H
@@ -125,7 +125,7 @@ class SessaMixer(nn.Module):
 
 
 class SessaLayer(nn.Module):
-    def __init__(self, config: SessaConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         D = config.hidden_size
         self.ln = nn.LayerNorm(D, eps=config.layer_norm_eps)
@@ -149,7 +149,7 @@ class SessaOutput(ModelOutput):
 
 
 class SessaPreTrainedModel(PreTrainedModel):
-    config_class = SessaConfig
+    config_class = ModelConfig
     base_model_prefix = "model"
     _no_split_modules = ["SessaLayer"]
 
@@ -169,7 +169,7 @@ class SessaPreTrainedModel(PreTrainedModel):
 
 
 class SessaModel(SessaPreTrainedModel):
-    def __init__(self, config: SessaConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(SessaLayer(config) for _ in range(config.num_hidden_layers))
@@ -201,7 +201,7 @@ class SessaModel(SessaPreTrainedModel):
 class SessaForCausalLM(SessaPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
-    def __init__(self, config: SessaConfig):
+    def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.model = SessaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.config import SessaConfig
+from model.config import ModelConfig
 
 CONVENTIONS = ("6N", "6N_non_embedding", "model", "hardware")
 ATTENTION_KERNELS = ("flash", "dense")  # flash: causal tiles only (SDPA); dense: full T x T, masked
@@ -35,7 +35,7 @@ RECOMPUTE = ("none", "full")
 
 
 # --- parameters -------------------------------------------------------------------------------
-def count_params(config: SessaConfig, exclude_embeddings: bool = False) -> int:
+def count_params(config: ModelConfig, exclude_embeddings: bool = False) -> int:
     """Parameters of either architecture (tensor-parallel shards counted once, padded vocabulary)."""
     if config.arch == "transformer":
         from model.transformer import count_transformer_parameters
@@ -46,7 +46,7 @@ def count_params(config: SessaConfig, exclude_embeddings: bool = False) -> int:
     return count_parameters(config, exclude_embeddings)
 
 
-def layer_weight_elements(config: SessaConfig) -> dict[str, int]:
+def layer_weight_elements(config: ModelConfig) -> dict[str, int]:
     """Matrix-weight elements of one layer, by component (what a token multiplies through)."""
     D, kv = config.hidden_size, config.num_kv_heads * config.head_size
     if config.arch == "transformer":
@@ -131,7 +131,7 @@ class FlopLedger:
         return "\n".join(lines)
 
 
-def ledger(config: SessaConfig, seq_len: int, *, tensor_parallel: int = 1, recompute: str = "none",
+def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recompute: str = "none",
            attention_kernel: str | None = None, chunk_size: int | None = None) -> FlopLedger:
     """The ledger of `config` trained on sequences of `seq_len` tokens.
 
@@ -181,7 +181,7 @@ def ledger(config: SessaConfig, seq_len: int, *, tensor_parallel: int = 1, recom
     )
 
 
-def flops_per_token(config: SessaConfig, seq_len: int, training: bool = True, convention: str = "model") -> float:
+def flops_per_token(config: ModelConfig, seq_len: int, training: bool = True, convention: str = "model") -> float:
     """Training (or forward) FLOPs per token; the trainer's MFU uses the "model" convention."""
     return ledger(config, seq_len).per_token(convention, training)
 

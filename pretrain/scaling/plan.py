@@ -27,7 +27,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from model.config import SessaConfig
+from model.config import ModelConfig
 
 from .flops import count_params, ledger
 
@@ -163,11 +163,11 @@ class Planner:
     decay_fraction: float = 0.2
     seed: int = DEFAULT_SEED
 
-    def model_config(self, arch: str, width: int) -> SessaConfig:
+    def model_config(self, arch: str, width: int) -> ModelConfig:
         fields = dict(self.base.get("model", {})) | self.size_rule.model_fields(width) | {"arch": arch}
         if arch == "transformer":
             fields.pop("ffn_hidden_size", None)  # derived from the width
-        return SessaConfig(**fields)
+        return ModelConfig(**fields)
 
     def _point(self, name: str, arch: str, width: int, target_flops: float, *, tokens: float | None = None,
                budget_for_rules: float | None = None, batch_tokens: int | None = None) -> PlanPoint:

@@ -220,11 +220,11 @@ def test_rejects_bad_shapes():
 def test_sessa_layer_with_triton_feedback():
     """feedback_impl="triton" in a SessaLayer (on CPU: the interpreter) equals the chunked solve,
     output and every parameter gradient; the layer hands the kernels [T, B, D]-transposed views."""
-    from model import SessaConfig, SessaLayer
+    from model import ModelConfig, SessaLayer
 
     results = {}
     for impl in ("chunked", "triton"):
-        config = SessaConfig(vocab_size=61, hidden_size=24, num_layers=1, num_heads=2, feedback_impl=impl,
+        config = ModelConfig(vocab_size=61, hidden_size=24, num_layers=1, num_heads=2, feedback_impl=impl,
                              feedback_chunk_size=16)
         layer = SessaLayer(config).double()
         torch.manual_seed(0)

@@ -3,15 +3,15 @@ import pytest
 import torch
 from reference_layer import ReferenceLayer
 
-from model import SessaConfig, SessaLayer, SessaLM, count_parameters, init_weights
+from model import ModelConfig, SessaLayer, SessaLM, count_parameters, init_weights
 from model.generation import empty_caches, generate, sample_next_token
 from model.reference import from_reference_state_dict, to_reference_state_dict
 
 
-def small_config(**overrides) -> SessaConfig:
+def small_config(**overrides) -> ModelConfig:
     fields = dict(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, feedback_chunk_size=16)
     fields.update(overrides)
-    return SessaConfig(**fields)
+    return ModelConfig(**fields)
 
 
 def build_lm(config, seed=0, dtype=torch.float32):

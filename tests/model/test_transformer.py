@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.config import SessaConfig
+from model.config import ModelConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -16,7 +16,7 @@ def cpu_megatron():
 def build(seed=0, **fields):
     from model.transformer import build_model, init_model_weights, megatron_config_for
 
-    config = SessaConfig(arch="transformer", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
+    config = ModelConfig(arch="transformer", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4,
                          num_kv_heads=2, **fields)
     from model.parallel import ensure_model_parallel
 
@@ -74,6 +74,6 @@ def test_rejects_a_sessa_config():
     from model.transformer import TransformerLM
 
     with pytest.raises(ValueError, match="arch"):
-        TransformerLM(SessaConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=4))
+        TransformerLM(ModelConfig(vocab_size=300, hidden_size=64, num_layers=1, num_heads=4))
     with pytest.raises(ValueError, match="arch"):
-        SessaConfig(arch="mamba", vocab_size=300, hidden_size=64, num_layers=1, num_heads=4)
+        ModelConfig(arch="mamba", vocab_size=300, hidden_size=64, num_layers=1, num_heads=4)

@@ -3,9 +3,9 @@ import dataclasses
 
 import torch
 
-from model import SessaConfig
+from model import ModelConfig
 
-CONFIG = SessaConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+CONFIG = ModelConfig(vocab_size=120, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
                      feedback_impl="chunked", feedback_chunk_size=8, vocab_pad_multiple=64)
 # (name, model config, sequence parallel): grouped-query and full multi-head attention, with and
 # without megatron's sequence parallelism.
@@ -17,6 +17,6 @@ CASES = [
 ]
 
 
-def make_tokens(config: SessaConfig = CONFIG) -> torch.Tensor:
+def make_tokens(config: ModelConfig = CONFIG) -> torch.Tensor:
     """[2, 33]: 32 inputs, divisible by the tensor-parallel size for sequence parallelism."""
     return torch.randint(0, config.vocab_size, (2, 33), generator=torch.Generator().manual_seed(11))

@@ -98,10 +98,10 @@ def test_engine_refuses_a_megatron_checkpoint(runs, megatron_losses):
 
 # --- activation checkpointing -----------------------------------------------------------------------
 def test_activation_checkpointing_keeps_gradients():
-    from model import SessaConfig, SessaLM, init_weights
+    from model import ModelConfig, SessaLM, init_weights
     from pretrain.deepspeed_engine import checkpoint_activations
 
-    config = SessaConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
+    config = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                          feedback_impl="chunked", feedback_chunk_size=16)
     tokens = torch.randint(0, 256, (2, 33), generator=torch.Generator().manual_seed(0))
     grads = {}
@@ -170,10 +170,10 @@ def test_zero3_matches_megatron_engine_and_consolidates(runs, megatron_losses, t
         assert consolidated[name].dtype == torch.float32
         torch.testing.assert_close(consolidated[name].reshape(weight.shape), weight, rtol=0, atol=0, msg=name)
 
-    from model import SessaConfig, SessaLM  # loads into a plain model (0-dim gamma biases restored)
+    from model import ModelConfig, SessaLM  # loads into a plain model (0-dim gamma biases restored)
 
     model_fields = yaml.safe_load(recipe.read_text())["model"] | {"num_kv_heads": 2}
-    SessaLM(SessaConfig(**model_fields)).load_state_dict(consolidated)
+    SessaLM(ModelConfig(**model_fields)).load_state_dict(consolidated)
 
     out = tmp_path / "fp32.pt"
     done = subprocess.run([sys.executable, "-m", "pretrain.deepspeed_engine", "consolidate", str(checkpoint), str(out)],

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from model.config import SessaConfig
+from model.config import ModelConfig
 from pretrain.scaling.flops import chunked_solve_flops, flop_counter_formulas, ledger
 
 SHAPES = {  # id: (model fields, batch, seq_len)
@@ -26,7 +26,7 @@ def _build(fields):
     from model.parallel import ensure_model_parallel
 
     ensure_model_parallel()
-    config = SessaConfig(vocab_size=300, feedback_impl="chunked", **fields)
+    config = ModelConfig(vocab_size=300, feedback_impl="chunked", **fields)
     model = build_model(config, megatron_config_for(config))
     init_model_weights(model, seed=0)
     return config, model
@@ -74,7 +74,7 @@ def test_chunked_solve_is_counted_exactly():
 
 
 def test_conventions_and_components():
-    config = SessaConfig(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2)
+    config = ModelConfig(vocab_size=4096, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2)
     book = ledger(config, 256)
     assert set(book.forward) == {"projections", "mlp", "attention", "feedback_logits", "feedback_sum",
                                  "feedback_solve", "lm_head"}
@@ -87,7 +87,7 @@ def test_conventions_and_components():
     tp2 = ledger(config, 256, tensor_parallel=2)
     assert tp2.hardware_forward["feedback_logits"] == pytest.approx(2 * book.hardware_forward["feedback_logits"])
     assert tp2.per_token("model") == book.per_token("model")
-    transformer = ledger(SessaConfig(arch="transformer", vocab_size=4096, hidden_size=128, num_layers=4,
+    transformer = ledger(ModelConfig(arch="transformer", vocab_size=4096, hidden_size=128, num_layers=4,
                                      num_heads=4), 256)
     assert "feedback_logits" not in transformer.forward and transformer.forward["mlp"] > 0
     with pytest.raises(ValueError, match="convention"):
