@@ -8,12 +8,14 @@ Implementations (see README.md here for the math):
 import torch
 
 from .chunk import feedback_solve_chunked
+from .documents import document_starts
 from .naive import feedback_solve_dense, feedback_solve_recurrent
 
 FEEDBACK_IMPLS = ("auto", "dense", "chunked", "triton")
 
 __all__ = [
     "FEEDBACK_IMPLS",
+    "document_starts",
     "feedback_solve",
     "feedback_solve_chunked",
     "feedback_solve_dense",
@@ -31,13 +33,20 @@ def resolve_feedback_impl(impl: str, device: torch.device) -> str:
     return impl
 
 
-def feedback_solve(q_b, k_b, f, gamma, impl: str = "auto", chunk_size: int = 64):
-    """Shapes: q_b, k_b [B, T, K]; f [B, T, V]; gamma [B, T] -> s [B, T, V] in f's dtype."""
+def feedback_solve(q_b, k_b, f, gamma, impl: str = "auto", chunk_size: int = 64, doc_ids=None):
+    """Shapes: q_b, k_b [B, T, K]; f [B, T, V]; gamma [B, T] -> s [B, T, V] in f's dtype.
+
+    doc_ids: optional [B, T] integer document index per position (non-decreasing along T; -1
+    padding is its own document). Row t then feeds back only from the strict past of its own
+    document (a document's first token has s = f). None: one document per sequence (the
+    unmasked solve, unchanged).
+    """
     impl = resolve_feedback_impl(impl, f.device)
+    starts = None if doc_ids is None else document_starts(doc_ids, f.shape[0], f.shape[1], f.device)
     if impl == "dense":
-        return feedback_solve_dense(q_b, k_b, f, gamma).to(f.dtype)
+        return feedback_solve_dense(q_b, k_b, f, gamma, starts).to(f.dtype)
     if impl == "chunked":
-        return feedback_solve_chunked(q_b, k_b, f, gamma, chunk_size)
+        return feedback_solve_chunked(q_b, k_b, f, gamma, chunk_size, starts)
     from .triton_chunk import feedback_solve_triton  # imported lazily: Triton is optional on CPU
 
-    return feedback_solve_triton(q_b, k_b, f, gamma, chunk_size)
+    return feedback_solve_triton(q_b, k_b, f, gamma, chunk_size, starts=starts)

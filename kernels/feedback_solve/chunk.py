@@ -3,24 +3,46 @@
 Never materialises anything T x T: each step works on one row chunk of C queries against the keys
 of its past, a [C, t] tile, and its C x C diagonal block is solved directly. Forward saves only
 q_b, k_b, gamma, s and the row log-sum-exp; backward recomputes the probabilities tile by tile.
+
+With document boundaries (`starts` [B, T], documents.document_starts) row t sees keys
+starts[t] <= j < t: a chunk's tile starts at the earliest document start of its rows (over the
+batch) instead of 0, and keys before a row's own document start are masked like the future.
 """
 import torch
 
 from .naive import _solve_dtype
 
 
-def _chunk_probs(q_b, k_b, lse, c0, c1, scale):
-    """Strict-causal probabilities of rows [c0, c1) against keys [0, c1): [B, n, c1].
+def _key_ranges(starts, T, chunk_size):
+    """Per chunk (c0, lo, masked): its tile covers keys [lo, c1); `masked` when some row's document
+    starts after lo (else the causal mask alone is exact). One host sync for all chunks."""
+    chunk_starts = list(range(0, T, chunk_size))
+    if starts is None:
+        return [(c0, 0, False) for c0 in chunk_starts]
+    padded = torch.nn.functional.pad(starts, (0, len(chunk_starts) * chunk_size - T), value=-1)
+    latest = padded.view(starts.shape[0], len(chunk_starts), chunk_size).amax(2).amax(0)
+    lo = starts[:, ::chunk_size].amin(0)  # starts are non-decreasing: a chunk's first row has the earliest
+    masked = (latest > lo).tolist()
+    return list(zip(chunk_starts, lo.tolist(), masked))
 
-    With `lse=None` the rows' log-sum-exp is computed (forward) and returned too.
+
+def _chunk_probs(q_b, k_b, lse, c0, c1, scale, lo=0, row_starts=None):
+    """Strict-causal probabilities of rows [c0, c1) against keys [lo, c1): [B, n, c1 - lo].
+
+    Keys before `row_starts` [B, n] (each row's document start) get probability 0; so does every
+    key of a row with no visible past. With `lse=None` the rows' log-sum-exp is computed (forward)
+    and returned too.
     """
     n = c1 - c0
-    logits = q_b[:, c0:c1] @ k_b[:, :c1].transpose(1, 2) * scale  # [B, n, K] @ [B, K, c1]
+    logits = q_b[:, c0:c1] @ k_b[:, lo:c1].transpose(1, 2) * scale  # [B, n, K] @ [B, K, c1 - lo]
     future = torch.ones(n, n, dtype=torch.bool, device=q_b.device).triu()
-    logits[:, :, c0:] = logits[:, :, c0:].masked_fill(future, float("-inf"))
+    logits[:, :, c0 - lo :] = logits[:, :, c0 - lo :].masked_fill(future, float("-inf"))
+    if row_starts is not None:
+        keys = torch.arange(lo, c1, device=q_b.device)
+        logits = logits.masked_fill(keys[None, None, :] < row_starts[:, :, None], float("-inf"))
     if lse is None:
         row_lse = torch.logsumexp(logits, dim=-1)
-        # Row t = 0 has no past: its probabilities must all be 0, not NaN.
+        # Rows with no past (t = 0, a document's first token) must get probabilities 0, not NaN.
         row_lse = row_lse.masked_fill(torch.isinf(row_lse), 0.0)
     else:
         row_lse = lse[:, c0:c1]
@@ -34,24 +56,25 @@ def _unit_lower_system(probs_diag, gamma_rows):
     return eye - gamma_rows.unsqueeze(-1) * probs_diag
 
 
-def chunk_feedback_fwd(q_b, k_b, f, gamma, chunk_size):
+def chunk_feedback_fwd(q_b, k_b, f, gamma, chunk_size, starts=None):
     """Returns s [B, T, V] and lse [B, T], both in the solve dtype."""
     batch, T, V = f.shape
     scale = q_b.shape[-1] ** -0.5
     s = torch.empty(batch, T, V, dtype=f.dtype, device=f.device)
     lse = torch.empty(batch, T, dtype=f.dtype, device=f.device)
-    for c0 in range(0, T, chunk_size):
+    for c0, lo, masked in _key_ranges(starts, T, chunk_size):
         c1 = min(c0 + chunk_size, T)
-        probs, lse[:, c0:c1] = _chunk_probs(q_b, k_b, None, c0, c1, scale)
+        row_starts = starts[:, c0:c1] if masked else None
+        probs, lse[:, c0:c1] = _chunk_probs(q_b, k_b, None, c0, c1, scale, lo, row_starts)
         gamma_rows = gamma[:, c0:c1]
-        past_context = probs[:, :, :c0] @ s[:, :c0]  # [B, n, c0] @ [B, c0, V]
+        past_context = probs[:, :, : c0 - lo] @ s[:, lo:c0]  # [B, n, c0 - lo] @ [B, c0 - lo, V]
         rhs = f[:, c0:c1] + gamma_rows.unsqueeze(-1) * past_context
-        system = _unit_lower_system(probs[:, :, c0:], gamma_rows)
+        system = _unit_lower_system(probs[:, :, c0 - lo :], gamma_rows)
         s[:, c0:c1] = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     return s, lse
 
 
-def chunk_feedback_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size):
+def chunk_feedback_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, starts=None):
     """Reverse-time chunked solve for lambda = (I - B)^-T grad_s, then the logits' gradients.
 
     Returns (dq_b, dk_b, df, dgamma) in the solve dtype.
@@ -64,24 +87,25 @@ def chunk_feedback_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size):
     lam = torch.empty_like(s)
     # later_terms[t] accumulates sum_{i in later chunks} gamma[i] P[i, t] lambda[i].
     later_terms = torch.zeros_like(s)
-    last_start = (T - 1) // chunk_size * chunk_size
-    for c0 in range(last_start, -1, -chunk_size):
+    for c0, lo, masked in reversed(_key_ranges(starts, T, chunk_size)):
         c1 = min(c0 + chunk_size, T)
-        probs, _ = _chunk_probs(q_b, k_b, lse, c0, c1, scale)
+        probs, _ = _chunk_probs(q_b, k_b, lse, c0, c1, scale, lo, starts[:, c0:c1] if masked else None)
         gamma_rows = gamma[:, c0:c1].unsqueeze(-1)  # [B, n, 1]
-        system = _unit_lower_system(probs[:, :, c0:], gamma[:, c0:c1])
+        system = _unit_lower_system(probs[:, :, c0 - lo :], gamma[:, c0:c1])
         rhs = grad_s[:, c0:c1] + later_terms[:, c0:c1]
         lam_rows = torch.linalg.solve_triangular(system.transpose(1, 2), rhs, upper=True, unitriangular=True)
         lam[:, c0:c1] = lam_rows
-        later_terms[:, :c0] += probs[:, :, :c0].transpose(1, 2) @ (gamma_rows * lam_rows)  # [B, c0, n] @ [B, n, V]
+        # [B, c0 - lo, n] @ [B, n, V]
+        later_terms[:, lo:c0] += probs[:, :, : c0 - lo].transpose(1, 2) @ (gamma_rows * lam_rows)
 
-        context = probs @ s[:, :c1]  # u[t] = sum_{j<t} alpha[t, j] s[j]: [B, n, c1] @ [B, c1, V]
+        past_s = s[:, lo:c1]
+        context = probs @ past_s  # u[t] = sum_{j<t} alpha[t, j] s[j]: [B, n, c1 - lo] @ [B, c1 - lo, V]
         delta = (lam_rows * context).sum(-1)  # [B, n]
         dgamma[:, c0:c1] = delta
-        lam_dot_s = lam_rows @ s[:, :c1].transpose(1, 2)  # [B, n, V] @ [B, V, c1]
+        lam_dot_s = lam_rows @ past_s.transpose(1, 2)  # [B, n, V] @ [B, V, c1 - lo]
         dlogits = gamma_rows * probs * (lam_dot_s - delta.unsqueeze(-1)) * scale
-        dq_b[:, c0:c1] = dlogits @ k_b[:, :c1]  # [B, n, c1] @ [B, c1, K]
-        dk_b[:, :c1] += dlogits.transpose(1, 2) @ q_b[:, c0:c1]  # [B, c1, n] @ [B, n, K]
+        dq_b[:, c0:c1] = dlogits @ k_b[:, lo:c1]  # [B, n, c1 - lo] @ [B, c1 - lo, K]
+        dk_b[:, lo:c1] += dlogits.transpose(1, 2) @ q_b[:, c0:c1]  # [B, c1 - lo, n] @ [B, n, K]
     return dq_b, dk_b, lam, dgamma
 
 
@@ -89,26 +113,26 @@ class ChunkFeedbackSolve(torch.autograd.Function):
     """Autograd wrapper: solves in float32 (float64 stays float64), returns s in f's dtype."""
 
     @staticmethod
-    def forward(ctx, q_b, k_b, f, gamma, chunk_size):
+    def forward(ctx, q_b, k_b, f, gamma, chunk_size, starts=None):
         dtype = _solve_dtype(f.dtype)
         q32, k32, gamma32 = q_b.to(dtype), k_b.to(dtype), gamma.to(dtype)
-        s, lse = chunk_feedback_fwd(q32, k32, f.to(dtype), gamma32, chunk_size)
-        ctx.save_for_backward(q_b, k_b, gamma, s, lse)
+        s, lse = chunk_feedback_fwd(q32, k32, f.to(dtype), gamma32, chunk_size, starts)
+        ctx.save_for_backward(q_b, k_b, gamma, s, lse, starts)
         ctx.chunk_size = chunk_size
         ctx.f_dtype = f.dtype
         return s.to(f.dtype)
 
     @staticmethod
     def backward(ctx, grad_s):
-        q_b, k_b, gamma, s, lse = ctx.saved_tensors
+        q_b, k_b, gamma, s, lse, starts = ctx.saved_tensors
         dtype = s.dtype
         dq, dk, df, dgamma = chunk_feedback_bwd(
-            q_b.to(dtype), k_b.to(dtype), gamma.to(dtype), s, lse, grad_s.to(dtype), ctx.chunk_size
+            q_b.to(dtype), k_b.to(dtype), gamma.to(dtype), s, lse, grad_s.to(dtype), ctx.chunk_size, starts
         )
-        return dq.to(q_b.dtype), dk.to(k_b.dtype), df.to(ctx.f_dtype), dgamma.to(gamma.dtype), None
+        return dq.to(q_b.dtype), dk.to(k_b.dtype), df.to(ctx.f_dtype), dgamma.to(gamma.dtype), None, None
 
 
-def feedback_solve_chunked(q_b, k_b, f, gamma, chunk_size: int = 64):
+def feedback_solve_chunked(q_b, k_b, f, gamma, chunk_size: int = 64, starts=None):
     """s = (I - diag(gamma) alpha)^-1 f with memory linear in T.
 
     Args:
@@ -116,5 +140,7 @@ def feedback_solve_chunked(q_b, k_b, f, gamma, chunk_size: int = 64):
         f: [B, T, V] forward-branch output (V may be a tensor-parallel slice of the features).
         gamma: [B, T] feedback gains.
         chunk_size: rows per block; tiles are at most [chunk_size, T].
+        starts: optional [B, T] integer first position of each row's document
+            (documents.document_starts); row t then sees only keys starts[t] <= j < t.
     """
-    return ChunkFeedbackSolve.apply(q_b, k_b, f, gamma, chunk_size)
+    return ChunkFeedbackSolve.apply(q_b, k_b, f, gamma, chunk_size, starts)

@@ -345,7 +345,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------
-def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: int | None = None):
+def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: int | None = None, starts=None):
     """s = (I - diag(gamma) alpha)^-1 f with fused Triton kernels; memory linear in T.
 
     Args:
@@ -383,5 +383,7 @@ def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: 
             f"feedback_impl='triton' on {f.device.type} tensors needs the Triton interpreter: set "
             "TRITON_INTERPRET=1 before importing triton (slow; tests only), or use impl='chunked'"
         )
+    if starts is not None:
+        raise NotImplementedError("document masking (doc_ids) is not in the Triton kernels yet: use impl='chunked'")
     s, _ = _fwd_op(q_b, k_b, f, gamma, chunk_size, panel_size)
     return s

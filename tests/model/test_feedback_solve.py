@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from kernels.feedback_solve import (
+    document_starts,
     feedback_solve,
     feedback_solve_chunked,
     feedback_solve_dense,
@@ -68,3 +69,122 @@ def test_stability_bound():
 def test_unknown_impl_is_rejected():
     with pytest.raises(ValueError, match="feedback_impl"):
         feedback_solve(*make_inputs(1, 4, 4, 4, torch.float32), impl="cuda-magic")
+
+
+# ---------------------------------------------------------------------------------------------
+# Document masking (doc_ids): a packed sequence equals each of its documents solved alone.
+# ---------------------------------------------------------------------------------------------
+# Per sequence, document lengths (-1: padding of that length at the end, its own document). With
+# chunk_size 16 they straddle chunk boundaries, and include one-token documents and a document
+# that fills whole chunks.
+PACKED_LAYOUTS = [[1, 15, 17, 1, 20, 6, -10], [33, 1, 1, 35], [70]]
+PACKED_T = 70
+
+
+def packed_doc_ids(layouts=PACKED_LAYOUTS):
+    rows = []
+    for lengths in layouts:
+        ids = [i if n > 0 else -1 for i, n in enumerate(lengths) for _ in range(abs(n))]
+        rows.append(ids)
+    return torch.tensor(rows, dtype=torch.int32)
+
+
+def documents_of(doc_ids):
+    """(b, start, end) for each maximal run of equal ids."""
+    spans = []
+    for b, row in enumerate(doc_ids.tolist()):
+        start = 0
+        for t in range(1, len(row) + 1):
+            if t == len(row) or row[t] != row[t - 1]:
+                spans.append((b, start, t))
+                start = t
+    return spans
+
+
+def packed_vs_alone(solve, solve_alone, dtype, tolerances, layouts=PACKED_LAYOUTS, T=PACKED_T, K=24, V=20):
+    """Output and all four input gradients of `solve(*inputs, doc_ids)` equal, document by document,
+    `solve_alone` on that document's slice of the inputs (with the same output gradient)."""
+    doc_ids = packed_doc_ids(layouts)
+    inputs = make_inputs(len(layouts), T, K, V, dtype, seed=len(layouts))
+    grad_out = torch.randn(len(layouts), T, V, dtype=dtype, generator=torch.Generator().manual_seed(2))
+    s = solve(*inputs, doc_ids)
+    grads = torch.autograd.grad(s, inputs, grad_out)
+    for b, a, e in documents_of(doc_ids):
+        alone = [x.detach()[b : b + 1, a:e].clone().requires_grad_() for x in inputs]
+        s_alone = solve_alone(*alone)
+        grads_alone = torch.autograd.grad(s_alone, alone, grad_out[b : b + 1, a:e])
+        where = f"sequence {b}, document [{a}, {e})"
+        torch.testing.assert_close(s[b : b + 1, a:e], s_alone, **tolerances, msg=lambda m: f"s, {where}: {m}")
+        for name, got, want in zip(("q_b", "k_b", "f", "gamma"), grads, grads_alone):
+            torch.testing.assert_close(got[b : b + 1, a:e], want, **tolerances, msg=lambda m: f"d{name}, {where}: {m}")
+
+
+PACKED_TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_packed_documents_equal_each_document_alone(impl, dtype):
+    packed_vs_alone(
+        lambda *x: feedback_solve(*x[:4], impl=impl, chunk_size=16, doc_ids=x[4]),
+        lambda *x: feedback_solve(*x, impl=impl, chunk_size=16),
+        dtype, PACKED_TOLERANCES[dtype],
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [4, 64])
+def test_packed_chunked_matches_packed_dense(chunk_size):
+    """Other chunkings (many chunks per document; one chunk for everything) against the masked oracle."""
+    doc_ids = packed_doc_ids()
+    starts = document_starts(doc_ids, 3, PACKED_T, doc_ids.device)
+    inputs = make_inputs(3, PACKED_T, 8, 5, torch.float64, seed=4)
+    dense = feedback_solve_dense(*inputs, starts)
+    chunked = feedback_solve_chunked(*inputs, chunk_size, starts)
+    torch.testing.assert_close(chunked, dense, **PACKED_TOLERANCES[torch.float64])
+    grad_out = torch.randn_like(dense)
+    for got, want in zip(torch.autograd.grad(chunked, inputs, grad_out), torch.autograd.grad(dense, inputs, grad_out)):
+        torch.testing.assert_close(got, want, **PACKED_TOLERANCES[torch.float64])
+
+
+def test_packed_recurrence_matches_dense():
+    doc_ids = packed_doc_ids()
+    starts = document_starts(doc_ids, 3, PACKED_T, doc_ids.device)
+    inputs = make_inputs(3, PACKED_T, 8, 5, torch.float64)
+    got = feedback_solve_recurrent(*inputs, starts)
+    torch.testing.assert_close(got, feedback_solve_dense(*inputs, starts), **PACKED_TOLERANCES[torch.float64])
+    # A document's first token has no past: s = f there.
+    for b, a, _ in documents_of(doc_ids):
+        torch.testing.assert_close(got[b, a], inputs[2][b, a], rtol=0, atol=0)
+
+
+def test_packed_chunked_gradcheck():
+    doc_ids = torch.tensor([[0, 0, 0, 1, 2, 2, 2, 2, 2, -1, -1]])
+    starts = document_starts(doc_ids, 1, 11, doc_ids.device)
+    inputs = make_inputs(1, 11, 6, 5, torch.float64, seed=5)
+    assert torch.autograd.gradcheck(lambda *x: ChunkFeedbackSolve.apply(*x, 4, starts), inputs, fast_mode=True)
+
+
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+def test_one_document_is_bitwise_the_unmasked_solve(impl):
+    """doc_ids with a single document takes the unmasked arithmetic: identical bits, output and gradients."""
+    inputs = make_inputs(2, 50, 8, 6, torch.float32, seed=6)
+    grad_out = torch.randn(2, 50, 6)
+    plain = feedback_solve(*inputs, impl=impl, chunk_size=16)
+    one_doc = feedback_solve(*inputs, impl=impl, chunk_size=16, doc_ids=torch.zeros(2, 50, dtype=torch.int64))
+    assert torch.equal(plain, one_doc)
+    for got, want in zip(torch.autograd.grad(one_doc, inputs, grad_out), torch.autograd.grad(plain, inputs, grad_out)):
+        assert torch.equal(got, want)
+
+
+def test_document_starts():
+    doc_ids = torch.tensor([[0, 0, 1, 2, 2, 2, -1, -1], [-1, 0, 0, 0, 0, 1, 1, 1]], dtype=torch.int32)
+    assert document_starts(doc_ids, 2, 8, doc_ids.device).tolist() == [[0, 0, 2, 3, 3, 3, 6, 6], [0, 1, 1, 1, 1, 5, 5, 5]]
+
+
+@pytest.mark.parametrize(
+    "doc_ids,match",
+    [(torch.zeros(1, 7, dtype=torch.int64), r"doc_ids must be \[B, T\]"), (torch.zeros(1, 8), "integer")],
+)
+def test_bad_doc_ids_are_rejected(doc_ids, match):
+    with pytest.raises(ValueError, match=match):
+        feedback_solve(*make_inputs(1, 8, 4, 4, torch.float32), impl="chunked", doc_ids=doc_ids)
