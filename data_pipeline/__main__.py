@@ -114,7 +114,7 @@ def _verify(data_dir: str, manifest: dict) -> list[str]:
     for split in manifest["splits"]:
         for spec in shard_specs(manifest, split, data_dir, None):
             reader = ShardReader(manifest["sample_len"], manifest["samples_per_entry"],
-                                 manifest["vocab_size"], True, set(), {})
+                                 manifest["vocab_size"], True, set(), {}, manifest.get("loss_mask", False))
             try:
                 for entry in range(spec.entries):
                     reader.read(spec, entry)

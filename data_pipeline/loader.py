@@ -16,6 +16,9 @@ A batch is a dict:
                                      within the sample (EOT belongs to the document it ends); -1 marks
                                      padding (only in the split's last sample). Attention/loss may be
                                      cut where doc_ids changes; drop targets where doc_ids[:, 1:] < 0.
+  "loss_mask"     bool (B, L + 1)    True where the token counts as a prediction target (supervised
+                                     task data: the answer and its EOT); all True for data prepared
+                                     without a mask. The loss uses loss_mask[:, 1:] & (doc_ids[:, 1:] >= 0).
   "sample_index"  int64 (B,)         the sample's index within the split (storage order)
   "epoch"         int64 (B,)         the epoch the sample was drawn in
 
@@ -91,6 +94,7 @@ class PackedTokenDataset(IterableDataset):
         info = split_info(manifest, split, self.data_dir)
         self.tokenizer_id, self.fingerprint = manifest["tokenizer_id"], fingerprint(manifest, split)
         self.sample_len, self.vocab_size = manifest["sample_len"], manifest["vocab_size"]
+        self.with_mask = bool(manifest.get("loss_mask", False))  # older manifests: no masks
         self.table = ShardTable(tuple(s["samples"] for s in info["shards"]), manifest["samples_per_entry"])
         self.shards = shard_specs(manifest, split, self.data_dir, shard_url_template)
         self.first_samples = [self.table.first_sample(s) for s in range(len(self.shards))]
@@ -122,7 +126,8 @@ class PackedTokenDataset(IterableDataset):
         P = self.layout.lanes
         lanes = [self._lane(self.layout.stream(self.dp_rank, w, p), lane_consumed(position, p, P),
                             ShardReader(self.sample_len, self.table.samples_per_entry, self.vocab_size,
-                                        self.verify_checksums, verified, failed), orders) for p in range(P)]
+                                        self.verify_checksums, verified, failed, self.with_mask), orders)
+                 for p in range(P)]
         finished = False
         while not finished:
             rows, skipped = [], Counter()
@@ -162,7 +167,8 @@ class PackedTokenDataset(IterableDataset):
                 base = self.first_samples[shard] + entry * self.table.samples_per_entry
                 for row in order.entry_permutation(shard, entry, len(data.tokens))[first:last]:
                     n_valid, starts = data.bounds[row]
-                    yield epoch, base + int(row), data.tokens[row], n_valid, starts
+                    mask = data.mask[row] if data.mask is not None else None
+                    yield epoch, base + int(row), data.tokens[row], n_valid, starts, mask
 
     def _collate(self, rows: list[tuple]) -> dict:
         parts = {  # int64 parts first, so every part of the packed block below stays aligned
@@ -170,6 +176,8 @@ class PackedTokenDataset(IterableDataset):
             "sample_index": np.array([r[1] for r in rows], dtype=np.int64),
             "epoch": np.array([r[0] for r in rows], dtype=np.int64),
             "doc_ids": np.stack([doc_ids(r[3], r[4], self.sample_len) for r in rows]),
+            "loss_mask": np.stack([np.ones(self.sample_len, dtype=bool) if r[5] is None else r[5]
+                                   for r in rows]),
         }
         if get_worker_info() is None:
             return {name: torch.from_numpy(array) for name, array in parts.items()}
@@ -187,11 +195,12 @@ class PackedTokenDataset(IterableDataset):
         if "_packed" not in batch:
             return batch
         block, B, L1 = batch.pop("_packed"), batch.pop("_rows"), self.sample_len
-        sizes = {"tokens": (8, (B, L1)), "sample_index": (8, (B,)), "epoch": (8, (B,)), "doc_ids": (4, (B, L1))}
+        sizes = {"tokens": (torch.int64, (B, L1)), "sample_index": (torch.int64, (B,)),
+                 "epoch": (torch.int64, (B,)), "doc_ids": (torch.int32, (B, L1)), "loss_mask": (torch.bool, (B, L1))}
         at = 0
-        for name, (itemsize, shape) in sizes.items():
-            n = itemsize * int(np.prod(shape))
-            batch[name] = block[at:at + n].view(torch.int64 if itemsize == 8 else torch.int32).view(shape)
+        for name, (dtype, shape) in sizes.items():
+            n = dtype.itemsize * int(np.prod(shape))
+            batch[name] = block[at:at + n].view(dtype).view(shape)
             at += n
         return batch
 

@@ -1,11 +1,21 @@
-"""Raw text -> tokenised, packed, sharded webdataset tars + manifest.json.
+"""Raw text or supervised task examples -> tokenised, packed, sharded webdataset tars + manifest.json.
 
     python -m data_pipeline prepare --source builtin --tokenizer pydocs4k --seq-len 1024 --out data/pydocs
+    python -m data_pipeline prepare --source task.tsv --format task --prompt-field Text \
+        --answer-field Answer --tokenizer chars --seq-len 1024 --out data/task
 
-Documents are read in a fixed order, tokenised in parallel worker processes (results come back in
-order), assigned to train/val by position (every round(1/val_fraction)-th document is validation),
-packed (see packing.py) and written with webdataset.ShardWriter (mtime=0, fixed uid/gid names), so
-re-running on the same input gives byte-identical shards.
+Two passes. First, documents (or examples) are read in a fixed order and tokenised in parallel
+worker processes (results come back in order); each is assigned a split (text: every
+round(1/val_fraction)-th document is validation; tasks: the file's split field, separate
+--val-source/--test-source files, or the same every-k-th rule) and its ids go to a temporary
+token file. Second, per split, the documents are taken in a seeded random order (`shuffle_seed`,
+as Megatron shuffles its document index; None keeps source order), packed (packing.py) and
+written with webdataset.ShardWriter (mtime=0, fixed uid/gid names), so re-running on the same
+input gives byte-identical shards.
+
+A task example becomes prompt + separator + answer + EOT, and its loss mask marks the answer and
+the EOT (loss_on="answer") or every token (loss_on="all"); masks are stored in the shards
+("loss_mask": true in the manifest) and the loader hands them out as batch["loss_mask"].
 """
 
 from __future__ import annotations
@@ -15,77 +25,196 @@ import multiprocessing
 import os
 import shutil
 import time
+from array import array
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .encode_worker import encode, init_worker
-from .errors import check_on_error
+from .errors import DataError, check_on_error, handle
 from .manifest import FORMAT, write_manifest
-from .packing import TOKEN_DTYPE, PackedSample, SequencePacker, encode_entry
-from .readers import Document, describe_sources, iter_documents
-from .tokenizer import BUILTIN_BPE_NAME, STANDARD_ENCODINGS, Tokenizer, load_tokenizer
+from .packing import PACK_MODES, TOKEN_DTYPE, PackedSample, encode_entry, make_packer
+from .readers import describe_sources, iter_documents
+from .tasks import MAX_LABELS, SPLIT_NAMES, TaskExample, iter_task_file, separator_ids, task_file_format
+from .tokenizer import BUILTIN_BPE_NAME, CHARS_NAME, STANDARD_ENCODINGS, Tokenizer, load_tokenizer
 
 SPLITS = ("train", "val")
 TASK_BYTES = 512 << 10  # text per worker task: big enough to amortise IPC, small enough to balance
+FORMATS = ("text", "task")
+DEFAULT_SHUFFLE_SEED = 0
+TMP_TOKENS = "tokens.tmp"
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One document (texts = (text,)) or task example (texts = (prompt, answer)) to tokenise."""
+    texts: tuple[str, ...]
+    where: str
+    nbytes: int
+    split: str | None = None  # fixed split (task files); None: by position
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """How task examples become tokens; recorded in the manifest under "task"."""
+    prompt_field: str = "prompt"
+    answer_field: str = "answer"
+    separator: str = "\n"
+    loss_on: str = "answer"
+    split_field: str | None = None
+    file_format: str | None = None  # tsv | csv | jsonl (None: generated, not read from a file)
+
+    def __post_init__(self):
+        if self.loss_on not in ("answer", "all"):
+            raise ValueError(f"loss_on must be 'answer' or 'all', got {self.loss_on!r}")
 
 
 def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int, out: str | os.PathLike, *,
             text_field: str = "text", val_fraction: float = 0.01, num_workers: int | None = None,
             shard_bytes: int = 128_000_000, entry_bytes: int = 512 << 10, on_error: str = "raise",
-            overwrite: bool = False, progress: bool = True) -> dict:
-    """Tokenise `sources` into `out`/{train,val}/shard-NNNNNN.tar and `out`/manifest.json.
+            overwrite: bool = False, progress: bool = True, format: str = "text",
+            task: TaskSpec | None = None, val_sources: list[str] | None = None,
+            test_sources: list[str] | None = None, pack: str | None = None,
+            shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED) -> dict:
+    """Tokenise `sources` into `out`/{train,val[,test]}/shard-NNNNNN.tar and `out`/manifest.json.
 
-    val_fraction: share of documents (by position) that go to the validation split.
+    val_fraction: share of documents (by position) that go to the validation split (task data with
+        a split field or val/test sources ignores it).
     num_workers: tokeniser processes (default: all cores; 1 = in this process).
     shard_bytes / entry_bytes: target tar shard size / bytes of tokens per tar entry.
     on_error: "raise" on bad input, or "skip" it and count it in manifest["skipped"].
+    format: "text" (documents) or "task" (prompt/answer examples from TSV/CSV/JSONL, see `task`).
+    pack: "stream" (default for text), "greedy" or "none" (default for tasks); see packing.py.
+    shuffle_seed: seed of the per-split document order; None keeps the source order.
     Returns the manifest.
     """
     sources = [sources] if isinstance(sources, str) else list(sources)
     check_on_error(on_error)
+    if format not in FORMATS:
+        raise ValueError(f"unknown format {format!r}; use one of {FORMATS}")
+    skipped: Counter = Counter()
+    if format == "text":
+        if task is not None or val_sources or test_sources:
+            raise ValueError("task options (prompt/answer fields, --val-source, --test-source) need --format task")
+        records = (Record((d.text,), d.where, d.nbytes) for d in
+                   iter_documents(sources, text_field=text_field, on_error=on_error, skipped=skipped))
+        described = describe_sources(sources, text_field)
+    else:
+        task = task or TaskSpec()
+        files = {"train": sources, "val": list(val_sources or []), "test": list(test_sources or [])}
+        if task.split_field and (val_sources or test_sources):
+            raise ValueError("give either a split field or --val-source/--test-source files, not both")
+        formats = {task_file_format(f) for group in files.values() for f in group}
+        task = TaskSpec(**{**task.__dict__, "file_format": "+".join(sorted(formats))})
+        records = _task_records(files, task, on_error, skipped)
+        described = [{"source": os.path.abspath(f), "split": split if (val_sources or test_sources) else
+                      (f"field {task.split_field!r}" if task.split_field else "by position")}
+                     for split, group in files.items() for f in group]
+    return write_records(records, tokenizer, seq_len, out, sources=described, task=task,
+                         val_fraction=val_fraction, fixed_splits=bool(val_sources or test_sources),
+                         num_workers=num_workers, shard_bytes=shard_bytes, entry_bytes=entry_bytes,
+                         on_error=on_error, skipped=skipped, overwrite=overwrite, progress=progress,
+                         pack=pack, shuffle_seed=shuffle_seed)
+
+
+def prepare_examples(examples: Iterable[TaskExample], tokenizer: str | Tokenizer, seq_len: int,
+                     out: str | os.PathLike, *, task: TaskSpec, sources: list[dict], **kw) -> dict:
+    """Task examples made in memory (e.g. the synthetic generators, each with its split) -> shards."""
+    records = (Record((e.prompt, e.answer), e.where, len(e.prompt) + len(e.answer), e.split or "train")
+               for e in examples)
+    return write_records(records, tokenizer, seq_len, out, sources=sources, task=task, fixed_splits=True,
+                         **kw)
+
+
+def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len: int,
+                  out: str | os.PathLike, *, sources: list[dict], task: TaskSpec | None = None,
+                  val_fraction: float = 0.01, fixed_splits: bool = False, num_workers: int | None = None,
+                  shard_bytes: int = 128_000_000, entry_bytes: int = 512 << 10, on_error: str = "raise",
+                  skipped: Counter | None = None, overwrite: bool = False, progress: bool = True,
+                  pack: str | None = None, shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED) -> dict:
+    """The two passes (module docstring) over already-read records; see prepare() for the options."""
+    check_on_error(on_error)
+    skipped = Counter() if skipped is None else skipped
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    pack = pack or ("none" if task else "stream")
+    if pack not in PACK_MODES:
+        raise ValueError(f"unknown pack mode {pack!r}; use one of {PACK_MODES}")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     num_workers = num_workers or len(os.sched_getaffinity(0))
     out = Path(out)
     _prepare_out_dir(out, overwrite)
+    splits_names = SPLIT_NAMES if task else SPLITS
+    sep = separator_ids(tok, task.separator) if task else np.empty(0, dtype=np.int64)
+    val_every = round(1 / val_fraction) if val_fraction > 0 else 0
 
+    # Pass 1: tokenise into the temporary token file, remembering (offset, length, mask_start).
+    index = {s: (array("q"), array("q"), array("q")) for s in splits_names}
+    labels: Counter | None = Counter() if task else None
+    bar = _progress_bar(progress)
+    start, text_bytes, n_tokens, ordinal, offset = time.perf_counter(), 0, 0, 0, 0
+    tmp_path = out / TMP_TOKENS
+    with open(tmp_path, "wb") as tmp:
+        for batch, token_arrays in _tokenize(records, tok, num_workers):
+            for record, parts in zip(batch, token_arrays):
+                if task:
+                    ids = np.concatenate([parts[0], sep, parts[1]])
+                    mask_start = len(parts[0]) + len(sep) if task.loss_on == "answer" else 0
+                else:
+                    ids, mask_start = parts[0], 0
+                if pack != "stream" and len(ids) + 1 > seq_len + 1:
+                    handle(DataError("too_long", record.where, f"{len(ids) + 1} tokens with end-of-text, "
+                                     f"more than one sample holds with --pack {pack} (seq_len + 1 = "
+                                     f"{seq_len + 1}); raise --seq-len to at least {len(ids)}"),
+                           on_error, skipped)
+                    continue
+                if record.split is not None:
+                    split = record.split
+                else:
+                    split = "val" if val_every and ordinal % val_every == val_every - 1 else "train"
+                    ordinal += 1
+                tmp.write(ids.astype(TOKEN_DTYPE, copy=False).tobytes())
+                for column, value in zip(index[split], (offset, len(ids), mask_start)):
+                    column.append(value)
+                offset += len(ids)
+                text_bytes += record.nbytes
+                n_tokens += len(ids)
+                if labels is not None:
+                    labels[record.texts[1]] += 1
+                    if len(labels) > MAX_LABELS:
+                        labels = None
+            if bar is not None:
+                bar.update(sum(r.nbytes for r in batch))
+                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - start) / 1e6:.2f}M tok/s",
+                                    refresh=False)
+    if bar is not None:
+        bar.close()
+    n_docs = sum(len(index[s][0]) for s in splits_names)
+    if n_docs == 0:
+        tmp_path.unlink()
+        raise ValueError(f"no documents found in {[s.get('source') for s in sources]} "
+                         f"(skipped: {dict(skipped)})")
+
+    # Pass 2: per split, documents in shuffled order -> packed samples -> shards.
     sample_len = seq_len + 1
     samples_per_entry = max(1, round(entry_bytes / (sample_len * TOKEN_DTYPE.itemsize)))
     entries_per_shard = max(1, shard_bytes // (samples_per_entry * sample_len * TOKEN_DTYPE.itemsize))
-    writers = {s: SplitWriter(out, s, samples_per_entry, entries_per_shard) for s in SPLITS}
-    packers = {s: SequencePacker(seq_len, tok.eot_id) for s in SPLITS}
-    val_every = round(1 / val_fraction) if val_fraction > 0 else 0
-    skipped: Counter = Counter()
-    docs_per_split: Counter = Counter()
-
-    documents = iter_documents(sources, text_field=text_field, on_error=on_error, skipped=skipped)
-    bar = _progress_bar(progress)
-    start, text_bytes, n_tokens, ordinal = time.perf_counter(), 0, 0, 0
-    for batch, token_arrays in _tokenize(documents, tok, num_workers):
-        for doc, ids in zip(batch, token_arrays):
-            split = "val" if val_every and ordinal % val_every == val_every - 1 else "train"
-            ordinal += 1
-            docs_per_split[split] += 1
-            writers[split].add(packers[split].add(ids))
-            text_bytes += doc.nbytes
-            n_tokens += len(ids)
-        if bar is not None:
-            bar.update(sum(d.nbytes for d in batch))
-            bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - start) / 1e6:.2f}M tok/s", refresh=False)
-    if bar is not None:
-        bar.close()
-    if ordinal == 0:
-        raise ValueError(f"no documents found in {sources} (skipped: {dict(skipped)})")
-
+    tokens = np.memmap(tmp_path, dtype=TOKEN_DTYPE, mode="r") if offset else np.empty(0, TOKEN_DTYPE)
     splits = {}
-    for split in SPLITS:
-        writers[split].add(packers[split].finish())
-        splits[split] = writers[split].close() | {
-            "documents": docs_per_split[split], "stream_tokens": packers[split].stream_tokens}
+    for split in splits_names:
+        offsets, lengths, mask_starts = index[split]
+        writer = SplitWriter(out, split, samples_per_entry, entries_per_shard, with_mask=task is not None)
+        packer = make_packer(pack, seq_len, tok.eot_id)
+        for i in document_order(len(offsets), shuffle_seed, split):
+            writer.add(packer.add(tokens[offsets[i]:offsets[i] + lengths[i]], mask_starts[i]))
+        writer.add(packer.finish())
+        splits[split] = writer.close() | {"documents": len(offsets), "stream_tokens": packer.stream_tokens}
+    del tokens
+    tmp_path.unlink()
+
     manifest = {
         "format": FORMAT,
         "tokenizer_id": tok.id,
@@ -96,21 +225,51 @@ def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int, 
         "sample_len": sample_len,
         "samples_per_entry": samples_per_entry,
         "token_dtype": "uint32le",
-        "sources": describe_sources(sources, text_field),
-        "val_fraction": val_fraction,
-        "documents": {"total": ordinal, "text_bytes": text_bytes, "tokens": n_tokens},
+        "sources": sources,
+        "val_fraction": None if fixed_splits else val_fraction,
+        "pack": pack,
+        "shuffle_seed": shuffle_seed,
+        "loss_mask": task is not None,
+        "documents": {"total": n_docs, "text_bytes": text_bytes, "tokens": n_tokens},
         "skipped": dict(sorted(skipped.items())),
         "splits": splits,
     }
+    if task:
+        n = sum(labels.values()) if labels is not None else 0
+        manifest["task"] = {
+            "format": task.file_format, "prompt_field": task.prompt_field, "answer_field": task.answer_field,
+            "split_field": task.split_field, "separator": task.separator, "loss_on": task.loss_on,
+            "labels": sorted(labels) if labels is not None and n >= 2 * len(labels) else None}
     write_manifest(out, manifest)
     return manifest
+
+
+def document_order(n: int, shuffle_seed: int | None, split: str) -> np.ndarray:
+    """The order documents of a split are packed in: a seeded permutation, or 0..n-1 for None."""
+    if shuffle_seed is None:
+        return np.arange(n)
+    split_key = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
+    return np.random.default_rng([shuffle_seed, split_key]).permutation(n)
+
+
+def _task_records(files: dict[str, list[str]], task: TaskSpec, on_error: str,
+                  skipped: Counter) -> Iterator[Record]:
+    by_file = bool(files["val"] or files["test"])
+    for split, group in files.items():
+        for path in group:
+            for e in iter_task_file(path, task.prompt_field, task.answer_field, task.split_field,
+                                    on_error=on_error, skipped=skipped):
+                yield Record((e.prompt, e.answer), e.where,
+                             len(e.prompt.encode("utf-8")) + len(e.answer.encode("utf-8")),
+                             split if by_file else e.split)
 
 
 class SplitWriter:
     """Groups samples into entries and entries into shards; records per-shard counts and sha256."""
 
-    def __init__(self, out: Path, split: str, samples_per_entry: int, entries_per_shard: int):
-        self.out, self.split = out, split
+    def __init__(self, out: Path, split: str, samples_per_entry: int, entries_per_shard: int,
+                 with_mask: bool = False):
+        self.out, self.split, self.with_mask = out, split, with_mask
         self.samples_per_entry, self.entries_per_shard = samples_per_entry, entries_per_shard
         self._writer = None  # a webdataset.ShardWriter, opened on the first entry: no empty tars
         self._pending: list[PackedSample] = []
@@ -133,7 +292,7 @@ class SplitWriter:
                 str(self.out / self.split / "shard-%06d.tar"), maxcount=self.entries_per_shard,
                 maxsize=float("inf"), post=self._shard_done, verbose=0, encoder=False, mtime=0)
         # Global entry number as key: the loader checks it, which catches shuffled or swapped shards.
-        self._writer.write({"__key__": f"{self._entries:09d}", **encode_entry(self._pending)})
+        self._writer.write({"__key__": f"{self._entries:09d}", **encode_entry(self._pending, self.with_mask)})
         self._current.update(entries=1, samples=len(self._pending),
                              tokens=sum(s.n_valid for s in self._pending))
         self._entries += 1
@@ -157,14 +316,14 @@ class SplitWriter:
 
 def _portable_spec(spec: str) -> str:
     """What load_tokenizer needs to reload it from anywhere: names stay names, paths become absolute."""
-    return spec if spec in (*STANDARD_ENCODINGS, BUILTIN_BPE_NAME) else os.path.abspath(spec)
+    return spec if spec in (*STANDARD_ENCODINGS, BUILTIN_BPE_NAME, CHARS_NAME) else os.path.abspath(spec)
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
-        for name in ("manifest.json", *SPLITS):
+        for name in ("manifest.json", TMP_TOKENS, *SPLIT_NAMES):
             path = out / name
             if path.is_dir():
                 shutil.rmtree(path)
@@ -173,11 +332,11 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _batches(documents: Iterator[Document]) -> Iterator[list[Document]]:
+def _batches(records: Iterable[Record]) -> Iterator[list[Record]]:
     batch, size = [], 0
-    for doc in documents:
-        batch.append(doc)
-        size += doc.nbytes
+    for record in records:
+        batch.append(record)
+        size += record.nbytes
         if size >= TASK_BYTES:
             yield batch
             batch, size = [], 0
@@ -185,29 +344,38 @@ def _batches(documents: Iterator[Document]) -> Iterator[list[Document]]:
         yield batch
 
 
-def _tokenize(documents: Iterator[Document], tok: Tokenizer,
-              num_workers: int) -> Iterator[tuple[list[Document], list[np.ndarray]]]:
-    """(batch of documents, their token ids), in input order."""
-    batches = _batches(documents)
+def _tokenize(records: Iterable[Record], tok: Tokenizer,
+              num_workers: int) -> Iterator[tuple[list[Record], list[list[np.ndarray]]]]:
+    """(batch of records, per record the token ids of each of its texts), in input order."""
+    batches = _batches(records)
     if num_workers <= 1:
         init_worker(tok)
         for batch in batches:
-            yield batch, encode([d.text for d in batch])
+            yield batch, _regroup(batch, encode([t for r in batch for t in r.texts]))
         return
     # spawn, not fork: the caller may hold threads (torch, tqdm) that fork would copy mid-lock.
     # The Encoding travels pickled, so workers skip re-reading rank files and re-hashing the id.
     context = multiprocessing.get_context("spawn")
     with context.Pool(num_workers, initializer=init_worker, initargs=(tok,)) as pool:
-        pending: deque[list[Document]] = deque()  # batches sent out, to pair with results in order
+        pending: deque[list[Record]] = deque()  # batches sent out, to pair with results in order
 
         def texts():
             for batch in batches:
                 pending.append(batch)
-                yield [d.text for d in batch]
+                yield [t for r in batch for t in r.texts]
 
         # imap's feeder thread reads ahead only as far as the pipe to the workers lets it
         for ids in pool.imap(encode, texts(), chunksize=1):
-            yield pending.popleft(), ids
+            batch = pending.popleft()
+            yield batch, _regroup(batch, ids)
+
+
+def _regroup(batch: list[Record], ids: list[np.ndarray]) -> list[list[np.ndarray]]:
+    out, at = [], 0
+    for r in batch:
+        out.append(ids[at:at + len(r.texts)])
+        at += len(r.texts)
+    return out
 
 
 def _progress_bar(enabled: bool):

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import DataError
-from .packing import DOCS_MEMBER, TOKENS_MEMBER, decode_entry
+from .packing import DOCS_MEMBER, MASK_MEMBER, TOKENS_MEMBER, decode_entry, decode_mask
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class ShardSpec:
 class Entry:
     tokens: np.ndarray  # (k, L + 1) uint32
     bounds: list[tuple[int, np.ndarray]]  # (n_valid, starts) per sample
+    mask: np.ndarray | None  # (k, L + 1) bool loss mask; None when the data has none (all targets)
 
 
 def shard_specs(manifest: dict, split: str, data_dir: str, url_template: str | None) -> list[ShardSpec]:
@@ -54,14 +55,15 @@ class ShardReader:
     """Reads entries of one shard at a time; one per stream (lane), so streams never share a cursor."""
 
     def __init__(self, sample_len: int, samples_per_entry: int, vocab_size: int, verify_checksums: bool,
-                 verified: set[str], failed: dict[str, DataError]):
+                 verified: set[str], failed: dict[str, DataError], with_mask: bool = False):
         self.sample_len, self.samples_per_entry, self.vocab_size = sample_len, samples_per_entry, vocab_size
+        self.members = (DOCS_MEMBER, MASK_MEMBER, TOKENS_MEMBER) if with_mask else (DOCS_MEMBER, TOKENS_MEMBER)
         self.verify_checksums = verify_checksums
         self.verified = verified  # shared by a worker's readers: hash each shard once per process
         self.failed = failed  # shard-level errors, shared too: a bad shard is not re-opened per entry
         self._spec: ShardSpec | None = None
         self._tar: tarfile.TarFile | None = None
-        self._index: dict[int, tuple[tarfile.TarInfo, tarfile.TarInfo]] = {}  # seekable shards
+        self._index: dict[int, tuple[tarfile.TarInfo, ...]] = {}  # seekable shards
         self._next_entry = 0  # forward-only shards: entry the stream is positioned at
         self._cache: tuple[int, Entry] | None = None
 
@@ -81,19 +83,22 @@ class ShardReader:
         try:
             if self._spec != spec:
                 self._open(spec)
-            tokens_bytes, docs_bytes = self._read_members(spec, entry)
+            data = self._read_members(spec, entry)
         except (tarfile.TarError, OSError, EOFError) as e:
             self._fail(spec, DataError("unreadable_shard", where, f"cannot read shard: {type(e).__name__}: {e}"))
         except DataError as e:
             self._fail(spec, e)
         try:
-            tokens, bounds = decode_entry(tokens_bytes, docs_bytes, self.sample_len, self.vocab_size)
+            tokens, bounds = decode_entry(data[TOKENS_MEMBER], data[DOCS_MEMBER], self.sample_len,
+                                          self.vocab_size)
+            mask = decode_mask(data[MASK_MEMBER], len(tokens), self.sample_len) \
+                if MASK_MEMBER in data else None
         except ValueError as e:
             raise DataError("bad_entry", where, str(e)) from None
         expected = min(self.samples_per_entry, spec.samples - entry * self.samples_per_entry)
         if len(tokens) != expected:
             raise DataError("bad_entry", where, f"{len(tokens)} samples, manifest implies {expected}")
-        result = Entry(tokens, bounds)
+        result = Entry(tokens, bounds, mask)
         self._cache = (entry, result)
         return result
 
@@ -128,51 +133,56 @@ class ShardReader:
         else:
             self._open_stream(spec)
 
-    def _build_index(self, spec: ShardSpec) -> dict[int, tuple[tarfile.TarInfo, tarfile.TarInfo]]:
+    def _build_index(self, spec: ShardSpec) -> dict[int, tuple[tarfile.TarInfo, ...]]:
         members = self._tar.getmembers()  # header reads only: tarfile seeks over the data
-        if len(members) != 2 * spec.entries:
+        m = len(self.members)
+        if len(members) != m * spec.entries:
             raise DataError("truncated_shard", spec.url,
-                            f"{len(members)} tar members, manifest implies {2 * spec.entries}")
+                            f"{len(members)} tar members, manifest implies {m * spec.entries}")
         index = {}
         for i in range(spec.entries):
-            tokens, docs = members[2 * i + 1], members[2 * i]  # ShardWriter writes members sorted
-            self._check_names(spec, i, docs.name, tokens.name)
-            index[i] = (tokens, docs)
+            infos = tuple(members[m * i:m * i + m])  # ShardWriter writes members sorted
+            self._check_names(spec, i, [info.name for info in infos])
+            index[i] = infos
         return index
 
-    def _check_names(self, spec: ShardSpec, entry: int, docs_name: str, tokens_name: str) -> None:
+    def _check_names(self, spec: ShardSpec, entry: int, names: list[str]) -> None:
         key = f"{spec.first_entry + entry:09d}"
-        if (docs_name, tokens_name) != (f"{key}.{DOCS_MEMBER}", f"{key}.{TOKENS_MEMBER}"):
+        if names != [f"{key}.{member}" for member in self.members]:
             raise DataError("bad_entry", f"{spec.url} entry {entry}",
-                            f"members {docs_name!r}, {tokens_name!r}; expected key {key} "
-                            f"(entries out of order, or shards swapped)")
+                            f"members {names}; expected key {key} (entries out of order, or shards "
+                            f"swapped) and members {list(self.members)}")
 
     def _open_stream(self, spec: ShardSpec) -> None:
         import webdataset
         self._tar = tarfile.open(fileobj=webdataset.gopen(spec.url, "rb"), mode="r|")
         self._next_entry = 0
 
-    def _read_members(self, spec: ShardSpec, entry: int) -> tuple[bytes, bytes]:
+    def _read_members(self, spec: ShardSpec, entry: int) -> dict[str, bytes]:
+        """{member suffix: bytes} of one entry."""
         if not 0 <= entry < spec.entries:
             raise DataError("bad_entry", spec.url, f"entry {entry} out of range (shard has {spec.entries})")
         if spec.local:
-            tokens, docs = self._index[entry]
-            return self._tar.extractfile(tokens).read(), self._tar.extractfile(docs).read()
+            return {name: self._tar.extractfile(info).read()
+                    for name, info in zip(self.members, self._index[entry])}
         if entry < self._next_entry:
             self._open_stream(spec)  # forward-only: start over
         while True:
             # A stream member's data can only be read before the next header is read.
             wanted = self._next_entry == entry
-            docs = self._tar.next()
-            docs_bytes = self._tar.extractfile(docs).read() if wanted and docs is not None else b""
-            tokens = self._tar.next()
-            if docs is None or tokens is None:
-                raise DataError("truncated_shard", spec.url,
-                                f"stream ended after {self._next_entry} of {spec.entries} entries")
-            self._check_names(spec, self._next_entry, docs.name, tokens.name)
+            infos, data = [], {}
+            for name in self.members:
+                info = self._tar.next()
+                if info is None:
+                    raise DataError("truncated_shard", spec.url,
+                                    f"stream ended after {self._next_entry} of {spec.entries} entries")
+                infos.append(info.name)
+                if wanted:
+                    data[name] = self._tar.extractfile(info).read()
+            self._check_names(spec, self._next_entry, infos)
             self._next_entry += 1
             if wanted:
-                return self._tar.extractfile(tokens).read(), docs_bytes
+                return data
 
 
 def _sha256(spec: ShardSpec) -> str:

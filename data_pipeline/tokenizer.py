@@ -37,6 +37,12 @@ STANDARD_ENCODINGS = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
 BUILTIN_BPE_NAME = "pydocs4k"
 BUILTIN_BPE_PATH = Path(__file__).parent / "tokenizers" / "pydocs4k.tiktoken"
 
+# Character-level tokenizer for the synthetic tasks: one id per byte (so per character for ASCII
+# text), no merges, and these special tokens after the 256 bytes. Built in code: nothing to ship.
+CHARS_NAME = "chars"
+CHARS_SPECIAL_TOKENS = {ENDOFTEXT: 256, "<|sep|>": 257, "<|pad|>": 258, "<|mask|>": 259}
+CHARS_PAT_STR = r"[\s\S]{1,256}"  # any split works without merges; short pieces keep BPE linear
+
 # Split pattern used when a .tiktoken file has no sidecar: rustbpe's default (GPT-4 style).
 DEFAULT_PAT_STR = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
@@ -93,7 +99,7 @@ class Tokenizer:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """Load "gpt2" | "r50k_base" | "cl100k_base" | "o200k_base" | "pydocs4k" | path/to/x.tiktoken."""
+    """Load "gpt2" | "r50k_base" | "cl100k_base" | "o200k_base" | "pydocs4k" | "chars" | path/to/x.tiktoken."""
     spec = str(spec)
     path = BUILTIN_BPE_PATH if spec == BUILTIN_BPE_NAME else Path(spec)
     # Cached per process (hashing the ranks for the id takes ~0.3 s for o200k); a file is
@@ -111,14 +117,23 @@ def _load_tokenizer(spec: str, _file_stamp) -> Tokenizer:
         encoding = _load_standard(spec)
     elif spec == BUILTIN_BPE_NAME:
         encoding = load_tiktoken_file(BUILTIN_BPE_PATH)
+    elif spec == CHARS_NAME:
+        encoding = chars_encoding()
     elif spec.endswith(".tiktoken") or os.path.exists(spec):
         encoding = load_tiktoken_file(spec)
     else:
         raise ValueError(
             f"unknown tokenizer {spec!r}: use one of {', '.join(STANDARD_ENCODINGS)}, "
-            f"{BUILTIN_BPE_NAME!r} or a path to a .tiktoken file"
+            f"{BUILTIN_BPE_NAME!r}, {CHARS_NAME!r} or a path to a .tiktoken file"
         )
     return Tokenizer(encoding=encoding, name=encoding.name, id=tokenizer_id(encoding), spec=spec)
+
+
+def chars_encoding() -> tiktoken.Encoding:
+    """The `chars` tokenizer: ids 0-255 are the bytes, then CHARS_SPECIAL_TOKENS."""
+    return tiktoken.Encoding(CHARS_NAME, pat_str=CHARS_PAT_STR,
+                             mergeable_ranks={bytes([b]): b for b in range(256)},
+                             special_tokens=CHARS_SPECIAL_TOKENS)
 
 
 def tokenizer_id(encoding: tiktoken.Encoding) -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from data_pipeline.packing import decode_entry
-from data_pipeline.prepare import prepare
+from data_pipeline.prepare import DEFAULT_SHUFFLE_SEED, document_order, prepare
 from data_pipeline.tokenizer import load_tokenizer
 
 WORDS = ("alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho "
@@ -46,14 +46,18 @@ def prepare_small(tmp: Path, n_docs: int = 60, seq_len: int = 16, samples_per_en
     return out, docs
 
 
-def expected_streams(docs: list[str], val_fraction: float = 0.2) -> dict[str, list[int]]:
-    """The token stream prepare should pack per split: doc EOT doc EOT ..."""
+def expected_streams(docs: list[str], val_fraction: float = 0.2,
+                     shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED) -> dict[str, list[int]]:
+    """The token stream prepare should pack per split: doc EOT doc EOT ..., in the seeded order."""
     tok = load_tokenizer("pydocs4k")
     every = round(1 / val_fraction)
-    streams = {"train": [], "val": []}
+    per_split = {"train": [], "val": []}
     for i, doc in enumerate(docs):
-        split = "val" if i % every == every - 1 else "train"
-        streams[split] += tok.encode(doc) + [tok.eot_id]
+        per_split["val" if i % every == every - 1 else "train"].append(doc)
+    streams = {}
+    for split, split_docs in per_split.items():
+        order = document_order(len(split_docs), shuffle_seed, split)
+        streams[split] = [t for i in order for t in tok.encode(split_docs[i]) + [tok.eot_id]]
     return streams
 
 
@@ -63,7 +67,7 @@ def read_split(data_dir: Path, split: str) -> list[tuple[np.ndarray, int, np.nda
     samples = []
     for shard in manifest["splits"][split]["shards"]:
         with tarfile.open(data_dir / shard["path"]) as tar:
-            members = tar.getmembers()
+            members = [m for m in tar.getmembers() if not m.name.endswith(".mask.bits")]
             for docs_m, tokens_m in zip(members[0::2], members[1::2]):
                 tokens, bounds = decode_entry(tar.extractfile(tokens_m).read(), tar.extractfile(docs_m).read(),
                                               manifest["sample_len"], manifest["vocab_size"])
