@@ -19,8 +19,8 @@ def empty_caches(model, batch_size: int) -> list[LayerCache]:
         caches.append(LayerCache(
             keys=empty(batch_size, mixer.local_kv_heads, 0, d),
             values=empty(batch_size, mixer.local_kv_heads, 0, d),
-            feedback_keys=empty(batch_size, 0, model.sessa.hidden_size),
-            feedback_states=empty(batch_size, 0, mixer.local_heads * d),
+            feedback_keys=empty(batch_size, 0, model.sessa.hidden_size) if model.sessa.feedback else None,
+            feedback_states=empty(batch_size, 0, mixer.local_heads * d) if model.sessa.feedback else None,
         ))
     return caches
 

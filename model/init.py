@@ -14,7 +14,12 @@ from .config import ModelConfig
 
 
 def global_named_parameters(model):
-    """(name, param) with local layer indices replaced by global layer numbers."""
+    """(name, param) with local layer indices replaced by global layer numbers; a lone SessaLayer's
+    parameters are named as in the model (`layers.<layer_number>.`)."""
+    if not hasattr(model, "layers"):  # one SessaLayer
+        for name, param in model.named_parameters():
+            yield f"layers.{model.layer_number}.{name}", param
+        return
     layer_numbers = [layer.layer_number for layer in model.layers]
     for name, param in model.named_parameters():
         if name.startswith("layers."):
@@ -62,9 +67,12 @@ def _draw(name: str, shape: list[int], fan_in: int, config: ModelConfig, gen: to
 
 @torch.no_grad()
 def init_weights(model, seed: int = 0) -> None:
-    """Initialise `model` (a SessaLM, or one pipeline stage of it) per `model.sessa.init_scheme`."""
+    """Initialise `model` (a SessaLM, one pipeline stage of it, or one SessaLayer) per
+    `model.sessa.init_scheme`; parameters on the meta device are left as they are."""
     params = dict(global_named_parameters(model))
     for name, param in params.items():
+        if param.is_meta:
+            continue
         shape = _full_shape(param)
         weight_name = name.removesuffix("bias") + "weight" if name.endswith(".bias") else name
         weight_shape = _full_shape(params[weight_name])

@@ -11,6 +11,8 @@ Activations are sequence-first, [T, B, D], as everywhere in megatron-core. Tenso
   - q/k/v are column-parallel by heads; attention and the feedback solve run on the local heads'
     feature columns (the solve is per column and commutes with W_o);
   - the feedback q_b/k_b are column-parallel and gathered (B*T*2D per layer, never T x T);
+  - packed documents (`doc_ids`, full length [B, T] on every rank) mask the attention and the
+    solve per document; `position_ids` give the RoPE positions (model/documents.py);
   - mixer.out_proj (W_o) and out_proj (W_out) are row-parallel: one reduction each.
 """
 import dataclasses
@@ -33,6 +35,8 @@ from torch import nn
 from kernels.feedback_solve import feedback_solve
 
 from .config import ModelConfig
+from .documents import document_attention
+from .init import init_weights
 
 
 def _uninitialised(weight):
@@ -45,8 +49,8 @@ class LayerCache:
 
     keys: torch.Tensor  # [B, H_kv, t, d] rotated forward-branch keys
     values: torch.Tensor  # [B, H_kv, t, d]
-    feedback_keys: torch.Tensor  # [B, t, D] k_b
-    feedback_states: torch.Tensor  # [B, t, V] past solve outputs s (before W_o)
+    feedback_keys: torch.Tensor | None  # [B, t, D] k_b; None without the feedback branch
+    feedback_states: torch.Tensor | None  # [B, t, V] past solve outputs s (before W_o); None likewise
 
     @property
     def length(self) -> int:
@@ -54,9 +58,11 @@ class LayerCache:
 
 
 def apply_interleaved_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2i, 2i+1) of x [B, H, T, d] by positions[t] * inv_freq[i]."""
+    """Rotate pairs (2i, 2i+1) of x [B, H, T, d] by positions[t] * inv_freq[i]; positions [T] or [B, T]."""
     compute_dtype = torch.promote_types(x.dtype, torch.float32)  # rotate in at least fp32
-    angles = positions.to(compute_dtype)[:, None] * inv_freq.to(compute_dtype)[None, :]  # [T, d/2]
+    angles = positions.to(compute_dtype)[..., None] * inv_freq.to(compute_dtype)  # [(B,) T, d/2]
+    if angles.dim() == 3:
+        angles = angles[:, None]  # [B, 1, T, d/2]: the same positions for every head
     cos, sin = angles.cos(), angles.sin()
     x_even, x_odd = x.to(compute_dtype)[..., 0::2], x.to(compute_dtype)[..., 1::2]
     rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
@@ -74,7 +80,8 @@ class SessaSubmodules:
 
 
 class SessaMixer(MegatronModule):
-    """Forward causal attention f, then the feedback solve (I - diag(gamma) alpha) s = f."""
+    """Forward causal attention f, then the feedback solve (I - diag(gamma) alpha) s = f
+    (with `config.feedback` false: s = f, and no feedback parameters)."""
 
     def __init__(self, config: ModelConfig, megatron_config, submodules: SessaSubmodules):
         super().__init__(megatron_config)
@@ -95,10 +102,11 @@ class SessaMixer(MegatronModule):
         self.k_proj = column(config.num_kv_heads * d, gather_output=False)
         self.v_proj = column(config.num_kv_heads * d, gather_output=False)
         # Feedback branch: one head over the full width, gathered on every rank.
-        self.fb_q_proj = column(D, gather_output=True)
-        self.fb_k_proj = column(D, gather_output=True)
-        self.gamma_ctx = nn.Linear(D, 1, bias=False, dtype=megatron_config.params_dtype)
-        self.gamma_bias = nn.Parameter(torch.ones((), dtype=megatron_config.params_dtype))
+        if config.feedback:
+            self.fb_q_proj = column(D, gather_output=True)
+            self.fb_k_proj = column(D, gather_output=True)
+            self.gamma_ctx = nn.Linear(D, 1, bias=False, dtype=megatron_config.params_dtype)
+            self.gamma_bias = nn.Parameter(torch.ones((), dtype=megatron_config.params_dtype))
         # W_o is the identity when there is a single head (the reference has no out_proj then).
         self.out_proj = (
             submodules.row_linear(
@@ -115,11 +123,19 @@ class SessaMixer(MegatronModule):
         T, B = out.shape[:2]
         return out.view(T, B, num_heads, -1).permute(1, 2, 0, 3)  # [B, heads, T, d]
 
-    def forward(self, a_bar: torch.Tensor, cache: LayerCache | None = None):
-        """a_bar [T, B, D] -> (s [T, B, D / tp], updated cache or None)."""
+    def forward(self, a_bar: torch.Tensor, cache: LayerCache | None = None, *,
+                doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """a_bar [T, B, D] -> (s [T, B, D / tp], updated cache or None).
+
+        doc_ids [B, T]: position t sees only earlier positions of its own document (no cache).
+        position_ids [B, T]: RoPE positions; None = past + 0..T-1.
+        """
         T, B, _ = a_bar.shape
         past = cache.length if cache is not None else 0
-        positions = torch.arange(past, past + T, device=a_bar.device)
+        if doc_ids is not None and cache is not None:
+            raise ValueError("doc_ids with a decoding cache: decoding runs one document per row; "
+                             "pass doc_ids only without caches")
+        positions = torch.arange(past, past + T, device=a_bar.device) if position_ids is None else position_ids
 
         # The five column-parallel projections each see all of a_bar and return partial input
         # gradients: copy_to_... is the identity forward and sums them with one all-reduce backward.
@@ -130,9 +146,26 @@ class SessaMixer(MegatronModule):
         if cache is not None:
             k = torch.cat((cache.keys, k), dim=2)
             v = torch.cat((cache.values, v), dim=2)
-        f = self._causal_attention(q, k, v, past)  # [B, H_l, T, d]
+        if doc_ids is None:
+            f = self._causal_attention(q, k, v, past)  # [B, H_l, T, d]
+        else:
+            f = document_attention(q, k, v, doc_ids)
         f = f.transpose(1, 2).reshape(B, T, -1)  # [B, T, H_l * d]: this rank's feature columns
 
+        if not self.sessa.feedback:
+            s = f  # the ablation without the feedback branch
+            if cache is not None:
+                cache = LayerCache(k, v, None, None)
+        else:
+            s, cache = self._feedback(a_bar, a_shared, f, k, v, cache, doc_ids)
+        s = s.transpose(0, 1)  # [T, B, H_l * d]
+        if self.out_proj is not None:
+            s, _ = self.out_proj(s)  # all heads mixed: [T, B, D], reduced across ranks
+            s = scatter_to_tensor_model_parallel_region(s)  # back to this rank's slice of D for the gate
+        return s, cache
+
+    def _feedback(self, a_bar, a_shared, f, k, v, cache, doc_ids):
+        """s [B, T, H_l * d] solving (I - diag(gamma) alpha) s = f, and the updated cache."""
         # Each rank solves only its own columns, so the gradients reaching the replicated feedback
         # inputs are partial sums: copy_to_... is the identity forward and all-reduces them backward.
         q_b = copy_to_tensor_model_parallel_region(self.fb_q_proj(a_shared)[0]).transpose(0, 1)  # [B, T, D]
@@ -141,15 +174,10 @@ class SessaMixer(MegatronModule):
         gate_logit = self.gamma_bias + self.gamma_ctx(a_bar).squeeze(-1)  # [T, B]
         gamma = copy_to_tensor_model_parallel_region(self.sessa.gamma_max * torch.tanh(gate_logit)).transpose(0, 1)
 
-        if cache is None:
-            s = feedback_solve(q_b, k_b, f, gamma, self.sessa.feedback_impl, self.sessa.feedback_chunk_size)
-        else:
-            s, cache = self._decode_feedback(q_b, k_b, f, gamma, k, v, cache)
-        s = s.transpose(0, 1)  # [T, B, H_l * d]
-        if self.out_proj is not None:
-            s, _ = self.out_proj(s)  # all heads mixed: [T, B, D], reduced across ranks
-            s = scatter_to_tensor_model_parallel_region(s)  # back to this rank's slice of D for the gate
-        return s, cache
+        if cache is not None:
+            return self._decode_feedback(q_b, k_b, f, gamma, k, v, cache)
+        return feedback_solve(q_b, k_b, f, gamma, self.sessa.feedback_impl, self.sessa.feedback_chunk_size,
+                              doc_ids=doc_ids), None
 
     def _causal_attention(self, q, k, v, past: int):
         T = q.shape[2]
@@ -180,10 +208,15 @@ class SessaMixer(MegatronModule):
 
 
 class SessaLayer(MegatronModule):
-    """x + W_out((Mixer(GELU(a)) * g)), with [a, g] = W_in(LayerNorm(x)); no separate MLP."""
+    """x + W_out((Mixer(GELU(a)) * g)), with [a, g] = W_in(LayerNorm(x)); no separate MLP.
+
+    Built with `init_seed` (default 0), every parameter is drawn by `model.init.init_weights`:
+    the same values as layer `layer_number` of a SessaLM initialised with that seed, whatever the
+    layout. `init_seed=None` leaves them to the caller (SessaLM initialises all layers at once).
+    """
 
     def __init__(self, config: ModelConfig, megatron_config=None, submodules: SessaSubmodules | None = None,
-                 layer_number: int = 0):
+                 layer_number: int = 0, *, init_seed: int | None = 0):
         if megatron_config is None:
             from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
 
@@ -191,6 +224,7 @@ class SessaLayer(MegatronModule):
             megatron_config = make_megatron_config(config)
         super().__init__(megatron_config)
         submodules = submodules or SessaSubmodules()
+        self.sessa = config
         self.layer_number = layer_number  # global index, used for init seeds and checkpoint keys
         D = config.hidden_size
         self.norm = submodules.norm(D, eps=config.norm_eps, dtype=megatron_config.params_dtype)
@@ -213,9 +247,15 @@ class SessaLayer(MegatronModule):
             D, D, config=megatron_config, init_method=_uninitialised, bias=True,
             input_is_parallel=True, skip_bias_add=False,
         )
+        if init_seed is not None:
+            init_weights(self, init_seed)
 
-    def forward(self, x: torch.Tensor, cache: LayerCache | None = None):
-        """x [T, B, D] -> (y [T, B, D], cache); T / tp positions each under sequence parallelism."""
+    def forward(self, x: torch.Tensor, cache: LayerCache | None = None, *,
+                doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        """x [T, B, D] -> (y [T, B, D], cache); T / tp positions each under sequence parallelism.
+
+        doc_ids / position_ids [B, T]: full length on every rank (see SessaMixer.forward).
+        """
         x_ln = self.norm(x)
         # One collective for both halves of W_in: backward sums their partial input gradients.
         if self.config.sequence_parallel:
@@ -225,6 +265,6 @@ class SessaLayer(MegatronModule):
         a, _ = self.in_proj(x_ln)
         a = gather_from_tensor_model_parallel_region(a)  # [T, B, D] on every rank
         g, _ = self.gate_proj(x_ln)  # the gate has no activation
-        s, cache = self.mixer(F.gelu(a), cache)  # exact (erf) GELU
+        s, cache = self.mixer(F.gelu(a), cache, doc_ids=doc_ids, position_ids=position_ids)  # exact (erf) GELU
         y, _ = self.out_proj(s * g)
         return x + y, cache

@@ -7,6 +7,8 @@ from megatron.core.transformer.utils import make_tp_sharded_tensor_for_checkpoin
 from torch import nn
 
 from .config import ModelConfig
+from .documents import check_doc_ids
+from .init import init_weights
 from .layer import LayerCache, SessaLayer, SessaSubmodules, _uninitialised
 from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
 
@@ -20,11 +22,13 @@ class SessaLM(MegatronModule):
             parallel state, initialised for a single process if needed) when omitted.
         pre_process / post_process: this stage holds the embedding / the final norm and LM head.
         layer_numbers: global indices of the layers on this stage (default: all).
+        init_seed: every parameter drawn by `model.init.init_weights(self, init_seed)` (layout
+            independent); None leaves the weights uninitialised for the caller to fill.
     """
 
     def __init__(self, config: ModelConfig, megatron_config=None, *, pre_process: bool = True,
                  post_process: bool = True, layer_numbers: list[int] | None = None,
-                 submodules: SessaSubmodules | None = None):
+                 submodules: SessaSubmodules | None = None, init_seed: int | None = 0):
         if megatron_config is None:
             ensure_model_parallel()
             megatron_config = make_megatron_config(config)
@@ -41,7 +45,7 @@ class SessaLM(MegatronModule):
                 config.padded_vocab_size, config.hidden_size, init_method=_uninitialised, config=megatron_config
             )
         self.layers = nn.ModuleList(
-            SessaLayer(config, megatron_config, submodules, layer_number=n) for n in layer_numbers
+            SessaLayer(config, megatron_config, submodules, layer_number=n, init_seed=None) for n in layer_numbers
         )
         if post_process:
             self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=megatron_config.params_dtype)
@@ -59,6 +63,8 @@ class SessaLM(MegatronModule):
             weight = self.shared_embedding_or_output_weight()
             weight.shared_embedding = True
             weight.shared = post_process  # counted once in the gradient norm: on the first stage
+        if init_seed is not None:
+            init_weights(self, init_seed)
 
     def set_input_tensor(self, input_tensor):
         """Pipeline-parallel hook: the activation received from the previous stage."""
@@ -76,23 +82,36 @@ class SessaLM(MegatronModule):
         return None  # the output layer owns its weight
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
-                caches: list[LayerCache] | None = None):
+                caches: list[LayerCache] | None = None, *, doc_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None):
         """tokens [B, T] -> per-token loss [B, T] if labels are given, else logits [B, T, V / tp].
 
         With `caches` (one per layer, see `model.generation`) returns (logits, new caches).
         A stage without the LM head returns its hidden states [T, B, D] for the next stage.
+        doc_ids [B, T] (packed documents, model/documents.py): position t sees only earlier
+        positions of its own document, in attention and in the feedback solve; every pipeline
+        stage gets the micro-batch's full-length ids. position_ids [B, T]: RoPE positions
+        (None = 0..T-1; `positions_from_doc_ids` restarts them per document).
         """
         if caches is not None and self.config.sequence_parallel:
             raise ValueError("decoding with caches needs sequence_parallel=False (one token cannot be split)")
+        if caches is not None and doc_ids is not None:
+            raise ValueError("SessaLM.forward: doc_ids with caches is not supported (decoding runs one document "
+                             "per row); pass doc_ids only for full-sequence forwards")
         if self.pre_process:
             hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [T, B, D]
             if self.config.sequence_parallel:
                 hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # [T / tp, B, D]
         else:
             hidden = self.input_tensor
+        full_length = hidden.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
+        for name, ids in (("doc_ids", doc_ids), ("position_ids", position_ids)):
+            if ids is not None:
+                check_doc_ids(ids, hidden.shape[1], full_length, name)
         new_caches = []
         for i, layer in enumerate(self.layers):
-            hidden, cache = layer(hidden, caches[i] if caches is not None else None)
+            hidden, cache = layer(hidden, caches[i] if caches is not None else None, doc_ids=doc_ids,
+                                  position_ids=position_ids)
             new_caches.append(cache)
         if not self.post_process:
             return hidden
@@ -155,15 +174,15 @@ def load_strictly(module: nn.Module, state_dict: dict) -> None:
 def _layer_weight_elements(config: ModelConfig) -> tuple[int, int]:
     """(matrix weights, vectors: biases, norms, gamma_bias) of one Sessa layer."""
     D, kv = config.hidden_size, config.num_kv_heads * config.head_size
+    feedback = config.feedback  # q_b, k_b, gamma_ctx, gamma_bias exist only with the feedback branch
     matrices = (
         2 * D * D  # W_in: a and g halves
         + D * D + 2 * D * kv  # q, k, v
-        + 2 * D * D  # feedback q_b, k_b
-        + D  # gamma_ctx
+        + (2 * D * D + D if feedback else 0)  # feedback q_b, k_b and gamma_ctx
         + (D * D if config.num_heads > 1 else 0)  # W_o (identity for a single head)
         + D * D  # W_out
     )
-    vectors = 2 * D + 2 * D + D + 2 * kv + 2 * D + 1 + D  # norm, W_in, q, k/v, feedback, gamma_bias, W_out
+    vectors = 2 * D + 2 * D + D + 2 * kv + (2 * D + 1 if feedback else 0) + D  # norm, W_in, q, k/v, feedback + gamma_bias, W_out
     return matrices, vectors
 
 

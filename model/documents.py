@@ -1,0 +1,87 @@
+"""Packed documents: positions and attention masks from per-position document ids.
+
+`doc_ids` [B, T] (int) name the document of every position; a document is a maximal run of equal
+ids along T (ids are non-decreasing in packed data; -1 padding is a run like any other), as in
+`kernels.feedback_solve`. Position t sees position j iff start(t) <= j <= t, start(t) the first
+position of t's document (forward attention; the feedback solve uses the strict past, j < t).
+"""
+import torch
+
+
+def check_doc_ids(doc_ids: torch.Tensor, batch: int, length: int, name: str = "doc_ids") -> None:
+    """A clear error unless `doc_ids` is an integer [batch, length] tensor."""
+    if doc_ids.dtype.is_floating_point or doc_ids.dtype.is_complex or doc_ids.dtype == torch.bool:
+        raise ValueError(f"{name} must be an integer tensor (document index per position), got {doc_ids.dtype}")
+    if tuple(doc_ids.shape) != (batch, length):
+        raise ValueError(f"{name} must have shape [batch, seq_len] = [{batch}, {length}] (full length on every "
+                         f"tensor-parallel and pipeline rank), got {list(doc_ids.shape)}")
+
+
+def positions_from_doc_ids(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> [B, T] int64 positions restarting at 0 at each document start (RoPE positions)."""
+    T = doc_ids.shape[-1]
+    index = torch.arange(T, device=doc_ids.device).expand(doc_ids.shape)
+    starts = torch.ones(doc_ids.shape, dtype=torch.bool, device=doc_ids.device)
+    starts[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
+    start_index = torch.where(starts, index, 0).cummax(dim=-1).values
+    return index - start_index
+
+
+def block_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T] -> boolean [B, 1, T, T]: query t sees key j iff start(t) <= j <= t (SDPA's `attn_mask`;
+    every row keeps its diagonal, so no softmax is empty)."""
+    T = doc_ids.shape[-1]
+    index = torch.arange(T, device=doc_ids.device)
+    starts = index - positions_from_doc_ids(doc_ids)  # [B, T]
+    causal = index[None, :] <= index[:, None]  # [T, T]
+    return (causal & (index[None, None, :] >= starts[:, :, None]))[:, None]
+
+
+_flex_cache: dict = {}
+
+
+def _flex():
+    """(compiled flex_attention, create_block_mask), or None when this torch has no flex attention."""
+    if "fns" not in _flex_cache:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        except ImportError:
+            _flex_cache["fns"] = None
+        else:
+            _flex_cache["fns"] = (torch.compile(flex_attention, dynamic=False), create_block_mask)
+    return _flex_cache["fns"]
+
+
+def flex_document_block_mask(doc_ids: torch.Tensor):
+    """flex_attention's BlockMask of `block_causal_mask(doc_ids)`: blocks with no visible pair are
+    skipped. Built once per doc_ids tensor and reused by every layer of a forward pass."""
+    cached = _flex_cache.get("mask")
+    if cached is not None and cached[0] is doc_ids and cached[1] == doc_ids._version:
+        return cached[2]
+    _, create_block_mask = _flex()
+    B, T = doc_ids.shape
+    starts = torch.arange(T, device=doc_ids.device) - positions_from_doc_ids(doc_ids)  # [B, T]
+
+    def document_causal(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (kv_idx >= starts[b, q_idx])
+
+    mask = create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
+    _flex_cache["mask"] = (doc_ids, doc_ids._version, mask)  # holds doc_ids: its storage is not reused
+    return mask
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor,
+                       use_flex: bool | None = None) -> torch.Tensor:
+    """Causal attention within documents. q [B, H, T, d], k/v [B, H_kv, T, d] -> [B, H, T, d].
+
+    `use_flex` None: flex_attention (compiled, block-sparse) on CUDA when this torch has it; SDPA
+    with the boolean `block_causal_mask` elsewhere.
+    """
+    if use_flex is None:
+        use_flex = q.is_cuda and _flex() is not None
+    if use_flex:
+        flex_attention, _ = _flex()
+        return flex_attention(q, k, v, block_mask=flex_document_block_mask(doc_ids),
+                              enable_gqa=q.shape[1] != k.shape[1])
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(doc_ids),
+                                                            enable_gqa=True)

@@ -1,0 +1,150 @@
+"""Packed documents (model/documents.py): each document of a packed sequence gives exactly what it
+gives alone, outputs and gradients, in the layer and in the LM; masks and positions; bad input."""
+import warnings
+
+import pytest
+import torch
+
+from model import ModelConfig, SessaLayer, SessaLM
+from model.documents import (
+    _flex_cache,
+    block_causal_mask,
+    document_attention,
+    positions_from_doc_ids,
+)
+from model.generation import empty_caches
+
+# Chunk size 8: documents straddle chunk boundaries, and one-token documents sit inside a chunk.
+LENGTHS = [[5, 1, 11, 1, 9, 3, 2], [17, 1, 1, 13]]  # two packed rows of 32 positions
+TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(atol=1e-5, rtol=1e-5)}
+
+
+def config(**overrides) -> ModelConfig:
+    fields = dict(vocab_size=61, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, feedback_chunk_size=8)
+    return ModelConfig(**(fields | overrides))
+
+
+def doc_ids_of(lengths: list[list[int]]) -> torch.Tensor:
+    return torch.stack([torch.repeat_interleave(torch.arange(len(row)), torch.tensor(row)) for row in lengths])
+
+
+def spans(row: list[int]):
+    start = 0
+    for length in row:
+        yield start, start + length
+        start += length
+
+
+def test_positions_restart_at_each_document():
+    ids = torch.tensor([[0, 0, 0, 1, 2, 2, 3], [-1, -1, 4, 4, 4, 4, 4]])
+    want = torch.tensor([[0, 1, 2, 0, 0, 1, 0], [0, 1, 0, 1, 2, 3, 4]])
+    assert torch.equal(positions_from_doc_ids(ids), want)
+
+
+def test_block_causal_mask_sees_own_document_past():
+    ids = doc_ids_of(LENGTHS)
+    mask = block_causal_mask(ids)
+    T = ids.shape[1]
+    for b in range(ids.shape[0]):
+        want = torch.tensor([[j <= t and ids[b, j] == ids[b, t] for j in range(T)] for t in range(T)])
+        assert torch.equal(mask[b, 0], want)
+
+
+def test_flex_attention_mask_equals_sdpa_mask(monkeypatch):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    monkeypatch.setitem(_flex_cache, "fns", (flex_attention, create_block_mask))  # eager: no compiler on CPU
+    ids = doc_ids_of(LENGTHS)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 32, 8, generator=gen) for h in (4, 2, 2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
+        flex = document_attention(q, k, v, ids, use_flex=True)
+    torch.testing.assert_close(flex, document_attention(q, k, v, ids, use_flex=False), atol=1e-6, rtol=1e-6)
+
+
+def _layer(cfg, dtype):
+    layer = SessaLayer(cfg, init_seed=None).to(dtype)
+    with torch.no_grad():  # non-trivial weights everywhere, including gamma
+        gen = torch.Generator().manual_seed(0)
+        for p in layer.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=dtype) * 0.2)
+    return layer
+
+
+def _weights(shape, dtype):
+    return torch.linspace(-1, 1, int(torch.tensor(shape).prod()), dtype=dtype).view(shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("impl", ["dense", "chunked"])
+@pytest.mark.parametrize("feedback", [True, False], ids=["feedback", "no-feedback"])
+def test_layer_packed_documents_equal_each_alone(impl, dtype, feedback):
+    cfg = config(feedback_impl=impl, feedback=feedback)
+    layer = _layer(cfg, dtype)
+    ids = doc_ids_of(LENGTHS)
+    x = torch.randn(32, 2, 32, dtype=dtype, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    y, _ = layer(x, doc_ids=ids, position_ids=positions_from_doc_ids(ids))
+    weights = _weights(y.shape, dtype)
+    (y * weights).sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+
+    alone_grads = {n: torch.zeros_like(p) for n, p in layer.named_parameters()}
+    for b, row in enumerate(LENGTHS):
+        for start, end in spans(row):
+            piece = x.detach()[start:end, b:b + 1].clone().requires_grad_(True)
+            y_alone, _ = layer(piece)
+            (y_alone * weights[start:end, b:b + 1]).sum().backward()
+            torch.testing.assert_close(y[start:end, b:b + 1], y_alone, **TOLERANCES[dtype])
+            torch.testing.assert_close(x.grad[start:end, b:b + 1], piece.grad, **TOLERANCES[dtype])
+            for n, p in layer.named_parameters():
+                alone_grads[n] += p.grad
+            layer.zero_grad()
+    for n, want in alone_grads.items():
+        torch.testing.assert_close(packed_grads[n], want, **TOLERANCES[dtype], msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_lm_packed_documents_equal_each_alone(dtype):
+    model = SessaLM(config(feedback_impl="chunked"), init_seed=4).to(dtype)
+    ids = doc_ids_of(LENGTHS)
+    tokens = torch.randint(0, 61, (2, 33), generator=torch.Generator().manual_seed(2))
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    loss = model(inputs, labels, doc_ids=ids, position_ids=positions_from_doc_ids(ids))
+    loss.sum().backward()
+    packed_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    alone_grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for b, row in enumerate(LENGTHS):
+        for start, end in spans(row):
+            loss_alone = model(inputs[b:b + 1, start:end], labels[b:b + 1, start:end])
+            loss_alone.sum().backward()
+            torch.testing.assert_close(loss[b:b + 1, start:end], loss_alone, **TOLERANCES[dtype])
+            for n, p in model.named_parameters():
+                alone_grads[n] += p.grad
+            model.zero_grad()
+    for n, want in alone_grads.items():
+        torch.testing.assert_close(packed_grads[n], want, **TOLERANCES[dtype], msg=n)
+
+
+def test_one_document_reproduces_the_unmasked_model():
+    model = SessaLM(config(feedback_impl="chunked"), init_seed=4)
+    tokens = torch.randint(0, 61, (2, 32), generator=torch.Generator().manual_seed(3))
+    ids = torch.zeros_like(tokens)
+    torch.testing.assert_close(model(tokens, doc_ids=ids, position_ids=positions_from_doc_ids(ids)), model(tokens),
+                               atol=1e-6, rtol=1e-6)  # one document: the same numbers by another kernel path
+    position_ids = torch.arange(32).expand(2, 32)
+    assert torch.equal(model(tokens, position_ids=position_ids), model(tokens))
+
+
+def test_bad_document_input_is_refused():
+    model = SessaLM(config())
+    tokens = torch.randint(0, 61, (2, 16))
+    with pytest.raises(ValueError, match=r"doc_ids must have shape \[batch, seq_len\] = \[2, 16\]"):
+        model(tokens, doc_ids=torch.zeros(2, 15, dtype=torch.long))
+    with pytest.raises(ValueError, match="position_ids must be an integer tensor"):
+        model(tokens, position_ids=torch.zeros(2, 16))
+    with pytest.raises(ValueError, match="doc_ids with caches"):
+        model(tokens, caches=empty_caches(model, 2), doc_ids=torch.zeros(2, 16, dtype=torch.long))
