@@ -102,10 +102,7 @@ def test_small_lm_overfits_a_batch_with_the_chunked_solve():
 
 def test_reference_round_trip_is_exact():
     config = small_config()
-    layer = SessaLayer(config)
-    with torch.no_grad():  # values a NaN-free torch.equal can compare (layers start uninitialised)
-        for i, param in enumerate(layer.parameters()):
-            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(i)))
+    layer = SessaLayer(config, init_seed=5)
     reference_sd = to_reference_state_dict(layer)
     assert reference_sd["W_in.weight"].shape == (64, 32) and reference_sd["mixer.proj_fb.weight"].shape == (64, 32)
     restored = SessaLayer(config)
@@ -127,7 +124,7 @@ def test_reference_conversion_rejects_wrong_shapes():
 
 
 def test_parameter_counter_matches_module():
-    for overrides in ({}, {"num_heads": 1, "num_kv_heads": 1}, {"tie_embeddings": False}):
+    for overrides in ({}, {"num_heads": 1, "num_kv_heads": 1}, {"tie_embeddings": False}, {"feedback": False}):
         config = small_config(**overrides)
         assert count_parameters(config) == sum(p.numel() for p in SessaLM(config).parameters())
 
@@ -159,3 +156,49 @@ def test_init_is_seeded_and_schemes_differ(scheme):
 def test_config_validation(fields, match):
     with pytest.raises(ValueError, match=match):
         small_config(**fields)
+
+
+@pytest.mark.parametrize("scheme", ["reference", "scaled"])
+def test_layer_built_directly_is_initialised_like_the_model(scheme):
+    config = small_config(init_scheme=scheme)
+    first, second = SessaLayer(config, layer_number=1), SessaLayer(config, layer_number=1)
+    in_model = dict(build_lm(config, seed=0).layers[1].named_parameters())
+    for (name, a), b in zip(first.named_parameters(), second.parameters()):
+        assert torch.isfinite(a).all() and torch.equal(a, b), name
+        assert torch.equal(a, in_model[name]), name  # the model's layer 1 at the same seed
+    other_seed = dict(SessaLayer(config, layer_number=1, init_seed=7).named_parameters())
+    assert not torch.equal(other_seed["in_proj.weight"], first.in_proj.weight)
+    lm = SessaLM(config)  # built directly: initialised too (seed 0), embedding included
+    assert all(torch.isfinite(p).all() for p in lm.parameters())
+    assert torch.equal(lm.embedding.weight, build_lm(config, seed=0).embedding.weight)
+
+
+def test_without_feedback_the_layer_is_the_forward_branch():
+    config = small_config(feedback=False)
+    layer = SessaLayer(config).double()
+    names = {name for name, _ in layer.named_parameters()}
+    assert not {n for n in names if "fb_" in n or "gamma" in n}
+    assert not any("fb_" in key or "gamma" in key for key in layer.sharded_state_dict())
+    with_feedback = SessaLayer(small_config()).double()
+    with torch.no_grad():  # same weights, and gamma = 0: the feedback branch adds nothing
+        for name, param in layer.named_parameters():
+            dict(with_feedback.named_parameters())[name].copy_(param)
+        with_feedback.mixer.gamma_bias.zero_()
+        with_feedback.mixer.gamma_ctx.weight.zero_()
+    x = torch.randn(40, 2, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(layer(x)[0], with_feedback(x)[0], atol=1e-12, rtol=1e-12)
+
+
+def test_without_feedback_prefill_and_decode_match_full_forward():
+    config = small_config(feedback=False)
+    model = build_lm(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(tokens)
+        logits, caches = model(tokens[:, :12], caches=empty_caches(model, 2))
+        steps = [logits]
+        for t in range(12, 20):
+            logits, caches = model(tokens[:, t : t + 1], caches=caches)
+            steps.append(logits)
+    assert caches[0].feedback_keys is None and caches[0].feedback_states is None
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
