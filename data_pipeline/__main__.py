@@ -5,6 +5,11 @@
         --seq-len 8192 --out data/web --on-error skip
     python -m data_pipeline train-tokenizer --source builtin --vocab-size 4096 --name pydocs4k \
         --out data_pipeline/tokenizers/pydocs4k.tiktoken
+    python -m data_pipeline prepare --source task.tsv --format task --prompt-field Text --answer-field Answer \
+        --tokenizer chars --seq-len 1024 --out data/task --split-field split
+    python -m data_pipeline synth diffuse-mqar --out data/dmqar --n 20000 --seed 0   # shards (chars)
+    python -m data_pipeline synth two-style --out two_style.jsonl --n 20000 --seed 0  # a task file
+    python -m data_pipeline synth two-style --help                                  # its knobs
     python -m data_pipeline inspect data/pydocs --verify --show 1
 """
 
@@ -36,6 +41,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="bad documents: stop with an error naming file and line, or skip and count them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing prepared directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--format", choices=("text", "task"), default="text",
+                   help="text: documents; task: prompt/answer examples from a TSV/CSV (header row) or JSONL file")
+    p.add_argument("--prompt-field", help="task: field/column holding the prompt")
+    p.add_argument("--answer-field", help="task: field/column holding the answer")
+    p.add_argument("--separator", default="\n",
+                   help="task: text between prompt and answer (a special token name such as <|sep|> "
+                        "is that one id; default newline)")
+    p.add_argument("--loss-on", choices=("answer", "all"), default="answer",
+                   help="task: which tokens are prediction targets (answer = answer + end-of-text)")
+    p.add_argument("--pack", choices=("stream", "greedy", "none"), default=None,
+                   help="stream: documents cut into samples (text default); greedy: whole examples, as "
+                        "many as fit per sample; none: one example per sample, padded (task default)")
+    p.add_argument("--split-field", help="task: field naming each example's split (train/val/test)")
+    p.add_argument("--val-source", action="append", help="task: validation file(s); repeatable")
+    p.add_argument("--test-source", action="append", help="task: test file(s); repeatable")
+    p.add_argument("--shuffle-seed", type=int, default=0,
+                   help="seed of the per-split document order (Megatron-style shuffle; default 0)")
+    p.add_argument("--no-shuffle", action="store_true", help="keep documents in source order")
 
     t = commands.add_parser("train-tokenizer", help="train a byte-level BPE (rustbpe) as a .tiktoken file")
     t.add_argument("--source", action="append", required=True, help="as for prepare; repeatable")
@@ -44,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--out", required=True, help="output .tiktoken path (a .json sidecar is written too)")
     t.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     t.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="as for prepare")
+
+    from .synthetic import add_synth_parser
+    add_synth_parser(commands)
 
     i = commands.add_parser("inspect", help="summarise (and check) a prepared directory")
     i.add_argument("dir", help="prepared data directory")
@@ -54,6 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "synth":
+        from .synthetic import run_synth
+        return run_synth(args, _summary)
     if args.command == "train-tokenizer":
         from .train_tokenizer import train_tokenizer
         tid = train_tokenizer(args.source, args.out, args.vocab_size, args.name, args.text_field, args.on_error)
@@ -63,18 +92,36 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args) -> int:
-    from .prepare import prepare
+    from .prepare import TaskSpec, prepare
+    task = None
+    if args.format == "task":
+        if not args.prompt_field or not args.answer_field:
+            raise SystemExit("--format task needs --prompt-field NAME and --answer-field NAME")
+        task = TaskSpec(args.prompt_field, args.answer_field, args.separator, args.loss_on, args.split_field)
+    elif args.prompt_field or args.answer_field or args.split_field or args.val_source or args.test_source:
+        raise SystemExit("--prompt-field/--answer-field/--split-field/--val-source/--test-source "
+                         "need --format task")
     manifest = prepare(args.source, args.tokenizer, args.seq_len, args.out, text_field=args.text_field,
                        val_fraction=args.val_fraction, num_workers=args.workers,
                        shard_bytes=int(args.shard_mb * 1e6), entry_bytes=int(args.entry_kb * 1024),
-                       on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress)
+                       on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress,
+                       format=args.format, task=task, val_sources=args.val_source,
+                       test_sources=args.test_source, pack=args.pack,
+                       shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
     _summary(args.out, manifest)
     return 0
 
 
 def _summary(data_dir: str, manifest: dict) -> None:
     print(f"{data_dir}: tokenizer {manifest['tokenizer_id']} (vocab {manifest['vocab_size']}), "
-          f"seq_len {manifest['seq_len']}, {manifest['samples_per_entry']} samples per tar entry")
+          f"seq_len {manifest['seq_len']}, {manifest['samples_per_entry']} samples per tar entry, "
+          f"pack {manifest.get('pack', 'stream')}")
+    if "task" in manifest:
+        task = manifest["task"]
+        labels = task["labels"]
+        print(f"  task: {task['prompt_field']!r} + {task['separator']!r} + {task['answer_field']!r}, "
+              f"loss on {task['loss_on']}, "
+              + (f"{len(labels)} labels" if labels else "open answers (no small label set)"))
     docs = manifest["documents"]
     print(f"  documents {docs['total']}, text {docs['text_bytes'] / 1e6:.1f} MB, tokens {docs['tokens']:,}"
           f"; skipped {manifest['skipped'] or 'none'}")
