@@ -29,8 +29,8 @@ def main():
     import torch
 
     from pretrain.config import load_config
-    from pretrain.scaling.flops import count_params, flops_per_token
-    from pretrain.trainer import Trainer, _TimedIterator
+    from model.flops import count_params, flops_per_token
+    from pretrain.loop import Trainer, _TimedIterator
 
     total = args.warmup + args.steps
     config = load_config(args.config, [
@@ -41,15 +41,14 @@ def main():
     trainer = Trainer(config)
     try:
         timed = _TimedIterator(trainer.train_loader)
-        iterator = trainer._chunk_iterators(timed)
         for _ in range(args.warmup):
-            trainer._train_step(iterator)
+            trainer.engine.train_step(timed)
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         start, wait_before = time.perf_counter(), timed.wait_seconds
         for _ in range(args.steps):
-            loss, _ = trainer._train_step(iterator)
+            loss = trainer.engine.train_step(timed).loss
         if trainer.device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start

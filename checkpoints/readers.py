@@ -1,4 +1,5 @@
-"""Read training checkpoints (megatron torch_dist or DeepSpeed ZeRO) on one CPU process.
+"""Read training checkpoints (megatron torch_dist or DeepSpeed ZeRO) on one CPU process, a few
+tensors at a time.
 
 `open_checkpoint(path, step)` accepts a run directory (`runs/NAME`), its `checkpoints/` folder or
 one `iter_NNNNNNN/` directory and returns a reader with:
@@ -9,7 +10,8 @@ one `iter_NNNNNNN/` directory and returns a reader with:
 megatron `torch_dist` checkpoints are torch.distributed.checkpoint directories whose metadata
 records every ShardedTensor's global shape and the chunk each rank wrote; DCP's planner stitches
 the chunks into the requested full tensors, so any (TP, PP, DP) layout reads the same way and no
-distributed model is built. Tensors are read a few at a time (a layer, an output shard).
+distributed model is built. DeepSpeed checkpoints are read by `deepspeed_format.DeepSpeedCheckpoint`,
+which gathers each tensor from the ranks' memory-mapped ZeRO partitions.
 """
 import json
 from pathlib import Path
@@ -18,13 +20,11 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from .deepspeed_format import TRAINER_STATE, DeepSpeedCheckpoint
+from .errors import CheckpointError
 from .manager import CheckpointManager
 
 MODEL_PREFIX = "model."
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be read or converted; the message says what to fix."""
 
 
 def resolve_step_dir(path: Path, step: int | None = None) -> Path:
@@ -32,7 +32,7 @@ def resolve_step_dir(path: Path, step: int | None = None) -> Path:
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist; pass a run directory, its checkpoints/ folder or an iter_* directory")
-    if (path / "metadata.json").is_file() or (path / "trainer_state.pt").is_file():  # an iter_NNNNNNN directory
+    if (path / "metadata.json").is_file() or (path / TRAINER_STATE).is_file():  # an iter_NNNNNNN directory
         if step is not None and not path.name.endswith(f"{step:07d}"):
             raise CheckpointError(f"{path} is the checkpoint of another step than --step {step}")
         return path
@@ -78,38 +78,12 @@ class MegatronReader:
         return {n: state[MODEL_PREFIX + n] for n in names}
 
 
-class DeepSpeedReader:
-    """A DeepSpeed ZeRO 0-3 checkpoint of `engine: deepspeed` (tensor-parallel size 1), consolidated by
-    DeepSpeed's own zero_to_fp32 utilities (`pretrain.deepspeed_engine.consolidated_state_dict`).
-    That utility merges every ZeRO partition at once, so this reader holds the fp32 model in memory
-    (the torch_dist reader does not)."""
-
-    def __init__(self, step_dir: Path):
-        self.path = Path(step_dir)
-        self.common = torch.load(self.path / "trainer_state.pt", weights_only=False)
-        self.format = f"deepspeed ZeRO-{self.common['zero_stage']}"
-        from pretrain.deepspeed_engine import consolidated_state_dict
-
-        try:
-            self._state = consolidated_state_dict(self.path)
-        except ValueError as err:
-            raise CheckpointError(str(err)) from err
-        self.shapes = {name: tuple(t.shape) for name, t in self._state.items()}
-        self.chunks = None  # consolidated by DeepSpeed: no shard layout to check
-
-    def read(self, names) -> dict[str, torch.Tensor]:
-        missing = [n for n in names if n not in self._state]
-        if missing:
-            raise CheckpointError(f"{self.path} has no tensor {missing[0]} after DeepSpeed consolidation")
-        return {n: self._state[n] for n in names}
-
-
 def open_checkpoint(path, step: int | None = None):
     """Auto-detect the checkpoint format of `path` (megatron torch_dist or DeepSpeed) and return its reader."""
     step_dir = resolve_step_dir(Path(path), step)
     if (step_dir / "metadata.json").is_file():
         return MegatronReader(step_dir)
-    if (step_dir / "trainer_state.pt").is_file():
-        return DeepSpeedReader(step_dir)
+    if (step_dir / TRAINER_STATE).is_file():
+        return DeepSpeedCheckpoint(step_dir)
     raise CheckpointError(f"{step_dir} is neither a megatron torch_dist checkpoint (metadata.json) nor a DeepSpeed "
                           f"checkpoint of this recipe (trainer_state.pt)")

@@ -22,11 +22,8 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    from .loop import NonFiniteError, Trainer  # heavy imports after the config is known to be valid
     from .runlock import RunLockedError
-    from .trainer import Trainer  # heavy imports after the config is known to be valid
-
-    if config.engine == "deepspeed":
-        from .deepspeed_engine import DeepSpeedTrainer as Trainer  # noqa: F811
 
     trainer = None
     try:
@@ -38,6 +35,9 @@ def main(argv=None) -> int:
     except RunLockedError as err:
         print(f"run locked: {err}", file=sys.stderr)
         return 4  # launch/local.sh and pretrain.sbatch use the same code
+    except NonFiniteError as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 5
     finally:
         if trainer is not None:
             trainer.close()

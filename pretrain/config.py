@@ -178,7 +178,7 @@ class EvalConfig:
 
 @dataclass(kw_only=True)
 class DeepSpeedConfig:
-    """Used with `engine: deepspeed` (pretrain/deepspeed_engine.py); ignored by the megatron engine."""
+    """Used with `engine: deepspeed` (pretrain/engines/deepspeed.py); ignored by the megatron engine."""
     stage: int = 1  # ZeRO stage: 0 (plain DP), 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)
     offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO-Offload)
     offload_params: bool = False  # parameters on the CPU between uses (ZeRO-Infinity; stage 3 only)

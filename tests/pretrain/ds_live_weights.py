@@ -9,16 +9,16 @@ import deepspeed
 import torch
 
 from pretrain.config import load_config
-from pretrain.deepspeed_engine import DeepSpeedTrainer
+from pretrain.loop import Trainer
 
 
 def main(out: str, argv: list[str]) -> None:
     assert argv[0] == "--config", "usage: OUT --config recipe.yaml [overrides]"
     config = load_config(argv[1], argv[2:] + ["--engine", "deepspeed"])
-    trainer = DeepSpeedTrainer(config)
+    trainer = Trainer(config)
     try:
         trainer.train()
-        model = trainer.chunks[0]
+        model = trainer.engine.chunks[0]
         with deepspeed.zero.GatheredParameters(list(model.parameters()), enabled=config.deepspeed.stage == 3):
             if trainer.env.rank == 0:
                 torch.save({name: param.detach().clone() for name, param in model.named_parameters()}, out)

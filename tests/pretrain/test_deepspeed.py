@@ -1,4 +1,4 @@
-"""The DeepSpeed engine (pretrain/deepspeed_engine.py) with the real DeepSpeed on CPU (gloo, torch
+"""The DeepSpeed engine (pretrain/engines/deepspeed.py) with the real DeepSpeed on CPU (gloo, torch
 AdamW): ZeRO 1/2/3 on 2 ranks and TP 2 x ZeRO DP 2 on 4 ranks train exactly like the single-process
 megatron engine; a killed run resumes with identical losses; a 2-rank checkpoint converted to a
 universal checkpoint resumes on 1 rank; consolidated fp32 weights equal the live weights;
@@ -60,7 +60,7 @@ def _ds_live_weights(recipe: Path, out: Path, *overrides: str, nproc: int) -> No
 # --- configuration --------------------------------------------------------------------------------
 def test_config_errors_name_the_field(tmp_path, recipe):
     from pretrain.config import ConfigError, load_config
-    from pretrain.deepspeed_engine import deepspeed_config
+    from pretrain.engines.deepspeed import deepspeed_config
 
     cases = {
         ("--engine", "zero"): "engine must be",
@@ -99,7 +99,7 @@ def test_engine_refuses_a_megatron_checkpoint(runs, megatron_losses):
 # --- activation checkpointing -----------------------------------------------------------------------
 def test_activation_checkpointing_keeps_gradients():
     from model import ModelConfig, SessaLM, init_weights
-    from pretrain.deepspeed_engine import checkpoint_activations
+    from pretrain.engines.deepspeed import checkpoint_activations
 
     config = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
                          feedback_impl="chunked", feedback_chunk_size=16)
@@ -150,7 +150,7 @@ def test_zero3_matches_megatron_engine_and_consolidates(runs, megatron_losses, t
     """Every parameter partitioned (persistence threshold 0, set through a user DeepSpeed JSON);
     full activation checkpointing on; saved and resumed at step 3 (train.exit_interval); the
     consolidated checkpoint equals the live weights."""
-    from pretrain.deepspeed_engine import consolidated_state_dict
+    from checkpoints.deepspeed_format import consolidated_state_dict
 
     recipe, runs_dir = runs
     user = tmp_path / "ds.json"
@@ -176,7 +176,7 @@ def test_zero3_matches_megatron_engine_and_consolidates(runs, megatron_losses, t
     SessaLM(ModelConfig(**model_fields)).load_state_dict(consolidated)
 
     out = tmp_path / "fp32.pt"
-    done = subprocess.run([sys.executable, "-m", "pretrain.deepspeed_engine", "consolidate", str(checkpoint), str(out)],
+    done = subprocess.run([sys.executable, "-m", "checkpoints.deepspeed_format", "consolidate", str(checkpoint), str(out)],
                           cwd=REPO, env=pretrain_env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert torch.load(out).keys() == consolidated.keys()
@@ -232,7 +232,7 @@ def test_sigkill_then_restart_gives_identical_losses(runs):
 
 @pytest.mark.slow
 def test_universal_checkpoint_resumes_two_ranks_on_one(runs, megatron_losses):
-    from pretrain.deepspeed_engine import to_universal
+    from checkpoints.deepspeed_format import to_universal
 
     recipe, runs_dir = runs
     if not (runs_dir / "zero2" / "checkpoints" / "iter_0000003").is_dir():

@@ -118,7 +118,7 @@ def test_global_batch_must_divide_into_micro_batches(recipe):
 
 def test_weight_decay_skips_norms_biases_and_gamma():
     from model import ModelConfig, SessaLM
-    from pretrain.trainer import _no_weight_decay
+    from pretrain.state import no_weight_decay as _no_weight_decay
 
     model = SessaLM(ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=2))
     no_decay = {name for name, p in model.named_parameters() if _no_weight_decay(p, name)}

@@ -1,0 +1,44 @@
+"""From a loader batch to what a model's forward takes, for both engines and both architectures.
+
+    batch = model_inputs(loader_batch, config.data, device)
+    per_token_loss = model(batch["inputs"], batch["labels"], **batch["model_kwargs"])
+    total, count = masked_loss_sum(per_token_loss, batch["targets_mask"])
+
+Targets count where the data's loss mask allows (answers only, for task data) and outside padding.
+With data.document_masking the model sees each packed document alone (doc_ids) and, with
+data.reset_positions, RoPE positions restart at every document.
+"""
+import torch
+
+from .config import DataConfig
+
+
+def model_inputs(batch: dict, data: DataConfig, device: torch.device) -> dict:
+    tokens = batch["tokens"].to(device, non_blocking=True)
+    doc_ids = batch["doc_ids"]
+    targets_mask = doc_ids[:, 1:] >= 0  # padding only ends a split (or an unpacked task example)
+    if "loss_mask" in batch:
+        targets_mask = targets_mask & batch["loss_mask"][:, 1:].bool()
+    kwargs = {}
+    if data.document_masking:
+        from model.documents import positions_from_doc_ids
+
+        inputs_doc_ids = doc_ids[:, :-1].to(device, non_blocking=True)
+        kwargs["doc_ids"] = inputs_doc_ids
+        if data.reset_positions:
+            kwargs["position_ids"] = positions_from_doc_ids(inputs_doc_ids)
+    return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:], "targets_mask": targets_mask.to(device),
+            "model_kwargs": kwargs}
+
+
+def masked_loss_sum(per_token_loss: torch.Tensor, targets_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of per-token losses over the targets, number of targets); masked positions add 0."""
+    return (per_token_loss.float() * targets_mask.to(per_token_loss.dtype)).sum(), targets_mask.sum()
+
+
+def target_count(batch: dict) -> int:
+    """Targets in a loader batch (no model run): what a step's loss is normalised by."""
+    mask = batch["doc_ids"][:, 1:] >= 0
+    if "loss_mask" in batch:
+        mask = mask & batch["loss_mask"][:, 1:].bool()
+    return int(mask.sum())

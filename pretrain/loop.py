@@ -1,0 +1,333 @@
+"""The training loop, once for both engines: data, schedule, logging, evaluation, checkpoint cadence,
+preemption and non-finite steps. What differs between megatron-core and DeepSpeed lives behind the
+small interface of pretrain/engines/.
+
+    trainer = Trainer(load_config("configs/tiny.yaml"))
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+
+Stopping: SIGTERM or SIGUSR1 (a cluster's preemption, `scancel`, Ctrl-C via launch/local.sh) sets a
+flag; every rank agrees after the step in flight, saves and returns. A non-finite loss or gradient norm
+drops that step's update (`train.nonfinite: skip`, megatron engine) or stops at once (`stop`); after
+`train.nonfinite_limit` in a row the run stops with NonFiniteError, saving nothing, so `latest` stays
+the last good checkpoint.
+"""
+import math
+import signal
+import time
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.loader import build_dataloader
+from data_pipeline.manifest import read_manifest
+from data_pipeline.tokenizer import load_tokenizer
+from model.flops import count_params, flops_per_token
+from model.generation import generate
+
+from .config import ConfigError, RunConfig, save_config
+from .distributed import init_distributed, shutdown_distributed
+from .engines import engine_class
+from .memory import estimate_memory_gb
+from .metrics import MetricsLogger
+from .runlock import acquire_for_training
+from .state import TrainState, build_scheduler, check_checkpoint_compatible, restore_loader, rng_state, \
+    seed_everything, set_rng_state
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced non-finite losses or gradients and stopped (train.nonfinite)."""
+
+
+class _TimedIterator:
+    """Counts the seconds the training loop waits for the data loader."""
+
+    def __init__(self, iterable):
+        self.iterator = iter(iterable)
+        self.wait_seconds = 0.0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        start = time.perf_counter()
+        batch = next(self.iterator)
+        self.wait_seconds += time.perf_counter() - start
+        return batch
+
+
+class Trainer:
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.env = init_distributed(config.parallel)
+        self.device = self.env.device
+        self.run_lock = acquire_for_training(config.run_dir)  # one live job per run directory
+        self._stop_signal = None
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request_stop)
+
+        self.manifest = read_manifest(config.data.path)
+        self.seq_len = self.manifest["seq_len"]
+        self.tokenizer_id = self.manifest["tokenizer_id"]
+        self._check_model_matches_data()
+        self.num_microbatches = self._num_microbatches()
+        if self.env.rank == 0:
+            config.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(config, config.run_dir / "config.yaml")
+        dist.barrier()
+
+        seed_everything(config.train.seed, self.env.rank)
+        Engine = engine_class(config)
+        plan = None
+        if config.checkpoint.resume:
+            from checkpoints import CheckpointManager
+
+            plan = Engine.resume_plan(CheckpointManager(config.run_dir / "checkpoints"))
+            if plan is not None:
+                check_checkpoint_compatible(plan.common, plan.directory, config, self.tokenizer_id)
+        self.engine = Engine(config, self.env, plan, seq_len=self.seq_len, num_microbatches=self.num_microbatches)
+        self.scheduler = build_scheduler(self.engine.optimizer, config)
+        self.data_workers, lanes = self._data_layout()
+        self.train_loader = build_dataloader(
+            config.data.path, "train", config.train.micro_batch_size, self.env.dp_rank, self.env.dp_size,
+            self.data_workers, config.data.seed, infinite=True, expected_tokenizer_id=self.tokenizer_id,
+            lanes=lanes,
+        )
+        self.state = TrainState()
+        self.nonfinite_streak = 0
+        if plan is not None:
+            self._resume(plan)
+        self.logger = MetricsLogger(config, self.env.is_logger, self.state.step)
+        self.logger.print(self._banner())
+
+    # --- setup --------------------------------------------------------------------------------
+    def _check_model_matches_data(self) -> None:
+        vocab = self.manifest["vocab_size"]
+        if self.config.model.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size ({self.config.model.vocab_size}) is smaller than the vocabulary "
+                              f"of the tokenizer {self.tokenizer_id!r} used for {self.config.data.path} ({vocab}); "
+                              f"set model.vocab_size: {vocab}")
+
+    def _num_microbatches(self) -> int:
+        train = self.config.train
+        tokens_per_microbatch = train.micro_batch_size * self.seq_len * self.env.dp_size
+        if train.global_batch_tokens % tokens_per_microbatch:
+            raise ConfigError(
+                f"train.global_batch_tokens ({train.global_batch_tokens}) must be a multiple of micro_batch_size "
+                f"x seq_len x data-parallel size = {train.micro_batch_size} x {self.seq_len} x {self.env.dp_size} "
+                f"= {tokens_per_microbatch}")
+        microbatches = train.global_batch_tokens // tokens_per_microbatch
+        parallel = self.config.parallel
+        if parallel.virtual_stages > 1:  # megatron's interleaved schedule fills the pipeline first
+            for name, count in (("micro-batches per step", microbatches), ("eval.batches", self.config.eval.batches)):
+                if count < parallel.pipeline:
+                    raise ConfigError(f"{name} ({count}) must be >= parallel.pipeline ({parallel.pipeline}) with "
+                                      f"parallel.virtual_stages > 1; raise train.global_batch_tokens / eval.batches "
+                                      f"or use parallel.virtual_stages: 1")
+        return microbatches
+
+    def _data_layout(self) -> tuple[int, int]:
+        """(DataLoader workers, lanes per worker) such that each step reads exactly one sample from
+        each of G streams, G = sequences per global batch. The loader's streams then do not depend
+        on the data-parallel size: every layout trains on the same global batches, and a resume at
+        another layout continues with the batches the uninterrupted run would have seen."""
+        requested = self.config.data.num_workers
+        # Each worker must serve the same number of micro-batches per step, so it must divide them.
+        workers = max(w for w in range(1, max(requested, 1) + 1) if self.num_microbatches % w == 0)
+        lanes = self.num_microbatches // workers * self.config.train.micro_batch_size
+        return (workers if requested else 0), lanes
+
+    def _banner(self) -> str:
+        cfg, env = self.config, self.env
+        memory = estimate_memory_gb(cfg, self.seq_len, env.dp_size)
+        workers = (f"{self.data_workers} data workers per rank" if self.data_workers == cfg.data.num_workers else
+                   f"{self.data_workers} data workers per rank (data.num_workers {cfg.data.num_workers} does not "
+                   f"divide the {self.num_microbatches} micro-batches per step: each worker serves whole "
+                   f"micro-batches of every step, so the largest divisor is used)")
+        return (f"run {cfg.run_name}: {count_params(cfg.model) / 1e6:.2f}M parameters ({cfg.model.arch}), "
+                f"seq_len {self.seq_len}, world {env.world_size} (TP {env.tp_size} x PP {env.pp_size} x DP "
+                f"{env.dp_size}), {self.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank "
+                f"and step, {workers}, document masking {'on' if cfg.data.document_masking else 'off'}, "
+                f"{self.engine.banner()}, device {self.device}, estimated {memory['total']:.2f} GB per device; "
+                f"start at step {self.state.step}/{cfg.train.max_steps}")
+
+    # --- the loop -----------------------------------------------------------------------------
+    def train(self) -> None:
+        cfg, state = self.config, self.state
+        timed = _TimedIterator(self.train_loader)
+        flops = flops_per_token(cfg.model, self.seq_len)
+        last_save = time.time()
+        interval = cfg.logging.interval
+        window_start, window_wait, window_step = time.perf_counter(), 0.0, state.step
+        while state.step < cfg.train.max_steps:
+            result = self.engine.train_step(timed)
+            state.step += 1
+            state.consumed_tokens += cfg.train.global_batch_tokens
+            self._account_nonfinite(result)
+            if result.applied:
+                self.scheduler.step(increment=1)
+            if state.step % interval == 0 or state.step == cfg.train.max_steps:
+                elapsed = time.perf_counter() - window_start
+                steps_in_window = state.step - window_step  # fewer than `interval` after a resume
+                tokens_per_s = steps_in_window * cfg.train.global_batch_tokens / elapsed
+                lr = self.engine.optimizer.param_groups[0]["lr"]
+                metrics = {
+                    "train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
+                    "train/tokens_per_s": tokens_per_s, "train/consumed_tokens": state.consumed_tokens,
+                    "train/skipped_steps": state.skipped_steps,
+                    "perf/model_tflops_per_device": flops * tokens_per_s / self.env.world_size / 1e12,
+                    "perf/data_wait_s": timed.wait_seconds - window_wait,
+                    "perf/step_s": elapsed / steps_in_window,
+                    "perf/memory_gb": self._memory_gb(),
+                }
+                if cfg.logging.peak_tflops:
+                    metrics["perf/mfu"] = metrics["perf/model_tflops_per_device"] / cfg.logging.peak_tflops
+                self.logger.log(state.step, metrics)
+                self.logger.advance(steps_in_window, {"loss": f"{result.loss:.3f}", "lr": f"{lr:.2e}",
+                                                      "tok/s": f"{tokens_per_s:.0f}"})
+                if not cfg.logging.progress_bar:
+                    self.logger.print(f"step {state.step} loss {result.loss:.4f} lr {lr:.3e} "
+                                      f"grad_norm {result.grad_norm:.3f} tok/s {tokens_per_s:.0f}")
+                window_start, window_wait, window_step = time.perf_counter(), timed.wait_seconds, state.step
+
+            if cfg.eval.interval and state.step % cfg.eval.interval == 0 and state.step < cfg.train.max_steps:
+                self._log_eval()
+            stop, time_due = self._agree_on_flags(last_save)
+            exit_due = bool(cfg.train.exit_interval) and state.step % cfg.train.exit_interval == 0
+            if exit_due and state.step < cfg.train.max_steps:
+                self.save()
+                self.logger.print(f"train.exit_interval: saved step {state.step}, exiting")
+                return
+            if stop or time_due or (cfg.checkpoint.interval_steps and state.step % cfg.checkpoint.interval_steps == 0):
+                if not stop or cfg.checkpoint.save_on_exit:
+                    self.save()
+                    last_save = time.time()
+            if stop:
+                self.logger.print(f"received {self._stop_signal_name()}: saved step {state.step}, exiting")
+                return
+        if cfg.checkpoint.save_on_exit and state.last_saved_step != state.step:
+            self.save()
+        self._log_eval()
+        self._print_sample()
+
+    def _account_nonfinite(self, result) -> None:
+        """Count dropped updates; stop (saving nothing) when the policy or the streak says so."""
+        if result.applied and math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+            self.nonfinite_streak = 0
+            return
+        train, step = self.config.train, self.state.step
+        what = f"non-finite loss {result.loss} / gradient norm {result.grad_norm} at step {step}"
+        if result.applied:  # the engine could not drop it (DeepSpeed): the weights are suspect now
+            raise NonFiniteError(f"{what}; engine {self.config.engine} has already applied the update, so the run "
+                                 f"stops here without saving; `latest` is the last good checkpoint "
+                                 f"(step {self.state.last_saved_step}). Lower optim.lr or raise optim.grad_clip")
+        self.state.skipped_steps += 1
+        self.nonfinite_streak += 1
+        if train.nonfinite == "stop" or self.nonfinite_streak >= train.nonfinite_limit:
+            why = ("train.nonfinite is 'stop'" if train.nonfinite == "stop" else
+                   f"{self.nonfinite_streak} non-finite steps in a row (train.nonfinite_limit)")
+            raise NonFiniteError(f"{what}: {why}; stopping without saving, `latest` is the last good checkpoint "
+                                 f"(step {self.state.last_saved_step}). Lower optim.lr, raise optim.grad_clip or "
+                                 f"check the data")
+        self.logger.print(f"{what}: update dropped (train.nonfinite: skip; {self.state.skipped_steps} so far)")
+
+    def evaluate(self) -> dict:
+        cfg = self.config
+        loader = build_dataloader(cfg.data.path, "val", cfg.train.micro_batch_size, self.env.dp_rank,
+                                  self.env.dp_size, 0, cfg.data.seed, infinite=True,
+                                  expected_tokenizer_id=self.tokenizer_id)
+        total, count = self.engine.evaluate(iter(loader), cfg.eval.batches)
+        loss = total / max(count, 1.0)
+        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+
+    def _log_eval(self) -> None:
+        metrics = self.evaluate()
+        self.logger.log(self.state.step, metrics)
+        self.logger.print(f"step {self.state.step}: val loss {metrics['val/loss']:.4f}, ppl {metrics['val/ppl']:.2f}")
+
+    def _agree_on_flags(self, last_save: float) -> tuple[bool, bool]:
+        """Every rank must take the same decision to stop or save: OR the local flags over the world."""
+        minutes = self.config.checkpoint.interval_minutes
+        flags = torch.tensor([self._stop_signal is not None,
+                              bool(minutes) and time.time() - last_save >= minutes * 60], dtype=torch.int32,
+                             device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        return bool(flags[0]), bool(flags[1])
+
+    def _request_stop(self, signum, frame):
+        self._stop_signal = signum
+
+    def _stop_signal_name(self) -> str:
+        return signal.Signals(self._stop_signal).name if self._stop_signal else "a stop request from another rank"
+
+    def _memory_gb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() / 2**30
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+
+    def _print_sample(self) -> None:
+        cfg = self.config
+        if not cfg.eval.sample_tokens:
+            return
+        if cfg.model.arch != "sessa" and not getattr(generate, "supports_transformer", False):
+            self.logger.print(f"no sample: decoding with caches is implemented for Sessa, not {cfg.model.arch}")
+            return
+        with self.engine.full_model() as model:
+            if model is None:
+                self.logger.print("no sample: decoding needs the whole model on one rank and no sequence parallelism")
+                return
+            tokenizer = load_tokenizer(self.manifest["tokenizer"]["spec"])
+            prompt = torch.tensor([tokenizer.encode(cfg.eval.sample_prompt)], device=self.device)
+            generator = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
+            model.eval()
+            with self.engine.autocast:
+                out = generate(model, prompt, cfg.eval.sample_tokens, temperature=cfg.eval.sample_temperature,
+                               top_k=cfg.eval.sample_top_k, generator=generator)
+            model.train()
+        self.logger.print(f"sample after step {self.state.step}:\n{tokenizer.decode(out[0].tolist())}")
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def _layout(self) -> dict:
+        env = self.env
+        return {"world_size": env.world_size, "tp": env.tp_size, "pp": env.pp_size, "dp": env.dp_size}
+
+    def save(self) -> None:
+        # A stop signal arriving now waits until the checkpoint is complete; writer processes started
+        # for the save inherit the mask, so a signal sent to the whole process group cannot kill them
+        # mid-write either.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            common = {**self.state.common(), "scheduler": self.scheduler.state_dict(),
+                      "config": self.config.to_dict(), "tokenizer_id": self.tokenizer_id, "layout": self._layout()}
+            rank_state = {"rng": rng_state(self.device), "data": self.train_loader.state_dict()}
+            path = self.engine.save(self.state.step, common, rank_state)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.state.last_saved_step = self.state.step
+        self.logger.print(f"saved checkpoint {path}")
+
+    def _resume(self, plan) -> None:
+        restored = self.engine.load(plan)
+        self.scheduler.load_state_dict(restored.common["scheduler"])
+        restore_loader(self.train_loader, restored.data_states, self.env.dp_rank, self.env.dp_size)
+        if restored.rng is not None:
+            set_rng_state(restored.rng, self.device)
+        else:  # another world size: fresh per-rank streams, reproducible from the step
+            seed_everything(self.config.train.seed + plan.step, self.env.rank)
+        self.state.restore(restored.common, plan.step)
+        if self.env.rank == 0:
+            print(f"resumed from {plan.directory} (saved at layout {plan.common['layout']}, engine "
+                  f"{self.engine.name})", flush=True)
+
+    def close(self) -> None:
+        if hasattr(self, "train_loader"):
+            self.train_loader.close()
+        if hasattr(self, "logger"):
+            self.logger.close()
+        shutdown_distributed()
