@@ -1,5 +1,6 @@
 """TP=2 == TP=1: loss, logits and every parameter gradient of SessaLM (SESSA.md §6 layout, gloo),
-for grouped-query and multi-head attention, with and without sequence parallelism."""
+for grouped-query and multi-head attention, with and without sequence parallelism, packed
+documents (document masking) and the feedback branch."""
 import os
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tp_case import CASES, make_tokens
+from tp_case import CASES, make_documents, make_tokens
 
 from model import SessaLM, init_weights
 from model.init import global_named_parameters
@@ -29,15 +30,15 @@ def tp2_results(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_tensor_parallel_two_ranks_matches_one(tp2_results, case):
-    name, config, _ = case
+    name, config, _, packed = case
     tp2 = tp2_results[name]
     model = SessaLM(config).double()
     init_weights(model, seed=3)
-    tokens = make_tokens(config)
-    loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
+    tokens, documents = make_tokens(config), make_documents(packed)
+    loss = model(tokens[:, :-1], tokens[:, 1:], **documents).mean()
     loss.backward()
     # The model runs in float64 but megatron's vocab-parallel cross entropy works in float32.
     torch.testing.assert_close(tp2["loss"], loss.detach(), atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(tp2["logits"], model(tokens[:, :-1]).detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(tp2["logits"], model(tokens[:, :-1], **documents).detach(), atol=1e-12, rtol=1e-12)
     for param_name, param in global_named_parameters(model):
         torch.testing.assert_close(tp2["grads"][param_name], param.grad, atol=1e-8, rtol=1e-6, msg=param_name)

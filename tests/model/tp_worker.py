@@ -13,7 +13,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from model import SessaLM, init_weights, megatron_config
 from model.init import global_named_parameters
 from pretrain import cpu_compat
-from tp_case import CASES, make_tokens
+from tp_case import CASES, make_documents, make_tokens
 
 
 def gathered_grads(model) -> dict:
@@ -36,14 +36,14 @@ def main(out_path: str) -> None:
     cpu_compat.enable()  # sequence parallelism allocates its gather buffers on "the current device"
     parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     results = {}
-    for name, config, sequence_parallel in CASES:
+    for name, config, sequence_parallel, packed in CASES:
         model = SessaLM(config, megatron_config(config, sequence_parallel=sequence_parallel, params_dtype=torch.float64))
         init_weights(model, seed=3)
-        tokens = make_tokens(config)
-        loss = model(tokens[:, :-1], tokens[:, 1:]).mean()
+        tokens, documents = make_tokens(config), make_documents(packed)
+        loss = model(tokens[:, :-1], tokens[:, 1:], **documents).mean()
         loss.backward()
         with torch.no_grad():
-            logits = gather_from_tensor_model_parallel_region(model(tokens[:, :-1]))
+            logits = gather_from_tensor_model_parallel_region(model(tokens[:, :-1], **documents))
         results[name] = {"loss": loss.detach(), "logits": logits, "grads": gathered_grads(model)}
     if dist.get_rank() == 0:
         torch.save(results, out_path)
