@@ -4,6 +4,9 @@ Each measurement runs in a fresh subprocess so that peak RSS (CPU) or max_memory
 belongs to that one case. Usage:
     python benchmarks/feedback_solve.py                    # table, T = 1k ... 64k, D = 256
     python benchmarks/feedback_solve.py --json --seq-lens 1024 4096
+    python benchmarks/feedback_solve.py --impls chunked --seq-lens 16384 --dim 128 --docs 8
+With `--docs N` every case is measured twice, unmasked (doc_ids=None) and with N equal documents
+per sequence (document masking), and the two are printed side by side.
 """
 import argparse
 import json
@@ -15,7 +18,9 @@ import time
 DENSE_MAX_T_CPU = 16384  # 32k needs > 24 GiB for the dense forward alone
 
 
-def measure(impl: str, seq_len: int, dim: int, chunk_size: int, device: str) -> dict:
+def measure(impl: str, seq_len: int, dim: int, chunk_size: int, device: str, docs: int, repeats: int) -> dict:
+    """Forward (no grad) and forward+backward wall time (the minimum over `repeats`) and peak memory.
+    `docs` = 0: doc_ids=None; N >= 1: doc_ids with N equal documents (the last one takes the rest)."""
     import torch
 
     sys.path.insert(0, ".")
@@ -34,23 +39,47 @@ def measure(impl: str, seq_len: int, dim: int, chunk_size: int, device: str) -> 
         if device == "cuda":
             torch.cuda.synchronize()
 
+    doc_ids = None
+    if docs:
+        doc_len = -(-seq_len // docs)
+        doc_ids = (torch.arange(seq_len, device=device) // doc_len).to(torch.int32).unsqueeze(0)
     args = inputs()
-    start = time.perf_counter()
-    with torch.no_grad():
-        feedback_solve(*args, impl=impl, chunk_size=chunk_size)
-    sync()
-    fwd_s = time.perf_counter() - start
-    start = time.perf_counter()
-    s = feedback_solve(*args, impl=impl, chunk_size=chunk_size)
-    s.backward(torch.ones_like(s))
-    sync()
-    fwd_bwd_s = time.perf_counter() - start
+    fwd_s = fwd_bwd_s = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        with torch.no_grad():
+            feedback_solve(*args, impl=impl, chunk_size=chunk_size, doc_ids=doc_ids)
+        sync()
+        fwd_s = min(fwd_s, time.perf_counter() - start)
+        start = time.perf_counter()
+        s = feedback_solve(*args, impl=impl, chunk_size=chunk_size, doc_ids=doc_ids)
+        s.backward(torch.ones_like(s))
+        sync()
+        fwd_bwd_s = min(fwd_bwd_s, time.perf_counter() - start)
+        del s
     if device == "cuda":
         peak_mb = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
-    return dict(impl=impl, seq_len=seq_len, dim=dim, fwd_s=round(fwd_s, 3), fwd_bwd_s=round(fwd_bwd_s, 3),
+    return dict(impl=impl, seq_len=seq_len, dim=dim, docs=docs, fwd_s=round(fwd_s, 3), fwd_bwd_s=round(fwd_bwd_s, 3),
                 peak_mb=round(peak_mb, 1))
+
+
+def run_case(impl: str, seq_len: int, docs: int, args) -> dict:
+    if impl == "dense" and args.device == "cpu" and seq_len > DENSE_MAX_T_CPU:
+        return dict(impl=impl, seq_len=seq_len, dim=args.dim, docs=docs, fwd_s=None, fwd_bwd_s=None, peak_mb=None,
+                    note="skipped: T x T does not fit in 24 GiB")
+    cmd = [sys.executable, __file__, "--worker", impl, str(seq_len), str(docs), "--dim", str(args.dim),
+           "--chunk-size", str(args.chunk_size), "--device", args.device, "--repeats", str(args.repeats)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return dict(impl=impl, seq_len=seq_len, dim=args.dim, docs=docs, fwd_s=None, fwd_bwd_s=None, peak_mb=None,
+                    note=f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _cell(value, width):
+    return f"{'-' if value is None else value:>{width}}"
 
 
 def main():
@@ -60,36 +89,47 @@ def main():
     parser.add_argument("--chunk-size", type=int, default=128)
     parser.add_argument("--impls", nargs="+", default=["dense", "chunked"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--docs", type=int, default=0,
+                        help="also measure with N equal documents per sequence (doc_ids), side by side with unmasked")
+    parser.add_argument("--repeats", type=int, default=1, help="time the minimum of this many runs per case")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
-    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "T"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("IMPL", "T", "DOCS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.docs < 0:
+        parser.error(f"--docs must be >= 1 (documents per sequence), got {args.docs}")
 
     if args.worker:
-        print(json.dumps(measure(args.worker[0], int(args.worker[1]), args.dim, args.chunk_size, args.device)))
+        impl, seq_len, docs = args.worker[0], int(args.worker[1]), int(args.worker[2])
+        print(json.dumps(measure(impl, seq_len, args.dim, args.chunk_size, args.device, docs, args.repeats)))
         return
 
     if not args.json:
-        print(f"{'impl':>8} {'T':>7} {'D':>5} {'fwd s':>9} {'fwd+bwd s':>10} {'peak MB':>10}")
+        if args.docs:
+            print(f"{'impl':>8} {'T':>7} {'D':>5} {'docs':>5} {'fwd+bwd s':>10} {'masked s':>10} {'ratio':>6} "
+                  f"{'peak MB':>10} {'masked MB':>10}")
+        else:
+            print(f"{'impl':>8} {'T':>7} {'D':>5} {'fwd s':>9} {'fwd+bwd s':>10} {'peak MB':>10}")
     for seq_len in args.seq_lens:
         for impl in args.impls:
-            if impl == "dense" and args.device == "cpu" and seq_len > DENSE_MAX_T_CPU:
-                row = dict(impl=impl, seq_len=seq_len, dim=args.dim, fwd_s=None, fwd_bwd_s=None, peak_mb=None,
-                           note="skipped: T x T does not fit in 24 GiB")
-            else:
-                cmd = [sys.executable, __file__, "--worker", impl, str(seq_len), "--dim", str(args.dim),
-                       "--chunk-size", str(args.chunk_size), "--device", args.device]
-                done = subprocess.run(cmd, capture_output=True, text=True)
-                if done.returncode != 0:
-                    row = dict(impl=impl, seq_len=seq_len, dim=args.dim, fwd_s=None, fwd_bwd_s=None, peak_mb=None,
-                               note=f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
-                else:
-                    row = json.loads(done.stdout.strip().splitlines()[-1])
+            row = run_case(impl, seq_len, 0, args)
+            masked = run_case(impl, seq_len, args.docs, args) if args.docs else None
             if args.json:
                 print(json.dumps(row), flush=True)
+                if masked is not None:
+                    print(json.dumps(masked), flush=True)
+            elif masked is not None:
+                ratio = None
+                if row["fwd_bwd_s"] and masked["fwd_bwd_s"] is not None:
+                    ratio = round(masked["fwd_bwd_s"] / row["fwd_bwd_s"], 2)
+                cells = [(row["fwd_bwd_s"], 10), (masked["fwd_bwd_s"], 10), (ratio, 6), (row["peak_mb"], 10),
+                         (masked["peak_mb"], 10)]
+                note = " ".join(filter(None, (row.get("note"), masked.get("note"))))
+                print(f"{impl:>8} {seq_len:>7} {args.dim:>5} {args.docs:>5} {' '.join(_cell(c, w) for c, w in cells)} "
+                      f"{note}", flush=True)
             else:
-                cells = [row["fwd_s"], row["fwd_bwd_s"], row["peak_mb"]]
-                text = " ".join(f"{'-' if c is None else c:>{w}}" for c, w in zip(cells, (9, 10, 10)))
-                print(f"{impl:>8} {seq_len:>7} {args.dim:>5} {text} {row.get('note', '')}", flush=True)
+                cells = [(row["fwd_s"], 9), (row["fwd_bwd_s"], 10), (row["peak_mb"], 10)]
+                print(f"{impl:>8} {seq_len:>7} {args.dim:>5} {' '.join(_cell(c, w) for c, w in cells)} "
+                      f"{row.get('note', '')}", flush=True)
 
 
 if __name__ == "__main__":

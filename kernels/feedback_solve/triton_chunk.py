@@ -140,19 +140,20 @@ def _panel_rows(T: int, chunk_size: int, panel_size: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _launch_lse(q_b, k_b, lse, scale, tiles, precision):
+def _launch_lse(q_b, k_b, starts, lse, scale, tiles, precision):
     batch, T, K = q_b.shape
     grid = (triton.cdiv(T, tiles.block_m), batch)
     feedback_lse_kernel[grid](
-        q_b, k_b, lse, T, K, scale,
-        BT=tiles.block_m, BS=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision,
+        q_b, k_b, lse if starts is None else starts, lse, T, K, scale,
+        BT=tiles.block_m, BS=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision, HAS_DOCS=starts is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
 
-def _launch_probs(q_b, k_b, lse, panel, scale, rows, cols, tiles, precision, column_gamma=None):
+def _launch_probs(q_b, k_b, lse, starts, panel, scale, rows, cols, tiles, precision, column_gamma=None):
     """P[t, j] for t in rows, j in cols into the row panel `panel` [B, L, T] at [t - rows[0], j]; or,
-    given `column_gamma`, B[t, j] = gamma_t P[t, j] into a column panel at [j - cols[0], t]."""
+    given `column_gamma`, B[t, j] = gamma_t P[t, j] into a column panel at [j - cols[0], t].
+    `starts` [B, T] int32 (or None): document starts, keys j < starts[t] get 0."""
     transposed = column_gamma is not None
     batch, T, K = q_b.shape
     (t0, t1), (j0, j1) = rows, cols
@@ -162,9 +163,10 @@ def _launch_probs(q_b, k_b, lse, panel, scale, rows, cols, tiles, precision, col
         p_t0, p_j0, s_pt, s_pj = t0, 0, panel.stride(1), 1
     grid = (triton.cdiv(t1 - t0, tiles.block_m), triton.cdiv(j1 - j0, tiles.block_n), batch)
     feedback_probs_kernel[grid](
-        q_b, k_b, lse, column_gamma if transposed else lse, panel, T, K, scale,
+        q_b, k_b, lse, column_gamma if transposed else lse, lse if starts is None else starts, panel, T, K, scale,
         t0, t1, j0, j1, p_t0, p_j0, panel.stride(0), s_pt, s_pj,
         BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision, TIMES_GAMMA=transposed,
+        HAS_DOCS=starts is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
@@ -199,9 +201,10 @@ def _launch_solve(kernel, panel, context, rhs, out, rows, has_context, solve_blo
     )
 
 
-def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL_SIZE, config=None):
+def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL_SIZE, config=None, starts=None):
     """s = (I - diag(gamma) alpha)^-1 f. Contiguous inputs; returns s [B, T, V] and lse [B, T] in the
-    compute dtype (fp32, or fp64 for fp64 f)."""
+    compute dtype (fp32, or fp64 for fp64 f). `starts`: optional contiguous int32 [B, T] document
+    starts (documents.document_starts); row t then sees keys starts[t] <= j < t only."""
     batch, T, K = q_b.shape
     V = f.shape[-1]
     config = config or _config(f.device)
@@ -210,7 +213,7 @@ def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL
     scale = K**-0.5
     lse = _empty((batch, T), acc, f.device)
     s = _empty((batch, T, V), acc, f.device)
-    _launch_lse(q_b, k_b, lse, scale, config.lse, precision)
+    _launch_lse(q_b, k_b, starts, lse, scale, config.lse, precision)
 
     L = _panel_rows(T, chunk_size, panel_size)
     solve_block = min(chunk_size, config.max_solve_block)
@@ -218,7 +221,7 @@ def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL
     context = _empty((batch, L, V), acc, f.device)  # the panel rows' context from earlier panels
     for r0 in range(0, T, L):
         r1 = min(r0 + L, T)
-        _launch_probs(q_b, k_b, lse, panel, scale, (r0, r1), (0, r1), config.probs, precision)
+        _launch_probs(q_b, k_b, lse, starts, panel, scale, (r0, r1), (0, r1), config.probs, precision)
         if r0 > 0:  # context[t] = sum_{j < r0} P[t, j] s[j]: a [L, r0] @ [r0, V] GEMM
             _launch_matmul(panel, panel.stride(), s, context, r1 - r0, V, r0, config.matmul, precision)
         _launch_solve(feedback_solve_fwd_kernel, panel, context, f, s, (r0, r1), r0 > 0, solve_block, config,
@@ -226,8 +229,11 @@ def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL
     return s, lse
 
 
-def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=DEFAULT_PANEL_SIZE, config=None):
-    """Returns (dq_b, dk_b, df = lam, dgamma = delta) in the compute dtype (lse's dtype)."""
+def feedback_triton_bwd(
+    q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=DEFAULT_PANEL_SIZE, config=None, starts=None
+):
+    """Returns (dq_b, dk_b, df = lam, dgamma = delta) in the compute dtype (lse's dtype); `starts` as
+    in feedback_triton_fwd."""
     batch, T, K = q_b.shape
     V = s.shape[-1]
     config = config or _config(s.device)
@@ -243,7 +249,8 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
     lam = _empty((batch, T, V), acc, s.device)
     for c0 in range((T - 1) // L * L, -1, -L):
         c1 = min(c0 + L, T)
-        _launch_probs(q_b, k_b, lse, panel, scale, (c0, T), (c0, c1), config.probs, precision, column_gamma=gamma)
+        _launch_probs(q_b, k_b, lse, starts, panel, scale, (c0, T), (c0, c1), config.probs, precision,
+                      column_gamma=gamma)
         if c1 < T:  # context[j] = sum_{t >= c1} B[t, j] lam_t: [L, T - c1] @ [T - c1, V]
             _launch_matmul(panel[:, :, c1:], panel.stride(), lam[:, c1:], context, c1 - c0, V, T - c1,
                            config.matmul, precision)
@@ -258,15 +265,15 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
     for r0 in range(0, T, L):
         r1 = min(r0 + L, T)
         n = r1 - r0
-        _launch_probs(q_b, k_b, lse, panel, scale, (r0, r1), (0, r1), config.probs, precision)
+        _launch_probs(q_b, k_b, lse, starts, panel, scale, (r0, r1), (0, r1), config.probs, precision)
         # u[t] = sum_{j<t} P[t, j] s[j]; delta[t] = lam[t] . u[t] = dL/dgamma[t]
         _launch_matmul(panel, panel.stride(), s, context, n, V, r1, config.matmul, precision)
         delta[:, r0:r1] = (lam[:, r0:r1] * context[:, :n]).sum(-1)
         tiles = config.dlogits
         grid = (triton.cdiv(n, tiles.block_m), triton.cdiv(r1, tiles.block_n), batch)
         feedback_dlogits_kernel[grid](
-            panel, lam, s, gamma, delta, T, V, scale, r0, r1, r1, panel.stride(0),
-            BM=tiles.block_m, BN=tiles.block_n, BV=tiles.block_k, DOT_PRECISION=precision,
+            panel, lam, s, gamma, delta, delta if starts is None else starts, T, V, scale, r0, r1, r1, panel.stride(0),
+            BM=tiles.block_m, BN=tiles.block_n, BV=tiles.block_k, DOT_PRECISION=precision, HAS_DOCS=starts is not None,
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
         # dq[t] = sum_j dlogits[t, j] k[j]: [n, r1] @ [r1, K]
@@ -278,22 +285,33 @@ def feedback_triton_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size=
     return dq, dk, lam, delta
 
 
+def _int32_starts(starts: torch.Tensor | None) -> torch.Tensor | None:
+    return None if starts is None else starts.to(torch.int32).contiguous()
+
+
 # ----------------------------------------------------------------------------------------------
 # torch.library ops (opaque to torch.compile) and their autograd
 # ----------------------------------------------------------------------------------------------
 @torch.library.custom_op("sessa::feedback_solve_triton_fwd", mutates_args=())
 def _fwd_op(
-    q_b: torch.Tensor, k_b: torch.Tensor, f: torch.Tensor, gamma: torch.Tensor, chunk_size: int, panel_size: int
+    q_b: torch.Tensor,
+    k_b: torch.Tensor,
+    f: torch.Tensor,
+    gamma: torch.Tensor,
+    chunk_size: int,
+    panel_size: int,
+    starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with _on_device(f.device):
         s, lse = feedback_triton_fwd(
-            q_b.contiguous(), k_b.contiguous(), f.contiguous(), gamma.contiguous(), chunk_size, panel_size
+            q_b.contiguous(), k_b.contiguous(), f.contiguous(), gamma.contiguous(), chunk_size, panel_size,
+            starts=_int32_starts(starts),
         )
     return s.to(f.dtype), lse
 
 
 @_fwd_op.register_fake
-def _(q_b, k_b, f, gamma, chunk_size, panel_size):
+def _(q_b, k_b, f, gamma, chunk_size, panel_size, starts=None):
     batch, T, V = f.shape
     return f.new_empty(batch, T, V), f.new_empty(batch, T, dtype=_compute_dtype(f.dtype))
 
@@ -308,35 +326,36 @@ def _bwd_op(
     grad_s: torch.Tensor,
     chunk_size: int,
     panel_size: int,
+    starts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with _on_device(s.device):
         dq, dk, df, dgamma = feedback_triton_bwd(
             q_b.contiguous(), k_b.contiguous(), gamma.contiguous(), s.contiguous(), lse.contiguous(),
-            grad_s.contiguous(), chunk_size, panel_size,
+            grad_s.contiguous(), chunk_size, panel_size, starts=_int32_starts(starts),
         )
     # Fresh tensors even when no cast is needed: a custom op's outputs may not alias each other.
     return dq.to(q_b.dtype), dk.to(k_b.dtype), df.to(s.dtype), dgamma.to(gamma.dtype)
 
 
 @_bwd_op.register_fake
-def _(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size):
+def _(q_b, k_b, gamma, s, lse, grad_s, chunk_size, panel_size, starts=None):
     return torch.empty_like(q_b), torch.empty_like(k_b), torch.empty_like(s), torch.empty_like(gamma)
 
 
 def _setup_context(ctx, inputs, output):
-    q_b, k_b, _, gamma, chunk_size, panel_size = inputs
+    q_b, k_b, _, gamma, chunk_size, panel_size, starts = inputs
     s, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q_b, k_b, gamma, s, lse)
+    ctx.save_for_backward(q_b, k_b, gamma, s, lse, starts)
     ctx.chunk_size, ctx.panel_size = chunk_size, panel_size
 
 
 def _backward(ctx, grad_s, _grad_lse):
-    q_b, k_b, gamma, s, lse = ctx.saved_tensors
+    q_b, k_b, gamma, s, lse, starts = ctx.saved_tensors
     if grad_s is None:
         grad_s = torch.zeros_like(s)
-    dq, dk, df, dgamma = _bwd_op(q_b, k_b, gamma, s, lse, grad_s, ctx.chunk_size, ctx.panel_size)
-    return dq, dk, df, dgamma, None, None
+    dq, dk, df, dgamma = _bwd_op(q_b, k_b, gamma, s, lse, grad_s, ctx.chunk_size, ctx.panel_size, starts)
+    return dq, dk, df, dgamma, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -355,6 +374,8 @@ def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: 
         chunk_size: C, rows of a diagonal block solved in registers: a power of two in [16, 128].
         panel_size: L, rows (columns in backward) of P materialised at once in an [B, L, T] fp32
             buffer; a multiple of chunk_size. Default DEFAULT_PANEL_SIZE (capped at T).
+        starts: optional [B, T] integer first position of each row's document
+            (documents.document_starts); row t then sees only keys starts[t] <= j < t.
     Returns:
         s: [B, T, V] in f's dtype. Inputs may be fp32, bf16, fp16 or fp64; the solve runs in fp32
         (fp64 for fp64 f). Differentiable in q_b, k_b, f and gamma.
@@ -383,7 +404,8 @@ def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: 
             f"feedback_impl='triton' on {f.device.type} tensors needs the Triton interpreter: set "
             "TRITON_INTERPRET=1 before importing triton (slow; tests only), or use impl='chunked'"
         )
-    if starts is not None:
-        raise NotImplementedError("document masking (doc_ids) is not in the Triton kernels yet: use impl='chunked'")
-    s, _ = _fwd_op(q_b, k_b, f, gamma, chunk_size, panel_size)
+    if starts is not None and (starts.shape != (batch, T) or starts.device != f.device):
+        raise ValueError(f"starts must be [B, T] = [{batch}, {T}] on {f.device}, got {tuple(starts.shape)} "
+                         f"on {starts.device}")
+    s, _ = _fwd_op(q_b, k_b, f, gamma, chunk_size, panel_size, _int32_starts(starts))
     return s

@@ -29,10 +29,15 @@ import triton.language as tl
 
 @triton.jit
 def feedback_lse_kernel(
-    q, k, lse, T, K, scale,
-    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q, k, starts, lse, T, K, scale,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):
-    """lse[b, t] = logsumexp_{j<t} q_t . k_j * scale; 0 for row t = 0 (no past). Grid (cdiv(T, BT), B)."""
+    """lse[b, t] = logsumexp_{j<t} q_t . k_j * scale; 0 for row t = 0 (no past). Grid (cdiv(T, BT), B).
+
+    HAS_DOCS: keys j < starts[b, t] (other documents) are left out too, and the key loop begins at
+    the tile of the first row's document start (documents are contiguous, starts non-decreasing);
+    0 for each document's first row.
+    """
     i_t, i_b = tl.program_id(0), tl.program_id(1)
     q += i_b.to(tl.int64) * T * K
     k += i_b.to(tl.int64) * T * K
@@ -43,8 +48,13 @@ def feedback_lse_kernel(
     m_t = o_t < T
     b_m = tl.full([BT], float("-inf"), dtype=ACC)  # running max
     b_z = tl.zeros([BT], dtype=ACC)  # running sum of exp(logit - max)
+    i_s0 = 0
+    if HAS_DOCS:
+        starts += i_b.to(tl.int64) * T
+        b_start = tl.load(starts + o_t, mask=m_t, other=0)
+        i_s0 = tl.load(starts + i_t * BT) // BS  # no row of the tile sees a key before this tile
     # Keys j < t <= (i_t + 1) * BT - 1: every key tile up to the diagonal.
-    for i_s in range(0, tl.cdiv(tl.minimum(T, (i_t + 1) * BT), BS)):
+    for i_s in range(i_s0, tl.cdiv(tl.minimum(T, (i_t + 1) * BT), BS)):
         o_s = i_s * BS + tl.arange(0, BS)
         m_s = o_s < T
         b_l = tl.zeros([BT, BS], dtype=ACC)
@@ -54,7 +64,10 @@ def feedback_lse_kernel(
             b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
             b_kt = tl.load(k + o_s[None, :] * K + o_k[:, None], mask=m_s[None, :] & m_k[:, None], other=0).to(ACC)
             b_l += tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BT, BK] @ [BK, BS]
-        b_l = tl.where((o_s[None, :] < o_t[:, None]) & m_s[None, :], b_l * scale, float("-inf"))
+        m_l = (o_s[None, :] < o_t[:, None]) & m_s[None, :]
+        if HAS_DOCS:
+            m_l = m_l & (o_s[None, :] >= b_start[:, None])
+        b_l = tl.where(m_l, b_l * scale, float("-inf"))
         b_m_new = tl.maximum(b_m, tl.max(b_l, 1))
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
         b_z = b_z * tl.exp(b_m - b_m_safe) + tl.sum(tl.exp(b_l - b_m_safe[:, None]), 1)
@@ -65,14 +78,17 @@ def feedback_lse_kernel(
 
 @triton.jit(do_not_specialize=["t0", "t1", "j0", "j1", "p_t0", "p_j0"])
 def feedback_probs_kernel(
-    q, k, lse, gamma, p, T, K, scale,
+    q, k, lse, gamma, starts, p, T, K, scale,
     t0, t1, j0, j1,  # the rectangle of queries [t0, t1) x keys [j0, j1) to fill
     p_t0, p_j0, s_pb, s_pt, s_pj,  # p[b, t, j] lives at p + b*s_pb + (t - p_t0)*s_pt + (j - p_j0)*s_pj
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr, TIMES_GAMMA: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
 ):
     """Strict-causal probabilities P[t, j] for one [BM, BN] tile, 0 where j >= t. Grid (rows, cols, B).
 
     With TIMES_GAMMA the tile holds B[t, j] = gamma_t P[t, j], the system matrix (backward column panels).
+    With HAS_DOCS also 0 where j < starts[b, t] (another document); a tile whose keys all precede
+    its first row's document start stores zeros without computing.
     """
     i_m, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q += i_b.to(tl.int64) * T * K
@@ -87,8 +103,13 @@ def feedback_probs_kernel(
     m_j = o_j < j1
     p_p = p + (o_t[:, None] - p_t0) * s_pt + (o_j[None, :] - p_j0) * s_pj
     m_p = m_t[:, None] & m_j[None, :]
-    if j0 + i_n * BN >= t0 + i_m * BM + BM - 1:
-        # The whole tile is on or above the diagonal (j >= t): no past, store zeros.
+    no_past = j0 + i_n * BN >= t0 + i_m * BM + BM - 1
+    if HAS_DOCS:
+        starts += i_b.to(tl.int64) * T
+        b_start = tl.load(starts + o_t, mask=m_t, other=0)
+        no_past = no_past | (j0 + i_n * BN + BN <= tl.load(starts + t0 + i_m * BM))
+    if no_past:
+        # The whole tile is on or above the diagonal (j >= t), or before the rows' documents: store zeros.
         tl.store(p_p, tl.zeros([BM, BN], dtype=ACC), mask=m_p)
     else:
         b_l = tl.zeros([BM, BN], dtype=ACC)
@@ -102,23 +123,30 @@ def feedback_probs_kernel(
         b_p = tl.exp(b_l * scale - b_lse[:, None])
         if TIMES_GAMMA:
             b_p *= tl.load(gamma + i_b.to(tl.int64) * T + o_t, mask=m_t, other=0).to(ACC)[:, None]
-        b_p = tl.where((o_j[None, :] < o_t[:, None]) & m_p, b_p, 0.0)
+        m_visible = (o_j[None, :] < o_t[:, None]) & m_p
+        if HAS_DOCS:
+            m_visible = m_visible & (o_j[None, :] >= b_start[:, None])
+        b_p = tl.where(m_visible, b_p, 0.0)
         tl.store(p_p, b_p, mask=m_p)
 
 
 @triton.jit(do_not_specialize=["t0", "t1", "j1"])
 def feedback_dlogits_kernel(
-    p, lam, s, gamma, delta, T, V, scale,
+    p, lam, s, gamma, delta, starts, T, V, scale,
     t0, t1, j1, s_pb,  # row panel: p[b, t - t0, j] with row stride s_pt = T, keys [0, j1)
-    BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):
     """In place: P[t, j] -> gamma_t P[t, j] (lam_t . s_j - delta_t) * scale. Grid (rows, cols, B).
 
     lam, s: [B, T, V] (compute dtype, and s's dtype); gamma [B, T]; delta [B, T] (= lam_t . u_t).
+    HAS_DOCS: tiles whose keys all precede the first row's document start (P = 0) are skipped.
     """
     i_m, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     if i_n * BN >= t0 + i_m * BM + BM - 1:
         return  # tile entirely at j >= t: P = 0, so dlogits = 0 (already there)
+    if HAS_DOCS:
+        if i_n * BN + BN <= tl.load(starts + i_b.to(tl.int64) * T + t0 + i_m * BM):
+            return  # tile entirely in earlier documents: P = 0 there too
     p += i_b.to(tl.int64) * s_pb
     lam += i_b.to(tl.int64) * T * V
     s += i_b.to(tl.int64) * T * V

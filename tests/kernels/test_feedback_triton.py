@@ -28,9 +28,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest
 import torch
 
-from kernels.feedback_solve import feedback_solve, feedback_solve_chunked, feedback_solve_dense
+from kernels.feedback_solve import document_starts, feedback_solve, feedback_solve_chunked, feedback_solve_dense
 from kernels.feedback_solve import triton_chunk
 from kernels.feedback_solve.triton_chunk import Tiles, TritonConfig, feedback_solve_triton, feedback_triton_fwd
+from tests.kernels.packed_documents import PACKED_T, packed_doc_ids, packed_vs_alone
 
 if not triton_chunk.is_interpreter() or not type(triton_chunk.feedback_lse_kernel).__name__.startswith("Interpreted"):
     pytest.fail(
@@ -237,3 +238,78 @@ def test_sessa_layer_with_triton_feedback():
         results[impl] = {"output": y.detach(), **{n: p.grad for n, p in layer.named_parameters()}}
     for name, want in results["chunked"].items():
         torch.testing.assert_close(results["triton"][name], want, **TOLERANCES[torch.float64], msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Document masking (doc_ids)
+# ---------------------------------------------------------------------------------------------
+def test_packed_documents_equal_each_document_alone():
+    """fp32: a packed sequence (documents straddling chunks and panels, one-token documents,
+    padding) equals each document solved alone by the kernels: output and all four gradients."""
+    packed_vs_alone(
+        lambda *x: feedback_solve(*x[:4], impl="triton", chunk_size=16, doc_ids=x[4]),
+        lambda *x: feedback_solve_triton(*x, 16, 32),
+        torch.float32, dict(atol=1e-5, rtol=1e-5),
+    )
+
+
+@pytest.mark.parametrize("chunk_size,panel_size", [(16, 32), (32, 64)])
+def test_packed_matches_chunked_and_dense_fp64(chunk_size, panel_size):
+    doc_ids = packed_doc_ids()
+    batch = doc_ids.shape[0]
+    starts = document_starts(doc_ids, batch, PACKED_T, doc_ids.device)
+    inputs = make_inputs(batch, PACKED_T, 24, 20, torch.float64, seed=8)
+    grad_out = torch.randn(batch, PACKED_T, 20, dtype=torch.float64)
+    got = outputs_and_grads(lambda *x: feedback_solve_triton(*x, chunk_size, panel_size, starts=starts), inputs, grad_out)
+    chunked = outputs_and_grads(lambda *x: feedback_solve_chunked(*x, chunk_size, starts), inputs, grad_out)
+    dense = outputs_and_grads(lambda *x: feedback_solve_dense(*x, starts), inputs, grad_out)
+    assert_matches(got, chunked, TOLERANCES[torch.float64], "chunked")
+    assert_matches(got, dense, TOLERANCES[torch.float64], "dense")
+
+
+def test_packed_gpu_blocking_on_cpu(monkeypatch):
+    """The GPU's tiles (64-wide, whole tiles skipped before a document) and 16-row diagonal blocks."""
+    monkeypatch.setattr(triton_chunk, "INTERPRETER_CONFIG", triton_chunk.GPU_CONFIG)
+    doc_ids = packed_doc_ids([[1, 63, 66, 20], [150]])
+    starts = document_starts(doc_ids, 2, 150, doc_ids.device)
+    inputs = make_inputs(2, 150, 24, 40, torch.float32, seed=12)
+    grad_out = torch.randn(2, 150, 40)
+    got = outputs_and_grads(lambda *x: feedback_solve_triton(*x, 64, 64, starts=starts), inputs, grad_out)
+    want = outputs_and_grads(lambda *x: feedback_solve_dense(*x, starts), inputs, grad_out)
+    assert_matches(got, want, TOLERANCES[torch.float32], "dense")
+
+
+def test_one_document_is_bitwise_the_unmasked_solve():
+    inputs = make_inputs(2, 40, 24, 20, torch.float32, seed=13)
+    grad_out = torch.randn(2, 40, 20)
+    plain = outputs_and_grads(lambda *x: feedback_solve(*x, impl="triton", chunk_size=16), inputs, grad_out)
+    one_doc = outputs_and_grads(
+        lambda *x: feedback_solve(*x, impl="triton", chunk_size=16, doc_ids=torch.zeros(2, 40, dtype=torch.int32)),
+        inputs, grad_out,
+    )
+    assert torch.equal(plain[0], one_doc[0])
+    assert all(torch.equal(a, b) for a, b in zip(plain[1], one_doc[1]))
+
+
+def test_row_logsumexp_within_documents():
+    """lse[t] covers keys starts[t] <= j < t; 0 at each document's first token."""
+    doc_ids = packed_doc_ids([[1, 20, 1, 28], [50]])
+    starts = document_starts(doc_ids, 2, 50, doc_ids.device)
+    q_b, k_b, f, gamma = (x.detach() for x in make_inputs(2, 50, 24, 20, torch.float64))
+    _, lse = feedback_triton_fwd(q_b, k_b, f, gamma, 16, 32, starts=starts.to(torch.int32))
+    logits = (q_b @ k_b.transpose(1, 2)) * 24**-0.5
+    keys = torch.arange(50)
+    visible = (keys[None, None, :] < keys[None, :, None]) & (keys[None, None, :] >= starts[:, :, None])
+    want = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), -1).nan_to_num(neginf=0.0)
+    torch.testing.assert_close(lse, want)
+
+
+def test_opcheck_with_documents():
+    inputs = [x.detach() for x in make_inputs(2, 20, 6, 5, torch.float64, seed=9)]
+    starts = document_starts(packed_doc_ids([[7, 1, 12], [20]]), 2, 20, torch.device("cpu")).to(torch.int32)
+    torch.library.opcheck(torch.ops.sessa.feedback_solve_triton_fwd.default, (*inputs, 16, 16, starts))
+    s, lse = torch.ops.sessa.feedback_solve_triton_fwd(*inputs, 16, 16, starts)
+    q_b, k_b, _, gamma = inputs
+    torch.library.opcheck(
+        torch.ops.sessa.feedback_solve_triton_bwd.default, (q_b, k_b, gamma, s, lse, torch.randn_like(s), 16, 16, starts)
+    )
