@@ -208,6 +208,25 @@ class DeepSpeedConfig:
 
 
 @dataclass(kw_only=True)
+class LaunchConfig:
+    """SLURM resources for `python -m launch.slurm` (its flags override these); not read by training."""
+    nodes: int = 1
+    gpus_per_node: int = -1  # -1: what SLURM reports for the partition's nodes (0 on CPU nodes)
+    time: object = ""  # time limit, quoted: "24:00:00" (unquoted, YAML reads 24:00:00 as seconds); "": partition's
+    partition: str = ""  # "": the cluster's default partition
+    account: str = ""
+    term_grace_s: int = 20  # seconds the ranks get to save after SIGTERM; keep it below SLURM's KillWait
+
+    def __post_init__(self):
+        if not isinstance(self.time, str):
+            raise ConfigError(f"launch.time must be a quoted SLURM time such as \"24:00:00\", got {self.time!r} "
+                              f"(YAML reads an unquoted 24:00:00 as a number of seconds)")
+        if self.nodes < 1 or self.gpus_per_node < -1 or self.term_grace_s < 1:
+            raise ConfigError(f"launch.nodes ({self.nodes}) and launch.term_grace_s ({self.term_grace_s}) must be "
+                              f">= 1, launch.gpus_per_node ({self.gpus_per_node}) >= 0 (or -1: detect)")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     run_name: str = "tiny"
     runs_dir: str = "runs"
@@ -222,6 +241,7 @@ class RunConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
 
     def __post_init__(self):
         if self.engine not in ("megatron", "deepspeed"):
