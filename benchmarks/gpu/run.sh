@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The prepared GPU check (issue 17), from the repository root on a bare H100/H200 machine with the
+# wheels of benchmarks/gpu/wheels.sh in .whl/:
+#
+#   bash benchmarks/gpu/run.sh             # about 8 minutes; writes $OUT/gpu.json and $OUT/gpu.md
+#   bash benchmarks/gpu/run.sh --dry-run   # on CPU: every part with tiny shapes, Triton interpreter
+#
+# Results go to $OUT, or benchmarks/results/ when OUT is unset. Installs .whl/ into a temporary target
+# put on PYTHONPATH (skipped when the Python already imports megatron.core, webdataset and torchdata),
+# prints versions and the device, then runs benchmarks/gpu/check.py (parts a-d, each time-boxed).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+PYTHON="${PYTHON:-python3}"
+ARGS=()
+for arg in "$@"; do
+    case "$arg" in
+        --dry-run) ARGS+=(--dry-run); export TRITON_INTERPRET=1 ;;
+        *) ARGS+=("$arg") ;;
+    esac
+done
+export PYTHONUNBUFFERED=1
+
+if "$PYTHON" -c "import megatron.core, webdataset, torchdata" 2>/dev/null; then
+    echo "[gpu-check] megatron.core, webdataset and torchdata import already: .whl/ not installed"
+elif compgen -G ".whl/*.whl" >/dev/null; then
+    SITE="$(mktemp -d)/site"
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    echo "[gpu-check] installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE"
+else
+    echo "[gpu-check] megatron.core is missing and .whl/ is empty: run bash benchmarks/gpu/wheels.sh where" \
+         "the package index is reachable and carry .whl/ along" >&2
+    exit 1
+fi
+
+"$PYTHON" - <<'PY'
+import platform, torch, triton, megatron.core
+print(f"[gpu-check] python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton.__version__}, megatron-core {megatron.core.__version__}")
+print("[gpu-check] device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA device)")
+PY
+command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
+
+exec "$PYTHON" benchmarks/gpu/check.py "${ARGS[@]}"
