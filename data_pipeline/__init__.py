@@ -6,7 +6,9 @@ Modules, in data-flow order (see README.md in this folder):
   tokenizer        load_tokenizer(spec) -> Tokenizer (offline standard encodings, own .tiktoken BPEs)
   train_tokenizer  train our own BPE with rustbpe
   readers          corpus readers: JSONL, text files/dirs, Parquet, the built-in corpus
-  packing          documents -> (seq_len + 1)-token samples with document boundaries; tar entry layout
+  tasks            task files (TSV/CSV/JSONL prompt + answer), encode_example, label sets
+  synthetic/       seeded long-range task generators (MQAR, diffuse MQAR, two-style, passkey, copying)
+  packing          documents -> (seq_len + 1)-token samples with boundaries and loss masks; tar entry layout
   prepare          prepare(...): parallel tokenisation, packing, ShardWriter, manifest.json
   manifest         read_manifest(dir) and the manifest format
   schedule         which sample each rank/worker reads per epoch; resume and re-deal arithmetic

@@ -124,10 +124,18 @@ class PackedTokenDataset(IterableDataset):
         verified, failed = set(), {}  # shared by this worker's readers: hash/fail a shard once
         orders: dict[int, EpochOrder] = {}
         P = self.layout.lanes
-        lanes = [self._lane(self.layout.stream(self.dp_rank, w, p), lane_consumed(position, p, P),
-                            ShardReader(self.sample_len, self.table.samples_per_entry, self.vocab_size,
-                                        self.verify_checksums, verified, failed, self.with_mask), orders)
-                 for p in range(P)]
+        readers = [ShardReader(self.sample_len, self.table.samples_per_entry, self.vocab_size,
+                               self.verify_checksums, verified, failed, self.with_mask) for _ in range(P)]
+        lanes = [self._lane(self.layout.stream(self.dp_rank, w, p), lane_consumed(position, p, P), readers[p],
+                            orders) for p in range(P)]
+        try:
+            yield from self._fill(lanes, w, position)
+        finally:  # the pass ended, or the loader stopped early: close the open shard files
+            for reader in readers:
+                reader.close()
+
+    def _fill(self, lanes: list[Iterator[tuple]], w: int, position: int) -> Iterator[dict]:
+        P = len(lanes)
         finished = False
         while not finished:
             rows, skipped = [], Counter()

@@ -4,14 +4,17 @@
       "format": "sessa.data_pipeline.shards/1",
       "tokenizer_id": "pydocs4k-5cd72dae532c", "tokenizer": {"name", "spec", "vocab_size", "eot_id"},
       "vocab_size": 4096, "seq_len": 1024, "sample_len": 1025, "samples_per_entry": 127,
-      "token_dtype": "uint32le",
+      "token_dtype": "uint32le", "pack": "stream" | "greedy" | "none", "shuffle_seed": 0 | null,
+      "loss_mask": false,           # true: every tar entry has a mask member (packing.py)
+      "task": {...},                # only for task data: fields, separator, loss_on, labels
       "sources": [...], "documents": {...}, "skipped": {reason: count},
       "splits": {"train": {"samples", "tokens", "documents", "stream_tokens",
                            "shards": [{"path", "entries", "samples", "tokens", "bytes", "sha256"}]},
-                 "val": {...}}
+                 "val": {...}, "test": {...} (task data)}
     }
 
-Shard paths are relative to the data directory. Per shard, "samples" counts packed sequences and
+Manifests written before "pack", "shuffle_seed" and "loss_mask" existed read as stream packing
+without masks. Shard paths are relative to the data directory. Per shard, "samples" counts packed sequences and
 "tokens" counts real (non-padding) tokens stored, including the one-token overlap between samples.
 """
 
