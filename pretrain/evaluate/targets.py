@@ -39,15 +39,24 @@ def eval_config(config: ModelConfig, device: torch.device) -> ModelConfig:
     return dataclasses.replace(config, dtype="float32", feedback_impl=impl)
 
 
-def build_model(config: ModelConfig, state: dict, device: torch.device) -> torch.nn.Module:
-    """A one-process model of either architecture holding `state` (global native names)."""
+def new_model(config: ModelConfig, device: torch.device) -> torch.nn.Module:
+    """A one-process model of either architecture (weights as the constructor leaves them), eval mode."""
     from model.parallel import ensure_model_parallel
     from model.transformer import build_model as build_chunk, megatron_config_for
 
+    if not torch.cuda.is_available():
+        from pretrain import cpu_compat
+
+        cpu_compat.enable()  # megatron's RNG tracker and RoPE assume a CUDA device
     ensure_model_parallel()
-    model = build_chunk(config, megatron_config_for(config))
-    model.load_global_state_dict({k: v.float() for k, v in state.items()})
-    return model.to(device).eval()
+    return build_chunk(config, megatron_config_for(config)).to(device).eval()
+
+
+def build_model(config: ModelConfig, state: dict, device: torch.device) -> torch.nn.Module:
+    """`new_model` holding `state` (global native names, as the checkpoint readers return them)."""
+    model = new_model(config, device)
+    model.load_global_state_dict({k: v.float().to(device) for k, v in state.items()})
+    return model
 
 
 def load_target(path, *, step: int | None = None, tokenizer_spec: str | None = None,

@@ -1,0 +1,69 @@
+"""Fixtures: tiny trained runs (Sessa and Transformer++, 3 steps each through `python -m pretrain`),
+the Sessa run's HF export, and small task files."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.pretrain.conftest import REPO, TEST_RECIPE, pretrain_env, run_pretrain
+
+
+def evaluate_cli(*args, expect_ok: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "pretrain.evaluate", *map(str, args)], cwd=REPO,
+                          env=pretrain_env(), capture_output=True, text=True, timeout=600)
+    if expect_ok and done.returncode != 0:
+        raise AssertionError(f"pretrain.evaluate failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+@pytest.fixture(scope="session")
+def runs(tmp_path_factory) -> dict:
+    """{"data", "sessa", "transformer", "hf"}: runs trained on a private copy of the pydocs data (so a
+    test may hide it), and the Sessa run's HF export."""
+    from data_pipeline.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("evaluate")
+    data = tmp / "pydocs64"
+    prepare("builtin", "pydocs4k", 64, data, num_workers=1, progress=False)
+    tree = json.loads(json.dumps(TEST_RECIPE))
+    tree["data"].update(path=str(data), num_workers=0)
+    tree["train"]["max_steps"] = 3
+    tree["model"]["init_scheme"] = "reference"  # far-from-uniform attention: heads and positions differ
+    tree["runs_dir"] = str(tmp / "runs")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    run_pretrain(recipe, "--run_name", "sessa")
+    run_pretrain(recipe, "--run_name", "transformer", "--model.arch", "transformer")
+    done = subprocess.run([sys.executable, "-m", "checkpoints", "export", tmp / "runs" / "sessa", "--to", "hf",
+                           "--out", tmp / "hf"], cwd=REPO, env=pretrain_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return {"data": data, "sessa": tmp / "runs" / "sessa", "transformer": tmp / "runs" / "transformer",
+            "hf": tmp / "hf", "tmp": tmp}
+
+
+@pytest.fixture
+def hidden_data(runs):
+    """The training data moved away for the duration of a test (a target whose tokenizer is unknown)."""
+    away = runs["data"].with_name("moved-away")
+    shutil.move(runs["data"], away)
+    try:
+        yield
+    finally:
+        shutil.move(away, runs["data"])
+
+
+CLASSIFY = "Text\tAnswer\tlag\nthe cat sat\tyes\t1\nthe dog ran\tno\t2\na bird flew\tyes\t1\na fish swam\tno\t2\n"
+GENERATE = ("prompt\tanswer\tlength\ndef f(x):\treturn x\t1\nimport os\tos.path\t2\n"
+            "\"quoted\ttab\"\t\"two\nlines\"\t2\n")
+
+
+@pytest.fixture
+def task_files(tmp_path) -> dict[str, Path]:
+    (tmp_path / "classify.tsv").write_text(CLASSIFY)
+    (tmp_path / "generate.tsv").write_text(GENERATE)
+    return {"classify": tmp_path / "classify.tsv", "generate": tmp_path / "generate.tsv"}
