@@ -10,6 +10,10 @@ Mixer:  f = W_o(causal attention with interleaved RoPE);  s solves s[t] = f[t] +
 The solve is chunked (never forms T x T): per chunk of C rows, the logits against all earlier keys
 (C x t), the contribution of earlier chunks' s, then the C x C unit-lower-triangular block solve.
 It runs in fp32 whatever the model dtype. `generate()` decodes step by step from `SessaCache`.
+Padded batches (`attention_mask` with zeros, left or right): every padding position is a document
+of its own, the real tokens of a row one document, so a real token sees (in attention and in the
+solve) only the row's earlier real tokens; RoPE positions count the real tokens. Each row then
+gives what its prompt gives alone.
 """
 from dataclasses import dataclass
 
@@ -25,8 +29,22 @@ except ImportError:  # imported as a top-level module
     from configuration_sessa import ModelConfig
 
 
-def chunked_feedback_solve(q_b, k_b, f, gamma, chunk_size: int):
-    """q_b, k_b [B, T, D]; f [B, T, V]; gamma [B, T] -> s [B, T, V] (fp32 arithmetic)."""
+def documents_from_mask(attention_mask):
+    """attention_mask [B, L] (1 = token, 0 = padding) -> (doc_ids [B, L], positions [B, L]).
+
+    Real tokens share document 0, padding position t is document -1 - t (alone); positions count
+    the row's earlier real tokens. A position sees earlier positions of its own document only."""
+    real = attention_mask.bool()
+    index = torch.arange(real.shape[1], device=real.device)
+    doc_ids = torch.where(real, 0, -1 - index)
+    positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)
+    return doc_ids, positions
+
+
+def chunked_feedback_solve(q_b, k_b, f, gamma, chunk_size: int, doc_ids=None):
+    """q_b, k_b [B, T, D]; f [B, T, V]; gamma [B, T] -> s [B, T, V] (fp32 arithmetic).
+
+    doc_ids [B, T]: row t feeds back only from earlier rows of its own document."""
     out_dtype = f.dtype
     q_b, k_b, f, gamma = q_b.float(), k_b.float(), f.float(), gamma.float()
     B, T, D = q_b.shape
@@ -37,6 +55,8 @@ def chunked_feedback_solve(q_b, k_b, f, gamma, chunk_size: int):
         logits = torch.einsum("bik,bjk->bij", q_b[:, c0:c1], k_b[:, :c1]) * scale  # [B, C, c1]
         rows = torch.arange(c0, c1, device=f.device)[:, None]
         strict_past = torch.arange(c1, device=f.device)[None, :] < rows  # j < t
+        if doc_ids is not None:
+            strict_past = strict_past & (doc_ids[:, c0:c1, None] == doc_ids[:, None, :c1])  # [B, C, c1]
         logits = logits.masked_fill(~strict_past, float("-inf"))
         alpha = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # row t = 0 has no past: all zeros
         g = gamma[:, c0:c1, None]
@@ -47,8 +67,10 @@ def chunked_feedback_solve(q_b, k_b, f, gamma, chunk_size: int):
 
 
 def apply_interleaved_rope(x, positions, inv_freq):
-    """Rotate pairs (2i, 2i+1) of x [B, H, T, d] by positions[t] * inv_freq[i] (in fp32)."""
-    angles = positions.float()[:, None] * inv_freq.float()[None, :]
+    """Rotate pairs (2i, 2i+1) of x [B, H, T, d] by positions[t] * inv_freq[i] (in fp32); positions [T] or [B, T]."""
+    angles = positions.float()[..., None] * inv_freq.float()
+    if angles.dim() == 3:
+        angles = angles[:, None]  # [B, 1, T, d/2]
     cos, sin = angles.cos(), angles.sin()
     x_even, x_odd = x.float()[..., 0::2], x.float()[..., 1::2]
     return torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1).flatten(-2).to(x.dtype)
@@ -84,11 +106,14 @@ class SessaMixer(nn.Module):
         B, T, _ = x.shape
         return x.view(B, T, n, self.head_size).transpose(1, 2)
 
-    def forward(self, a_bar, past=None):
-        """a_bar [B, T, D] -> (s [B, T, D], this layer's new cache entry)."""
+    def forward(self, a_bar, past=None, doc_ids=None, positions=None):
+        """a_bar [B, T, D] -> (s [B, T, D], this layer's new cache entry).
+
+        doc_ids [B, past + T] (see documents_from_mask) and positions [B, T]: padded batches."""
         B, T, D = a_bar.shape
         start = 0 if past is None else past[0].shape[2]
-        positions = torch.arange(start, start + T, device=a_bar.device)
+        if positions is None:
+            positions = torch.arange(start, start + T, device=a_bar.device)
         # Computed here rather than held as a buffer: transformers materialises models from the meta
         # device and would leave a non-persistent buffer uninitialised.
         d = self.head_size
@@ -98,22 +123,30 @@ class SessaMixer(nn.Module):
         v = self._heads(self.v_proj(a_bar), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
-        if start == 0:
+        if start == 0 and doc_ids is None:
             f = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         else:
             visible = torch.ones(T, start + T, dtype=torch.bool, device=a_bar.device).tril(start)
+            if doc_ids is not None:  # [B, 1, T, start + T]; the diagonal stays: no empty row
+                visible = visible & (doc_ids[:, start:, None] == doc_ids[:, None, :])[:, None]
             f = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
         f = f.transpose(1, 2).reshape(B, T, D)
         q_b, k_b = self.proj_fb(a_bar).chunk(2, dim=-1)
         gamma = self.gamma_max * torch.tanh(self.gamma_bias + self.gamma_ctx(a_bar).squeeze(-1))  # [B, T]
         if past is None or past[2].shape[1] == 0:
-            s = chunked_feedback_solve(q_b, k_b, f, gamma, self.chunk_size)
+            s = chunked_feedback_solve(q_b, k_b, f, gamma, self.chunk_size, doc_ids)
             fb_keys, states = k_b, s
         else:  # token by token against the cache: s[t] = f[t] + gamma[t] softmax(q_b[t] K_b) S
             fb_keys, states, outputs = past[2], past[3], []
             for t in range(T):
                 logits = torch.einsum("bk,bjk->bj", q_b[:, t].float(), fb_keys.float()) * D ** -0.5
-                context = torch.einsum("bj,bjv->bv", torch.softmax(logits, dim=-1), states.float())
+                if doc_ids is not None:  # this row's own document only; none visible: context 0
+                    row = start + t
+                    same = doc_ids[:, :row] == doc_ids[:, row:row + 1]
+                    logits = logits.masked_fill(~same, float("-inf"))
+                alpha = torch.softmax(logits, dim=-1)
+                context = torch.einsum("bj,bjv->bv", alpha.nan_to_num(0.0) if doc_ids is not None else alpha,
+                                       states.float())
                 s_t = (f[:, t].float() + gamma[:, t, None].float() * context).to(f.dtype)
                 outputs.append(s_t)
                 fb_keys = torch.cat((fb_keys, k_b[:, t:t + 1]), dim=1)
@@ -133,9 +166,9 @@ class SessaLayer(nn.Module):
         self.mixer = SessaMixer(config)
         self.W_out = nn.Linear(D, D)
 
-    def forward(self, x, past=None):
+    def forward(self, x, past=None, doc_ids=None, positions=None):
         a, g = self.W_in(self.ln(x)).chunk(2, dim=-1)
-        s, entry = self.mixer(F.gelu(a), past)  # exact (erf) GELU; the gate has no activation
+        s, entry = self.mixer(F.gelu(a), past, doc_ids, positions)  # exact (erf) GELU; the gate has no activation
         return x + self.W_out(s * g), entry
 
 
@@ -183,13 +216,22 @@ class SessaModel(SessaPreTrainedModel):
         self.embed_tokens = value
 
     def forward(self, input_ids=None, cache=None, use_cache=False, output_hidden_states=False, inputs_embeds=None,
-                **kwargs):
+                attention_mask=None, **kwargs):
+        """attention_mask [B, past + T] with zeros: a padded batch (see documents_from_mask)."""
         hidden = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if use_cache and cache is None:
             cache = SessaCache(len(self.layers))
+        doc_ids = positions = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            past = 0 if cache is None else cache.get_seq_length()
+            if attention_mask.shape != (hidden.shape[0], past + hidden.shape[1]):
+                raise ValueError(f"attention_mask must be [batch, past + new tokens] = "
+                                 f"[{hidden.shape[0]}, {past + hidden.shape[1]}], got {list(attention_mask.shape)}")
+            doc_ids, positions = documents_from_mask(attention_mask)
+            positions = positions[:, past:]
         all_hidden = [hidden] if output_hidden_states else None  # embedding output, then each layer's
         for i, layer in enumerate(self.layers):
-            hidden, entry = layer(hidden, cache.layers[i] if cache is not None else None)
+            hidden, entry = layer(hidden, cache.layers[i] if cache is not None else None, doc_ids, positions)
             if cache is not None:
                 cache.layers[i] = entry
             if output_hidden_states:
@@ -220,20 +262,18 @@ class SessaForCausalLM(SessaPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # SessaCache holds the feedback keys and past outputs too
 
-    def prepare_inputs_for_generation(self, input_ids, cache=None, use_cache=True, **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, cache=None, use_cache=True, attention_mask=None, **kwargs):
         if cache is not None:
             input_ids = input_ids[:, cache.get_seq_length():]  # only the tokens not yet in the cache
-        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache}
+        return {"input_ids": input_ids, "cache": cache, "use_cache": use_cache, "attention_mask": attention_mask}
 
     def forward(self, input_ids=None, attention_mask=None, cache=None, labels=None, use_cache=None,
                 output_hidden_states=None, return_dict=None, inputs_embeds=None, logits_to_keep=0, **kwargs):
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("SessaForCausalLM does not support padding (attention_mask with zeros); "
-                             "run sequences of different lengths separately")
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
                                     else self.config.output_hidden_states)
         outputs = self.model(input_ids, cache=cache, use_cache=bool(use_cache),
-                             output_hidden_states=output_hidden_states, inputs_embeds=inputs_embeds)
+                             output_hidden_states=output_hidden_states, inputs_embeds=inputs_embeds,
+                             attention_mask=attention_mask)
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
