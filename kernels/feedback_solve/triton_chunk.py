@@ -60,7 +60,7 @@ class TritonConfig:
     matmul: Tiles
     solve_block_v: int  # value columns per program of the sequential diagonal solve
     solve_block_j: int  # rows per step when a diagonal block sums its panel's solved rows
-    max_solve_block: int  # the largest diagonal block C solved in registers; larger chunk_size is
+    max_solve_block: int  # the largest diagonal block C (product-series inverse); larger chunk_size is
     solve_num_warps: int  # solved as C-row sub-blocks (the same computation, see README)
     solve_num_stages: int
 
@@ -132,6 +132,16 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def _document_ends(starts: torch.Tensor) -> torch.Tensor:
+    """[B, T] int32: the first position after t's document, from contiguous document starts."""
+    T = starts.shape[1]
+    positions = torch.arange(T, device=starts.device, dtype=starts.dtype)
+    next_start = torch.where(starts == positions, positions, T)  # T where t does not start a document
+    ends = torch.full_like(starts, T)
+    ends[:, :-1] = next_start[:, 1:].flip(1).cummin(1).values.flip(1)
+    return ends
+
+
 def _panel_rows(T: int, chunk_size: int, panel_size: int) -> int:
     padded_T = triton.cdiv(T, chunk_size) * chunk_size
     return min(panel_size, padded_T)
@@ -171,19 +181,22 @@ def _launch_probs(q_b, k_b, lse, starts, panel, scale, rows, cols, tiles, precis
     )
 
 
-def _launch_matmul(a, a_strides, x, out, M, N, J, tiles, precision, accumulate=False):
+def _launch_matmul(a, a_strides, x, out, M, N, J, tiles, precision, accumulate=False, docs=None):
     """out[b, :M, :N] (+)= a[b, :M, :J] @ x[b, :J, :N].
 
     `a` is any strided [B, M, J] view given by (its tensor, (s_b, s_m, s_j)); x and out are row-major
-    views ([B, J, N], [B, M, N]) with unit stride along N.
+    views ([B, J, N], [B, M, N]) with unit stride along N. `docs` = (mode, bounds [B, T], row0, red0)
+    skips reduction blocks that are zero outside documents (see panel_matmul_kernel's DOCS).
     """
     assert x.stride(-1) == 1 and out.stride(-1) == 1
     batch = out.shape[0]
+    mode, bounds, row0, red0 = docs if docs is not None else (0, out, 0, 0)
     grid = (triton.cdiv(M, tiles.block_m), triton.cdiv(N, tiles.block_n), batch)
     panel_matmul_kernel[grid](
-        a, x, out, M, N, J,
-        *a_strides, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+        a, x, out, bounds, M, N, J, row0, red0,
+        *a_strides, x.stride(0), x.stride(1), out.stride(0), out.stride(1), bounds.stride(0),
         BM=tiles.block_m, BN=tiles.block_n, BJ=tiles.block_k, ACCUMULATE=accumulate, DOT_PRECISION=precision,
+        DOCS=mode,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
@@ -223,7 +236,8 @@ def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL
         r1 = min(r0 + L, T)
         _launch_probs(q_b, k_b, lse, starts, panel, scale, (r0, r1), (0, r1), config.probs, precision)
         if r0 > 0:  # context[t] = sum_{j < r0} P[t, j] s[j]: a [L, r0] @ [r0, V] GEMM
-            _launch_matmul(panel, panel.stride(), s, context, r1 - r0, V, r0, config.matmul, precision)
+            _launch_matmul(panel, panel.stride(), s, context, r1 - r0, V, r0, config.matmul, precision,
+                           docs=(1, starts, r0, 0) if starts is not None else None)
         _launch_solve(feedback_solve_fwd_kernel, panel, context, f, s, (r0, r1), r0 > 0, solve_block, config,
                       (precision, solve_precision), gamma=gamma)
     return s, lse
@@ -245,6 +259,7 @@ def feedback_triton_bwd(
     panel = _empty((batch, L, T), acc, s.device)
     context = _empty((batch, L, V), acc, s.device)
 
+    ends = None if starts is None else _document_ends(starts)
     # 1. lam = (I - B)^-T grad_s over column panels of B, last to first.
     lam = _empty((batch, T, V), acc, s.device)
     for c0 in range((T - 1) // L * L, -1, -L):
@@ -253,7 +268,7 @@ def feedback_triton_bwd(
                       column_gamma=gamma)
         if c1 < T:  # context[j] = sum_{t >= c1} B[t, j] lam_t: [L, T - c1] @ [T - c1, V]
             _launch_matmul(panel[:, :, c1:], panel.stride(), lam[:, c1:], context, c1 - c0, V, T - c1,
-                           config.matmul, precision)
+                           config.matmul, precision, docs=(2, ends, c0, c1) if ends is not None else None)
         _launch_solve(feedback_solve_bwd_kernel, panel, context, grad_s, lam, (c0, c1), c1 < T, solve_block, config,
                       (precision, solve_precision))
 
@@ -267,7 +282,8 @@ def feedback_triton_bwd(
         n = r1 - r0
         _launch_probs(q_b, k_b, lse, starts, panel, scale, (r0, r1), (0, r1), config.probs, precision)
         # u[t] = sum_{j<t} P[t, j] s[j]; delta[t] = lam[t] . u[t] = dL/dgamma[t]
-        _launch_matmul(panel, panel.stride(), s, context, n, V, r1, config.matmul, precision)
+        row_docs = (1, starts, r0, 0) if starts is not None else None
+        _launch_matmul(panel, panel.stride(), s, context, n, V, r1, config.matmul, precision, docs=row_docs)
         delta[:, r0:r1] = (lam[:, r0:r1] * context[:, :n]).sum(-1)
         tiles = config.dlogits
         grid = (triton.cdiv(n, tiles.block_m), triton.cdiv(r1, tiles.block_n), batch)
@@ -277,11 +293,11 @@ def feedback_triton_bwd(
             num_warps=tiles.num_warps, num_stages=tiles.num_stages,
         )
         # dq[t] = sum_j dlogits[t, j] k[j]: [n, r1] @ [r1, K]
-        _launch_matmul(panel, panel.stride(), k_b, dq[:, r0:r1], n, K, r1, config.matmul, precision)
+        _launch_matmul(panel, panel.stride(), k_b, dq[:, r0:r1], n, K, r1, config.matmul, precision, docs=row_docs)
         # dk[j] += sum_t dlogits[t, j] q[t]: [r1, n] @ [n, K] (the panel read transposed)
         s_b, s_t, s_j = panel.stride()
         _launch_matmul(panel, (s_b, s_j, s_t), q_b[:, r0:r1], dk, r1, K, n, config.matmul, precision,
-                       accumulate=True)
+                       accumulate=True, docs=(2, ends, 0, r0) if ends is not None else None)
     return dq, dk, lam, delta
 
 
@@ -371,7 +387,8 @@ def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: 
         q_b, k_b: [B, T, K] feedback queries/keys (logits q_b . k_b / sqrt(K), strict-causal softmax).
         f: [B, T, V] forward-branch output (V may be a tensor-parallel slice; K != V is fine).
         gamma: [B, T] feedback gains.
-        chunk_size: C, rows of a diagonal block solved in registers: a power of two in [16, 128].
+        chunk_size: C, rows of a diagonal block (inverted by a product series of C x C dots): a power
+            of two in [16, 128].
         panel_size: L, rows (columns in backward) of P materialised at once in an [B, L, T] fp32
             buffer; a multiple of chunk_size. Default DEFAULT_PANEL_SIZE (capped at T).
         starts: optional [B, T] integer first position of each row's document

@@ -46,26 +46,38 @@ def _specs(dtypes=("bf16", "fp32"), solve_blocks=None):
         else:
             prec = tc.FP32_DOT_PRECISION if dt == "fp32" else tc.HALF_DOT_PRECISION
             solve_prec = tc.SOLVE_DOT_PRECISION
-        constexprs, launch = tiles(config.lse, "BT", "BS", "BK")
-        specs.append((f"lse[{label}]", tk.feedback_lse_kernel, dict(q=dt, k=dt, lse=acc),
-                      dict(constexprs, DOT_PRECISION=prec), launch))
-        constexprs, launch = tiles(config.probs)
-        # Unit strides are specialised to constexpr 1 by the JIT, as here: row panels are contiguous
-        # along keys j, column panels (holding B = gamma P, transposed) along queries t.
-        for times_gamma in (False, True):
-            unit_stride = {"s_pt": 1} if times_gamma else {"s_pj": 1}
-            specs.append((f"probs{'*gamma' if times_gamma else ''}[{label}]", tk.feedback_probs_kernel,
-                          dict(q=dt, k=dt, lse=acc, gamma=dt if times_gamma else acc, p=acc),
-                          dict(constexprs, DOT_PRECISION=prec, TIMES_GAMMA=times_gamma, **unit_stride), launch))
-        constexprs, launch = tiles(config.dlogits, k="BV")
-        specs.append((f"dlogits[{label}]", tk.feedback_dlogits_kernel,
-                      dict(p=acc, lam=acc, s=dt, gamma=dt, delta=acc), dict(constexprs, DOT_PRECISION=prec), launch))
+        # Without and with document boundaries (int32 starts; the launchers pass lse/delta as an
+        # unread stand-in pointer without them).
+        for docs in (False, True):
+            tag, starts = ("+docs", "i32") if docs else ("", acc)
+            constexprs, launch = tiles(config.lse, "BT", "BS", "BK")
+            specs.append((f"lse{tag}[{label}]", tk.feedback_lse_kernel, dict(q=dt, k=dt, starts=starts, lse=acc),
+                          dict(constexprs, DOT_PRECISION=prec, HAS_DOCS=docs), launch))
+            constexprs, launch = tiles(config.probs)
+            # Unit strides are specialised to constexpr 1 by the JIT, as here: row panels are contiguous
+            # along keys j, column panels (holding B = gamma P, transposed) along queries t.
+            for times_gamma in (False, True):
+                unit_stride = {"s_pt": 1} if times_gamma else {"s_pj": 1}
+                specs.append((f"probs{'*gamma' if times_gamma else ''}{tag}[{label}]", tk.feedback_probs_kernel,
+                              dict(q=dt, k=dt, lse=acc, gamma=dt if times_gamma else acc, starts=starts, p=acc),
+                              dict(constexprs, DOT_PRECISION=prec, TIMES_GAMMA=times_gamma, HAS_DOCS=docs,
+                                   **unit_stride), launch))
+            constexprs, launch = tiles(config.dlogits, k="BV")
+            specs.append((f"dlogits{tag}[{label}]", tk.feedback_dlogits_kernel,
+                          dict(p=acc, lam=acc, s=dt, gamma=dt, delta=acc, starts=starts),
+                          dict(constexprs, DOT_PRECISION=prec, HAS_DOCS=docs), launch))
         constexprs, launch = tiles(config.matmul, k="BJ")
-        # P @ s (s saved in f's dtype), B^T @ lam; dlogits @ k_b; dlogits^T @ q_b accumulated
-        for what, x, accumulate, unit_stride in (("P@s", dt, False, "s_aj"), ("Bt@lam", acc, False, "s_aj"),
-                                                 ("dS@k", dt, False, "s_aj"), ("dSt@q+=", dt, True, "s_am")):
-            specs.append((f"matmul:{what}[{label}]", tk.panel_matmul_kernel, dict(a=acc, x=x, c=acc),
-                          dict(constexprs, ACCUMULATE=accumulate, DOT_PRECISION=prec, **{unit_stride: 1}), launch))
+        # P @ s (s saved in f's dtype), B^T @ lam; dlogits @ k_b; dlogits^T @ q_b accumulated; with
+        # documents the row-panel ones bound their reduction by starts (DOCS=1), the others by ends (2)
+        matmuls = (("P@s", dt, False, "s_aj", 1), ("Bt@lam", acc, False, "s_aj", 2), ("dS@k", dt, False, "s_aj", 1),
+                   ("dSt@q+=", dt, True, "s_am", 2))
+        for what, x, accumulate, unit_stride, docs in matmuls:
+            for mode in (0, docs):
+                tag, bounds = ("+docs", "i32") if mode else ("", acc)
+                specs.append((f"matmul:{what}{tag}[{label}]", tk.panel_matmul_kernel,
+                              dict(a=acc, x=x, c=acc, docs=bounds),
+                              dict(constexprs, ACCUMULATE=accumulate, DOT_PRECISION=prec, DOCS=mode,
+                                   **{unit_stride: 1}), launch))
         for block in solve_blocks:
             for has_context in (False, True):
                 constexprs = dict(BC=block, BJ=config.solve_block_j, BV=config.solve_block_v,

@@ -4,15 +4,23 @@ The feedback branch is one attention head of width K = D (1024..4096), far wider
 flash-attention keeps in registers. So the T x T work is organised as GEMMs over *panels*: L rows
 (or L columns) of the probability matrix P against all T positions, materialised in an [L, T] fp32
 buffer (memory linear in T), and only the small C x C diagonal blocks of the triangular solve are
-done sequentially, in registers. Kernels (prefixes: i_ program ids, o_ offsets, m_ masks, b_ blocks):
+done one after another (block substitution), each applied as the product series
+(I + A)(I + A^2)...(I + A^(C/2)) of dense tl.dots, with no row-by-row substitution.
+Kernels (prefixes: i_ program ids, o_ offsets, m_ masks, b_ blocks):
 
   feedback_lse_kernel        row log-sum-exp of the strict-causal logits, flash style, parallel.
   feedback_probs_kernel      P[t, j] = exp(q_t . k_j * scale - lse_t) (j < t), or B[t, j] = gamma_t P[t, j],
                              for a rectangle of (t, j), into a panel buffer in row or column layout.
   feedback_dlogits_kernel    in place on a row panel: P -> dL/dlogits = gamma_t P (lam_t . s_j - delta_t) * scale.
   panel_matmul_kernel        C (+)= A @ X for strided A: every other T x T contraction.
-  feedback_solve_fwd_kernel  forward substitution inside one row panel, chunk by chunk.
-  feedback_solve_bwd_kernel  backward (transposed) substitution inside one column panel, in reverse.
+  feedback_solve_fwd_kernel  block forward substitution inside one row panel, diagonal block by block.
+  feedback_solve_bwd_kernel  the transposed block substitution inside one column panel, in reverse.
+
+Document boundaries (HAS_DOCS, constexpr): `starts` [B, T] int32 holds the first position of each
+row's document; row t sees keys starts[t] <= j < t. Only the kernels that produce P mask (lse, probs)
+or skip tiles of zeros (dlogits); the panel GEMMs (DOCS) only shorten their reduction to skip blocks
+of zeros; the solves read the zeros. Without documents the
+launchers pass an unread stand-in pointer and HAS_DOCS=False compiles the unmasked kernels.
 
 Panel offsets and extents are `do_not_specialize`: one compiled variant serves every panel.
 
@@ -174,17 +182,32 @@ def feedback_dlogits_kernel(
     tl.store(p_p, b_ds, mask=m_p)
 
 
-@triton.jit(do_not_specialize=["M", "J"])
+@triton.jit(do_not_specialize=["M", "J", "row0", "red0"])
 def panel_matmul_kernel(
-    a, x, c, M, N, J,
-    s_ab, s_am, s_aj, s_xb, s_xj, s_cb, s_cm,
+    a, x, c, docs, M, N, J, row0, red0,
+    s_ab, s_am, s_aj, s_xb, s_xj, s_cb, s_cm, s_db,
     BM: tl.constexpr, BN: tl.constexpr, BJ: tl.constexpr, ACCUMULATE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DOCS: tl.constexpr,
 ):
     """c[b, m, n] (+)= sum_{j<J} a[b, m, j] * x[b, j, n]. Grid (cdiv(M, BM), cdiv(N, BN), B).
 
     a is strided (a transposed panel is s_am = 1); x and c have unit stride along n.
+    With document boundaries, `a` is a panel of P (or of dL/dlogits) that is 0 outside documents,
+    and the reduction skips the j-blocks that are zero for the whole row tile:
+      DOCS = 1: rows are queries t = row0 + m, j is the key red0 + j; docs = starts [B, T]
+                (a[m, j] = 0 for keys before starts[t]): j begins at the block of the first row's start.
+      DOCS = 2: rows are keys row0 + m, j is the query red0 + j; docs = document ends [B, T]
+                (first position after the key's document): j stops at the last row's end.
     """
     i_m, i_n, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_j0 = 0
+    i_j1 = tl.cdiv(J, BJ)
+    if DOCS == 1:
+        first_start = tl.load(docs + i_b.to(tl.int64) * s_db + row0 + i_m * BM)
+        i_j0 = tl.maximum(first_start - red0, 0) // BJ
+    if DOCS == 2:
+        last_end = tl.load(docs + i_b.to(tl.int64) * s_db + row0 + tl.minimum(i_m * BM + BM, M) - 1)
+        i_j1 = tl.cdiv(tl.minimum(tl.maximum(last_end - red0, 0), J), BJ)
     a += i_b.to(tl.int64) * s_ab
     x += i_b.to(tl.int64) * s_xb
     c += i_b.to(tl.int64) * s_cb
@@ -195,7 +218,7 @@ def panel_matmul_kernel(
     m_m = o_m < M
     m_n = o_n < N
     b_c = tl.zeros([BM, BN], dtype=ACC)
-    for i_j in range(0, tl.cdiv(J, BJ)):
+    for i_j in range(i_j0, i_j1):
         o_j = i_j * BJ + tl.arange(0, BJ)
         m_j = o_j < J
         b_a = tl.load(a + o_m[:, None] * s_am + o_j[None, :] * s_aj, mask=m_m[:, None] & m_j[None, :], other=0).to(ACC)

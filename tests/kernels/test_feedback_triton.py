@@ -260,7 +260,8 @@ def test_packed_matches_chunked_and_dense_fp64(chunk_size, panel_size):
     starts = document_starts(doc_ids, batch, PACKED_T, doc_ids.device)
     inputs = make_inputs(batch, PACKED_T, 24, 20, torch.float64, seed=8)
     grad_out = torch.randn(batch, PACKED_T, 20, dtype=torch.float64)
-    got = outputs_and_grads(lambda *x: feedback_solve_triton(*x, chunk_size, panel_size, starts=starts), inputs, grad_out)
+    triton = lambda *x: feedback_solve_triton(*x, chunk_size, panel_size, starts=starts)  # noqa: E731
+    got = outputs_and_grads(triton, inputs, grad_out)
     chunked = outputs_and_grads(lambda *x: feedback_solve_chunked(*x, chunk_size, starts), inputs, grad_out)
     dense = outputs_and_grads(lambda *x: feedback_solve_dense(*x, starts), inputs, grad_out)
     assert_matches(got, chunked, TOLERANCES[torch.float64], "chunked")
@@ -310,6 +311,12 @@ def test_opcheck_with_documents():
     torch.library.opcheck(torch.ops.sessa.feedback_solve_triton_fwd.default, (*inputs, 16, 16, starts))
     s, lse = torch.ops.sessa.feedback_solve_triton_fwd(*inputs, 16, 16, starts)
     q_b, k_b, _, gamma = inputs
-    torch.library.opcheck(
-        torch.ops.sessa.feedback_solve_triton_bwd.default, (q_b, k_b, gamma, s, lse, torch.randn_like(s), 16, 16, starts)
-    )
+    bwd_args = (q_b, k_b, gamma, s, lse, torch.randn_like(s), 16, 16, starts)
+    torch.library.opcheck(torch.ops.sessa.feedback_solve_triton_bwd.default, bwd_args)
+
+
+def test_document_ends():
+    starts = document_starts(packed_doc_ids([[1, 20, 1, 3], [25]]), 2, 25, torch.device("cpu")).to(torch.int32)
+    ends = triton_chunk._document_ends(starts)
+    assert ends[0].tolist() == [1] + [21] * 20 + [22] + [25] * 3
+    assert ends[1].tolist() == [25] * 25

@@ -134,7 +134,8 @@ def test_one_document_is_bitwise_the_unmasked_solve(impl):
 
 def test_document_starts():
     doc_ids = torch.tensor([[0, 0, 1, 2, 2, 2, -1, -1], [-1, 0, 0, 0, 0, 1, 1, 1]], dtype=torch.int32)
-    assert document_starts(doc_ids, 2, 8, doc_ids.device).tolist() == [[0, 0, 2, 3, 3, 3, 6, 6], [0, 1, 1, 1, 1, 5, 5, 5]]
+    want = [[0, 0, 2, 3, 3, 3, 6, 6], [0, 1, 1, 1, 1, 5, 5, 5]]
+    assert document_starts(doc_ids, 2, 8, doc_ids.device).tolist() == want
 
 
 @pytest.mark.parametrize(
