@@ -1,11 +1,19 @@
-"""The Transformer++ baseline for scaling comparisons: megatron-core's GPTModel, local spec.
+"""The Transformer++ baseline for scaling comparisons: megatron-core's GPTModel, local spec with a
+fused attention core.
 
 Pre-norm decoder with RMSNorm, RoPE (rotate-half, base `rope_base`), grouped-query attention, a
 SwiGLU MLP of width `ffn_hidden_size` and no biases anywhere; tied embeddings per the config. It
 reads the same `ModelConfig` (with `arch: transformer`) so both arms of a sweep share width, depth,
 heads, vocabulary, dtype and initialisation std, and it presents the interface the trainer uses
-for `SessaLM`: forward(tokens, labels) -> per-token loss [B, T], `sharded_state_dict`,
-`load_global_state_dict`, `num_parameters`.
+for `SessaLM`: forward(tokens, labels, caches, *, doc_ids, position_ids) -> per-token loss [B, T],
+`sharded_state_dict`, `load_global_state_dict`, `num_parameters`.
+
+Attention runs in `SDPAttention`, megatron's core-attention slot (the local spec's
+DotProductAttention replaced): torch's scaled_dot_product_attention (flash / memory-efficient /
+cuDNN on GPU, the fused flash kernel on CPU), so causal attention never holds a T x T tensor.
+Packed documents (doc_ids) attend block-causally: flex_attention's block-sparse mask on CUDA, SDPA
+with a boolean mask elsewhere (model/documents.py). Decoding keeps keys and values in megatron's
+StaticInferenceContext (`empty_caches`, used by `model.generation.generate`).
 
     model = TransformerLM(config)            # single process: megatron state set up for world size 1
     init_transformer_weights(model, seed=0)  # layout independent, like model.init.init_weights
@@ -16,10 +24,14 @@ import zlib
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
 
 from .config import ModelConfig
+from .documents import check_doc_ids, document_attention
 from .lm import load_strictly
 from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
 
@@ -47,15 +59,75 @@ def transformer_megatron_config(config: ModelConfig, **overrides):
     return make_megatron_config(config, **(fields | overrides))
 
 
+class SDPAttention(MegatronModule):
+    """megatron core attention (the DotProductAttention slot of a layer spec) on torch's fused kernels.
+
+    forward(query [sq, b, np, hn], key / value [sk, b, ng, hn], attention_mask) -> [sq, b, np * hn]
+    for this rank's heads (TP splits heads; under sequence parallelism the inputs are already
+    full-length). Grouped-query attention without repeating keys (`enable_gqa`). `attention_mask`
+    is None (causal, or no mask for a decoding step, by `attn_mask_type`) or the packed batch's
+    document ids [b, sk] (int), which `TransformerLM.forward` passes in megatron's mask argument:
+    block-causal within documents. No parameters, so checkpoints equal the local spec's.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None):
+        super().__init__(config=config)
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        unsupported = {
+            "attention_dropout > 0": dropout > 0,
+            "softmax_scale": softmax_scale is not None,
+            "apply_query_key_layer_scaling": config.apply_query_key_layer_scaling,
+            "context_parallel_size > 1": config.context_parallel_size > 1,
+            f"softmax_type {config.softmax_type!r}": config.softmax_type != "vanilla",
+            "window_size": config.window_size is not None,
+        }
+        bad = [name for name, on in unsupported.items() if on]
+        if bad:
+            raise ValueError(f"SDPAttention (model/transformer.py) does not support {', '.join(bad)} in the "
+                             "megatron config of the Transformer arm; leave these at their defaults")
+        self.attn_mask_type = attn_mask_type
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if attention_bias is not None or packed_seq_params is not None:
+            raise ValueError("SDPAttention takes no attention_bias or packed_seq_params: pass doc_ids to "
+                             "TransformerLM.forward for packed documents")
+        sq, b, heads, head_size = query.shape
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.dtype.is_floating_point or attention_mask.dtype == torch.bool:
+                raise ValueError("SDPAttention reads attention_mask as document ids [batch, seq_len] (int); got "
+                                 f"{attention_mask.dtype} {list(attention_mask.shape)}: pass doc_ids to TransformerLM")
+            out = document_attention(q, k, v, attention_mask)
+        else:
+            causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
+            if causal and sq != k.shape[2]:
+                raise ValueError(f"causal attention needs as many queries as keys, got {sq} and {k.shape[2]}")
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=heads != k.shape[1])
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_size)
+
+
+def transformer_layer_spec():
+    """megatron's local GPT layer spec (RMSNorm) with `SDPAttention` as its core attention."""
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
+
+
 class TransformerLM(GPTModel):
-    """megatron GPTModel (local spec) with SessaLM's calling convention.
+    """megatron GPTModel (local spec, `SDPAttention` core) with SessaLM's calling convention.
 
     Args mirror SessaLM: `config` with arch "transformer", an optional megatron config (built from
-    `config` when omitted), pre_process / post_process for pipeline stages.
+    `config` when omitted), pre_process / post_process for pipeline stages; `layer_spec` replaces
+    `transformer_layer_spec()` (the tests pass megatron's unfused local spec as the reference).
+    `max_sequence_length` bounds RoPE positions.
     """
 
     def __init__(self, config: ModelConfig, megatron_config=None, *, pre_process: bool = True,
-                 post_process: bool = True, max_sequence_length: int = 1 << 16, vp_stage: int | None = None):
+                 post_process: bool = True, max_sequence_length: int = 1 << 16, vp_stage: int | None = None,
+                 layer_spec=None):
         if config.arch != "transformer":
             raise ValueError(f"TransformerLM needs model.arch == 'transformer', got {config.arch!r}")
         if megatron_config is None:
@@ -66,7 +138,7 @@ class TransformerLM(GPTModel):
             tensor_parallel.model_parallel_cuda_manual_seed(0)
         super().__init__(
             config=megatron_config,
-            transformer_layer_spec=get_gpt_layer_local_spec(normalization="RMSNorm"),
+            transformer_layer_spec=transformer_layer_spec() if layer_spec is None else layer_spec,
             vocab_size=config.padded_vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,
@@ -78,13 +150,55 @@ class TransformerLM(GPTModel):
         )
         self.sessa = config  # the trainer and init read the hyper-parameters here, as on SessaLM
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, **kwargs):
-        """tokens [B, T] -> per-token loss [B, T] with labels, else logits [B, T, V / tp]."""
-        T = tokens.shape[1] if tokens is not None else self.input_tensor.shape[0]
-        positions = torch.arange(T, device=self.embedding.word_embeddings.weight.device if self.pre_process
-                                 else self.input_tensor.device).unsqueeze(0)
-        # attention_mask=None: the local attention applies its causal mask itself
-        return super().forward(tokens, positions, None, labels=labels, **kwargs)
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
+                caches: StaticInferenceContext | None = None, *, doc_ids: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, **kwargs):
+        """tokens [B, T] -> per-token loss [B, T] with labels, else logits [B, T, V / tp].
+
+        doc_ids [B, T] (packed documents, model/documents.py): position t attends only to earlier
+        positions of its own document; every pipeline stage gets the full-length ids. position_ids
+        [B, T]: RoPE positions (None = 0..T-1). With `caches` (`empty_caches`): decoding, returns
+        (logits [B, T or 1, V / tp], caches) with the new keys and values appended.
+        """
+        if caches is not None:
+            if doc_ids is not None or position_ids is not None or labels is not None:
+                raise ValueError("TransformerLM.forward with caches decodes one document per row from position "
+                                 "caches.sequence_len_offset: pass no labels, doc_ids or position_ids")
+            if self.config.sequence_parallel:
+                raise ValueError("decoding with caches needs sequence_parallel=False (one token cannot be split)")
+            # megatron's decoding path runs in eval mode (dropout is 0 here, so the numbers are the same)
+            # and gathers the vocabulary; keep SessaLM's vocab-parallel logits
+            training = self.training
+            self.eval()
+            try:
+                logits = super().forward(tokens, None, None, inference_context=caches, runtime_gather_output=True,
+                                         **kwargs)
+            finally:
+                self.train(training)
+            caches.sequence_len_offset += tokens.shape[1]
+            return tensor_parallel.scatter_to_tensor_model_parallel_region(logits), caches
+        if self.pre_process:
+            batch, length = tokens.shape
+        else:
+            length, batch = self.input_tensor.shape[:2]
+            length *= self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        for name, ids in (("doc_ids", doc_ids), ("position_ids", position_ids)):
+            if ids is not None:
+                check_doc_ids(ids, batch, length, name)
+        # doc_ids travel in megatron's attention-mask argument to SDPAttention (None: causal)
+        return super().forward(tokens, position_ids, doc_ids, labels=labels, **kwargs)
+
+    def _preprocess(self, input_ids, position_ids, *args, **kwargs):
+        """GPTModel's embedding and RoPE table, the table indexed at `position_ids` [B, T] when given."""
+        out = super()._preprocess(input_ids, None, *args, **kwargs)
+        if position_ids is None:
+            return out
+        table = self.rotary_pos_emb(self.max_sequence_length)[:, 0, 0]  # [S, dim], cached by megatron
+        return (out[0], table[position_ids.transpose(0, 1)].unsqueeze(2), *out[2:])  # [T, B, 1, dim]
+
+    def empty_caches(self, batch_size: int, max_length: int) -> StaticInferenceContext:
+        """Key/value caches for decoding up to `max_length` positions (prompt + new tokens)."""
+        return StaticInferenceContext(batch_size, max_length)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
         return super().sharded_state_dict(prefix, sharded_offsets, metadata)
