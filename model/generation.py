@@ -51,7 +51,10 @@ def generate(model, prompt: torch.Tensor, max_new_tokens: int, *, temperature: f
              generator: torch.Generator | None = None) -> torch.Tensor:
     """prompt [B, T0] -> [B, T0 + n] with n <= max_new_tokens (stops early once all rows hit eos_id)."""
     vocab_size = model.sessa.vocab_size
-    caches = empty_caches(model, prompt.shape[0])
+    if model.sessa.arch == "transformer":  # TransformerLM: megatron's key/value cache, sized up front
+        caches = model.empty_caches(prompt.shape[0], prompt.shape[1] + max_new_tokens)
+    else:
+        caches = empty_caches(model, prompt.shape[0])
     tokens = prompt
     step_input = prompt
     finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
