@@ -212,7 +212,8 @@ class SessaLayer(MegatronModule):
 
     Built with `init_seed` (default 0), every parameter is drawn by `model.init.init_weights`:
     the same values as layer `layer_number` of a SessaLM initialised with that seed, whatever the
-    layout. `init_seed=None` leaves them to the caller (SessaLM initialises all layers at once).
+    layout. `init_seed=None`, or megatron's `perform_initialization=False`, leaves them to the
+    caller (SessaLM initialises all layers at once; a checkpoint load overwrites them).
     """
 
     def __init__(self, config: ModelConfig, megatron_config=None, submodules: SessaSubmodules | None = None,
@@ -247,7 +248,7 @@ class SessaLayer(MegatronModule):
             D, D, config=megatron_config, init_method=_uninitialised, bias=True,
             input_is_parallel=True, skip_bias_add=False,
         )
-        if init_seed is not None:
+        if init_seed is not None and megatron_config.perform_initialization:
             init_weights(self, init_seed)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, *,

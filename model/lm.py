@@ -23,7 +23,8 @@ class SessaLM(MegatronModule):
         pre_process / post_process: this stage holds the embedding / the final norm and LM head.
         layer_numbers: global indices of the layers on this stage (default: all).
         init_seed: every parameter drawn by `model.init.init_weights(self, init_seed)` (layout
-            independent); None leaves the weights uninitialised for the caller to fill.
+            independent); None, or megatron's `perform_initialization=False`, leaves the weights
+            uninitialised for the caller to fill (init_weights with another seed, a checkpoint).
     """
 
     def __init__(self, config: ModelConfig, megatron_config=None, *, pre_process: bool = True,
@@ -63,7 +64,7 @@ class SessaLM(MegatronModule):
             weight = self.shared_embedding_or_output_weight()
             weight.shared_embedding = True
             weight.shared = post_process  # counted once in the gradient norm: on the first stage
-        if init_seed is not None:
+        if init_seed is not None and megatron_config.perform_initialization:
             init_weights(self, init_seed)
 
     def set_input_tensor(self, input_tensor):

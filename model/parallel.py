@@ -24,8 +24,9 @@ def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) 
 def megatron_config(config: ModelConfig, *, sequence_parallel: bool = False, **overrides) -> TransformerConfig:
     """The megatron TransformerConfig the parallel layers and schedules read.
 
-    Weights are created on the CPU and then overwritten by `model.init.init_weights`, which draws
-    every full tensor from a per-parameter seed so the initialisation does not depend on the layout.
+    Weights are created on the CPU and drawn at construction by `model.init.init_weights`, every
+    full tensor from a per-parameter seed so the initialisation does not depend on the layout;
+    `perform_initialization=False` skips that draw for a caller that initialises or loads them.
     """
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     config.check_tensor_parallel(tp_size)
@@ -44,5 +45,6 @@ def megatron_config(config: ModelConfig, *, sequence_parallel: bool = False, **o
         fp16=dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=True,
+        cuda_graph_scope=[],  # megatron's default "full" is deprecated in favour of [] (the same: whole layer)
     )
     return TransformerConfig(**(fields | overrides))

@@ -202,3 +202,17 @@ def test_without_feedback_prefill_and_decode_match_full_forward():
             steps.append(logits)
     assert caches[0].feedback_keys is None and caches[0].feedback_states is None
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_perform_initialization_false_leaves_the_draw_to_the_caller(monkeypatch):
+    from model import init as model_init
+    from model import megatron_config
+
+    drawn = []
+    monkeypatch.setattr(model_init, "_draw", lambda *args: drawn.append(args[0]) or torch.zeros(args[1]))
+    config = small_config()
+    SessaLM(config, megatron_config(config, perform_initialization=False))
+    SessaLayer(config, megatron_config(config, perform_initialization=False))
+    assert not drawn
+    SessaLayer(config)
+    assert "layers.0.in_proj.weight" in drawn
