@@ -4,7 +4,7 @@
 """
 import argparse
 
-from .scaling.flops import count_params
+from model.flops import count_params
 
 from .config import RunConfig, load_config
 

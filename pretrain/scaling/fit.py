@@ -191,7 +191,8 @@ def fit_approach3(points: Points, *, target_flops: float | None = None, bootstra
         intervals=_percentile_intervals(samples, level) if samples else {},
         optimum=optimum, samples=samples,
         details={"huber_objective": float(objective) * delta**2,
-                 "at_bounds": at_bounds,  # parameters pinned at a bound: the law is not identified "points": len(points), "bootstrap": bootstrap, "level": level,
+                 "at_bounds": at_bounds,  # parameters pinned at a bound: the law is not identified
+                 "points": len(points), "bootstrap": len(samples), "level": level,
                  "N_exponent": law["beta"] / (law["alpha"] + law["beta"]),
                  "residuals": (np.log(points.loss) - np.log(law_loss(law, points.params, points.tokens))).tolist()},
     )
@@ -272,7 +273,7 @@ def fit_approach2(points: Points, *, target_flops: float | None = None, bootstra
         intervals=_percentile_intervals(samples, level) if samples else {},
         optimum={"flops": target, "N": n_target, "D": target / FLOPS_PER_PARAM_TOKEN / n_target},
         details={"budgets": [{"flops": f, "N_opt": n} for f, n in optima], "rejected": rejected,
-                 "bootstrap": len(samples), "level": level},
+                 "points": len(points), "bootstrap": len(samples), "level": level},
     )
 
 
@@ -310,7 +311,7 @@ def fit_approach1(points: Points, *, target_flops: float | None = None, bootstra
         approach=1, params={"a": a, "b": 1.0 - a, "k": math.exp(log_k)},
         intervals=_percentile_intervals(samples, level) if samples else {},
         optimum={"flops": target, "N": n_target, "D": target / FLOPS_PER_PARAM_TOKEN / n_target},
-        details={"envelope": front.tolist(), "bootstrap": len(samples), "level": level},
+        details={"envelope": front.tolist(), "points": len(points), "bootstrap": len(samples), "level": level},
     )
 
 

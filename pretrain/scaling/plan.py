@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 from model.config import ModelConfig
 
-from .flops import count_params, ledger
+from model.flops import count_params, ledger
 
 TOKENS_PER_PARAM = 20.0
 DEFAULT_SEED = 1234

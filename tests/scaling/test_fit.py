@@ -96,3 +96,22 @@ def test_fit_cli_prints_one_json_object(tmp_path):
         assert isinstance(result[name], float)
         assert len(result["intervals"][name]) == 2
     assert result["alpha"] == pytest.approx(0.34, rel=0.05)
+    assert (result["points"], result["bootstrap"], result["level"]) == (len(points), 20, 0.95)
+
+
+@pytest.mark.parametrize("approach", ["1", "2", "3"])
+def test_fit_cli_json_has_the_same_summary_keys_for_every_approach(tmp_path, capsys, approach):
+    """points, bootstrap (resamples that fitted) and level are printed whatever the approach."""
+    from pretrain.scaling.cli import main
+
+    points = isoflop_points(sigma=0.0005)
+    path = tmp_path / "sweep.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["params", "tokens", "loss", "budget"])
+        writer.writerows(zip(points.params, points.tokens, points.loss, points.budget))
+    code = main(["fit", "--points", str(path), "--approach", approach, "--json", "--bootstrap", "8", "--level", "0.9"])
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["approach"] == int(approach)
+    assert result["points"] == len(points) and 0 < result["bootstrap"] <= 8 and result["level"] == 0.9
