@@ -4,7 +4,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.config import ModelConfig
-from pretrain.scaling.flops import chunked_solve_flops, flop_counter_formulas, ledger
+from model.flops import chunked_solve_flops, flop_counter_formulas, ledger
 
 SHAPES = {  # id: (model fields, batch, seq_len)
     "sessa-gqa": (dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, feedback_chunk_size=16), 2, 64),
