@@ -148,3 +148,16 @@ def test_bad_document_input_is_refused():
         model(tokens, position_ids=torch.zeros(2, 16))
     with pytest.raises(ValueError, match="doc_ids with caches"):
         model(tokens, caches=empty_caches(model, 2), doc_ids=torch.zeros(2, 16, dtype=torch.long))
+
+
+def test_pipeline_stages_each_take_the_documents():
+    cfg = config(feedback_impl="chunked")
+    whole = SessaLM(cfg, init_seed=4).double()
+    first = SessaLM(cfg, post_process=False, layer_numbers=[0], init_seed=4).double()
+    last = SessaLM(cfg, pre_process=False, layer_numbers=[1], init_seed=4).double()
+    ids = doc_ids_of(LENGTHS)
+    documents = {"doc_ids": ids, "position_ids": positions_from_doc_ids(ids)}
+    tokens = torch.randint(0, 61, (2, 33), generator=torch.Generator().manual_seed(5))
+    last.set_input_tensor(first(tokens[:, :-1], **documents))
+    staged = last(None, tokens[:, 1:], **documents)
+    torch.testing.assert_close(staged, whole(tokens[:, :-1], tokens[:, 1:], **documents), atol=1e-12, rtol=1e-12)
