@@ -538,8 +538,9 @@ def part_d(part: Part, recipe: str, arch: str) -> None:
             run["peak_above_start_gb"] = part.peak_gb(base)
             tokens_per_s = batch_size * T / run["step_s"]
             run["tokens_per_s"] = round(tokens_per_s, 1)
-            run["model_tflops"] = round(run["model_flops_per_token"] * tokens_per_s / 1e12, 3)
-            run["mfu"] = round(run["model_tflops"] / PEAK_BF16_TFLOPS, 4)
+            tflops = run["model_flops_per_token"] * tokens_per_s / 1e12
+            run["model_tflops"] = float(f"{tflops:.4g}")
+            run["mfu"] = float(f"{tflops / PEAK_BF16_TFLOPS:.4g}")
             run.pop("error", None)
             break
         except Exception as error:

@@ -50,7 +50,7 @@ def test_dry_run_walks_every_part_and_writes_the_keys(tmp_path):
     runs = report["parts"]["d_train_step"]["runs"]
     assert {(r["recipe"], r["arch"]) for r in runs} == {(m, a) for m in ("125m", "1.3b") for a in ("sessa", "transformer")}
     for run in runs:
-        assert run["status"] == "ok" and run["step_s"] > 0 and run["model_tflops"] > 0, run
+        assert run["status"] == "ok" and run["step_s"] > 0 and run["tokens_per_s"] > 0 and run["model_tflops"] > 0, run
         assert _finite(run["loss"]), run
     assert set(report["targets"]) == {"triton_fwd_bwd_over_sdpa_T8192", "layer_T131072_fits_80gb", "mfu_125m",
                                       "mfu_1.3b"}
