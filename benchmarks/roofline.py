@@ -157,7 +157,7 @@ class Model:
         inverse = log2 * _dot(C, BV, C) + (log2 - 1) * _dot(C, C, C)  # per block: x += A x, A = A A
         programs = cdiv(V, BV) * B
         per_program_sum = sum(sums) * _dot(C, BV, BJ)
-        rhs = self.e if forward else self.e  # f (forward) or grad_s (backward), in the input dtype
+        rhs = self.e  # f (forward) or grad_s (backward), in the input dtype
         return Launch(phase, "solve: diagonal blocks in order" + ("" if forward else " (transposed)"),
                       "feedback_solve_fwd_kernel" if forward else "feedback_solve_bwd_kernel", (cdiv(V, BV), B),
                       {self.precision: programs * per_program_sum, "ieee": programs * n_c * inverse},

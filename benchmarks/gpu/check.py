@@ -20,7 +20,6 @@ Writes DIR/gpu.json (the same keys in a dry run) and DIR/gpu.md.
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import subprocess
@@ -37,14 +36,14 @@ MEMORY_LIMIT_GB = 80.0  # part c's target: the T = 131072 layer fits an 80 GB ca
 # (key in gpu.json, GPU seconds, dry-run seconds). The GPU budgets add up to 7 minutes; run.sh's
 # wheel install and each process's start come on top, within the issue's 8.
 PARTS = {
-    "env": ("env", 25, 120),
-    "a": ("a_correctness", 110, 300),
-    "b": ("b_solve_vs_sdpa", 80, 200),
-    "c": ("c_long_layer", 60, 200),
-    "d1": ("d_train_step", 45, 200),
-    "d2": ("d_train_step", 45, 200),
+    "env": ("env", 20, 120),
+    "a": ("a_correctness", 100, 300),
+    "b": ("b_solve_vs_sdpa", 75, 200),
+    "c": ("c_long_layer", 55, 200),
+    "d1": ("d_train_step", 40, 200),
+    "d2": ("d_train_step", 35, 200),
     "d3": ("d_train_step", 55, 200),
-    "d4": ("d_train_step", 55, 200),
+    "d4": ("d_train_step", 40, 200),
 }
 # Part d: (recipe, arch) per process, so one run's out-of-memory leaves the others a clean device.
 TRAIN_RUNS = {"d1": ("125m", "sessa"), "d2": ("125m", "transformer"), "d3": ("1.3b", "sessa"),
@@ -359,6 +358,24 @@ def _autocast(part: Part):
     return torch.autocast("cuda", dtype=torch.bfloat16) if part.device.type == "cuda" else contextlib.nullcontext()
 
 
+def _fill_weights(module, std: float) -> None:
+    """Weights normal(std), norms and the gamma bias 1, other vectors 0, drawn on the module's device
+    (the recipe's layout-independent CPU init takes minutes at 1.3B and does not change the speed)."""
+    import torch
+
+    with torch.no_grad():
+        gen = None
+        for name, param in module.named_parameters():
+            if gen is None:
+                gen = torch.Generator(device=param.device).manual_seed(0)
+            if ("norm" in name and name.endswith("weight")) or name.endswith("gamma_bias"):
+                param.fill_(1.0)
+            elif param.ndim <= 1:
+                param.zero_()
+            else:
+                param.normal_(0.0, std, generator=gen)
+
+
 def part_c(part: Part) -> None:
     """One Sessa layer (the 1.3B recipe's width and heads) forward+backward at a long context."""
     import torch
@@ -373,6 +390,7 @@ def part_c(part: Part) -> None:
                     "dtype": "bf16 autocast, fp32 weights" if part.device.type == "cuda" else "float32"}
     part.save()
     layer = SessaLayer(config).to(part.device)
+    _fill_weights(layer, config.init_std)
     x = torch.randn(T, 1, D, device=part.device).requires_grad_()
 
     def step():
@@ -442,7 +460,6 @@ def _init_parallel(part: Part) -> None:
 
 def _build_engine(part: Part, model_config, optim: dict):
     """The recipe's engine in one process: model chunk, megatron DDP, (distributed) optimizer."""
-    import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
@@ -451,20 +468,11 @@ def _build_engine(part: Part, model_config, optim: dict):
     from model.transformer import build_model, megatron_config_for
 
     cuda = part.device.type == "cuda"
-    # On the GPU the weights are allocated there and drawn there (normal(init_std), norms 1): the
-    # layout-independent CPU init of the recipe takes minutes at 1.3B and does not change the speed.
+    # On the GPU the weights are allocated there and drawn there (_fill_weights).
     megatron_config = megatron_config_for(model_config, calculate_per_token_loss=True,
                                           use_cpu_initialization=not cuda, perform_initialization=False)
     model = build_model(model_config, megatron_config).to(part.device)
-    with torch.no_grad():
-        gen = torch.Generator(device=part.device).manual_seed(0)
-        for name, param in model.named_parameters():
-            if ("norm" in name and name.endswith("weight")) or name.endswith("gamma_bias"):
-                param.fill_(1.0)
-            elif param.ndim <= 1:
-                param.zero_()
-            else:
-                param.normal_(0.0, model_config.init_std, generator=gen)
+    _fill_weights(model, model_config.init_std)
     ddp = DistributedDataParallel(megatron_config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True), model)
     megatron_config.finalize_model_grads_func = finalize_model_grads
