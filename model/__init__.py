@@ -1,4 +1,8 @@
 """The Sessa language model (SESSA.md), on megatron-core tensor-parallel layers."""
+from .dependency_warnings import filter_known_dependency_warnings
+
+filter_known_dependency_warnings()  # before megatron-core is first imported
+
 from .config import ModelConfig, SessaConfig
 from .init import init_weights
 from .layer import LayerCache, SessaLayer, SessaMixer, SessaSubmodules

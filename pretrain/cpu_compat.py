@@ -8,6 +8,8 @@ megatron-core assumes CUDA in a few places that are not about compute:
   - a few tensors are created with a literal `device="cuda"` (optimizer, pipeline schedules).
 `enable()` redirects exactly these to the CPU. It refuses to run when CUDA is available.
 """
+import warnings
+
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -57,5 +59,9 @@ def enable() -> None:
         return original_type(self, dtype, non_blocking, **kwargs)
 
     torch.Tensor.type = type_as_if_on_cuda
+    # megatron's optimizers probe `.grad` of their parameter views (non-leaf tensors): PyTorch warns at
+    # the frame that reads it, which with the mode below is this module's. Harmless; megatron's code.
+    warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor",
+                            category=UserWarning, module=r"pretrain\.cpu_compat")
     _CudaDeviceToCpu().__enter__()  # stays on the mode stack for the life of the process
     _enabled = True

@@ -145,6 +145,8 @@ class DeepSpeedEngine:
     name = "deepspeed"
 
     def __init__(self, config: RunConfig, env, plan: ResumePlan | None, *, seq_len: int, num_microbatches: int):
+        if env.device.type == "cpu":  # say so, instead of DeepSpeed's warning that it found no accelerator
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
 
         self.config, self.env, self.device = config, env, env.device

@@ -125,3 +125,20 @@ def test_weight_decay_skips_norms_biases_and_gamma():
     assert {"layers.0.norm.weight", "layers.0.in_proj.bias", "layers.0.mixer.gamma_bias",
             "layers.0.mixer.gamma_ctx.weight", "final_norm.weight"} <= no_decay
     assert not no_decay & {"embedding.weight", "layers.0.in_proj.weight", "layers.0.mixer.q_proj.weight"}
+
+
+def test_console_has_no_warnings_and_recipes_keep_their_numbers(recipe, tmp_path):
+    """A run's console shows the recipe's progress, not dependency warnings (model/dependency_warnings.py);
+    the saved config keeps numbers as written (6e-5, not 5.9999999999999995e-05)."""
+    done = run_pretrain(recipe, "--run_name", "quiet", "--train.max_steps", "4", "--checkpoint.interval_steps", "2",
+                        "--optim.min_lr", "6e-5")
+    resumed = run_pretrain(recipe, "--run_name", "quiet", "--train.max_steps", "6",  # loads a checkpoint too
+                           "--optim.min_lr", "6e-5")
+    for output in (done.stdout + done.stderr, resumed.stdout + resumed.stderr):
+        assert "Warning" not in output, output[-3000:]
+    saved = (tmp_path / "runs" / "quiet" / "config.yaml").read_text()
+    assert "min_lr: 6.0e-05" in saved
+    from pathlib import Path
+
+    for path in Path(__file__).resolve().parents[2].joinpath("configs").rglob("*.yaml"):
+        assert "9999999" not in path.read_text() and "0000001" not in path.read_text(), path
