@@ -9,7 +9,7 @@
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
-export PYTHON=${PYTHON:-python3}
+source "$REPO/launch/python_env.sh"  # PYTHON: the caller's, an active environment's, or $REPO/.venv
 export PYTHONUNBUFFERED=1
 
 nproc=

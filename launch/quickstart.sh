@@ -4,8 +4,8 @@
 #   bash launch/quickstart.sh [extra overrides, e.g. --train.max_steps 100]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PYTHON=${PYTHON:-python3}
 bash launch/setup.sh
+source launch/python_env.sh  # the interpreter setup.sh installed into
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 if [ ! -f data/builtin/manifest.json ]; then

@@ -47,9 +47,12 @@ def test_distributed_optimizer_two_ranks_matches_one(recipe, tmp_path):
 @pytest.mark.parametrize("first,second", [(2, 1), (1, 2)], ids=["2to1", "1to2"])
 def test_resume_with_another_data_parallel_size(recipe, tmp_path, first, second):
     args = ("--run_name", "reshaped", "--checkpoint.interval_steps", "4")
-    run_pretrain(recipe, *args, "--train.max_steps", "4", nproc=first)
+    first_run = run_pretrain(recipe, *args, "--train.max_steps", "4", nproc=first)
     done = run_pretrain(recipe, *args, nproc=second)
     assert "resumed from" in done.stdout + done.stderr
+    at_dp2 = (first_run if first == 2 else done).stdout
+    # 1 micro-batch per rank and step at DP=2: the 2 requested workers cannot split it; the start line says so
+    assert "1 data workers per rank (data.num_workers 2 does not divide the 1 micro-batches" in at_dp2
     losses = read_metrics(tmp_path / "runs" / "reshaped")
     tokens = read_metrics(tmp_path / "runs" / "reshaped", "train/consumed_tokens")
     assert sorted(losses) == list(range(1, 11))
