@@ -705,39 +705,24 @@ def render_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(out: Path, dry: bool, parts: list[str], scale: float) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    start = time.time()
-    report = {"schema": SCHEMA, "dry_run": dry,
-              "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "git_commit": _git_commit(), "parts": {}}
-    collected: dict = {}
-    for key in PARTS:
-        if key not in parts:
-            result = {"status": "skipped", "seconds": 0, "budget_s": 0}
-        else:
-            print(f"[gpu-check] part {key}: up to {PARTS[key][2 if dry else 1] * scale:.0f} s", flush=True)
-            result = _run_part(key, dry, out, scale)
-            print(f"[gpu-check] part {key}: {result['status']} in {result['seconds']} s"
-                  f"{': ' + result['error'] if 'error' in result else ''}", flush=True)
-            if key == "env":
-                print("[gpu-check] " + json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
-        collected[key] = result
+def _assemble(header: dict, collected: dict, dry: bool, start: float) -> dict:
+    """gpu.json's content from the parts collected so far (the others: status "pending")."""
+    report = dict(header, parts={})
     for key, (name, _, _) in PARTS.items():
-        if name == "d_train_step":
-            runs = report["parts"].setdefault(name, {"status": "ok", "seconds": 0.0, "budget_s": 0.0, "runs": []})
-            part = collected[key]
-            run = dict(part.get("run", {"recipe": TRAIN_RUNS[key][0], "arch": TRAIN_RUNS[key][1]}))
-            run["status"] = part["status"]
-            if part["status"] not in ("ok", "skipped") or "error" in part:
-                run["error"] = part.get("error", run.get("error"))
-            runs["runs"].append(run)
-            runs["seconds"] = round(runs["seconds"] + part["seconds"], 1)
-            runs["budget_s"] = round(runs["budget_s"] + part["budget_s"], 1)
-            if part["status"] != "ok" and runs["status"] == "ok":
-                runs["status"] = part["status"]
-        else:
-            report["parts"][name] = collected[key]
+        part = collected.get(key, {"status": "pending", "seconds": 0, "budget_s": 0})
+        if name != "d_train_step":
+            report["parts"][name] = part
+            continue
+        runs = report["parts"].setdefault(name, {"status": "ok", "seconds": 0.0, "budget_s": 0.0, "runs": []})
+        run = dict(part.get("run", {"recipe": TRAIN_RUNS[key][0], "arch": TRAIN_RUNS[key][1]}))
+        run["status"] = part["status"]
+        if "error" in part:
+            run["error"] = part["error"]
+        runs["runs"].append(run)
+        runs["seconds"] = round(runs["seconds"] + part["seconds"], 1)
+        runs["budget_s"] = round(runs["budget_s"] + part["budget_s"], 1)
+        if part["status"] != "ok" and runs["status"] == "ok":
+            runs["status"] = part["status"]
     report["targets"] = _targets(report["parts"])
     if dry:  # tiny shapes on a CPU: nothing to judge
         for target in report["targets"].values():
@@ -745,9 +730,34 @@ def run_all(out: Path, dry: bool, parts: list[str], scale: float) -> dict:
                 if key in target:
                     target[key] = None
     report["total_seconds"] = round(time.time() - start, 1)
-    (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / "gpu.md").write_text(render_markdown(report))
     return report
+
+
+def run_all(out: Path, dry: bool, parts: list[str], scale: float) -> dict:
+    """Every part in turn; gpu.json and gpu.md are rewritten after each one, so a run cut short
+    still leaves what it measured."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    header = {"schema": SCHEMA, "dry_run": dry,
+              "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "git_commit": _git_commit()}
+    collected = {key: {"status": "skipped", "seconds": 0, "budget_s": 0} for key in PARTS if key not in parts}
+
+    def write() -> dict:
+        report = _assemble(header, collected, dry, start)
+        (out / "gpu.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+        (out / "gpu.md").write_text(render_markdown(report))
+        return report
+
+    for key in [key for key in PARTS if key in parts]:
+        print(f"[gpu-check] part {key}: up to {PARTS[key][2 if dry else 1] * scale:.0f} s", flush=True)
+        result = collected[key] = _run_part(key, dry, out, scale)
+        print(f"[gpu-check] part {key}: {result['status']} in {result['seconds']} s"
+              f"{': ' + result['error'] if 'error' in result else ''}", flush=True)
+        if key == "env":
+            print("[gpu-check] " + json.dumps({k: v for k, v in result.items() if k != "log_tail"}), flush=True)
+        write()
+    return write()
 
 
 def main(argv=None) -> int:
