@@ -71,11 +71,13 @@ def flex_document_block_mask(doc_ids: torch.Tensor):
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor,
-                       use_flex: bool | None = None) -> torch.Tensor:
+                       use_flex: bool | None = None, tile: int = 256) -> torch.Tensor:
     """Causal attention within documents. q [B, H, T, d], k/v [B, H_kv, T, d] -> [B, H, T, d].
 
-    `use_flex` None: flex_attention (compiled, block-sparse) on CUDA when this torch has it; SDPA
-    with the boolean `block_causal_mask` elsewhere.
+    `use_flex` None: flex_attention (compiled, block-sparse) on CUDA when this torch has it.
+    Otherwise SDPA per tile of `tile` queries against only the keys its documents can see (from
+    the tile's earliest document start), with the block-causal boolean mask of that rectangle:
+    no T x T mask, and fewer visible pairs cost less.
     """
     if use_flex is None:
         use_flex = q.is_cuda and _flex() is not None
@@ -83,5 +85,15 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_id
         flex_attention, _ = _flex()
         return flex_attention(q, k, v, block_mask=flex_document_block_mask(doc_ids),
                               enable_gqa=q.shape[1] != k.shape[1])
-    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(doc_ids),
-                                                            enable_gqa=True)
+    T = q.shape[2]
+    index = torch.arange(T, device=q.device)
+    starts = index - positions_from_doc_ids(doc_ids)  # [B, T], non-decreasing along T
+    outputs = []
+    for q0 in range(0, T, tile):
+        q1 = min(q0 + tile, T)
+        k0 = int(starts[:, q0].min())  # documents are contiguous: no query of the tile sees before this
+        keys, queries = index[k0:q1], index[q0:q1]
+        visible = (keys[None, None, :] <= queries[None, :, None]) & (keys[None, None, :] >= starts[:, q0:q1, None])
+        outputs.append(torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=visible[:, None], enable_gqa=True))
+    return torch.cat(outputs, dim=2)

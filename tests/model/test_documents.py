@@ -50,6 +50,20 @@ def test_block_causal_mask_sees_own_document_past():
         assert torch.equal(mask[b, 0], want)
 
 
+@pytest.mark.parametrize("tile", [5, 8, 256])
+def test_tiled_document_attention_equals_the_full_mask(tile):
+    ids = doc_ids_of(LENGTHS)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 32, 8, generator=gen, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2))
+    weights = _weights((2, 4, 32, 8), torch.float64)
+    tiled = document_attention(q, k, v, ids, use_flex=False, tile=tile)
+    grads = torch.autograd.grad((tiled * weights).sum(), (q, k, v))
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(ids), enable_gqa=True)
+    torch.testing.assert_close(tiled, full, atol=1e-12, rtol=1e-12)
+    for got, want in zip(grads, torch.autograd.grad((full * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
 def test_flex_attention_mask_equals_sdpa_mask(monkeypatch):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
