@@ -320,3 +320,15 @@ def test_document_ends():
     ends = triton_chunk._document_ends(starts)
     assert ends[0].tolist() == [1] + [21] * 20 + [22] + [25] * 3
     assert ends[1].tolist() == [25] * 25
+
+
+def test_torch_compile_with_documents():
+    """fullgraph torch.compile through the dispatcher with doc_ids (document_starts is traced too)."""
+    doc_ids = packed_doc_ids([[9, 1, 30], [40]])
+    inputs = make_inputs(2, 40, 24, 20, torch.float64, seed=14)
+    grad_out = torch.randn(2, 40, 20, dtype=torch.float64)
+    solve = lambda *x: feedback_solve(*x, impl="triton", chunk_size=16, doc_ids=doc_ids)  # noqa: E731
+    got = outputs_and_grads(torch.compile(solve, backend="aot_eager", fullgraph=True), inputs, grad_out)
+    starts = document_starts(doc_ids, 2, 40, doc_ids.device)
+    assert_matches(got, outputs_and_grads(lambda *x: feedback_solve_dense(*x, starts), inputs, grad_out),
+                   TOLERANCES[torch.float64], "dense")
