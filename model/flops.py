@@ -55,8 +55,7 @@ def layer_weight_elements(config: ModelConfig) -> dict[str, int]:
     projections = (
         2 * D * D  # W_in: a and g halves
         + D * D + 2 * D * kv  # q, k, v
-        + 2 * D * D  # feedback q_b, k_b
-        + D  # gamma_ctx
+        + (2 * D * D + D if config.feedback else 0)  # feedback q_b, k_b and gamma_ctx (model.feedback)
         + (D * D if config.num_heads > 1 else 0)  # W_o (identity for a single head)
         + D * D  # W_out
     )
@@ -153,7 +152,7 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
 
     forward = {name: 2.0 * L * n for name, n in weights.items()}
     forward["attention"] = L * 2 * 2 * width * (T + 1) / 2  # scores and values, t + 1 keys on average
-    if config.arch == "sessa":
+    if config.arch == "sessa" and config.feedback:
         forward["feedback_logits"] = L * 2 * D * (T - 1) / 2  # strict past: t keys
         forward["feedback_sum"] = L * 2 * D * (T - 1) / 2
         forward["feedback_solve"] = 0.0  # the sum over the past *is* the recurrence
@@ -167,7 +166,7 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
     else:
         hw_fwd["attention"] = L * 4 * width * T
         hw_bwd["attention"] = 2 * hw_fwd["attention"]
-    if config.arch == "sessa":
+    if config.arch == "sessa" and config.feedback:
         solve = chunked_solve_flops(T, D, D, chunk_size or config.feedback_chunk_size)
         for name in solve["forward"]:
             replicas = tensor_parallel if name == "feedback_logits" else 1

@@ -11,6 +11,7 @@ SHAPES = {  # id: (model fields, batch, seq_len)
     "sessa-ragged-chunks": (dict(hidden_size=48, num_layers=1, num_heads=3, feedback_chunk_size=16), 1, 50),
     "sessa-one-head-untied": (dict(hidden_size=32, num_layers=3, num_heads=1, tie_embeddings=False,
                                    feedback_chunk_size=32), 2, 96),
+    "sessa-no-feedback": (dict(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, feedback=False), 2, 64),
     "transformer-gqa": (dict(arch="transformer", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2), 2, 64),
     "transformer-mha-untied": (dict(arch="transformer", hidden_size=96, num_layers=3, num_heads=6,
                                     ffn_hidden_size=160, tie_embeddings=False), 1, 40),
