@@ -29,6 +29,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from .config import ModelConfig
 from .documents import check_doc_ids, document_attention
@@ -109,10 +110,22 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_size)
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """The local spec's torch RMSNorm, also under sequence parallelism (which megatron's wrapper
+    refuses): each rank normalises its T / tp positions, and the weight is marked `sequence_parallel`
+    so its partial gradients are summed over the TP group (megatron's finalize_model_grads)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in self.parameters():
+            param.sequence_parallel = config.sequence_parallel
+
+
 def transformer_layer_spec():
-    """megatron's local GPT layer spec (RMSNorm) with `SDPAttention` as its core attention."""
+    """megatron's local GPT layer spec with `SDPAttention` as its core attention and `RMSNorm`."""
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = RMSNorm
     return spec
 
 
@@ -138,7 +151,10 @@ class TransformerLM(GPTModel):
             tensor_parallel.model_parallel_cuda_manual_seed(0)
         super().__init__(
             config=megatron_config,
-            transformer_layer_spec=transformer_layer_spec() if layer_spec is None else layer_spec,
+            transformer_layer_spec=TransformerBlockSubmodules(  # this stage's layers; the final norm as theirs
+                layer_specs=[transformer_layer_spec() if layer_spec is None else layer_spec]
+                * get_num_layers_to_build(megatron_config, vp_stage=vp_stage),
+                layer_norm=RMSNorm),
             vocab_size=config.padded_vocab_size,
             max_sequence_length=max_sequence_length,
             pre_process=pre_process,

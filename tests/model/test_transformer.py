@@ -262,9 +262,11 @@ def tp_cases():
 def test_tensor_parallel_two_ranks_matches_one(tp2_results, case):
     from tp_case import make_documents, make_tokens
 
+    from model.parallel import ensure_model_parallel
     from model.transformer import TransformerLM, init_model_weights, transformer_megatron_config
 
     name, config, _, packed = case
+    ensure_model_parallel()
     tp2 = tp2_results[name]
     model = TransformerLM(config, transformer_megatron_config(config, params_dtype=torch.float64))
     init_model_weights(model, seed=3)
