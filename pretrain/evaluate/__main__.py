@@ -64,7 +64,7 @@ def evaluate_main(argv) -> int:
                        text_field=args.text_field, choices=args.choices,
                        separator=args.separator if args.separator is not None else trained.get("separator"),
                        split=args.split, split_field=args.split_field, bucket_fields=args.bucket_field,
-                       limit=args.limit)
+                       limit=args.limit, trained_sources=target.info.get("sources") or ())
     print(f"target {target.info['path']} ({target.info['format']}, {target.config.arch}, step "
           f"{target.info['step']}); tokenizer {target.tokenizer.id}", file=sys.stderr)
     results = evaluate_target(target, tasks, max_length=args.max_length, progress=not args.no_progress)

@@ -74,8 +74,9 @@ def load_target(path, *, step: int | None = None, tokenizer_spec: str | None = N
 
 
 def _load_checkpoint(path: Path, step, tokenizer_spec, device) -> Target:
-    from checkpoints.export import load_tokenizer_for, model_config
+    from checkpoints.export import model_config
     from checkpoints.readers import open_checkpoint
+    from checkpoints.tokenizer import load_tokenizer_for
 
     reader = open_checkpoint(path, step)
     common = reader.common
@@ -100,13 +101,15 @@ def _training_data(run_config: dict) -> dict:
     try:
         manifest = read_manifest(run_config["data"]["path"])
     except (FileNotFoundError, KeyError, TypeError, ValueError):
-        return {"seq_len": None, "task_format": None}
-    return {"seq_len": manifest.get("seq_len"), "task_format": manifest.get("task")}
+        return {"seq_len": None, "task_format": None, "sources": []}
+    return {"seq_len": manifest.get("seq_len"), "task_format": manifest.get("task"),
+            "sources": manifest.get("sources", [])}
 
 
 def _load_export(path: Path, tokenizer_spec, device) -> Target:
-    from checkpoints.export import model_config, sessa_config_from_hf
-    from checkpoints.importer import native_state_from_hf
+    from checkpoints.export import model_config
+    from checkpoints.importer import model_from_hf
+    from checkpoints.layout import model_fields_from_hf
     from data_pipeline.tokenizer import load_tokenizer
 
     hf = json.loads((path / "config.json").read_text())
@@ -116,9 +119,9 @@ def _load_export(path: Path, tokenizer_spec, device) -> Target:
     provenance_file = path / "sessa_export.json"
     provenance = json.loads(provenance_file.read_text()) if provenance_file.is_file() else {}
     if provenance.get("config"):
-        config = model_config(provenance["config"])
+        config = model_config({"config": provenance["config"]})
     else:
-        config = ModelConfig(**sessa_config_from_hf(hf))
+        config = ModelConfig(**model_fields_from_hf(hf))
     spec = tokenizer_spec or provenance.get("tokenizer_spec")
     if spec is None:
         raise TargetError(f"target {path} has no tokenizer: its sessa_export.json names no tokenizer_spec; pass "
@@ -128,8 +131,7 @@ def _load_export(path: Path, tokenizer_spec, device) -> Target:
     if expected and tokenizer.id != expected:
         raise TargetError(f"tokenizer {spec!r} has id {tokenizer.id} but {path} was trained with {expected}; "
                           f"pass the right --tokenizer")
-    state = native_state_from_hf(path, config)
-    model = build_model(eval_config(config, device), state, device)
+    model = model_from_hf(path, eval_config(config, device)).to(device).eval()
     info = {"path": str(path), "format": "hf export", "step": provenance.get("step"),
             "tokens": provenance.get("tokens_seen"), "run_name": provenance.get("run_name"),
             "arch": config.arch, **_training_data(provenance.get("config") or {})}

@@ -42,6 +42,7 @@ class Task:
     choices: list[str] | None = None  # the label set of a "choice" task
     separator: str = DEFAULT_SEPARATOR
     bucket_fields: tuple[str, ...] = ()
+    binned: tuple[str, ...] = ()  # bucket fields with many numeric values: power-of-two ranges
 
 
 # --- the registry -------------------------------------------------------------------------------
@@ -55,30 +56,33 @@ def _pydocs(n: int = 16) -> Task:
 
 
 BUILTIN = {"pydocs": _pydocs}
-
-
-def register_task(name: str, builder) -> None:
-    """Add a built-in task: `builder()` returns a Task (called each time the name is resolved)."""
-    BUILTIN[name] = builder
+BUILTIN_TEST_EXAMPLES = 200  # test examples drawn for a synthetic task named on the command line
 
 
 def known_tasks() -> list[str]:
-    _register_synthetic()
-    return sorted(BUILTIN)
+    from data_pipeline.synthetic import GENERATORS
+
+    return sorted(set(BUILTIN) | set(GENERATORS))
 
 
-def _register_synthetic() -> None:
-    """The synthetic long-range tasks of data_pipeline.synthetic, as built-in names."""
-    try:
-        from data_pipeline import synthetic
-    except ImportError:
-        return
-    for name, builder in getattr(synthetic, "EVAL_TASKS", {}).items():
-        BUILTIN.setdefault(name, lambda builder=builder, name=name: _from_examples(name, builder()))
+def synthetic_task(name: str, *, n: int = BUILTIN_TEST_EXAMPLES, trained_sources=(),
+                   separator: str = DEFAULT_SEPARATOR) -> Task:
+    """The test split of a synthetic task (data_pipeline.synthetic). When the target was trained on
+    that task (its data manifest's sources name it), the same seed and knobs are used, so the
+    examples are the held-out test split of its own data; else the defaults with seed 0."""
+    from data_pipeline.synthetic import generate, make_generator
 
-
-def _from_examples(name: str, examples: list[TaskExample], separator: str = DEFAULT_SEPARATOR) -> Task:
-    return file_task(name, examples, separator=separator)
+    seed, knobs = 0, {}
+    for source in trained_sources:
+        if source.get("synthetic") == name:
+            seed = source.get("seed", 0)
+            knobs = {k: tuple(v) if isinstance(v, list) else v for k, v in source.get("knobs", {}).items()}
+    examples = []
+    for i, row in enumerate(generate(name, 0, seed, n_val=0, n_test=n, **knobs)):
+        prompt, answer, split = row.pop("prompt"), row.pop("answer"), row.pop("split")
+        examples.append(TaskExample(prompt, answer, f"{name} (seed {seed}) test example {i}", split, row))
+    labels = getattr(make_generator(name, **knobs), "labels", None)  # classification tasks know their label set
+    return file_task(name, examples, choices=labels() if labels else None, separator=separator)
 
 
 # --- task files ----------------------------------------------------------------------------------
@@ -98,7 +102,7 @@ def file_task(name: str, examples: list[TaskExample], *, choices: list[str] | No
     """Examples -> a "choice" task (closed label set or `choices`) or a "generate" task."""
     if not examples:
         raise TaskError(f"task {name} has no examples")
-    labels = choices if choices is not None else closed_label_set(e.answer for e in examples)
+    labels = list(choices) if choices is not None else closed_label_set(e.answer for e in examples)
     if labels is not None:
         allowed = set(labels)
         for example in examples:
@@ -113,22 +117,45 @@ def file_task(name: str, examples: list[TaskExample], *, choices: list[str] | No
             if f not in examples[0].fields:
                 raise TaskError(f"{examples[0].where}: no field {f!r} to bucket by "
                                 f"(fields: {sorted(examples[0].fields)})")
+    binned = tuple(f for f in bucket_fields if _many_numbers([e.fields.get(f) for e in examples]))
     return Task(name, "choice" if labels is not None else "generate", examples, labels, separator,
-                tuple(bucket_fields))
+                tuple(bucket_fields), binned)
+
+
+MAX_EXACT_BUCKETS = 8
+
+
+def _many_numbers(values) -> bool:
+    try:
+        numbers = {float(v) for v in values}
+    except (TypeError, ValueError):
+        return False
+    return len(numbers) > MAX_EXACT_BUCKETS
+
+
+def range_bucket(value) -> str:
+    """A number -> its power-of-two range, '0', '1', '2-3', '4-7', ..., '256-511'."""
+    n = int(float(value))
+    if n < 2:
+        return str(n)
+    lo = 1 << (n.bit_length() - 1)
+    return f"{lo}-{2 * lo - 1}"
 
 
 def load_task(spec: str, *, prompt_field: str = "prompt", answer_field: str = "answer",
               text_field: str | None = None, choices=None, separator: str | None = None,
               split: str | None = None, split_field: str | None = None, bucket_fields=None,
-              limit: int | None = None) -> Task:
+              limit: int | None = None, trained_sources=()) -> Task:
     """A built-in name or a task file path -> Task.
 
     With `text_field` the file holds documents (JSONL, that field) and the task is "loss".
-    `split` keeps only rows of that split (needs `split_field`)."""
-    if spec in BUILTIN or (not _looks_like_file(spec) and spec in known_tasks()):
+    `split` keeps only rows of that split (needs `split_field`). `trained_sources`: the training
+    data manifest's sources (a synthetic task reuses the seed and knobs it was trained with)."""
+    if spec in BUILTIN:
         task = BUILTIN[spec]()
-        if separator is not None:
-            task.separator = separator
+    elif not _looks_like_file(spec) and spec in known_tasks():
+        task = synthetic_task(spec, n=limit or BUILTIN_TEST_EXAMPLES, trained_sources=trained_sources,
+                              separator=separator if separator is not None else DEFAULT_SEPARATOR)
     elif _looks_like_file(spec):
         path = Path(spec)
         if not path.is_file():
@@ -218,7 +245,8 @@ def position_bucket(position: int, edges=POSITION_EDGES) -> str:
 
 
 def _buckets(example, task: Task):
-    return [(f, str(example.fields.get(f))) for f in task.bucket_fields]
+    return [(f, range_bucket(example.fields.get(f)) if f in task.binned else str(example.fields.get(f)))
+            for f in task.bucket_fields]
 
 
 def score_task(model, tokenizer, task: Task, examples=None, *, max_length: int | None = None,

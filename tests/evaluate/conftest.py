@@ -39,7 +39,7 @@ def runs(tmp_path_factory) -> dict:
     run_pretrain(recipe, "--run_name", "sessa")
     run_pretrain(recipe, "--run_name", "transformer", "--model.arch", "transformer")
     done = subprocess.run([sys.executable, "-m", "checkpoints", "export", tmp / "runs" / "sessa", "--to", "hf",
-                           "--out", tmp / "hf"], cwd=REPO, env=pretrain_env(), capture_output=True, text=True,
+                           "--out", tmp / "hf", "--no-verify"], cwd=REPO, env=pretrain_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     return {"data": data, "sessa": tmp / "runs" / "sessa", "transformer": tmp / "runs" / "transformer",
@@ -66,4 +66,6 @@ GENERATE = ("prompt\tanswer\tlength\ndef f(x):\treturn x\t1\nimport os\tos.path\
 def task_files(tmp_path) -> dict[str, Path]:
     (tmp_path / "classify.tsv").write_text(CLASSIFY)
     (tmp_path / "generate.tsv").write_text(GENERATE)
-    return {"classify": tmp_path / "classify.tsv", "generate": tmp_path / "generate.tsv"}
+    docs = ["def f(x):\n    return x * 2\n" * 150, "The quick brown fox jumps over the lazy dog. " * 5]  # ~1.5k, ~60 tokens
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return {"classify": tmp_path / "classify.tsv", "generate": tmp_path / "generate.tsv", "docs": tmp_path / "docs.jsonl"}
