@@ -52,21 +52,41 @@ def _flex():
     return _flex_cache["fns"]
 
 
-def flex_document_block_mask(doc_ids: torch.Tensor):
-    """flex_attention's BlockMask of `block_causal_mask(doc_ids)`: blocks with no visible pair are
-    skipped. Built once per doc_ids tensor and reused by every layer of a forward pass."""
+def flex_document_block_mask(doc_ids: torch.Tensor, block_size: int = 128):
+    """flex_attention's BlockMask of `block_causal_mask(doc_ids)`, built from the document starts
+    block by block (O(B (T / block)^2) integers, never a T x T mask): tiles with no visible pair
+    are skipped, tiles inside one document's causal past run unmasked. Built once per doc_ids
+    tensor and reused by every layer of a forward pass."""
     cached = _flex_cache.get("mask")
-    if cached is not None and cached[0] is doc_ids and cached[1] == doc_ids._version:
+    if cached is not None and cached[0] is doc_ids and cached[1] == (doc_ids._version, block_size):
         return cached[2]
-    _, create_block_mask = _flex()
+    from torch.nn.attention.flex_attention import BlockMask
+
     B, T = doc_ids.shape
-    starts = torch.arange(T, device=doc_ids.device) - positions_from_doc_ids(doc_ids)  # [B, T]
+    starts = torch.arange(T, device=doc_ids.device) - positions_from_doc_ids(doc_ids)  # [B, T], non-decreasing
+    blocks = -(-T // block_size)
+    first_row = torch.arange(blocks, device=doc_ids.device) * block_size
+    last_row = (first_row + block_size).clamp(max=T) - 1
+    q_block = torch.arange(blocks, device=doc_ids.device)[:, None]  # [Q, 1]
+    kv_block = torch.arange(blocks, device=doc_ids.device)[None, :]  # [1, K]
+    # Query tile i sees key tile j iff some row's document reaches into j: from its first row's start.
+    seen = (kv_block <= q_block) & (kv_block >= (starts[:, first_row] // block_size)[:, :, None])  # [B, Q, K]
+    # Every pair of (i, j) is visible iff j is strictly earlier and starts at or after the last row's
+    # start; a query tile cut short by T stays partial (as create_block_mask pads it with masked rows).
+    full = ((kv_block < q_block) & (kv_block * block_size >= starts[:, last_row][:, :, None])
+            & (last_row - first_row + 1 == block_size)[:, None])
+    partial = seen & ~full
+
+    def as_indices(tiles):  # [B, Q, K] bool -> counts [B, 1, Q], indices [B, 1, Q, K] (visible first)
+        order = torch.argsort((~tiles).to(torch.int8), dim=-1, stable=True)
+        return tiles.sum(-1, dtype=torch.int32)[:, None], order.to(torch.int32)[:, None]
 
     def document_causal(b, h, q_idx, kv_idx):
         return (kv_idx <= q_idx) & (kv_idx >= starts[b, q_idx])
 
-    mask = create_block_mask(document_causal, B, None, T, T, device=doc_ids.device)
-    _flex_cache["mask"] = (doc_ids, doc_ids._version, mask)  # holds doc_ids: its storage is not reused
+    mask = BlockMask.from_kv_blocks(*as_indices(partial), *as_indices(full), BLOCK_SIZE=block_size,
+                                    mask_mod=document_causal, seq_lengths=(T, T))
+    _flex_cache["mask"] = (doc_ids, (doc_ids._version, block_size), mask)  # holds doc_ids: its storage is not reused
     return mask
 
 

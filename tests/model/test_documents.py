@@ -10,6 +10,7 @@ from model.documents import (
     _flex_cache,
     block_causal_mask,
     document_attention,
+    flex_document_block_mask,
     positions_from_doc_ids,
 )
 from model.generation import empty_caches
@@ -62,6 +63,40 @@ def test_tiled_document_attention_equals_the_full_mask(tile):
     torch.testing.assert_close(tiled, full, atol=1e-12, rtol=1e-12)
     for got, want in zip(grads, torch.autograd.grad((full * weights).sum(), (q, k, v))):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("lengths,block", [(LENGTHS, 4), ([[40, 3, 1, 60, 30]], 8), ([[134]], 16),
+                                           ([[1] * 20, [20]], 8), ([[64, 64]], 16)])
+def test_flex_block_mask_equals_create_block_mask(lengths, block):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    ids = doc_ids_of(lengths)
+    B, T = ids.shape
+    starts = torch.arange(T) - positions_from_doc_ids(ids)
+    want = create_block_mask(lambda b, h, q, kv: (kv <= q) & (kv >= starts[b, q]), B, None, T, T, device="cpu",
+                             BLOCK_SIZE=block)
+    got = flex_document_block_mask(ids, block)
+    assert torch.equal(got.to_dense(), want.to_dense())
+    for count, index in (("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices")):
+        assert torch.equal(getattr(got, count), getattr(want, count)), count
+        n = getattr(got, count)
+        for b, i in zip(*torch.nonzero(n[:, 0] > 0, as_tuple=True)):
+            k = int(n[b, 0, i])
+            assert torch.equal(getattr(got, index)[b, 0, i, :k].sort().values,
+                               getattr(want, index)[b, 0, i, :k].sort().values), (index, b, i)
+
+
+def test_flex_attention_with_small_blocks_equals_the_full_mask():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    ids = doc_ids_of(LENGTHS)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, h, 32, 8, generator=gen) for h in (4, 2, 2))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "flex_attention called without torch.compile", UserWarning)
+        flex = flex_attention(q, k, v, block_mask=flex_document_block_mask(ids, 4), enable_gqa=True)
+    full = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=block_causal_mask(ids), enable_gqa=True)
+    torch.testing.assert_close(flex, full, atol=1e-6, rtol=1e-6)
 
 
 def test_flex_attention_mask_equals_sdpa_mask(monkeypatch):
