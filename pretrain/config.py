@@ -28,10 +28,13 @@ class TrainConfig:
     exit_interval: int = 0  # save and exit after a step divisible by this (0: run to max_steps)
     nonfinite: str = "skip"  # a NaN/inf loss or gradient norm: "skip" (drop the update, count it) or "stop"
     nonfinite_limit: int = 5  # with "skip": stop after this many non-finite steps in a row
+    recompute: str = "none"  # megatron engine: "selective" (attention + feedback solve) or "full" (whole block)
 
     def __post_init__(self):
         if self.nonfinite not in ("skip", "stop"):
             raise ConfigError(f"train.nonfinite must be 'skip' or 'stop', got {self.nonfinite!r}")
+        if self.recompute not in ("none", "selective", "full"):
+            raise ConfigError(f"train.recompute must be 'none', 'selective' or 'full', got {self.recompute!r}")
         if self.nonfinite_limit < 1:
             raise ConfigError(f"train.nonfinite_limit must be >= 1, got {self.nonfinite_limit}")
         for name in ("max_steps", "global_batch_tokens", "micro_batch_size"):
@@ -64,6 +67,8 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0  # global norm; 0 disables
     distributed: bool = True  # megatron's distributed optimizer (ZeRO-1: Adam states sharded over DP)
+    overlap_grad_reduce: bool = True  # megatron engine: reduce gradient buckets during the backward
+    bucket_size: int = 40_000_000  # elements per gradient-reduction bucket (megatron's default)
 
     def __post_init__(self):
         if not 0 < self.lr:
@@ -72,6 +77,8 @@ class OptimConfig:
             raise ConfigError(f"optim.min_lr must lie in [0, optim.lr={self.lr}], got {self.min_lr}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optim.weight_decay and optim.grad_clip must be >= 0")
+        if self.bucket_size < 1:
+            raise ConfigError(f"optim.bucket_size must be >= 1, got {self.bucket_size}")
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ConfigError(f"optim.{name} must lie in [0, 1), got {getattr(self, name)}")

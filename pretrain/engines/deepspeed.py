@@ -25,6 +25,7 @@ from megatron.core import parallel_state
 
 from checkpoints import CheckpointManager
 from checkpoints.deepspeed_format import RANK_STATE_GLOB, TRAINER_STATE, UNIVERSAL, rank_state_name
+from model.recompute import recompute_blocks
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
 from ..batches import masked_loss_sum, model_inputs, target_count
@@ -116,29 +117,19 @@ def _skip_cpu_shm_comm() -> None:
 
 
 def checkpoint_activations(model, mode: str, *, reentrant: bool = False) -> None:
-    """DeepSpeed's activation checkpointing: recompute each block ("full") or, for Sessa, each block's
-    mixer, the attention + feedback solve whose activations grow with T ("feedback"), in backward.
-    Non-reentrant by default; ZeRO-3 needs the reentrant variant (its recomputation in backward runs
-    under ZeRO-3's backward hooks; the non-reentrant one would keep references to parameters ZeRO-3
-    has already released). Parameter names are unchanged (the forward is wrapped per instance)."""
+    """DeepSpeed's activation checkpointing (model/recompute.py): "full" recomputes each Sessa block,
+    "feedback" each block's mixer (attention + feedback solve). Non-reentrant by default; ZeRO-3 needs
+    the reentrant variant (its recomputation in backward runs under ZeRO-3's backward hooks; the
+    non-reentrant one would keep references to parameters ZeRO-3 has already released)."""
     if mode == "none":
         return
+    if not hasattr(model, "layers"):
+        raise ConfigError(f"deepspeed.activation_checkpointing: {mode} is implemented for model.arch: sessa; "
+                          f"set it to none for model.arch: transformer")
     from deepspeed.runtime.activation_checkpointing import checkpointing
 
     run = checkpointing.checkpoint if reentrant else checkpointing.non_reentrant_checkpoint
-    if not hasattr(model, "layers"):  # the Transformer arm: megatron's own per-layer recomputation
-        raise ConfigError(f"deepspeed.activation_checkpointing: {mode} is implemented for model.arch: sessa; "
-                          f"set it to none for model.arch: transformer")
-    for layer in model.layers:
-        module = layer if mode == "full" else layer.mixer
-        inner = module.forward
-
-        def forward(x, cache=None, _inner=inner, **kwargs):
-            if cache is not None or not torch.is_grad_enabled():  # decoding, evaluation
-                return _inner(x, cache, **kwargs)
-            return run(lambda h: _inner(h, None, **kwargs)[0], x), None
-
-        module.forward = forward
+    recompute_blocks(model, "selective" if mode == "feedback" else mode, run)
 
 
 class DeepSpeedEngine:

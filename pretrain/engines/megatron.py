@@ -17,6 +17,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from checkpoints import CheckpointManager
 from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimizer_state, load_optimizer_state
+from model.recompute import recompute_blocks, torch_checkpoint
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
 from ..batches import masked_loss_sum, model_inputs
@@ -70,10 +71,17 @@ class MegatronEngine:
         """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
         cfg, env = self.config, self.env
         virtual = cfg.parallel.virtual_stages
+        recompute = cfg.train.recompute
+        transformer_recompute = {}  # the Transformer arm recomputes through megatron's TransformerBlock
+        if cfg.model.arch == "transformer" and recompute != "none":
+            transformer_recompute = {"recompute_granularity": recompute}
+            if recompute == "full":
+                transformer_recompute |= {"recompute_method": "uniform", "recompute_num_layers": 1}
         self.megatron_config = megatron_config_for(
             cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, calculate_per_token_loss=True,
             virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
             batch_p2p_comm=self.device.type == "cuda",  # gloo's batched p2p mis-orders interleaved stages
+            **transformer_recompute,
         )
         stages = cfg.parallel.stage_layers(cfg.model.num_layers)
         self.chunks = []
@@ -83,14 +91,22 @@ class MegatronEngine:
                                 post_process=stage == len(stages) - 1, layer_numbers=stages[stage],
                                 vp_stage=v if virtual > 1 else None)
             init_model_weights(chunk, cfg.train.seed)
+            if cfg.model.arch == "sessa":
+                recompute_blocks(chunk, recompute, torch_checkpoint)
             self.chunks.append(chunk.to(self.device))
+        # Overlap: each gradient bucket is reduced (reduce-scattered with the distributed optimizer) as
+        # soon as the last micro-batch's backward has produced it; finalize_model_grads waits for them.
         ddp_config = DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=cfg.optim.distributed,
+            grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.optim.overlap_grad_reduce,
+            use_distributed_optimizer=cfg.optim.distributed, bucket_size=cfg.optim.bucket_size,
         )
         self.ddp = [DistributedDataParallel(self.megatron_config, ddp_config, chunk, disable_bucketing=i > 0)
                     for i, chunk in enumerate(self.chunks)]
+        per_chunk = lambda funcs: funcs if virtual > 1 else funcs[0]  # noqa: E731
         self.megatron_config.finalize_model_grads_func = finalize_model_grads
-        self.megatron_config.no_sync_func = [d.no_sync for d in self.ddp] if virtual > 1 else self.ddp[0].no_sync
+        self.megatron_config.no_sync_func = per_chunk([d.no_sync for d in self.ddp])
+        if cfg.optim.overlap_grad_reduce:  # start every chunk's reduction at its last backward (megatron's align)
+            self.megatron_config.grad_sync_func = per_chunk([d.start_grad_sync for d in self.ddp])
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          and cfg.model.dtype == "float32" else contextlib.nullcontext())
 
@@ -107,8 +123,10 @@ class MegatronEngine:
         self.optimizer = get_megatron_optimizer(optim, self.ddp, config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
 
     def banner(self) -> str:
-        virtual = self.config.parallel.virtual_stages
-        return "engine megatron" + (f", {virtual} virtual stages" if virtual > 1 else "")
+        cfg = self.config
+        virtual = cfg.parallel.virtual_stages
+        return (f"engine megatron{f', {virtual} virtual stages' if virtual > 1 else ''}, recompute "
+                f"{cfg.train.recompute}, gradient reduction {'overlapped' if cfg.optim.overlap_grad_reduce else 'after backward'}")
 
     # --- steps --------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):

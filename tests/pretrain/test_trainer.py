@@ -145,3 +145,27 @@ def test_console_has_no_warnings_and_recipes_keep_their_numbers(recipe, tmp_path
 
     for path in Path(__file__).resolve().parents[2].joinpath("configs").rglob("*.yaml"):
         assert "9999999" not in path.read_text() and "0000001" not in path.read_text(), path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["sessa", "transformer"])
+def test_recompute_modes_keep_the_losses(recipe, tmp_path, arch):
+    """train.recompute (megatron engine): Sessa blocks through model/recompute.py, the Transformer arm
+    through megatron's TransformerBlock; the same losses to 1e-6 relative."""
+    args = ("--model.arch", arch, "--train.max_steps", "3", "--data.num_workers", "0")
+    losses = {}
+    for mode in ("none", "selective", "full"):
+        done = run_pretrain(recipe, "--run_name", f"{arch}_{mode}", *args, "--train.recompute", mode)
+        assert f"recompute {mode}" in done.stdout
+        losses[mode] = read_metrics(tmp_path / "runs" / f"{arch}_{mode}")
+    for mode in ("selective", "full"):
+        assert losses[mode] == pytest.approx(losses["none"], rel=1e-6), mode
+
+
+@pytest.mark.slow
+def test_overlapped_gradient_reduction_keeps_the_losses(recipe, tmp_path):
+    args = ("--train.max_steps", "4", "--data.num_workers", "0", "--train.micro_batch_size", "1")
+    run_pretrain(recipe, "--run_name", "overlap", *args, nproc=2)  # optim.overlap_grad_reduce: true (default)
+    run_pretrain(recipe, "--run_name", "after", *args, "--optim.overlap_grad_reduce", "false", nproc=2)
+    overlap, after = read_metrics(tmp_path / "runs" / "overlap"), read_metrics(tmp_path / "runs" / "after")
+    assert sorted(overlap) == [1, 2, 3, 4] and overlap == pytest.approx(after, rel=1e-6)
