@@ -275,9 +275,6 @@ class Trainer:
         cfg = self.config
         if not cfg.eval.sample_tokens:
             return
-        if cfg.model.arch != "sessa" and not getattr(generate, "supports_transformer", False):
-            self.logger.print(f"no sample: decoding with caches is implemented for Sessa, not {cfg.model.arch}")
-            return
         with self.engine.full_model() as model:
             if model is None:
                 self.logger.print("no sample: decoding needs the whole model on one rank and no sequence parallelism")
