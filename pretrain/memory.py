@@ -4,6 +4,7 @@
 """
 import argparse
 
+from model.config import ModelConfig
 from model.flops import count_params
 
 from .config import RunConfig, load_config
@@ -11,14 +12,41 @@ from .config import RunConfig, load_config
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
+def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, tensor_parallel: int = 1,
+                           sequence_parallel: bool = False, compute_bytes: int = 2) -> dict[str, float]:
+    """Bytes one Sessa layer keeps for backward on one tensor-parallel rank ("saved"), and the chunked
+    solve's largest temporary ("transient"), for a micro-batch of `micro_batch` x `seq_len` tokens.
+
+    Per token, counted from what autograd saves (tests/scaling/test_memory.py measures it at TP 1
+    and 2): full width D on every rank, whatever the tensor-parallel size: the norm input (a 1/tp
+    sequence shard under sequence parallelism), the norm output gathered for W_in, a (gathered for
+    the mixer), GELU(a), and the feedback q_b and k_b (the solve mixes all D columns); 1/tp of D:
+    g, s * g, W_o's input (a single head has no W_o), attention's q, k, v and output (k, v with the
+    kv-heads' width), and the solve's output in fp32 (the same tensor as W_o's input in fp32);
+    small: attention's and the solve's log-sum-exp, gamma. Per layer: the RoPE tables (4 x T x d/2
+    fp32). All in the compute dtype unless said.
+    """
+    D, tp, c = model.hidden_size, tensor_parallel, compute_bytes
+    heads, kv_heads, d = model.num_heads / tp, model.num_kv_heads / tp, model.head_size
+    feedback = model.arch == "sessa" and model.feedback
+    full = (3 + (2 if feedback else 0)) * D * c + D * c / (tp if sequence_parallel else 1)
+    sharded = ((3 + (model.num_heads > 1)) * D / tp + (2 * heads + 2 * kv_heads) * d) * c
+    if feedback and c != 4:
+        sharded += 4 * D / tp  # the solve's fp32 output
+    small = 4 * heads + 3 * c + (4 if feedback else 0)
+    tokens = micro_batch * seq_len
+    saved = tokens * (full + sharded + small) + 4 * seq_len * d / 2 * 4
+    transient = 4 * model.feedback_chunk_size * seq_len * micro_batch if feedback else 0.0
+    return {"saved": saved, "transient": transient}
+
+
 def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     """A planning estimate (not a measurement) for one device of the configured layout.
 
     Weights in the model dtype, fp32 gradients (megatron reduces in fp32), and per parameter 12
     bytes of fp32 master weight + Adam moments, sharded over data-parallel ranks by the
-    distributed optimizer. Activations kept for backward per token and layer: about 18 D values in
-    the compute dtype (LayerNorm, W_in halves, q/k/v, attention output, feedback q_b/k_b, gated
-    product) plus the solve's fp32 outputs; the chunked solve adds one [C, T] fp32 tile.
+    distributed optimizer. Activations: every layer of this pipeline stage keeps what
+    `layer_activation_bytes` counts, and one layer's solve adds its temporary.
     """
     model, parallel = config.model, config.parallel
     model_parallel = parallel.tensor * parallel.pipeline
@@ -27,10 +55,9 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     weights = params * BYTES[model.dtype]
     grads = params * 4
     optimizer = params * 12 / (dp_size if config.optim.distributed else 1)
-    tokens = config.train.micro_batch_size * seq_len
-    layers_here = model.num_layers / parallel.pipeline
-    per_token_layer = 18 * model.hidden_size * compute_bytes / parallel.tensor + 4 * model.hidden_size / parallel.tensor
-    activations = tokens * layers_here * per_token_layer + 4 * model.feedback_chunk_size * seq_len
+    layer = layer_activation_bytes(model, seq_len, config.train.micro_batch_size, parallel.tensor,
+                                   parallel.sequence_parallel, compute_bytes)
+    activations = model.num_layers / parallel.pipeline * layer["saved"] + layer["transient"]
     gb = {name: value / 2**30 for name, value in
           dict(weights=weights, grads=grads, optimizer=optimizer, activations=activations).items()}
     gb["total"] = sum(gb.values())

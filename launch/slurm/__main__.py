@@ -5,7 +5,9 @@
     python -m launch.slurm --chain 5 --time 4:00:00 --config configs/7b.yaml        # no requeue: 5 jobs, afterany
     python -m launch.slurm --sweep sweep.txt --max-parallel 4 --train.max_steps 2000  # one array task per line
 
-Every recipe is loaded with pretrain.config first (unknown fields, bad values, a world size that does
+Resources come from the flags, else from the recipe's `launch:` section (nodes, gpus_per_node, time,
+partition, account, term_grace_s), else the defaults; GPUs per node default to what SLURM reports
+for the partition's nodes (0 on CPU nodes). Every recipe is loaded with pretrain.config first (unknown fields, bad values, a world size that does
 not divide by TP x PP, or a global batch that does not divide by the data-parallel layout fail here,
 not in the queue). The job runs launch/slurm/pretrain.sbatch from the current directory; its log is
 `<logs>/<job name>-<job id>.out` (arrays: `-<array id>_<index>.out`). Prints one job id per line.
@@ -40,15 +42,19 @@ def parse_time(limit: str) -> int:
     return a * 60 + (b or 0)
 
 
-def check_recipe(train_args: list[str], world_size: int):
-    """Load the recipe as the trainer will; check it against the layout. Returns the RunConfig."""
+def load_recipe(train_args: list[str]):
+    """The RunConfig the trainer will build from these arguments."""
     from pretrain.config import ConfigError, load_config  # imports torch: only here
 
     config, overrides = split_train_args(train_args)
     try:
-        run = load_config(config, overrides)
+        return load_config(config, overrides)
     except ConfigError as err:
         raise BadInput(f"{config}: {err}") from None
+
+
+def check_layout(run, config: str, world_size: int) -> None:
+    """The recipe's parallel layout and global batch must divide over `world_size` ranks."""
     model_parallel = run.parallel.tensor * run.parallel.pipeline
     if world_size % model_parallel:
         raise BadInput(f"{config}: {world_size} ranks do not divide by parallel.tensor x parallel.pipeline "
@@ -60,30 +66,99 @@ def check_recipe(train_args: list[str], world_size: int):
         if run.train.global_batch_tokens % per_step:
             raise BadInput(f"{config}: train.global_batch_tokens ({run.train.global_batch_tokens}) is not a multiple "
                            f"of micro_batch_size x seq_len x data-parallel size = {per_step} on {world_size} ranks")
-    return run
+
+
+def _gres_gpus(gres: str) -> int:
+    """GPUs in one node's GRES string as sinfo prints it: 'gpu:8', 'gpu:h100:4(S:0-1),shard:8', '(null)'."""
+    for item in re.sub(r"\(.*?\)", "", gres).split(","):
+        parts = item.split(":")
+        if parts[0] == "gpu" and parts[-1].isdigit():
+            return int(parts[-1])
+    return 0
+
+
+def detect_gpus_per_node(partition: str | None) -> tuple[int, str]:
+    """(GPUs per node, where that number comes from): SLURM's GRES of the partition's nodes (the
+    fewest, so that any node fits), else this machine's GPUs (nvidia-smi), else 0."""
+    try:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%G", *([f"--partition={partition}"] if partition else [])],
+                              capture_output=True, text=True, timeout=60)
+        if done.returncode == 0 and done.stdout.strip():
+            counts = [_gres_gpus(line.strip()) for line in done.stdout.splitlines() if line.strip()]
+            return min(counts), f"sinfo GRES of partition {partition or '(default)'}"
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
+        return sum(line.startswith("GPU") for line in done.stdout.splitlines()), "nvidia-smi on this machine"
+    except (OSError, subprocess.TimeoutExpired):
+        return 0, "sinfo answered nothing and there is no nvidia-smi"
+
+
+RESOURCES = ("nodes", "gpus_per_node", "time", "partition", "account", "term_grace_s")
+
+
+def resolve_resources(opts, runs: list, names: list[str]) -> dict:
+    """Each resource from its flag, else the recipes' `launch:` section (sweep lines must agree), else
+    the default; gpus_per_node -1 (the default) is detected (detect_gpus_per_node)."""
+    from pretrain.config import LaunchConfig
+
+    default = LaunchConfig()
+    flags = {"nodes": opts.nodes, "gpus_per_node": opts.gpus_per_node, "time": opts.time,
+             "partition": opts.partition, "account": opts.account, "term_grace_s": opts.term_grace}
+    chosen = {}
+    for name in RESOURCES:
+        if flags[name] is not None:
+            chosen[name] = flags[name]
+            continue
+        values = {getattr(run.launch, name) for run in runs}
+        if len(values) > 1:
+            raise BadInput(f"the sweep's recipes ask for different launch.{name} ({', '.join(map(str, sorted(values)))})"
+                           f" but an array has one; give --{name.replace('_', '-')}")
+        chosen[name] = values.pop()
+        if name == "time" and chosen[name]:
+            try:
+                parse_time(chosen[name])
+            except BadInput:
+                raise BadInput(f"{names[0]}: launch.time {chosen[name]!r} is not a SLURM time (M, M:S, H:M:S, "
+                               f"D-H, D-H:M, D-H:M:S)") from None
+    if chosen["gpus_per_node"] == default.gpus_per_node:
+        chosen["gpus_per_node"], source = detect_gpus_per_node(chosen["partition"] or None)
+        print(f"launch: {chosen['gpus_per_node']} GPU(s) per node ({source}; set launch.gpus_per_node or "
+              f"--gpus-per-node to choose)", file=sys.stderr)
+    if chosen["nodes"] < 1 or chosen["gpus_per_node"] < 0 or chosen["term_grace_s"] < 1:
+        raise BadInput(f"--nodes ({chosen['nodes']}) and --term-grace ({chosen['term_grace_s']}) must be >= 1, "
+                       f"--gpus-per-node ({chosen['gpus_per_node']}) >= 0")
+    return chosen
 
 
 def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict]:
     """(sbatch arguments except the dependency, environment for pretrain.sbatch); checks the recipes."""
-    ranks_per_node = opts.ranks_per_node or opts.gpus_per_node or 1
-    world_size = opts.nodes * ranks_per_node
     if opts.sweep:
-        runs = [check_recipe(sweep_entry(opts.sweep, index, train_args), world_size)
-                for index in range(len(read_sweep(opts.sweep)))]
+        lines = [sweep_entry(opts.sweep, index, train_args) for index in range(len(read_sweep(opts.sweep)))]
+    else:
+        lines = [train_args]
+    names = [split_train_args(line)[0] for line in lines]
+    runs = [load_recipe(line) for line in lines]
+    res = resolve_resources(opts, runs, names)
+    ranks_per_node = opts.ranks_per_node or res["gpus_per_node"] or 1
+    world_size = res["nodes"] * ranks_per_node
+    for run, name in zip(runs, names):
+        check_layout(run, name, world_size)
+    if opts.sweep:
         dirs = [str(run.run_dir) for run in runs]
         if len(set(dirs)) != len(dirs):
             raise BadInput(f"sweep {opts.sweep}: runs share a run directory ({', '.join(dirs)}); give each line "
                            f"its own --run_name")
         job_name = opts.job_name or f"sweep-{Path(opts.sweep).stem}"
     else:
-        runs = [check_recipe(train_args, world_size)]
         job_name = opts.job_name or runs[0].run_name
-    if opts.time and parse_time(opts.time) <= opts.signal_lead:
-        raise BadInput(f"--time {opts.time} is not longer than --signal-lead {opts.signal_lead} s; lengthen --time "
+    if res["time"] and parse_time(res["time"]) <= opts.signal_lead:
+        raise BadInput(f"--time {res['time']} is not longer than --signal-lead {opts.signal_lead} s; lengthen --time "
                        f"or shorten --signal-lead")
     cpus_per_rank = opts.cpus_per_rank or max(run.data.num_workers for run in runs) + 1
     logs = Path(opts.logs)
-    args = ["--parsable", f"--job-name={job_name}", f"--nodes={opts.nodes}",
+    args = ["--parsable", f"--job-name={job_name}", f"--nodes={res['nodes']}",
             f"--signal=B:USR1@{opts.signal_lead}", "--open-mode=append",
             f"--output={logs / ('%x-%A_%a.out' if opts.sweep else '%x-%j.out')}",
             "--no-requeue" if opts.chain > 1 or opts.no_requeue else "--requeue"]
@@ -91,17 +166,19 @@ def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict]:
         args += ["--ntasks-per-node=1", f"--cpus-per-task={ranks_per_node * cpus_per_rank}"]
     else:
         args += [f"--ntasks-per-node={ranks_per_node}", f"--cpus-per-task={cpus_per_rank}"]
-    if opts.gpus_per_node:
-        args.append(f"--gpus-per-node={opts.gpus_per_node}")
-    for flag in ("time", "partition", "account", "qos"):
-        if getattr(opts, flag):
-            args.append(f"--{flag}={getattr(opts, flag)}")
+    if res["gpus_per_node"]:
+        args.append(f"--gpus-per-node={res['gpus_per_node']}")
+    for flag in ("time", "partition", "account"):
+        if res[flag]:
+            args.append(f"--{flag}={res[flag]}")
+    if opts.qos:
+        args.append(f"--qos={opts.qos}")
     if opts.sweep:
         args.append(f"--array=0-{len(runs) - 1}" + (f"%{opts.max_parallel}" if opts.max_parallel else ""))
     args += opts.sbatch_arg
     env = {"SESSA_LAUNCH": opts.launcher, "SESSA_RANKS_PER_NODE": str(ranks_per_node), "SESSA_REPO": str(REPO),
            "SESSA_REQUEUE": "0" if opts.chain > 1 or opts.no_requeue else "1",
-           "SESSA_MAX_RESTARTS": str(opts.max_restarts)}
+           "SESSA_MAX_RESTARTS": str(opts.max_restarts), "SESSA_TERM_GRACE_S": str(res["term_grace_s"])}
     if opts.sweep:
         env["SESSA_SWEEP"] = str(Path(opts.sweep).resolve())
     return args, env
@@ -131,19 +208,25 @@ def submit(opts, train_args: list[str]) -> list[str]:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m launch.slurm", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", type=int, default=1)
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs to request per node (0: none)")
+    parser.add_argument("--nodes", type=int, help="nodes (default: the recipe's launch.nodes, else 1)")
+    parser.add_argument("--gpus-per-node", type=int,
+                        help="GPUs to request per node, 0: none (default: the recipe's launch.gpus_per_node, else "
+                             "what sinfo reports for the partition's nodes, 0 on CPU nodes)")
     parser.add_argument("--ranks-per-node", type=int, help="training processes per node (default: GPUs, else 1)")
     parser.add_argument("--cpus-per-rank", type=int, help="CPUs per rank (default: data.num_workers + 1)")
     parser.add_argument("--launcher", choices=("torchrun", "srun"), default="torchrun",
                         help="torchrun: one srun task per node running torchrun; srun: one srun task per rank")
-    parser.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the partition's)")
-    parser.add_argument("--partition")
-    parser.add_argument("--account")
+    parser.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the recipe's launch.time, else the "
+                                       "partition's)")
+    parser.add_argument("--partition", help="default: the recipe's launch.partition, else the cluster's default")
+    parser.add_argument("--account", help="default: the recipe's launch.account, else yours")
     parser.add_argument("--qos")
     parser.add_argument("--job-name", help="default: the run name (sweeps: sweep-<file name>)")
     parser.add_argument("--signal-lead", type=int, default=300,
                         help="seconds before the time limit at which the ranks get SIGUSR1 and save (default 300)")
+    parser.add_argument("--term-grace", type=int,
+                        help="seconds the ranks get to save after SIGTERM (cancel, preemption) before they are "
+                             "killed (default: the recipe's launch.term_grace_s, 20; keep it below KillWait)")
     parser.add_argument("--max-restarts", type=int, default=20, help="requeue at most this often (default 20)")
     parser.add_argument("--no-requeue", action="store_true", help="never requeue (the run stops at the time limit)")
     parser.add_argument("--chain", type=int, default=1,
@@ -156,8 +239,8 @@ def parse_args(argv=None):
                         help="extra sbatch argument, e.g. --sbatch-arg=--exclusive (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the sbatch commands instead of submitting")
     opts, train_args = parser.parse_known_args(argv)
-    if opts.chain < 1 or opts.nodes < 1:
-        parser.error("--chain and --nodes must be >= 1")
+    if opts.chain < 1:
+        parser.error("--chain must be >= 1")
     return opts, train_args
 
 

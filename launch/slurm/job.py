@@ -6,7 +6,8 @@
         --start-step "$START_STEP" --owner "$SESSA_RUN_LOCK_OWNER" --record "$RECORD" [--requeue]
     # prints done | requeue | stopped | failed
 
-`begin` resolves the run directory, takes its lock (pretrain/runlock.py), records the launch (job,
+`begin` resolves the run directory, takes its lock (pretrain/runlock.py), seeds a new run from the
+checkpoint its fork.json names (seed_from_fork), records the launch (job,
 nodes, command, git commit and diff, the recipe file) under `runs/<run>/launches/`, and prints shell
 assignments: RUN_DIR, MAX_STEPS, START_STEP, RECORD, SESSA_RUN_LOCK_OWNER and the TRAIN_ARGS array.
 Exit status 3: the run has already reached max_steps; 4: another live job owns the run; 2: bad input.
@@ -129,6 +130,26 @@ def latest_step(run_dir: Path) -> int:
     return int(text) if text.isdigit() and (pointer.parent / f"iter_{int(text):07d}").is_dir() else 0
 
 
+FORK_FILE = "fork.json"
+
+
+def seed_from_fork(run_dir: Path) -> None:
+    """A run directory holding fork.json, {"source": <checkpoint step directory>, "step": N}, and no
+    checkpoint yet starts from a copy of that checkpoint (a scaling ladder's cooldown branch forks
+    its main run: pretrain/scaling/launch.py writes the file)."""
+    fork, checkpoints = run_dir / FORK_FILE, run_dir / "checkpoints"
+    if not fork.is_file() or latest_step(run_dir):
+        return
+    spec = json.loads(fork.read_text())
+    source = Path(spec["source"])
+    if not source.is_dir():
+        raise BadInput(f"{fork}: the checkpoint to start from, {source}, does not exist (has that run reached "
+                       f"step {spec['step']}?)")
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(source, checkpoints / source.name, dirs_exist_ok=True)
+    (checkpoints / "latest").write_text(str(spec["step"]))
+
+
 # --- the launch record ----------------------------------------------------------------------------
 def _git(*args: str) -> str | None:
     try:
@@ -181,6 +202,12 @@ def begin(args) -> int:
     except RunLockedError as err:
         print(f"cannot start: {err}", file=sys.stderr)
         return EXIT_LOCKED
+    try:
+        seed_from_fork(run_dir)
+    except BadInput:
+        RunLock(run_dir / LOCK_NAME, owner).release()
+        raise
+    start = latest_step(run_dir)
     record = record_launch(run_dir, train_args, start, owner)
     assignments = {"RUN_DIR": str(run_dir), "MAX_STEPS": str(max_steps), "START_STEP": str(start),
                    "RECORD": str(record), OWNER_ENV: owner}

@@ -41,10 +41,10 @@ case $mode in
     exit "$waiting" ;;
   torchrun)
     # torchrun ignores SIGUSR1 (the ranks get it from `signal`): told to handle it, torchrun would
-    # stop the ranks itself and exit 1 even when all saved. SLURM's SIGTERM (preemption, time
-    # limit) reaches every process; torchrun passes it on and gives the ranks --shutdown-timeout
-    # seconds to save: report 0 then (the checkpoint decides what comes next), so that srun
-    # --kill-on-bad-exit spares the other nodes' saves.
+    # stop the ranks itself and exit 1 even when all saved. SLURM's SIGTERM (cancel, preemption,
+    # time limit) reaches every process; torchrun passes it on and gives the ranks
+    # $SESSA_TERM_GRACE_S seconds (default 20) to save before it kills them: report 0 then (the
+    # checkpoint decides what comes next), so that srun --kill-on-bad-exit spares the other nodes' saves.
     stopped=
     trap 'stopped=TERM' TERM
     trap 'stopped=INT' INT
@@ -52,7 +52,7 @@ case $mode in
       --nnodes="${SESSA_NNODES:-${SLURM_STEP_NUM_NODES:-1}}" --node-rank="${SESSA_NODE_RANK:-${SLURM_NODEID:-0}}" \
       --nproc-per-node="${SESSA_RANKS_PER_NODE:-1}" \
       --master-addr="${MASTER_ADDR:-127.0.0.1}" --master-port="${MASTER_PORT:-29500}" \
-      --max-restarts=0 --shutdown-timeout="${SESSA_SHUTDOWN_TIMEOUT:-600}" \
+      --max-restarts=0 --shutdown-timeout="${SESSA_TERM_GRACE_S:-20}" \
       --no-python "$0" rank "$@" &
     child=$!
     while :; do

@@ -135,7 +135,7 @@ def _launch(args) -> int:
         print(f"{len(ran)} points run" if ran else "nothing to run: every point is done, diverged or out of attempts")
         return 0 if all(s in ("done", "diverged") for s in ran.values()) else 1
     jobs = launch_slurm(args.sweep, max_attempts=args.max_attempts, throttle=args.throttle,
-                        sbatch_lines=[f"#SBATCH {line}" for line in args.sbatch])
+                        launch_args=[*args.launch_arg, *(f"--sbatch-arg={arg}" for arg in args.sbatch)])
     print(json.dumps(jobs) if jobs else "nothing to submit")
     return 0
 
@@ -177,9 +177,13 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--sweep", required=True, help="sweep directory written by plan")
     launch.add_argument("--mode", choices=("local", "slurm"), default="local")
     launch.add_argument("--max-attempts", type=int, default=2, help="attempts per point (requeues + reruns)")
-    launch.add_argument("--throttle", type=int, default=4, help="SLURM: array tasks running at once (%%K)")
+    launch.add_argument("--throttle", type=int, default=4, help="SLURM: array tasks running at once")
     launch.add_argument("--timeout", type=float, default=3600, help="local: seconds per point")
-    launch.add_argument("--sbatch", action="append", default=[], help="extra #SBATCH line, e.g. --sbatch='--gpus=8'")
+    launch.add_argument("--launch-arg", action="append", default=[], metavar="ARG",
+                        help="SLURM: argument for `python -m launch.slurm`, e.g. --launch-arg=--gpus-per-node=1 "
+                             "(repeatable; resources otherwise come from the configs' launch: section)")
+    launch.add_argument("--sbatch", action="append", default=[], metavar="ARG",
+                        help="SLURM: extra sbatch argument, e.g. --sbatch=--exclusive (repeatable)")
     launch.set_defaults(handler=_launch)
 
     collect = sub.add_parser("collect", help="results table (CSV + Parquet) of a sweep's runs")

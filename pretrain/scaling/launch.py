@@ -12,9 +12,11 @@ copies it into the branch's run directory, and the branch's own config (its WSD 
 the fork) takes over from there. Mains run first; a branch whose main is not done waits.
 
   local  one point after another on this machine (`python -m pretrain`, the real trainer).
-  slurm  an sbatch array for the mains (`--array=0-N%K`, one config per index), and a second
-         array of branches with `--dependency=afterany:<mains>`; each task retries itself with
-         `scontrol requeue` up to `max_attempts` (attempts counted in the run directory).
+  slurm  `python -m launch.slurm --sweep` (launch/slurm's sbatch script and submit code): a job
+         array for the mains (`--max-parallel K`, one config per task) and a second array of
+         branches with `--dependency=afterany:<mains>`. A task requeues itself while its
+         checkpoint advances (launch/slurm); `launch` again resubmits failed points, counting one
+         attempt per submission, up to `max_attempts`.
 """
 import json
 import os
@@ -129,91 +131,94 @@ def launch_local(sweep: str | Path, max_attempts: int = 2, timeout_s: float = 36
     return ran
 
 
-SBATCH_TEMPLATE = """#!/bin/bash
-#SBATCH --job-name={job_name}
-#SBATCH --array=0-{last}%{throttle}
-#SBATCH --output={sweep}/slurm/%x-%A_%a.out
-#SBATCH --requeue
-#SBATCH --open-mode=append
-{extra}
-# One sweep point per array index (tasks file line index + 1). A failed attempt requeues its own
-# task until {max_attempts} attempts; the registry is brought up to date by `launch` afterwards.
-set -u
-NAME=$(sed -n "$((SLURM_ARRAY_TASK_ID + 1))p" {tasks})
-RUN={sweep}/runs/$NAME
-mkdir -p "$RUN"
-ATTEMPTS=$(( $(cat "$RUN/attempts" 2>/dev/null || echo 0) + 1 ))
-echo $ATTEMPTS > "$RUN/attempts"
-cd {repo}
-{fork}
-PYTHONPATH={repo}:${{PYTHONPATH:-}} {python} -m pretrain --config {sweep}/configs/$NAME.yaml
-CODE=$?
-echo $CODE > "$RUN/exit_code"
-if [ $CODE -ne 0 ] && [ $ATTEMPTS -lt {max_attempts} ]; then
-    scontrol requeue "${{SLURM_ARRAY_JOB_ID}}_${{SLURM_ARRAY_TASK_ID}}"
-fi
-exit $CODE
-"""
-
-FORK_LINE = ("{python} -c \"import json,sys; from pathlib import Path; from pretrain.scaling.launch import fork_checkpoint; "
-             "s=Path('{sweep}'); p={{q['name']: q for q in json.loads((s/'plan.json').read_text())['points']}}['$NAME']; "
-             "fork_checkpoint(s, p)\" || exit 1")
+def _live_jobs(sweep: Path) -> list[str]:
+    """The sweep's submitted jobs (slurm/jobs.json) that SLURM still has queued or running."""
+    path = sweep / "slurm" / "jobs.json"
+    jobs = list(json.loads(path.read_text()).values()) if path.exists() else []
+    if not jobs:
+        return []
+    done = subprocess.run(["squeue", "-h", "-o", "%A", "-j", ",".join(jobs)], capture_output=True, text=True)
+    return sorted(set(done.stdout.split()) & set(jobs)) if done.returncode == 0 else []
 
 
-def slurm_scripts(sweep: str | Path, max_attempts: int = 2, throttle: int = 4, sbatch_lines: list[str] = ()) -> list[Path]:
-    """Write the array scripts (mains, then branches) for the points not done; returns their paths."""
+def launch_slurm(sweep: str | Path, max_attempts: int = 2, throttle: int = 4, launch_args: list[str] = (),
+                 dry_run: bool = False) -> dict:
+    """Submit the points not done as job arrays of `python -m launch.slurm --sweep` (launch/slurm's
+    sbatch script, run lock, launch records, requeue while a task's checkpoint advances): the mains,
+    then the branches with --dependency=afterany:<mains>, each branch seeded from its main's
+    checkpoint at fork_step when its task starts (fork.json, launch.slurm.job.seed_from_fork).
+    `launch_args` go to launch.slurm as they are (e.g. --gpus-per-node 1, --time 4:00:00). A point
+    counts one attempt per submission; the next call resubmits failed points below max_attempts.
+    Returns {"mains": job id, "branches": job id} of what it submitted (dry_run: the sbatch commands
+    launch.slurm would run, and nothing recorded)."""
     sweep = Path(sweep).resolve()
+    live = _live_jobs(sweep)
+    if live:
+        raise RuntimeError(f"the sweep's jobs {', '.join(live)} are still queued or running; wait for them or "
+                           f"scancel them before launching again")
+    sync_slurm_registry(sweep, max_attempts)
     plan = json.loads((sweep / "plan.json").read_text())
-    registry = Registry(sweep)
+    registry, commit = Registry(sweep), git_commit()
     (sweep / "slurm").mkdir(exist_ok=True)
-    scripts = []
+    jobs, dependency = {}, []
     for kind, chosen in (("mains", [p for p in plan["points"] if not p["fork_of"]]),
                          ("branches", [p for p in plan["points"] if p["fork_of"]])):
         todo = [p for p in chosen if registry.get(p)["status"] not in ("done", "diverged")
                 and registry.get(p)["attempts"] < max_attempts]
         if not todo:
             continue
-        tasks = sweep / "slurm" / f"{kind}.txt"
-        tasks.write_text("".join(p["name"] + "\n" for p in todo))
-        script = sweep / "slurm" / f"{kind}.sbatch"
-        script.write_text(SBATCH_TEMPLATE.format(
-            job_name=f"scaling-{kind}", last=len(todo) - 1, throttle=throttle, sweep=sweep, tasks=tasks,
-            repo=REPO, python=sys.executable, max_attempts=max_attempts, extra="\n".join(sbatch_lines),
-            fork=FORK_LINE.format(python=sys.executable, sweep=sweep) if kind == "branches" else "",
-        ))
-        scripts.append(script)
-    registry.save()
-    return scripts
-
-
-def launch_slurm(sweep: str | Path, max_attempts: int = 2, throttle: int = 4, sbatch_lines: list[str] = ()) -> dict:
-    """Submit the arrays; the branches' array depends on the mains' (afterany: a branch whose main
-    failed finds no checkpoint and fails fast, to be resubmitted by the next `launch`)."""
-    sweep = Path(sweep).resolve()
-    sync_slurm_registry(sweep, max_attempts)
-    jobs, dependency = {}, None
-    for script in slurm_scripts(sweep, max_attempts, throttle, sbatch_lines):
-        command = ["sbatch", "--parsable"] + ([f"--dependency=afterany:{dependency}"] if dependency else []) + [str(script)]
-        job = subprocess.run(command, capture_output=True, text=True, check=True).stdout.strip().split(";")[0]
-        jobs[script.stem] = job
-        if script.stem == "mains":
-            dependency = job
-    (sweep / "slurm" / "jobs.json").write_text(json.dumps(jobs))
+        for point in todo if kind == "branches" else ():
+            run_dir = sweep / "runs" / point["name"]
+            run_dir.mkdir(parents=True, exist_ok=True)
+            source = sweep / "runs" / point["fork_of"] / "checkpoints" / f"iter_{point['fork_step']:07d}"
+            (run_dir / "fork.json").write_text(json.dumps({"source": str(source), "step": point["fork_step"]}))
+        lines = sweep / "slurm" / f"{kind}.txt"
+        lines.write_text("".join(f"{sweep / 'configs' / (p['name'] + '.yaml')}\n" for p in todo))
+        command = [sys.executable, "-m", "launch.slurm", "--sweep", str(lines), "--max-parallel", str(throttle),
+                   "--job-name", f"scaling-{kind}", "--logs", str(sweep / "slurm"), *dependency, *launch_args,
+                   *(["--dry-run"] if dry_run else [])]
+        done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")})
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed ({done.returncode}): {done.stderr.strip()[-3000:]}")
+        if dry_run:
+            jobs[kind] = done.stdout.strip()
+            dependency = ["--dependency", "afterany:<mains>"]
+            continue
+        jobs[kind] = done.stdout.split()[-1]
+        for point in todo:
+            entry = registry.get(point)
+            entry.update(status="submitted", attempts=entry["attempts"] + 1, git_commit=commit,
+                         reason=f"job {jobs[kind]}")
+        if kind == "mains":
+            dependency = ["--dependency", f"afterany:{jobs[kind]}"]
+    if not dry_run:
+        registry.save()
+        (sweep / "slurm" / "jobs.json").write_text(json.dumps(jobs))
     return jobs
 
 
 def sync_slurm_registry(sweep: Path, max_attempts: int = 2) -> None:
-    """Fold the array tasks' results (exit codes, metrics, attempts) into the registry."""
+    """Fold submitted points' outcomes into the registry once their jobs have left the queue: the
+    launch records launch/slurm writes under runs/<point>/launches/ (exit code, decision) and the
+    metrics (done, diverged); a point whose task never started training is failed."""
+    sweep = Path(sweep)
+    if _live_jobs(sweep):
+        return
     plan = json.loads((sweep / "plan.json").read_text())
     registry = Registry(sweep)
-    commit = git_commit()
     for point in plan["points"]:
-        run_dir = sweep / "runs" / point["name"]
-        if not (run_dir / "exit_code").exists():
-            continue
         entry = registry.get(point)
-        entry["attempts"] = int((run_dir / "attempts").read_text().strip() or 0)
-        entry["status"], entry["reason"] = classify(sweep, point, int((run_dir / "exit_code").read_text().strip()))
-        entry["git_commit"] = entry["git_commit"] or commit
-        (run_dir / "scaling.json").write_text(json.dumps({"git_commit": entry["git_commit"], **entry}))
+        if entry["status"] != "submitted":
+            continue
+        run_dir = sweep / "runs" / point["name"]
+        records = sorted((json.loads(p.read_text()) for p in (run_dir / "launches").glob("*.json")),
+                         key=lambda r: (r["started"], r["restart"])) if (run_dir / "launches").is_dir() else []
+        if records and "exit_code" in records[-1]:
+            entry["status"], entry["reason"] = classify(sweep, point, records[-1]["exit_code"])
+        else:
+            entry["status"], entry["reason"] = "failed", (f"{entry['reason']}: the array task ended before training "
+                                                          f"started or while it ran; see {sweep / 'slurm'}")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "scaling.json").write_text(json.dumps(entry))
     registry.save()

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -216,3 +217,42 @@ def test_local_launcher_stops_cleanly_on_sigterm(recipe, tmp_path):
     assert 2 <= stopped < 400 and not (run_dir / LOCK_NAME).exists()
     (record,) = [json.loads(p.read_text()) for p in (run_dir / "launches").glob("*.json")]
     assert record["decision"] == "stopped" and record["reached_step"] == stopped and record["launcher"] == "local"
+
+
+def test_submit_helper_takes_resources_from_the_recipe_launch_section(recipe, tmp_path, monkeypatch):
+    """Resources: flag, else the recipe's launch: section, else the default; GPUs per node default
+    to what SLURM reports (no SLURM here, no nvidia-smi: 0, so no --gpus-per-node=8 on CPU nodes)."""
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "no-slurm.conf"))  # sinfo fails: no cluster
+    monkeypatch.setenv("PATH", os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep)
+                                               if not (Path(p) / "nvidia-smi").exists()))
+
+    def build(path, *argv):
+        return build_submission(*parse_args(["--logs", str(tmp_path / "logs"), "--config", str(path), *argv]))
+
+    args, env = build(recipe)
+    assert "--nodes=1" in args and not any(a.startswith(("--gpus-per-node", "--time", "--partition")) for a in args)
+    assert env["SESSA_RANKS_PER_NODE"] == "1" and env["SESSA_TERM_GRACE_S"] == "20"
+    tree = yaml.safe_load(recipe.read_text())
+    tree["launch"] = {"nodes": 2, "gpus_per_node": 2, "time": "30:00", "partition": "cpu", "account": "proj",
+                      "term_grace_s": 12}
+    with_launch = tmp_path / "with_launch.yaml"
+    with_launch.write_text(yaml.safe_dump(tree))
+    args, env = build(with_launch)
+    assert {"--nodes=2", "--gpus-per-node=2", "--time=30:00", "--partition=cpu", "--account=proj"} <= set(args)
+    assert env["SESSA_RANKS_PER_NODE"] == "2" and env["SESSA_TERM_GRACE_S"] == "12"
+    args, env = build(with_launch, "--nodes", "1", "--gpus-per-node", "0", "--time", "1:00:00", "--term-grace", "5")
+    assert {"--nodes=1", "--time=1:00:00", "--partition=cpu"} <= set(args)
+    assert not any(a.startswith("--gpus-per-node") for a in args) and env["SESSA_TERM_GRACE_S"] == "5"
+    args, _ = build(with_launch, "--launch.nodes", "4", "--ranks-per-node", "1")  # an override is the recipe's
+    assert "--nodes=4" in args
+    with_launch.write_text(with_launch.read_text().replace("'30:00'", "30:00"))  # YAML: 1800 (seconds)
+    with pytest.raises(BadInput, match="launch.time must be a quoted SLURM time"):
+        build(with_launch)
+    with pytest.raises(BadInput, match="launch.time '1h' is not a SLURM time"):
+        build(recipe, "--launch.time", "1h")
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text(f"{recipe} --run_name a --launch.nodes 2\n{recipe} --run_name b\n")
+    with pytest.raises(BadInput, match=r"different launch.nodes \(1, 2\).*give --nodes"):
+        build_submission(*parse_args(["--logs", str(tmp_path / "logs"), "--sweep", str(sweep)]))
+    args, _ = build_submission(*parse_args(["--logs", str(tmp_path / "logs"), "--sweep", str(sweep), "--nodes", "2"]))
+    assert "--nodes=2" in args

@@ -1,10 +1,10 @@
-"""The scaling harness on the real test SLURM cluster: a throttled array of two ladder mains, one of
-them failing once (its run directory locked by another owner) and requeueing itself, and the
-dependent array of cooldown branches forked from the mains' checkpoints."""
+"""The scaling harness on the real test SLURM cluster, submitting through launch/slurm: a throttled
+array of two ladder mains, one of them failing (its run directory locked by another owner), the
+dependent array of cooldown branches forked from the mains' checkpoints (the failed main's branch
+fails too), and a second `launch` that resubmits exactly the failed main and its branch."""
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -34,25 +34,32 @@ def test_scaling_arrays_requeue_and_dependent_cooldowns(slurm, job_env, launch_d
     assert len(mains) == 2 and len(plan) == 4
     flaky = sweep / "runs" / mains[0]["name"]
     flaky.mkdir(parents=True)
-    lock = acquire_run_lock(flaky)  # this process owns the run: the first attempt exits 4
-    jobs = launch_slurm(sweep, max_attempts=3, throttle=1)
+    lock = acquire_run_lock(flaky)  # this process owns the run: its task exits 4 before training
+    options = ["--gpus-per-node", "0", "--cpus-per-rank", "1", "--launcher", "srun"]
+    jobs = launch_slurm(sweep, max_attempts=3, throttle=1, launch_args=options)
     assert set(jobs) == {"mains", "branches"}
-    assert "--array=0-1%1" in (sweep / "slurm" / "mains.sbatch").read_text()
     assert slurm.jobs(jobs["branches"])[0]["Dependency"].startswith(f"afterany:{jobs['mains']}")
-    deadline = time.time() + 300
-    while not (flaky / "exit_code").exists():
-        assert time.time() < deadline, "the locked task never ran"
-        time.sleep(1)
-    assert (flaky / "exit_code").read_text().strip() == "4"
+    with pytest.raises(RuntimeError, match="still queued or running"):
+        launch_slurm(sweep, max_attempts=3, launch_args=options)
+    for job in jobs.values():
+        slurm.wait(job, timeout=600)
     lock.release()
-    slurm.wait(jobs["mains"], timeout=600)
-    slurm.wait(jobs["branches"], timeout=600)
+    logs = lambda: "".join(path.read_text() for path in (sweep / "slurm").glob("scaling-*.out"))
     sync_slurm_registry(sweep, max_attempts=3)
-    registry = Registry(sweep)
-    statuses = {e["name"]: (e["status"], e["attempts"]) for e in registry.entries.values()}
-    assert statuses[mains[0]["name"]] == ("done", 2), statuses  # failed once, requeued, finished
+    statuses = {e["name"]: (e["status"], e["attempts"]) for e in Registry(sweep).entries.values()}
+    flaky_branch = next(p["name"] for p in plan if p["fork_of"] == mains[0]["name"])
+    assert statuses[mains[0]["name"]] == statuses[flaky_branch] == ("failed", 1), statuses
+    assert [s for name, s in statuses.items() if name not in (mains[0]["name"], flaky_branch)] == [("done", 1)] * 2
+    assert "is in use by pid:" in logs() and "the checkpoint to start from" in logs()
+
+    again = launch_slurm(sweep, max_attempts=3, throttle=1, launch_args=options)  # the failed two only
+    assert (sweep / "slurm" / "mains.txt").read_text().strip().endswith(f"{mains[0]['name']}.yaml")
+    for job in again.values():
+        slurm.wait(job, timeout=600)
+    sync_slurm_registry(sweep, max_attempts=3)
+    statuses = {e["name"]: (e["status"], e["attempts"]) for e in Registry(sweep).entries.values()}
+    assert statuses[mains[0]["name"]] == statuses[flaky_branch] == ("done", 2), statuses
     assert all(status == "done" for status, _ in statuses.values()), statuses
     for branch in (p for p in plan if p["fork_of"]):
-        logs = "".join(path.read_text() for path in (sweep / "slurm").glob("scaling-branches-*.out"))
-        assert f"resumed from {sweep / 'runs' / branch['name'] / 'checkpoints'}" in logs
-    assert launch_slurm(sweep, max_attempts=3) == {}  # nothing left to submit
+        assert f"resumed from {sweep / 'runs' / branch['name'] / 'checkpoints'}" in logs()
+    assert launch_slurm(sweep, max_attempts=3, launch_args=options) == {}  # nothing left to submit

@@ -1,7 +1,6 @@
 """launch/slurm on a real SLURM cluster (tests/launch/slurm_cluster.py): multi-node training in both
 launch modes, time-limit signal + requeue + exact resume, run lock, afterany chains, job arrays."""
 import json
-import os
 import subprocess
 import sys
 import time
@@ -188,3 +187,45 @@ def test_run_lock_owner_state_and_master_address_from_slurm(slurm, job_env, tmp_
     step = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7",
             "SLURM_STEP_NODELIST": "n[3-4]"}
     assert torch_env_from_slurm(step)["MASTER_ADDR"] == "n3"
+
+
+@pytest.mark.parametrize("launcher,scope", [("torchrun", "--full"), ("srun", "--full"), ("torchrun", "steps")])
+def test_sigterm_saves_within_grace_and_requeues(slurm, job_env, recipe, tmp_path, monkeypatch, launcher, scope):
+    """SIGTERM mid-run, as `scancel --signal=TERM --full` sends it (the batch script and all its
+    children, srun included: srun would kill its step at once) or to the steps only (torchrun and
+    the ranks): the ranks save the step they are on within the grace time, and the job requeues
+    itself and finishes, like the time-limit path. What the first attempt reached must be the step
+    saved on the signal, not the periodic checkpoint (every 100 steps)."""
+    monkeypatch.chdir(tmp_path)
+    steps = 300
+    (job,) = helper(tmp_path, "--nodes", "2", "--ranks-per-node", "1", "--launcher", launcher, "--term-grace", "20",
+                    "--config", str(recipe), "--run_name", "terminated", "--train.max_steps", str(steps),
+                    "--checkpoint.interval_steps", "100", "--checkpoint.keep_last", "2")
+    run_dir, log_path = tmp_path / "runs" / "terminated", tmp_path / "logs" / f"terminated-{job}.out"
+    deadline = time.time() + 240
+    while max(read_metrics(run_dir), default=0) < 110:  # past the first periodic checkpoint
+        assert slurm.jobs(job)[0]["JobState"] not in ENDED and time.time() < deadline, job_log(log_path)[-5000:]
+        time.sleep(0.5)
+    slurm.run("scancel", "--signal=TERM", *(["--full"] if scope == "--full" else []), job)
+    signalled = time.time()
+    deadline = signalled + 120
+    while "run requeue" not in job_log(log_path):
+        state = slurm.jobs(job)[0]["JobState"]
+        assert state not in ENDED, f"the job ended ({state}) without a requeue:\n{job_log(log_path)[-5000:]}"
+        assert time.time() < deadline, job_log(log_path)[-5000:]
+        time.sleep(0.2)
+    assert time.time() - signalled < 20 + 30  # the grace, then the job-end helper (slow on a busy machine)
+    (record,) = slurm.wait(job, timeout=300)
+    log = job_log(log_path)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log[-5000:]  # one stop, then done
+    assert "forcing job termination" not in log and "resumed from" in log, log[-5000:]
+    if scope == "--full":  # the batch script got it and passed it on
+        assert "SIGTERM; the ranks save within 20 s and stop" in log and "received SIGUSR1" in log, log[-5000:]
+    else:
+        assert "received SIGTERM" in log, log[-5000:]
+    first, second = sorted((json.loads(p.read_text()) for p in (run_dir / "launches").glob("*.json")),
+                           key=lambda r: r["restart"])
+    assert (first["decision"], second["decision"]) == ("requeue", "done")
+    assert 110 <= first["reached_step"] == second["start_step"] < steps and first["reached_step"] % 100, first
+    assert f"saved step {first['reached_step']}, exiting" in log
+    assert sorted(read_metrics(run_dir)) == list(range(1, steps + 1))

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pretrain.scaling.launch import Registry, classify, fork_checkpoint, slurm_scripts
+from launch.slurm.job import BadInput, seed_from_fork
+from pretrain.scaling.launch import Registry, classify, fork_checkpoint, launch_slurm
 from pretrain.scaling.plan import Planner, SizeRule, apply_overrides, to_json
 
 REPO = Path(__file__).resolve().parents[2]
@@ -55,19 +56,36 @@ def test_failure_divergence_and_forks(tmp_path):
     assert (forked / "latest").read_text() == str(branch["fork_step"]) and (forked / source.name / "common.pt").exists()
 
 
-def test_slurm_arrays_throttle_and_skip_finished(tmp_path):
+def test_slurm_mode_submits_through_launch_slurm_and_skips_finished(tmp_path):
+    """Arrays go through `python -m launch.slurm --sweep` (its sbatch script, not a template of
+    our own); branches depend on the mains and are seeded from fork.json when their task starts."""
     base, points = ladder_points()
     write_sweep(tmp_path, base, points)
-    scripts = slurm_scripts(tmp_path, max_attempts=3, throttle=2, sbatch_lines=["#SBATCH --gpus=1"])
-    assert [s.stem for s in scripts] == ["mains", "branches"]
-    mains = scripts[0].read_text()
-    assert "#SBATCH --array=0-0%2" in mains and "#SBATCH --gpus=1" in mains and "scontrol requeue" in mains
-    assert "fork_checkpoint" in scripts[1].read_text()
-    subprocess.run(["bash", "-n", str(scripts[0])], check=True)  # valid bash
+    branch, main = points
+    jobs = launch_slurm(tmp_path, max_attempts=3, throttle=2, dry_run=True,
+                        launch_args=["--gpus-per-node", "0", "--sbatch-arg=--exclusive"])
+    assert list(jobs) == ["mains", "branches"]
+    script = str(REPO / "launch" / "slurm" / "pretrain.sbatch")
+    for kind, line in jobs.items():
+        assert f"SESSA_SWEEP={tmp_path / 'slurm' / (kind + '.txt')}" in line and script in line
+        assert "--array=0-0%2" in line and "--exclusive" in line and f"--job-name=scaling-{kind}" in line
+    assert "--dependency=afterany:<mains>" in jobs["branches"] and "--dependency" not in jobs["mains"]
+    assert (tmp_path / "slurm" / "mains.txt").read_text() == f"{tmp_path / 'configs' / main['name']}.yaml\n"
+    fork = json.loads((tmp_path / "runs" / branch["name"] / "fork.json").read_text())
+    assert fork == {"source": str(tmp_path / "runs" / main["name"] / "checkpoints" / f"iter_{branch['fork_step']:07d}"),
+                    "step": branch["fork_step"]}
+    with pytest.raises(BadInput, match="does not exist .has that run reached step"):
+        seed_from_fork(tmp_path / "runs" / branch["name"])
+    Path(fork["source"]).mkdir(parents=True)
+    (Path(fork["source"]) / "common.pt").write_text("x")
+    seed_from_fork(tmp_path / "runs" / branch["name"])
+    forked = tmp_path / "runs" / branch["name"] / "checkpoints"
+    assert (forked / "latest").read_text() == str(branch["fork_step"]) and (forked / Path(fork["source"]).name).is_dir()
     registry = Registry(tmp_path)
-    registry.get(points[1])["status"] = "done"
+    assert all(e["attempts"] == 0 for e in registry.entries.values())  # a dry run records nothing
+    registry.get(main)["status"] = "done"
     registry.save()
-    assert [s.stem for s in slurm_scripts(tmp_path)] == ["branches"]  # the finished main is not resubmitted
+    assert list(launch_slurm(tmp_path, dry_run=True, launch_args=["--gpus-per-node", "0"])) == ["branches"]
 
 
 @pytest.mark.slow
