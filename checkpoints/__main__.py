@@ -30,7 +30,7 @@ def main(argv=None) -> int:
     im.add_argument("--out", required=True, help="run directory to create, e.g. runs/NAME")
     args, overrides = parser.parse_known_args(argv)
 
-    from .readers import CheckpointError
+    from .errors import CheckpointError
 
     try:
         if args.command == "export":

@@ -1,16 +1,17 @@
 """Export a training checkpoint to Hugging Face, plain safetensors or the reference layout.
 
 Memory stays bounded: the output shards are planned from the checkpoint's metadata (shapes only),
-then each shard's tensors are read, converted, written and freed before the next shard. Every
+then each shard's tensors are read, converted, written and freed before the next shard, from a
+torch_dist checkpoint (DCP reads only the requested chunks) and a DeepSpeed one alike (each tensor
+gathered from the memory-mapped ZeRO partitions). Verification (on by default, every format) then
+reads the checkpoint again independently and holds the model once (checkpoints/verify.py). Every
 export carries `sessa_export.json`: source, step, tokens seen, config, git commit, tokenizer id,
 converter version and the sha256 of every file written.
 """
-import base64
 import hashlib
 import json
 import shutil
 import subprocess
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -18,16 +19,19 @@ import torch
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
+from model.reference import reference_inv_freq, reference_layer_kwargs
 
 from . import layout
-from .readers import CheckpointError, open_checkpoint
+from .errors import CheckpointError
+from .layout import hf_config_dict
+from .readers import open_checkpoint
+from .tokenizer import export_tokenizer, load_tokenizer_for
+from .verify import verify_export
 
 CONVERTER_VERSION = "1"
 FORMATS = ("hf", "safetensors", "reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 HF_DIR = Path(__file__).parent / "hf"
-TOKENIZER_SAMPLE = ("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n\n"
-                    "The quick brown fox jumps over the lazy dog. 1234567 <|endoftext|> Ünïcödé — ✓")
 
 
 def parse_size(text: str) -> int:
@@ -123,87 +127,6 @@ def write_sharded(reader, config, entries, out: Path, dtype, max_bytes: int, con
     return weight_map
 
 
-# --- tokenizer ---------------------------------------------------------------------------------
-def export_tokenizer(tokenizer, config: ModelConfig, out: Path) -> None:
-    """tokenizer.json (+ tokenizer_config.json) from our tiktoken encoding, checked on a fixed sample."""
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
-
-    encoding = tokenizer.encoding
-    if encoding.n_vocab > config.vocab_size:
-        raise CheckpointError(f"tokenizer {tokenizer.id} has {encoding.n_vocab} tokens but model.vocab_size is "
-                              f"{config.vocab_size}: the embedding cannot hold them; wrong --tokenizer?")
-    specials = sorted(encoding._special_tokens.items(), key=lambda kv: kv[1])
-    with tempfile.TemporaryDirectory() as tmp:
-        bpe = Path(tmp) / "ranks.tiktoken"
-        bpe.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n"
-                               for t, r in sorted(encoding._mergeable_ranks.items(), key=lambda kv: kv[1])))
-        converted = TikTokenConverter(vocab_file=str(bpe), pattern=encoding._pat_str,
-                                      extra_special_tokens=[t for t, _ in specials]).converted()
-    for token, token_id in specials:
-        if converted.token_to_id(token) != token_id:
-            raise CheckpointError(f"special token {token!r} has id {token_id} in tiktoken but "
-                                  f"{converted.token_to_id(token)} in the converted tokenizer (ids not contiguous)")
-    eot = "<|endoftext|>" if "<|endoftext|>" in encoding._special_tokens else None
-    fast = PreTrainedTokenizerFast(tokenizer_object=converted, eos_token=eot, bos_token=eot,
-                                   model_max_length=1 << 30, clean_up_tokenization_spaces=False)
-    fast.save_pretrained(str(out))
-    check_tokenizer(encoding, PreTrainedTokenizerFast.from_pretrained(str(out)))
-
-
-def check_tokenizer(encoding, fast) -> None:
-    for text in TOKENIZER_SAMPLE.split("\n") + [TOKENIZER_SAMPLE]:
-        ours = encoding.encode(text, allowed_special="all")
-        theirs = fast.encode(text, add_special_tokens=False)
-        if ours != theirs:
-            raise CheckpointError(f"exported tokenizer disagrees with tiktoken on {text!r}: {ours[:12]} vs {theirs[:12]}")
-        if fast.decode(theirs) != text:
-            raise CheckpointError(f"exported tokenizer does not round-trip {text!r}: got {fast.decode(theirs)!r}")
-
-
-def load_tokenizer_for(common: dict, spec: str | None):
-    from data_pipeline.manifest import read_manifest
-    from data_pipeline.tokenizer import load_tokenizer
-
-    if spec is None:
-        data_path = common["config"]["data"]["path"]
-        try:
-            spec = read_manifest(data_path)["tokenizer"]["spec"]
-        except FileNotFoundError as err:
-            raise CheckpointError(f"cannot find the training data {data_path} to learn the tokenizer; "
-                                  f"pass --tokenizer SPEC (tokenizer id {common['tokenizer_id']})") from err
-    tokenizer = load_tokenizer(spec)
-    if tokenizer.id != common["tokenizer_id"]:
-        raise CheckpointError(f"tokenizer {spec!r} has id {tokenizer.id} but the checkpoint was trained with "
-                              f"{common['tokenizer_id']}; pass the right --tokenizer")
-    return tokenizer
-
-
-# --- configs -------------------------------------------------------------------------------------
-def hf_config_dict(config: ModelConfig, dtype, eos_id) -> dict:
-    return {
-        "model_type": "sessa", "architectures": ["SessaForCausalLM"],
-        "auto_map": {"AutoConfig": "configuration_sessa.ModelConfig",
-                     "AutoModel": "modeling_sessa.SessaModel",
-                     "AutoModelForCausalLM": "modeling_sessa.SessaForCausalLM"},
-        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
-        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
-        "num_key_value_heads": config.num_kv_heads, "gamma_max": config.gamma_max,
-        "layer_norm_eps": config.norm_eps, "rope_theta": config.rope_base,
-        "feedback_chunk_size": config.feedback_chunk_size, "tie_word_embeddings": config.tie_embeddings,
-        "bos_token_id": eos_id, "eos_token_id": eos_id,
-        "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
-    }
-
-
-def sessa_config_from_hf(hf: dict, base: ModelConfig | None = None) -> dict:
-    """The ModelConfig shape fields an HF config.json implies."""
-    return {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
-            "num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"],
-            "gamma_max": hf["gamma_max"], "norm_eps": hf["layer_norm_eps"], "rope_base": hf["rope_theta"],
-            "tie_embeddings": hf["tie_word_embeddings"]}
-
-
 # --- export --------------------------------------------------------------------------------------
 def export(source, to: str, out, *, step: int | None = None, dtype: str = "fp32", max_shard_size: str = "5GB",
            verify: bool = True, dry_run: bool = False, tokenizer_spec: str | None = None, log=print) -> dict:
@@ -221,6 +144,11 @@ def export(source, to: str, out, *, step: int | None = None, dtype: str = "fp32"
     log(f"source {reader.path} ({reader.format}, layout {common.get('layout')}, step {common.get('step')}); "
         f"{len(entries)} tensors -> {to} in {out}")
     tokenizer = load_tokenizer_for(common, tokenizer_spec) if to == "hf" else None
+    if to == "reference":
+        try:
+            reference_args = reference_layer_kwargs(config)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
     if dry_run:
         for entry in entries:
             log(f"  {' + '.join('model.' + p for p in entry.native)} -> {entry.target} {list(entry.shape)}")
@@ -247,21 +175,21 @@ def export(source, to: str, out, *, step: int | None = None, dtype: str = "fp32"
                       lambda e: e.target)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
     else:
-        write_reference(reader, config, entries, out, torch_dtype)
+        write_reference(reader, config, entries, out, torch_dtype, reference_args)
     report = None
-    if verify and to == "hf":
-        from .verify import verify_export
-
-        report = verify_export(reader, config, out, dtype=torch_dtype, tokenizer=tokenizer, log=log)
+    if verify:
+        report = verify_export(reader, config, out, to, dtype=torch_dtype, tokenizer=tokenizer, log=log)
     write_manifest(out, reader, config, to, dtype, tokenizer, report)
     log(f"exported to {out}")
     return {"out": str(out), "report": report}
 
 
-def write_reference(reader, config, entries, out: Path, dtype) -> None:
-    """layers/{i}.safetensors with the reference layer's exact names, plus the LM parts and config.json."""
+def write_reference(reader, config, entries, out: Path, dtype, layer_args: dict) -> None:
+    """layers/{i}.safetensors with the reference layer's exact names (its state dict, RoPE buffer
+    included), lm.safetensors with the LM parts under HF names, config.json holding exactly the
+    reference constructor's arguments (`SessaLayer(**config)`), lm_config.json the rest."""
     (out / "layers").mkdir()
-    inv_freq = config.rope_base ** (-torch.arange(0, config.head_size, 2, dtype=torch.float32) / config.head_size)
+    inv_freq = reference_inv_freq(config.head_size)
     for i in range(config.num_layers):
         layer = [e for e in entries if e.layer == i]
         sources = reader.read([p for e in layer for p in e.native])
@@ -273,11 +201,11 @@ def write_reference(reader, config, entries, out: Path, dtype) -> None:
     sources = reader.read([p for e in rest for p in e.native])
     save_file({e.target: layout.fuse(e, sources, config).to(dtype).contiguous() for e in rest},
               str(out / "lm.safetensors"), metadata={"format": "pt"})
-    layer_args = {"d_model": config.hidden_size, "n_heads": config.num_heads, "n_kv_heads": config.num_kv_heads,
-                  "gamma_max": config.gamma_max, "rope_base": config.rope_base, "norm_eps": config.norm_eps}
-    (out / "config.json").write_text(json.dumps({
-        "layer": layer_args, "num_layers": config.num_layers, "vocab_size": config.vocab_size,
-        "tie_embeddings": config.tie_embeddings, "lm_file": "lm.safetensors (embedding, final norm, head: HF names)",
+    (out / "config.json").write_text(json.dumps(layer_args, indent=2) + "\n")
+    (out / "lm_config.json").write_text(json.dumps({
+        "num_layers": config.num_layers, "vocab_size": config.vocab_size, "tie_embeddings": config.tie_embeddings,
+        "norm_eps": config.norm_eps, "layer_files": "layers/{i}.safetensors: SessaLayer(**config.json).state_dict()",
+        "lm_file": "lm.safetensors: model.embed_tokens.weight, model.norm.weight/bias, lm_head.weight if untied",
     }, indent=2) + "\n")
 
 

@@ -1,22 +1,31 @@
 """Import a Hugging Face export back into a training run, for continued pretraining.
 
-    python -m checkpoints import HF_DIR --config configs/X.yaml --out runs/NAME [--section.field value ...]
+    python -m checkpoints import HF_DIR --config configs/X.yaml --out runs/NAME [--model.FIELD value ...]
 
-Builds the recipe's trainer on one process (TP = PP = 1), loads the exported weights through the
-same name table as export (fused tensors split, vocabulary padding re-added as zero rows) and saves
-step 0 as a megatron `torch_dist` checkpoint with a fresh optimizer. `python -m pretrain --config
-configs/X.yaml --run_name NAME --runs_dir runs` then resumes from it at any TP/PP/DP layout
-(checkpoints reshard). The recipe's model shape and tokenizer must match the export's.
+Builds the recipe's model on one process (TP = PP = 1), copies the exported weights into it one
+tensor at a time through the same name table as export (fused tensors split, vocabulary padding
+re-added as zero rows) and saves it as step 0 of a megatron `torch_dist` checkpoint holding the
+model only (`weights_only` in its common state): no trainer, optimizer or data loader is built.
+`python -m pretrain --config configs/X.yaml --run_name NAME --runs_dir runs` then starts from
+these weights with a fresh optimizer, schedule and data order, at any TP/PP/DP layout (checkpoints
+reshard). The recipe's model shape and tokenizer must match the export's. Peak memory: the model
+once, plus one tensor.
 """
 import json
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors import safe_open
 
+from model.config import ModelConfig
+
 from . import layout
-from .export import sessa_config_from_hf
-from .readers import CheckpointError
+from .errors import CheckpointError
+from .manager import CheckpointManager
+
+# Saved in the common state of an imported checkpoint: the run starts from its weights (step 0).
+WEIGHTS_ONLY = "weights_only"
 
 
 class HFWeights:
@@ -40,70 +49,92 @@ class HFWeights:
             return f.get_tensor(name)
 
 
-def native_state_from_hf(directory: Path, config) -> dict[str, torch.Tensor]:
-    """HF tensors -> our native global names, strict both ways."""
-    weights = HFWeights(directory)
-    entries = layout.entries(config, _native_shapes(config))
-    extra = sorted(set(weights.files) - {e.target for e in entries})
-    if extra:
-        raise CheckpointError(f"{directory} has tensor {extra[0]} that the name table does not consume "
-                              f"({len(extra)} extra); export and config disagree (num_heads, tie_embeddings?)")
-    state = {}
-    for entry in entries:
-        state.update(layout.split(entry, weights.get(entry.target), config))
-    return state
-
-
-def _native_shapes(config) -> dict[str, tuple[int, ...]]:
-    """Global shapes of our parameters, from a one-process model on the meta device."""
-    from model.lm import SessaLM
-    from model.init import global_named_parameters
-    from model.parallel import ensure_model_parallel
-
-    ensure_model_parallel()
-    with torch.device("meta"):
-        model = SessaLM(config)
-    return {name: tuple(p.shape) for name, p in global_named_parameters(model)}
+def recipe_tree(config_path: Path, overrides=()) -> dict:
+    """The recipe YAML with `--model.FIELD value` overrides applied (values parsed as YAML)."""
+    config_path = Path(config_path)
+    if not config_path.is_file():
+        raise CheckpointError(f"config file {config_path} does not exist; recipes live in configs/")
+    tree = yaml.safe_load(config_path.read_text()) or {}
+    if not isinstance(tree.get("model"), dict):
+        raise CheckpointError(f"{config_path}: the 'model' section is required")
+    overrides = list(overrides)
+    while overrides:
+        flag = overrides.pop(0)
+        flag, value = flag.split("=", 1) if "=" in flag else (flag, overrides.pop(0) if overrides else None)
+        if value is None or not flag.startswith("--model.") or flag.count(".") != 1:
+            raise CheckpointError(f"import takes overrides of the model section only, as --model.FIELD value; got {flag!r}")
+        tree["model"][flag[len("--model."):]] = yaml.safe_load(value)
+    return tree
 
 
 def import_hf(source, config_path, out, overrides=()) -> Path:
     from data_pipeline.manifest import read_manifest
-    from pretrain.config import load_config
 
     source, out = Path(source), Path(out)
     hf_config = json.loads((source / "config.json").read_text())
     if hf_config.get("model_type") != "sessa":
         raise CheckpointError(f"{source}/config.json has model_type {hf_config.get('model_type')!r}, expected 'sessa'")
-    config = load_config(config_path, [*overrides, "--runs_dir", str(out.parent), "--run_name", out.name,
-                                       "--parallel.tensor", "1", "--parallel.pipeline", "1",
-                                       "--parallel.virtual_stages", "1", "--parallel.sequence_parallel", "false"])
-    differing = [f"{k}: export {v!r} vs config {getattr(config.model, k)!r}"
-                 for k, v in sessa_config_from_hf(hf_config).items() if getattr(config.model, k) != v]
+    tree = recipe_tree(config_path, overrides)
+    try:
+        config = ModelConfig(**tree["model"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{config_path}: model section: {err}") from None
+    differing = [f"{k}: export {v!r} vs config {getattr(config, k)!r}"
+                 for k, v in layout.model_fields_from_hf(hf_config).items() if getattr(config, k) != v]
     if differing:
         raise CheckpointError(f"{config_path} does not describe the exported model ({'; '.join(differing)}); "
                               f"set these model fields in the recipe or with --model.FIELD")
+    data_path = tree.get("data", {}).get("path")
+    if data_path is None:
+        raise CheckpointError(f"{config_path}: data.path is required (the tokenizer of the data must be the export's)")
+    tokenizer_id = read_manifest(data_path)["tokenizer_id"]
     provenance = source / "sessa_export.json"
     if provenance.is_file():
         exported_id = json.loads(provenance.read_text()).get("tokenizer_id")
-        data_id = read_manifest(config.data.path)["tokenizer_id"]
-        if exported_id and exported_id != data_id:
-            raise CheckpointError(f"the export was trained with tokenizer {exported_id} but {config.data.path} uses "
-                                  f"{data_id}; prepare the data with the export's tokenizer")
-    if (out / "checkpoints").exists():
-        raise CheckpointError(f"{out}/checkpoints exists; import into a new run directory")
-    state = native_state_from_hf(source, config.model)
+        if exported_id and exported_id != tokenizer_id:
+            raise CheckpointError(f"the export was trained with tokenizer {exported_id} but {data_path} uses "
+                                  f"{tokenizer_id}; prepare the data with the export's tokenizer")
+    manager = CheckpointManager(out / "checkpoints")
+    if manager.root.exists():
+        raise CheckpointError(f"{manager.root} exists; import into a new run directory")
 
-    from checkpoints.megatron_fixes import initialise_optimizer_state
-    from pretrain.trainer import Trainer
-
-    trainer = Trainer(config)
-    try:
-        dtype = trainer.chunks[0].embedding.weight.dtype
-        trainer.chunks[0].load_global_state_dict({k: v.to(dtype) for k, v in state.items()})
-        initialise_optimizer_state(trainer.optimizer)
-        trainer.save()
-    finally:
-        trainer.close()
-    print(f"imported {source} into {out} (step 0); continue with: python -m pretrain --config {config_path} "
-          f"--runs_dir {out.parent} --run_name {out.name}")
+    model = model_from_hf(source, config)
+    tree = {**tree, "model": config.to_dict(), "run_name": out.name, "runs_dir": str(out.parent)}
+    common = {"step": 0, "consumed_tokens": 0, "skipped_steps": 0, WEIGHTS_ONLY: True, "config": tree,
+              "tokenizer_id": tokenizer_id, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1},
+              "imported_from": str(source.resolve())}
+    manager.save(0, {"model": model.sharded_state_dict(prefix="model."), **common})
+    print(f"imported {source} into {out} (step 0, weights only); continue with: python -m pretrain --config "
+          f"{config_path} --runs_dir {out.parent} --run_name {out.name}")
     return out
+
+
+def model_from_hf(source: Path, config: ModelConfig):
+    """Our SessaLM (one process) holding the export's weights, filled one exported tensor at a time;
+    strict both ways (every exported tensor consumed, every parameter filled)."""
+    from model.lm import SessaLM
+    from model.parallel import ensure_model_parallel
+
+    ensure_model_parallel()
+    weights = HFWeights(source)
+    model = SessaLM(config)
+    params = dict(model.named_parameters())
+    entries = layout.entries(config, {name: tuple(p.shape) for name, p in params.items()})
+    extra = sorted(set(weights.files) - {e.target for e in entries})
+    if extra:
+        raise CheckpointError(f"{source} has tensor {extra[0]} that the name table does not consume "
+                              f"({len(extra)} extra); export and config disagree (num_heads, tie_embeddings?)")
+    filled = set()
+    with torch.no_grad():
+        for entry in entries:
+            try:
+                pieces = layout.split(entry, weights.get(entry.target), config)
+            except ValueError as err:
+                raise CheckpointError(f"{source}: {err}") from None
+            for name, tensor in pieces.items():
+                params[name].copy_(tensor)
+                filled.add(name)
+    unfilled = sorted(set(params) - filled)
+    if unfilled:
+        raise CheckpointError(f"the name table leaves parameter {unfilled[0]} unfilled (converter bug)")
+    return model

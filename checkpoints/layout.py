@@ -139,4 +139,33 @@ def split(entry: Entry, tensor, config: ModelConfig) -> dict[str, "torch.Tensor"
     return {p: piece.clone() for p, piece in zip(entry.native, tensor.chunk(len(entry.native)))}
 
 
-__all__ = ["Rule", "Entry", "rules", "entries", "native_names", "check_tp_layout", "reference_name", "fuse", "split", "ROPE_BUFFER"]
+# --- configs ---------------------------------------------------------------------------------------
+def hf_config_dict(config: ModelConfig, dtype, eos_id) -> dict:
+    """The HF config.json of an export (field names of checkpoints/hf/configuration_sessa.py)."""
+    import torch
+
+    return {
+        "model_type": "sessa", "architectures": ["SessaForCausalLM"],
+        "auto_map": {"AutoConfig": "configuration_sessa.ModelConfig",
+                     "AutoModel": "modeling_sessa.SessaModel",
+                     "AutoModelForCausalLM": "modeling_sessa.SessaForCausalLM"},
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "gamma_max": config.gamma_max,
+        "layer_norm_eps": config.norm_eps, "rope_theta": config.rope_base,
+        "feedback_chunk_size": config.feedback_chunk_size, "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": eos_id, "eos_token_id": eos_id,
+        "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
+    }
+
+
+def model_fields_from_hf(hf: dict) -> dict:
+    """The ModelConfig shape fields an HF config.json implies."""
+    return {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
+            "num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"],
+            "gamma_max": hf["gamma_max"], "norm_eps": hf["layer_norm_eps"], "rope_base": hf["rope_theta"],
+            "tie_embeddings": hf["tie_word_embeddings"]}
+
+
+__all__ = ["Rule", "Entry", "rules", "entries", "native_names", "check_tp_layout", "reference_name", "fuse", "split",
+           "ROPE_BUFFER", "hf_config_dict", "model_fields_from_hf"]

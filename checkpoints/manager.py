@@ -6,10 +6,14 @@ Layout of a run's checkpoint folder:
       latest                 # text: the step of the newest complete checkpoint
       iter_0000100/          # one dist_checkpointing directory per saved step
       .tmp_iter_0000200/     # a save in progress; renamed into place only when complete
+      .old_iter_0000100/     # during a re-save of step 100: the previous copy, until the new one is in
 
 A save writes into a temporary directory, every rank waits for every other, then rank 0 renames
 it into place and replaces `latest` with `os.replace` (atomic on POSIX). A process killed in the
-middle of a save leaves `latest` pointing at the previous complete checkpoint.
+middle of a save leaves `latest` pointing at the previous complete checkpoint. Re-saving a step that
+exists (a resume at that step) renames the old directory aside, renames the new one in, and only
+then deletes the old one: killed in between, `remove_partial_saves` (run before every resume)
+puts the old copy back, so `latest` never names a missing directory for longer than a crash.
 """
 import os
 import re
@@ -19,7 +23,10 @@ from pathlib import Path
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 
+from .megatron_fixes import cuda_calls_on_cpu
+
 CHECKPOINT_DIR = re.compile(r"^iter_(\d{7})$")
+ASIDE_DIR = re.compile(r"^\.old_iter_(\d{7})$")
 
 
 def _barrier():
@@ -47,6 +54,9 @@ class CheckpointManager:
     def step_dir(self, step: int) -> Path:
         return self.root / f"iter_{step:07d}"
 
+    def _aside_dir(self, step: int) -> Path:
+        return self.root / f".old_iter_{step:07d}"
+
     def saved_steps(self) -> list[int]:
         if not self.root.is_dir():
             return []
@@ -57,21 +67,39 @@ class CheckpointManager:
         if not pointer.is_file():
             return None
         text = pointer.read_text().strip()
+        if text.isdigit() and not self.step_dir(int(text)).is_dir() and self._aside_dir(int(text)).is_dir():
+            raise RuntimeError(f"{pointer} names step {text}, whose re-save was interrupted; its previous copy is "
+                               f"{self._aside_dir(int(text))}. Resuming the run restores it, or rename it to "
+                               f"{self.step_dir(int(text)).name}.")
         if not text.isdigit() or not self.step_dir(int(text)).is_dir():
             raise RuntimeError(f"{pointer} names step {text!r} but {self.root} has no such complete checkpoint; "
                                f"complete ones: {self.saved_steps()}. Fix or delete {pointer}.")
         return int(text)
 
     def remove_partial_saves(self) -> None:
-        """Delete temporary directories left by a save that was killed (rank 0 only)."""
+        """Tidy up after a save that was killed (rank 0 only): delete temporary directories, and finish
+        an interrupted re-save: the old copy of a step goes back if the new one never arrived, and is
+        deleted if it did."""
         if _is_rank0() and self.root.is_dir():
             for path in self.root.glob(".tmp_iter_*"):
                 shutil.rmtree(path, ignore_errors=True)
+            for path in self.root.iterdir():
+                if match := ASIDE_DIR.match(path.name):
+                    final = self.step_dir(int(match.group(1)))
+                    if final.is_dir():
+                        shutil.rmtree(path)
+                    else:
+                        os.rename(path, final)
+                        _fsync_dir(self.root)
         _barrier()
 
     def save(self, step: int, sharded_state_dict: dict) -> Path:
         """Write `sharded_state_dict` for `step` collectively; returns the final directory."""
-        return self.save_with(step, lambda tmp: dist_checkpointing.save(sharded_state_dict, str(tmp)))
+        def write(tmp):
+            with cuda_calls_on_cpu():
+                dist_checkpointing.save(sharded_state_dict, str(tmp))
+
+        return self.save_with(step, write)
 
     def save_with(self, step: int, write) -> Path:
         """Run `write(tmp_dir)` on every rank (any checkpoint format, e.g. DeepSpeed's), then publish
@@ -85,8 +113,10 @@ class CheckpointManager:
         write(tmp)
         _barrier()  # every rank's shards are on disk
         if _is_rank0():
-            if final.exists():  # re-saving a step (e.g. after a resume at that step)
-                shutil.rmtree(final)
+            aside = self._aside_dir(step)
+            if final.exists():  # re-saving a step (a resume at that step): the old copy stays until the new is in
+                shutil.rmtree(aside, ignore_errors=True)
+                os.rename(final, aside)
             os.rename(tmp, final)
             pointer_tmp = self.root / "latest.tmp"
             with open(pointer_tmp, "w") as f:
@@ -95,6 +125,7 @@ class CheckpointManager:
                 os.fsync(f.fileno())
             os.replace(pointer_tmp, self.root / "latest")
             _fsync_dir(self.root)
+            shutil.rmtree(aside, ignore_errors=True)
             self._prune(latest=step)
         _barrier()
         return final

@@ -15,17 +15,39 @@ And after a load: megatron puts ONE "step" tensor object into every parameter's 
 increments `state["step"]` in place per parameter, so a shared tensor advances once per parameter
 per step and the bias correction is wrong from the first step after a resume.
 `load_optimizer_state` loads and then gives each parameter its own copy.
+
+And on a machine without CUDA: megatron's torch_dist save calls `torch.cuda.synchronize()` and
+`torch.cuda.current_device()` unconditionally, which raise there; CheckpointManager saves inside
+`cuda_calls_on_cpu()`, which answers both for the CPU during the save only.
 """
+import contextlib
+
 import torch
-from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 _applied = False
+
+
+@contextlib.contextmanager
+def cuda_calls_on_cpu():
+    """Within: `torch.cuda.synchronize()` is a no-op and `torch.cuda.current_device()` is "cpu" when
+    torch has no CUDA (megatron's torch_dist save calls both unconditionally); unchanged otherwise."""
+    if torch.cuda.is_available():
+        yield
+        return
+    saved = torch.cuda.synchronize, torch.cuda.current_device
+    torch.cuda.synchronize, torch.cuda.current_device = (lambda device=None: None), (lambda: "cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.synchronize, torch.cuda.current_device = saved
 
 
 def apply_megatron_fixes() -> None:
     global _applied
     if _applied:
         return
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def set_states_present_in_checkpoint(self, model_param, tensors):

@@ -1,39 +1,75 @@
-"""Verification of an export: our native model and the exported HF model, both in fp32, on fixed text
-and random ids at lengths that cross the feedback chunk size.
+"""Verification of an export against the checkpoint, read independently of the exporter's reader:
+a megatron torch_dist checkpoint by torch.distributed.checkpoint's own loader (the state dict rebuilt
+from the checkpoint's metadata alone, every shard stitched by DCP), a DeepSpeed checkpoint by
+DeepSpeed's own zero_to_fp32 consolidation. A bug in the streaming readers therefore shows.
 
-Passes when max |Δlogit| <= 1e-4, top-1 is identical everywhere, and the exported model's prefill
-logits equal its token-by-token decoding with the cache. The report lists every layer's max
-|Δhidden| (embedding output, each layer, final logits) and names the first layer that diverges.
+  - `--to safetensors`: every exported tensor equals the independently read one (rounded to the
+    export dtype), and the names match exactly;
+  - `--to hf` and `--to reference`: our native model with the independently read weights against the
+    exported model in fp32 (the HF export loaded as it is; the reference export's layer files loaded
+    into the same HF modules, which use the reference's names), on fixed text and random ids at
+    lengths that cross the feedback chunk size.
+
+The model comparison passes when max |Δlogit| <= 1e-4, top-1 is identical everywhere, and the
+exported model's prefill logits equal its token-by-token decoding with the cache. The report lists
+every layer's max |Δhidden| (embedding output, each layer, final logits) and names the first layer
+that diverges. Verification holds the model in memory once (the export itself streams).
 """
 import dataclasses
+import json
+from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
+from torch.distributed.checkpoint.default_planner import _EmptyStateDictLoadPlanner
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-from .readers import CheckpointError
+from .deepspeed_format import DeepSpeedCheckpoint, consolidated_state_dict
+from .errors import CheckpointError
+from .tokenizer import TOKENIZER_SAMPLE
 
 TOLERANCE = 1e-4
 # A small or briefly trained model's layers add tiny updates to the residual stream, which an
 # absolute tolerance cannot see; each layer's update (output - input) must also agree relatively.
 RELATIVE_TOLERANCE = 1e-3
+MODEL_PREFIX = "model."
 
 
 class VerificationError(CheckpointError):
     pass
 
 
-def native_model(reader, config, dtype=torch.float32):
-    """Our SessaLM (one process) with the checkpoint's weights; rounded through `dtype` if not fp32."""
+class _ModelLoadPlanner(_EmptyStateDictLoadPlanner):
+    """DCP's planner that rebuilds a state dict from the checkpoint's metadata, limited to `model.*`
+    (megatron's metadata has no planner_data, which the planner's own key filter needs)."""
+
+    def _should_include_key(self, key: str, metadata) -> bool:
+        return key.startswith(MODEL_PREFIX)
+
+
+def independent_state_dict(reader) -> dict[str, torch.Tensor]:
+    """The checkpoint's model tensors (native names, fp32), read without `reader.read`: DeepSpeed's
+    own consolidation, or torch.distributed.checkpoint loading every `model.*` entry its metadata
+    lists into an empty state dict."""
+    if isinstance(reader, DeepSpeedCheckpoint):
+        return consolidated_state_dict(reader.path)
+    state = {}
+    # What torch's own dcp_to_torch_save does: an empty state dict that the planner fills from metadata.
+    _load_state_dict(state, storage_reader=dcp.FileSystemReader(str(reader.path)), planner=_ModelLoadPlanner(),
+                     no_dist=True)
+    return {k[len(MODEL_PREFIX):]: v.float() for k, v in state.items() if torch.is_tensor(v)}
+
+
+def native_model(state: dict[str, torch.Tensor], config, dtype=torch.float32):
+    """Our SessaLM (one process, fp32) with the weights of `state`, rounded through `dtype` first."""
     from model.lm import SessaLM
     from model.parallel import ensure_model_parallel
-
-    from . import layout
 
     ensure_model_parallel()
     cfg = dataclasses.replace(config, dtype="float32", feedback_impl="chunked")
     model = SessaLM(cfg).eval()
-    state = reader.read(layout.native_names(config))
-    state = {k: v.to(dtype).float() for k, v in state.items()}
-    model.load_global_state_dict(state)
+    model.load_global_state_dict({k: v.to(dtype).float() for k, v in state.items()})
     return model
 
 
@@ -55,8 +91,6 @@ def verification_inputs(config, tokenizer=None, seed: int = 0) -> list[torch.Ten
     inputs = [torch.randint(0, config.vocab_size, (2, 2 * C + 3), generator=gen),
               torch.randint(0, config.vocab_size, (1, C + 1), generator=gen)]
     if tokenizer is not None:
-        from .export import TOKENIZER_SAMPLE
-
         ids = tokenizer.encoding.encode(TOKENIZER_SAMPLE * 4, allowed_special="all")[: 3 * C + 5]
         inputs.insert(0, torch.tensor([ids]))
     return inputs
@@ -121,6 +155,60 @@ def load_exported(out):
     return SessaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
 
 
-def verify_export(reader, config, out, *, dtype=torch.float32, tokenizer=None, log=print) -> dict:
-    native = native_model(reader, config, dtype)
-    return compare(native, load_exported(out), verification_inputs(config, tokenizer), log=log)
+def load_reference_export(out, config):
+    """A `--to reference` export as an HF model: the layer files hold the reference's names, which the
+    HF layers share; lm.safetensors holds the HF names. Strict: every tensor consumed, none missing."""
+    from model.reference import ROPE_BUFFER, reference_inv_freq
+
+    from .hf import SessaForCausalLM, SessaHFConfig
+    from .layout import hf_config_dict
+
+    out = Path(out)
+    hf = SessaForCausalLM(SessaHFConfig(**hf_config_dict(config, torch.float32, None))).float().eval()
+    state = {}
+    with safe_open(str(out / "lm.safetensors"), "pt") as f:
+        state.update({k: f.get_tensor(k).float() for k in f.keys()})
+    for i in range(config.num_layers):
+        with safe_open(str(out / "layers" / f"{i}.safetensors"), "pt") as f:
+            layer = {k: f.get_tensor(k) for k in f.keys()}
+        rope = layer.pop(ROPE_BUFFER, None)
+        if rope is None or not torch.equal(rope, reference_inv_freq(config.head_size)):
+            raise VerificationError(f"{out}/layers/{i}.safetensors: {ROPE_BUFFER} is missing or differs from the "
+                                    f"reference's 10000^(-2i/d)")
+        state.update({f"model.layers.{i}.{k}": v.float() for k, v in layer.items()})
+    if config.tie_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise VerificationError(f"reference export {out} does not fill the model: missing {missing[:3]}, "
+                                f"unexpected {unexpected[:3]}")
+    return hf
+
+
+def check_tensors(state: dict[str, torch.Tensor], out: Path, dtype) -> dict:
+    """`--to safetensors`: the exported tensors are exactly `state` rounded to `dtype`."""
+    out = Path(out)
+    index = out / "model.safetensors.index.json"
+    files = (json.loads(index.read_text())["weight_map"] if index.is_file()
+             else {k: "model.safetensors" for k in safe_open(str(out / "model.safetensors"), "pt").keys()})
+    if set(files) != set(state):
+        raise VerificationError(f"export {out} has tensors {sorted(set(files) - set(state))[:3]} the checkpoint lacks "
+                                f"and lacks {sorted(set(state) - set(files))[:3]}")
+    for name in sorted(state):
+        with safe_open(str(out / files[name]), "pt") as f:
+            exported = f.get_tensor(name)
+        if exported.dtype != dtype or not torch.equal(exported, state[name].to(dtype)):
+            raise VerificationError(f"export {out}: tensor {name} in {files[name]} differs from the checkpoint's")
+    return {"tensors_equal": len(state), "passed": True}
+
+
+def verify_export(reader, config, out, to: str, *, dtype=torch.float32, tokenizer=None, log=print) -> dict:
+    """Check the export in `out` against the checkpoint of `reader`, read independently; raises
+    VerificationError naming the first difference, returns the report."""
+    state = independent_state_dict(reader)
+    if to == "safetensors":
+        report = check_tensors(state, out, dtype)
+        log(f"verification: {report['tensors_equal']} tensors equal to the checkpoint's (read independently)")
+        return report
+    exported = load_exported(out) if to == "hf" else load_reference_export(out, config)
+    return compare(native_model(state, config, dtype), exported, verification_inputs(config, tokenizer), log=log)

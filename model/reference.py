@@ -28,6 +28,28 @@ REFERENCE_LAYOUT: dict[str, tuple[str, ...]] = {
     "W_out.bias": ("out_proj.bias",),
 }
 ROPE_BUFFER = "mixer.rope_inv_freq"
+REFERENCE_ROPE_BASE = 10000.0  # fixed in the reference layer: its constructor has no argument for it
+# The public reference constructor: SessaLayer(D, n_heads=1, n_kv_heads=None, max_len=None, ln_eps=1e-5,
+# use_flash=False, use_forward_rope=True, gamma_max=0.999).
+REFERENCE_LAYER_ARGS = ("D", "n_heads", "n_kv_heads", "max_len", "ln_eps", "use_flash", "use_forward_rope", "gamma_max")
+
+
+def reference_layer_kwargs(config: ModelConfig) -> dict:
+    """Keyword arguments of the public reference constructor for one layer of `config`:
+    `SessaLayer(**reference_layer_kwargs(config))`. Raises ValueError for a model it cannot express."""
+    if config.rope_base != REFERENCE_ROPE_BASE:
+        raise ValueError(f"the reference layer fixes the RoPE base at {REFERENCE_ROPE_BASE:g} but this model uses "
+                         f"rope_base {config.rope_base:g}; export --to hf or --to safetensors instead")
+    if not config.feedback:
+        raise ValueError("the reference layer always has the feedback branch but this model has feedback: false; "
+                         "export --to hf or --to safetensors instead")
+    return {"D": config.hidden_size, "n_heads": config.num_heads, "n_kv_heads": config.num_kv_heads,
+            "ln_eps": config.norm_eps, "gamma_max": config.gamma_max}
+
+
+def reference_inv_freq(head_size: int) -> torch.Tensor:
+    """The reference layer's RoPE buffer, as it computes it: 10000^(-2i/d), i < d/2 (fp32)."""
+    return REFERENCE_ROPE_BASE ** (-2 * torch.arange(head_size // 2, dtype=torch.float32) / head_size)
 
 
 def _expected_names(config: ModelConfig) -> list[str]:
