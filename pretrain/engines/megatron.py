@@ -16,6 +16,7 @@ from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from checkpoints import CheckpointManager
+from checkpoints.importer import WEIGHTS_ONLY
 from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimizer_state, load_optimizer_state
 from model.recompute import recompute_blocks, torch_checkpoint
 from model.transformer import build_model, init_model_weights, megatron_config_for
@@ -244,6 +245,13 @@ class MegatronEngine:
         return self.checkpoints.save(step, self._sharded_state(common, rank_state))
 
     def load(self, plan: ResumePlan) -> Restored:
+        if plan.common.get(WEIGHTS_ONLY):  # written by `python -m checkpoints import`: the model only
+            model_state = {k: v for chunk in self.chunks for k, v in chunk.sharded_state_dict(prefix="model.").items()}
+            loaded = self.checkpoints.load(plan.step, {"model": model_state})
+            for chunk in self.chunks:
+                keys = chunk.sharded_state_dict(prefix="model.").keys()
+                chunk.load_global_state_dict({k: loaded["model"][k] for k in keys}, prefix="model.")
+            return Restored(plan.common, [], None)
         initialise_optimizer_state(self.optimizer)
         loaded = self.checkpoints.load(plan.step, self._sharded_state({}, None, saved_layout=plan.common["layout"]))
         for chunk in self.chunks:

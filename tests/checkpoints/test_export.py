@@ -12,7 +12,8 @@ from tests.pretrain.conftest import REPO, TEST_RECIPE, prepared_data, pretrain_e
 
 from checkpoints.export import model_config
 from checkpoints.readers import open_checkpoint
-from checkpoints.verify import VerificationError, compare, load_exported, native_model, verification_inputs
+from checkpoints.verify import (VerificationError, compare, independent_state_dict, load_exported, native_model,
+                                verification_inputs)
 
 
 def _recipe(tmp: Path, data: Path, **model) -> Path:
@@ -77,7 +78,7 @@ def test_hf_export_loads_with_remote_code_and_matches_native(trained, tmp_path):
 
     from model.generation import generate
 
-    native = native_model(reader, config)
+    native = native_model(independent_state_dict(reader), config)
     with torch.no_grad():
         ours = native(ids)[..., : config.vocab_size]
     assert (ours - result["logits"]).abs().max().item() <= 1e-4
@@ -105,7 +106,7 @@ def test_verification_detects_known_bad_changes(trained, change, monkeypatch):
     _, _, run, hf = trained
     reader = open_checkpoint(run)
     config = model_config(reader.common)
-    native, exported = native_model(reader, config), load_exported(hf)
+    native, exported = native_model(independent_state_dict(reader), config), load_exported(hf)
     compare(native, exported, verification_inputs(config))  # the good export passes
     mixer = exported.model.layers[1].mixer
     with torch.no_grad():
@@ -176,26 +177,80 @@ def test_import_refuses_mismatches(trained, tmp_path):
     assert missing.returncode == 1 and "lacks tensor model.layers.1.mixer.gamma_bias" in missing.stderr
 
 
-def test_reference_and_safetensors_exports(trained, tmp_path):
+def test_reference_export_constructs_the_reference_layer(trained, tmp_path):
+    """config.json holds exactly the public reference constructor's arguments: `SessaLayer(**config)`
+    (here our transcription, whose signature is the public one) loads each layer file strictly and
+    computes what our layer computes."""
+    import inspect
+
     from safetensors.torch import load_file
+
+    from model.reference import REFERENCE_LAYER_ARGS
 
     sys.path.insert(0, str(REPO / "tests" / "model"))
     from reference_layer import ReferenceLayer
 
+    assert tuple(inspect.signature(ReferenceLayer).parameters) == REFERENCE_LAYER_ARGS
     _, _, run, _ = trained
     reader = open_checkpoint(run)
     config = model_config(reader.common)
-    cli("export", run, "--to", "reference", "--out", tmp_path / "ref")
+    done = cli("export", run, "--to", "reference", "--out", tmp_path / "ref")
+    assert "top-1 mismatches: 0" in done.stdout  # verified against the checkpoint, read independently
+    kwargs = json.loads((tmp_path / "ref" / "config.json").read_text())
+    assert set(kwargs) <= set(REFERENCE_LAYER_ARGS)
+    native = native_model(independent_state_dict(reader), config)
+    x = torch.randn(2, 2 * config.feedback_chunk_size + 3, config.hidden_size, generator=torch.Generator().manual_seed(0))
     for i in range(config.num_layers):
-        layer = ReferenceLayer(config.hidden_size, config.num_heads, config.num_kv_heads, config.gamma_max)
+        layer = ReferenceLayer(**kwargs).eval()
         layer.load_state_dict(load_file(tmp_path / "ref" / "layers" / f"{i}.safetensors"), strict=True)
-    cli("export", run, "--to", "safetensors", "--out", tmp_path / "st", "--max-shard-size", "100KB")
+        with torch.no_grad():
+            ours, _ = native.layers[i](x.transpose(0, 1))
+            torch.testing.assert_close(layer(x), ours.transpose(0, 1), rtol=1e-4, atol=1e-5)
+    lm = json.loads((tmp_path / "ref" / "lm_config.json").read_text())
+    assert lm["num_layers"] == config.num_layers and lm["vocab_size"] == config.vocab_size
+
+
+def test_safetensors_export_is_the_checkpoint(trained, tmp_path):
+    from safetensors.torch import load_file
+
+    _, _, run, _ = trained
+    reader = open_checkpoint(run)
+    done = cli("export", run, "--to", "safetensors", "--out", tmp_path / "st", "--max-shard-size", "100KB")
+    assert "tensors equal to the checkpoint's (read independently)" in done.stdout
     index = json.loads((tmp_path / "st" / "model.safetensors.index.json").read_text())
     files = set(index["weight_map"].values())
     assert len(files) > 1
     native = reader.read(list(reader.shapes))
     for name, tensor in native.items():
         assert torch.equal(load_file(tmp_path / "st" / index["weight_map"][name])[name], tensor), name
+
+
+def _misread(reader_class, monkeypatch):
+    """The reader returns one tensor wrong (two row blocks exchanged, as a shard-reassembly bug would)."""
+    original = reader_class.read
+
+    def read(self, names):
+        tensors = original(self, names)
+        name = "layers.1.mixer.q_proj.weight"
+        if name in tensors:
+            top, bottom = tensors[name].chunk(2)
+            tensors[name] = torch.cat((bottom, top))
+        return tensors
+
+    monkeypatch.setattr(reader_class, "read", read)
+
+
+@pytest.mark.parametrize("to", ["safetensors", "reference", "hf"])
+def test_verification_catches_a_reader_bug(trained, tmp_path, monkeypatch, to):
+    """Verification reads the checkpoint independently of the exporter's reader: a wrong read shows."""
+    from checkpoints.export import export
+    from checkpoints.readers import MegatronReader
+
+    _, _, run, _ = trained
+    _misread(MegatronReader, monkeypatch)
+    expected = "layers.1.mixer.q_proj.weight" if to == "safetensors" else "first divergence at layer 1"
+    with pytest.raises(VerificationError, match=expected):
+        export(run, to, tmp_path / to, tokenizer_spec="pydocs4k", log=lambda *_: None)
 
 
 def test_import_round_trip_is_bit_exact_and_training_resumes(trained):
@@ -213,24 +268,44 @@ def test_import_round_trip_is_bit_exact_and_training_resumes(trained):
 
 @pytest.mark.slow
 def test_tp2_pp2_checkpoint_exports_to_the_same_model(tmp_path, prepared_data):  # noqa: F811
+    """Every format verified against DCP's own loader (not the exporter's reader); then imported back
+    (saved by one process) and resumed at TP = 2."""
     recipe = _recipe(tmp_path, prepared_data, num_kv_heads=2)
     run_pretrain(recipe, "--run_name", "tp2pp2", "--parallel.tensor", "2", "--parallel.pipeline", "2", nproc=4)
     run = tmp_path / "runs" / "tp2pp2"
     assert open_checkpoint(run).common["layout"] == {"world_size": 4, "tp": 2, "pp": 2, "dp": 1}
     done = cli("export", run, "--to", "hf", "--out", tmp_path / "hf")
     assert "top-1 mismatches: 0" in done.stdout
-    # ... and back: the import (saved by one process) resumes at TP = 2
+    assert "top-1 mismatches: 0" in cli("export", run, "--to", "reference", "--out", tmp_path / "ref").stdout
+    assert "45 tensors equal" in cli("export", run, "--to", "safetensors", "--out", tmp_path / "st").stdout
     cli("import", tmp_path / "hf", "--config", recipe, "--out", tmp_path / "runs" / "back")
     done = run_pretrain(recipe, "--run_name", "back", "--parallel.tensor", "2", "--train.max_steps", "4", nproc=2)
     assert "resumed from" in done.stdout + done.stderr
 
 
 @pytest.mark.slow
-def test_deepspeed_zero3_checkpoint_exports(tmp_path, prepared_data):  # noqa: F811
+def test_deepspeed_zero3_checkpoint_exports(tmp_path, prepared_data, monkeypatch):  # noqa: F811
+    """ZeRO-3 at DP = 2: the streaming reader gives DeepSpeed's own consolidation bit for bit; every
+    format is verified against that consolidation, which catches a wrong read."""
+    from checkpoints.deepspeed_format import DeepSpeedCheckpoint, consolidated_state_dict
+    from checkpoints.export import export
+
     recipe = _recipe(tmp_path, prepared_data)
     run_pretrain(recipe, "--run_name", "ds3", "--engine", "deepspeed", "--deepspeed.stage", "3", nproc=2)
     run = tmp_path / "runs" / "ds3"
+    reader = open_checkpoint(run)
+    assert isinstance(reader, DeepSpeedCheckpoint) and reader.common["layout"]["dp"] == 2
+    consolidated = consolidated_state_dict(reader.path)
+    streamed = reader.read(list(reader.shapes))
+    assert streamed.keys() == consolidated.keys()
+    for name, tensor in consolidated.items():
+        assert torch.equal(streamed[name], tensor), name
     done = cli("export", run, "--to", "hf", "--out", tmp_path / "hf")
     assert "deepspeed ZeRO-3" in done.stdout and "top-1 mismatches: 0" in done.stdout
     manifest = json.loads((tmp_path / "hf" / "sessa_export.json").read_text())
     assert manifest["source_format"] == "deepspeed ZeRO-3" and manifest["source_layout"]["dp"] == 2
+    assert "top-1 mismatches: 0" in cli("export", run, "--to", "reference", "--out", tmp_path / "ref").stdout
+    assert "45 tensors equal" in cli("export", run, "--to", "safetensors", "--out", tmp_path / "st").stdout
+    _misread(DeepSpeedCheckpoint, monkeypatch)
+    with pytest.raises(VerificationError, match="layers.1.mixer.q_proj.weight"):
+        export(run, "safetensors", tmp_path / "bad", log=lambda *_: None)

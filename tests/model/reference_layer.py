@@ -1,7 +1,10 @@
 """An independent, plain-PyTorch transcription of the public reference layer (SESSA.md §1-3).
 
 Written from the spec with the reference's parameter names: fused W_in and proj_fb, W_o applied
-before the dense T x T triangular solve. Used only as a parity oracle in tests.
+before the dense T x T triangular solve. The layer's constructor has the public reference's signature
+(`SessaLayer(D, n_heads=1, n_kv_heads=None, max_len=None, ln_eps=1e-5, use_flash=False,
+use_forward_rope=True, gamma_max=0.999)`; RoPE base fixed at 10000), so a `--to reference` export's
+config.json constructs it as it would the reference. Used only as a parity oracle in tests.
 """
 import torch
 import torch.nn.functional as F
@@ -9,8 +12,9 @@ from torch import nn
 
 
 class ReferenceMixer(nn.Module):
-    def __init__(self, D, H, H_kv, gamma_max, rope_base=10000.0):
+    def __init__(self, D, H, H_kv, gamma_max, use_forward_rope=True, rope_base=10000.0):
         super().__init__()
+        self.use_forward_rope = use_forward_rope
         self.D, self.H, self.H_kv, self.d, self.gamma_max = D, H, H_kv, D // H, gamma_max
         self.q_proj = nn.Linear(D, D)
         self.k_proj = nn.Linear(D, H_kv * self.d)
@@ -35,7 +39,8 @@ class ReferenceMixer(nn.Module):
         q = self.q_proj(a).view(B, T, self.H, self.d).transpose(1, 2)
         k = self.k_proj(a).view(B, T, self.H_kv, self.d).transpose(1, 2)
         v = self.v_proj(a).view(B, T, self.H_kv, self.d).transpose(1, 2)
-        q, k = self.rope(q), self.rope(k)
+        if self.use_forward_rope:
+            q, k = self.rope(q), self.rope(k)
         rep = self.H // self.H_kv
         k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
         scores = q @ k.transpose(-1, -2) / self.d**0.5
@@ -54,11 +59,12 @@ class ReferenceMixer(nn.Module):
 
 
 class ReferenceLayer(nn.Module):
-    def __init__(self, D, H, H_kv, gamma_max=0.999, eps=1e-5):
-        super().__init__()
-        self.ln = nn.LayerNorm(D, eps=eps)
+    def __init__(self, D, n_heads=1, n_kv_heads=None, max_len=None, ln_eps=1e-5, use_flash=False,
+                 use_forward_rope=True, gamma_max=0.999):
+        super().__init__()  # max_len (preallocated masks) and use_flash (flash-attn on CUDA) change no result
+        self.ln = nn.LayerNorm(D, eps=ln_eps)
         self.W_in = nn.Linear(D, 2 * D)
-        self.mixer = ReferenceMixer(D, H, H_kv, gamma_max)
+        self.mixer = ReferenceMixer(D, n_heads, n_kv_heads or n_heads, gamma_max, use_forward_rope)
         self.W_out = nn.Linear(D, D)
 
     def forward(self, x):  # [B, T, D]
