@@ -21,6 +21,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from checkpoints.importer import WEIGHTS_ONLY
 from data_pipeline.loader import build_dataloader
 from data_pipeline.manifest import read_manifest
 from data_pipeline.tokenizer import load_tokenizer
@@ -101,6 +102,7 @@ class Trainer:
         self.nonfinite_streak = 0
         if plan is not None:
             self._resume(plan)
+        self.eval_tasks = self._load_eval_tasks()
         self.logger = MetricsLogger(config, self.env.is_logger, self.state.step)
         self.logger.print(self._banner())
 
@@ -140,6 +142,20 @@ class Trainer:
         workers = max(w for w in range(1, max(requested, 1) + 1) if self.num_microbatches % w == 0)
         lanes = self.num_microbatches // workers * self.config.train.micro_batch_size
         return (workers if requested else 0), lanes
+
+    def _load_eval_tasks(self) -> list:
+        """eval.tasks, read once (task files, synthetic tasks with the training data's seed and knobs)."""
+        if not self.config.eval.tasks:
+            return []
+        from .evaluate import load_tasks
+
+        trained = self.manifest.get("task") or {}
+        try:
+            return load_tasks(self.config.eval.tasks, prompt_field=trained.get("prompt_field") or "prompt",
+                              answer_field=trained.get("answer_field") or "answer",
+                              separator=trained.get("separator"), trained_sources=self.manifest.get("sources", ()))
+        except (ValueError, OSError) as err:
+            raise ConfigError(f"eval.tasks {self.config.eval.tasks!r}: {err}") from None
 
     def _banner(self) -> str:
         cfg, env = self.config, self.env
@@ -246,8 +262,37 @@ class Trainer:
 
     def _log_eval(self) -> None:
         metrics = self.evaluate()
-        self.logger.log(self.state.step, metrics)
         self.logger.print(f"step {self.state.step}: val loss {metrics['val/loss']:.4f}, ppl {metrics['val/ppl']:.2f}")
+        if self.eval_tasks:
+            metrics |= self._evaluate_tasks()
+        self.logger.log(self.state.step, metrics)
+
+    def _evaluate_tasks(self) -> dict:
+        """eval.tasks on every data-parallel rank's share (pretrain/evaluate); an error is logged and
+        training goes on."""
+        from megatron.core import parallel_state
+
+        from .evaluate import evaluate_tasks, flat_metrics
+        from .evaluate.report import markdown
+
+        try:
+            with self.engine.full_model() as model:
+                if model is None:
+                    self.logger.print("eval.tasks skipped: scoring needs the whole model on each rank (no pipeline "
+                                      "stages, no sequence parallelism); evaluate a checkpoint with "
+                                      "python -m pretrain.evaluate instead")
+                    return {}
+                tokenizer = load_tokenizer(self.manifest["tokenizer"]["spec"])
+                with self.engine.autocast:
+                    results = evaluate_tasks(model, tokenizer, self.eval_tasks, dp_rank=self.env.dp_rank,
+                                             dp_size=self.env.dp_size, group=parallel_state.get_data_parallel_group(),
+                                             max_length=self.seq_len)
+        except Exception as err:  # noqa: BLE001 - an evaluation failure must not end a training run
+            self.logger.print(f"eval.tasks failed at step {self.state.step} (training goes on): "
+                              f"{type(err).__name__}: {err}")
+            return {"eval/errors": 1}
+        self.logger.print(f"step {self.state.step}: tasks\n{markdown(results)}")
+        return flat_metrics(results)
 
     def _agree_on_flags(self, last_save: float) -> tuple[bool, bool]:
         """Every rank must take the same decision to stop or save: OR the local flags over the world."""
@@ -311,6 +356,10 @@ class Trainer:
 
     def _resume(self, plan) -> None:
         restored = self.engine.load(plan)
+        if restored.common.get(WEIGHTS_ONLY):  # imported weights: fresh optimizer, schedule and data order
+            if self.env.rank == 0:
+                print(f"resumed from {plan.directory} (imported weights only: training starts at step 0)", flush=True)
+            return
         self.scheduler.load_state_dict(restored.common["scheduler"])
         restore_loader(self.train_loader, restored.data_states, self.env.dp_rank, self.env.dp_size)
         if restored.rng is not None:

@@ -108,3 +108,27 @@ def test_sigkill_and_resume_is_bit_exact_with_masks(task_recipe, single):
     resumed = read_metrics(run_dir)
     assert sorted(resumed) == list(range(1, 7))
     assert [resumed[s] for s in range(3, 7)] == [single[s] for s in range(3, 7)]  # bitwise
+
+
+@pytest.mark.slow
+def test_in_training_task_evaluation_is_logged_and_never_stops_training(task_recipe):
+    import subprocess
+    import sys
+
+    from conftest import REPO, pretrain_env
+
+    runs = task_recipe.parent / "runs"
+    args = (*ARGS, "--eval.tasks", "mqar", "--eval.interval", "3")
+    done = run_pretrain(task_recipe, "--run_name", "evaluated", *args)
+    records = [json.loads(line) for line in (runs / "evaluated" / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {r["step"]: r for r in records if any(k.startswith("eval/mqar/") for k in r)}
+    assert sorted(evaluated) == [3, 6], sorted(evaluated)
+    assert 0.0 <= evaluated[6]["eval/mqar/exact_match"] <= 1.0
+    assert "tasks" in done.stdout
+
+    broken = subprocess.run([sys.executable, str(REPO / "tests/pretrain/eval_failure_run.py"), "--config",
+                             str(task_recipe), "--run_name", "eval_broken", *args], cwd=REPO, env=pretrain_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert broken.returncode == 0, broken.stderr[-3000:]
+    assert "eval.tasks failed at step 3 (training goes on): RuntimeError: injected" in broken.stdout
+    assert max(read_metrics(runs / "eval_broken")) == 6
