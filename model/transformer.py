@@ -325,3 +325,46 @@ def init_transformer_weights(model: TransformerLM, seed: int = 0) -> None:
             size = param.shape[param.partition_dim]
             full = full.narrow(param.partition_dim, tp_rank * size, size)
         param.copy_(full.to(param.dtype))
+
+
+def llama_config_dict(config: ModelConfig) -> dict:
+    """The Hugging Face `LlamaConfig` fields of the Transformer arm (the same architecture: RMSNorm,
+    rotate-half RoPE, GQA, SwiGLU, no biases), for an export that `LlamaForCausalLM` loads."""
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size, "intermediate_size": config.ffn_hidden_size,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads, "head_dim": config.head_size, "hidden_act": "silu",
+        "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_base, "attention_bias": False, "mlp_bias": False,
+        "tie_word_embeddings": config.tie_embeddings,
+    }
+
+
+def llama_state_dict(state_dict: dict, config: ModelConfig) -> dict:
+    """Global TransformerLM tensors (`state_dict()` names of a one-stage model; the full, unsharded
+    tensors a torch_dist checkpoint holds) -> `LlamaForCausalLM` names, vocabulary padding removed.
+
+    megatron's linear_qkv holds per query group [q heads of the group; k; v]; linear_fc1 is [gate; up].
+    """
+    H, G, d = config.num_heads, config.num_kv_heads, config.head_size
+    out = {"model.embed_tokens.weight": state_dict["embedding.word_embeddings.weight"][:config.vocab_size],
+           "model.norm.weight": state_dict["decoder.final_layernorm.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state_dict["output_layer.weight"][:config.vocab_size]
+    for n in range(config.num_layers):
+        ours, theirs = f"decoder.layers.{n}.", f"model.layers.{n}."
+        qkv = state_dict[ours + "self_attention.linear_qkv.weight"].view(G, (H // G + 2) * d, config.hidden_size)
+        q, k, v = qkv.split([H // G * d, d, d], dim=1)
+        gate, up = state_dict[ours + "mlp.linear_fc1.weight"].chunk(2)
+        out |= {
+            theirs + "input_layernorm.weight": state_dict[ours + "input_layernorm.weight"],
+            theirs + "self_attn.q_proj.weight": q.reshape(H * d, -1),
+            theirs + "self_attn.k_proj.weight": k.reshape(G * d, -1),
+            theirs + "self_attn.v_proj.weight": v.reshape(G * d, -1),
+            theirs + "self_attn.o_proj.weight": state_dict[ours + "self_attention.linear_proj.weight"],
+            theirs + "post_attention_layernorm.weight": state_dict[ours + "pre_mlp_layernorm.weight"],
+            theirs + "mlp.gate_proj.weight": gate,
+            theirs + "mlp.up_proj.weight": up,
+            theirs + "mlp.down_proj.weight": state_dict[ours + "mlp.linear_fc2.weight"],
+        }
+    return {name: tensor.contiguous() for name, tensor in out.items()}

@@ -282,3 +282,26 @@ def test_tensor_parallel_two_ranks_matches_one(tp2_results, case):
         from model.generation import generate
 
         assert torch.equal(tp2["generated"], generate(model, tokens[:, :5], 6, temperature=0))
+
+
+@pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
+def test_llama_export_matches_and_generates_with_a_cache(tie):
+    """The arm is Llama: the converted weights give the same logits, and HF generate() (KV cache)
+    gives our cached greedy generation."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from model.generation import generate
+    from model.transformer import llama_config_dict, llama_state_dict
+
+    model = build_with(dtype=torch.float32, tie_embeddings=tie)
+    fields = {k: v for k, v in llama_config_dict(model.sessa).items() if k not in ("model_type", "architectures")}
+    hf = LlamaForCausalLM(LlamaConfig(**fields, attn_implementation="sdpa")).eval()
+    missing, unexpected = hf.load_state_dict(llama_state_dict(model.state_dict(), model.sessa), strict=False)
+    assert not unexpected and set(missing) <= ({"lm_head.weight"} if tie else set())
+    tokens = torch.randint(0, 300, (2, 19), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(tokens).logits, model(tokens)[..., :300], **TOLERANCES[torch.float32])
+        out = hf.generate(tokens[:, :5], max_new_tokens=8, do_sample=False, use_cache=True, pad_token_id=0,
+                          return_dict_in_generate=True)
+    assert out.past_key_values is not None and out.past_key_values.get_seq_length() == 12
+    assert torch.equal(out.sequences, generate(model, tokens[:, :5], 8, temperature=0))
