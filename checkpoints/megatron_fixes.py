@@ -19,8 +19,16 @@ per step and the bias correction is wrong from the first step after a resume.
 And on a machine without CUDA: megatron's torch_dist save calls `torch.cuda.synchronize()` and
 `torch.cuda.current_device()` unconditionally, which raise there; CheckpointManager saves inside
 `cuda_calls_on_cpu()`, which answers both for the CPU during the save only.
+
+And on a stop signal: megatron's torch_dist save sends its results through one multiprocessing
+Manager process per rank, spawned at the first save and kept. SLURM's SIGTERM (cancel, preemption,
+`scancel --signal=TERM`) reaches every process of the job step; the Manager died of it and the
+checkpoint the trainer writes on that signal failed (BrokenPipeError). A spawned process starts
+with the parent's ignored signals, so `apply_megatron_fixes` starts that Manager up front with
+SIGTERM and SIGUSR1 ignored.
 """
 import contextlib
+import signal
 
 import torch
 
@@ -62,6 +70,14 @@ def apply_megatron_fixes() -> None:
                 state["step"] = step
 
     DistributedOptimizer._set_main_param_and_optimizer_states = set_states_present_in_checkpoint
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import _get_write_results_queue
+
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        _get_write_results_queue()  # the Manager, ignoring the stop signals the trainer handles
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     _applied = True
 
 
