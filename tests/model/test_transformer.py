@@ -305,3 +305,28 @@ def test_llama_export_matches_and_generates_with_a_cache(tie):
                           return_dict_in_generate=True)
     assert out.past_key_values is not None and out.past_key_values.get_seq_length() == 12
     assert torch.equal(out.sequences, generate(model, tokens[:, :5], 8, temperature=0))
+
+
+@pytest.mark.parametrize("recompute", ["selective", "full"])
+def test_megatron_recompute_with_packed_documents_is_exact(recompute):
+    """megatron's activation recomputation re-runs SDPAttention with the doc ids (a tensor through
+    its checkpoint function): the same logits and gradients."""
+    from model.parallel import ensure_model_parallel
+    from model.transformer import TransformerLM, init_model_weights, transformer_megatron_config
+
+    config = ModelConfig(arch="transformer", vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    ensure_model_parallel()
+    fields = {"recompute_granularity": recompute} | (
+        {"recompute_method": "uniform", "recompute_num_layers": 1} if recompute == "full" else {})
+    models = [TransformerLM(config, transformer_megatron_config(config, **extra)) for extra in ({}, fields)]
+    doc_ids, positions = packed_documents([[5, 1, 9, 7], [13, 1, 8]])
+    tokens = torch.randint(0, 300, (2, 22), generator=torch.Generator().manual_seed(12))
+    results = []
+    for model in models:
+        init_model_weights(model, 0)
+        model.double()
+        results.append(logits_and_grads(model, tokens, doc_ids=doc_ids, position_ids=positions))
+    (plain, plain_grads), (again, again_grads) = results
+    torch.testing.assert_close(again, plain, atol=0, rtol=0)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(again_grads[name], grad, **TOLERANCES[torch.float64], msg=name)
