@@ -40,7 +40,7 @@ def eval_config(config: ModelConfig, device: torch.device) -> ModelConfig:
 
 
 def new_model(config: ModelConfig, device: torch.device) -> torch.nn.Module:
-    """A one-process model of either architecture (weights as the constructor leaves them), eval mode."""
+    """A one-process model of either architecture, eval mode, weights uninitialised (load or draw them)."""
     from model.parallel import ensure_model_parallel
     from model.transformer import build_model as build_chunk, megatron_config_for
 
@@ -49,14 +49,51 @@ def new_model(config: ModelConfig, device: torch.device) -> torch.nn.Module:
 
         cpu_compat.enable()  # megatron's RNG tracker and RoPE assume a CUDA device
     ensure_model_parallel()
-    return build_chunk(config, megatron_config_for(config)).to(device).eval()
+    # perform_initialization=False: no random draw for weights that are loaded (or drawn) next
+    return build_chunk(config, megatron_config_for(config, perform_initialization=False)).to(device).eval()
 
 
 def build_model(config: ModelConfig, state: dict, device: torch.device) -> torch.nn.Module:
     """`new_model` holding `state` (global native names, as the checkpoint readers return them)."""
     model = new_model(config, device)
+    if config.arch == "transformer":
+        state = module_names(model, state)
     model.load_global_state_dict({k: v.float().to(device) for k, v in state.items()})
     return model
+
+
+def module_names(model, state: dict) -> dict:
+    """Checkpoint names of the Transformer arm -> its module names: megatron saves the local spec's
+    norms under TE's fused names (`sharded_state_dict_keys_map`: input_layernorm.weight is saved as
+    self_attention.linear_qkv.layer_norm_weight)."""
+    keys_map = model.decoder.layers[0].submodules_config.sharded_state_dict_keys_map
+    out = {}
+    for name, tensor in state.items():
+        prefix, sep, rest = name.partition(".layers.")
+        if sep and rest.split(".", 1)[0].isdigit():
+            number, rest = rest.split(".", 1)
+            for module_name, saved_name in keys_map.items():
+                if rest.startswith(saved_name):
+                    rest = module_name + rest[len(saved_name):]
+            name = f"{prefix}.layers.{number}.{rest}"
+        out[name] = tensor
+    return out
+
+
+def unstack_layers(state: dict, config: ModelConfig) -> dict:
+    """megatron's GPTModel saves each per-layer tensor of the Transformer arm stacked over layers
+    (`decoder.layers.mlp.linear_fc2.weight` [L, ...]); split those into `decoder.layers.{n}.*`."""
+    out = {}
+    for name, tensor in state.items():
+        rest = name.removeprefix("decoder.layers.")
+        if rest != name and not rest.split(".", 1)[0].isdigit():
+            if tensor.shape[0] != config.num_layers:
+                raise TargetError(f"{name} has {tensor.shape[0]} stacked layers, the saved config has "
+                                  f"num_layers={config.num_layers}")
+            out.update({f"decoder.layers.{n}.{rest}": tensor[n] for n in range(config.num_layers)})
+        else:
+            out[name] = tensor
+    return out
 
 
 def load_target(path, *, step: int | None = None, tokenizer_spec: str | None = None,
@@ -85,7 +122,7 @@ def _load_checkpoint(path: Path, step, tokenizer_spec, device) -> Target:
         tokenizer = load_tokenizer_for(common, tokenizer_spec)
     except CheckpointError as err:
         raise TargetError(f"target {path} has no usable tokenizer: {err}") from err
-    state = reader.read(sorted(reader.shapes))
+    state = unstack_layers(reader.read(sorted(reader.shapes)), config)
     model = build_model(eval_config(config, device), state, device)
     info = {"path": str(reader.path), "format": reader.format, "step": common.get("step"),
             "tokens": common.get("consumed_tokens"), "run_name": common["config"].get("run_name"),

@@ -39,10 +39,19 @@ def test_target_models_equal_the_checkpoint_tensors(runs):
     for arch in ("sessa", "transformer"):
         target = load_target(runs[arch])
         assert target.config.arch == arch and target.tokenizer.spec == "pydocs4k"
-        saved = open_checkpoint(runs[arch]).read(["embedding.weight" if arch == "sessa" else
-                                                  "embedding.word_embeddings.weight"])
-        weight = target.model.embedding.weight if arch == "sessa" else target.model.embedding.word_embeddings.weight
-        assert torch.equal(weight, next(iter(saved.values())))
+        reader = open_checkpoint(runs[arch])
+        if arch == "sessa":
+            saved = reader.read(["embedding.weight", "layers.1.mixer.fb_k_proj.weight"])
+            assert torch.equal(target.model.embedding.weight, saved["embedding.weight"])
+            assert torch.equal(target.model.layers[1].mixer.fb_k_proj.weight, saved["layers.1.mixer.fb_k_proj.weight"])
+            continue
+        # megatron saves the Transformer's layers stacked, and its norms under TE's fused names
+        norm, fc2 = "decoder.layers.self_attention.linear_qkv.layer_norm_weight", "decoder.layers.mlp.linear_fc2.weight"
+        saved = reader.read(["embedding.word_embeddings.weight", norm, fc2])
+        layer = target.model.decoder.layers[1]
+        assert torch.equal(target.model.embedding.word_embeddings.weight, saved["embedding.word_embeddings.weight"])
+        assert torch.equal(layer.input_layernorm.weight, saved[norm][1]) and not torch.all(saved[norm][1] == 1)
+        assert torch.equal(layer.mlp.linear_fc2.weight, saved[fc2][1])
     target = load_target(runs["sessa"])
     ids = target.tokenizer.encode("def add(a, b):\n    return a + b\n")
     [score] = score_continuations(target.model, [(ids[:3], ids[3:])])
