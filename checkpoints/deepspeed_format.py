@@ -61,8 +61,8 @@ def _load_mapped(path: Path) -> dict:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
 
 
-def _read_range(flats: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
-    """Elements [start, start + length) of the concatenation of `flats` (which is never formed)."""
+def _read_range(flats: list[torch.Tensor], start: int, length: int) -> list[torch.Tensor]:
+    """Views of elements [start, start + length) of the concatenation of `flats` (never formed)."""
     pieces, offset = [], 0
     for flat in flats:
         lo, hi = max(start - offset, 0), min(start + length - offset, flat.numel())
@@ -71,7 +71,12 @@ def _read_range(flats: list[torch.Tensor], start: int, length: int) -> torch.Ten
         offset += flat.numel()
     if sum(p.numel() for p in pieces) != length:
         raise CheckpointError(f"elements [{start}, {start + length}) lie outside the saved partitions ({offset})")
-    return torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return pieces
+
+
+def _copied(pieces: list[torch.Tensor]) -> torch.Tensor:
+    """The pieces concatenated into a new tensor of its own (never a view of a mapped file)."""
+    return torch.cat(pieces) if len(pieces) > 1 else pieces[0].clone()
 
 
 class DeepSpeedCheckpoint:
@@ -151,38 +156,33 @@ class DeepSpeedCheckpoint:
                                       f"hold {available}; the checkpoint does not match its param_shapes")
 
     def read(self, names) -> dict[str, torch.Tensor]:
-        """Those tensors, full and fp32 (CPU, owning their memory)."""
+        """Those tensors, full and fp32 (CPU, owning their memory). The files are mapped afresh for each
+        tensor, so the pages read for one are released before the next: the peak is the tensors
+        returned plus twice the largest (its pages and its copy)."""
         names = list(names)
         missing = [n for n in names if n not in self.shapes]
         if missing:
             raise CheckpointError(f"{self.path} has no tensor {missing[0]}")
-        out = {}
-        if self.stage == 0 or any(n in self._buffers for n in names):
-            module = _load_mapped(self.path / "mp_rank_00_model_states.pt" if self.stage < 3
-                                  else self.path / "zero_pp_rank_0_mp_rank_00_model_states.pt")["module"]
-            for name in names:
-                source = self._shared.get(name, name)
-                if self.stage == 0 or name in self._buffers:
-                    out[name] = module[source].to(torch.float32, copy=True)
-            del module
-        wanted = [n for n in names if n not in out]
-        if wanted:
-            partitions = [_load_mapped(f)["optimizer_state_dict"] for f in self._optim_files]
-            key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
-            flats = [p[key] for p in partitions]
-            for name in wanted:
-                group, offset, numel, shape = self._index[self._shared.get(name, name)]
-                if self.stage == 3:
-                    piece = math.ceil(numel / len(flats))
-                    full = torch.cat([_read_range(rank, offset, piece) for rank in flats])[:numel]
-                else:
-                    full = _read_range([rank[group] for rank in flats], offset, numel)
-                out[name] = full.to(torch.float32, copy=True).view(shape)
-            del partitions, flats
+        out = {name: self._read_one(name) for name in names}
         for name in names:
             if name in self._scalars or self._shared.get(name) in self._scalars:
                 out[name] = out[name].reshape(())
-        return {n: out[n] for n in names}
+        return out
+
+    def _read_one(self, name: str) -> torch.Tensor:
+        source = self._shared.get(name, name)
+        if self.stage == 0 or source in self._buffers:
+            model_file = "zero_pp_rank_0_mp_rank_00_model_states.pt" if self.stage == 3 else "mp_rank_00_model_states.pt"
+            return _load_mapped(self.path / model_file)["module"][source].to(torch.float32, copy=True)
+        key = "fp32_flat_groups" if self.stage == 3 else "single_partition_of_fp32_groups"
+        flats = [_load_mapped(f)["optimizer_state_dict"][key] for f in self._optim_files]
+        group, offset, numel, shape = self._index[source]
+        if self.stage == 3:  # rank r holds elements [r * piece, (r + 1) * piece) of the padded parameter
+            piece = math.ceil(numel / len(flats))
+            full = _copied([view for rank in flats for view in _read_range(rank, offset, piece)])[:numel]
+        else:  # the group's flat vector, cut into equal pieces, one per rank
+            full = _copied(_read_range([rank[group] for rank in flats], offset, numel))
+        return full.to(torch.float32).view(shape)
 
 
 def consolidated_state_dict(checkpoint: Path) -> dict:
