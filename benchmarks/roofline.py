@@ -94,18 +94,33 @@ class Model:
         self.L = triton_chunk._panel_rows(T, chunk_size, panel_size or triton_chunk.DEFAULT_PANEL_SIZE)
         self.C = min(chunk_size, self.config.max_solve_block)
         self.e, self.precision = in_bytes, precision  # input element bytes; the large contractions' precision
+        # the logits dots (lse, probs) take bf16/fp16 q, k as loaded (QK_NATIVE): the half-precision MMA rate
+        self.qk_precision = "bf16" if in_bytes == 2 else precision
 
     # --- per-kernel costs, mirroring triton_kernels.py ------------------------------------------
     def lse(self) -> Launch:
+        """Programs (row tile, key segment): the segment's key tiles up to the diagonal."""
+        from kernels.feedback_solve import triton_chunk
+
         t = self.config.lse
         B, T, K, e = self.B, self.T, self.K, self.e
         Kp = cdiv(K, t.block_k) * t.block_k
-        tiles = [cdiv(min(T, (i + 1) * t.block_m), t.block_n) for i in range(cdiv(T, t.block_m))]
+        seg = triton_chunk._lse_segment(T, t, self.config.lse_segments) // t.block_n  # key tiles per segment
+        n_seg = cdiv(T, seg * t.block_n)
+        tiles = [max(0, min(cdiv(min(T, (i + 1) * t.block_m), t.block_n), (g + 1) * seg) - g * seg)
+                 for i in range(cdiv(T, t.block_m)) for g in range(n_seg)]
         flops = B * sum(tiles) * _dot(t.block_m, t.block_n, Kp)
-        return Launch("fwd", "lse: row log-sum-exp", "feedback_lse_kernel", (len(tiles), B),
-                      {self.precision: flops}, {self.precision: max(tiles) * _dot(t.block_m, t.block_n, Kp)},
-                      bytes_unique=B * (2 * T * K * e + T * 4),
-                      bytes_requested=B * sum(tiles) * (t.block_m + t.block_n) * K * e + B * T * 4)
+        return Launch("fwd", "lse: row log-sum-exp per key segment", "feedback_lse_kernel",
+                      (cdiv(T, t.block_m), n_seg, B), {self.qk_precision: flops},
+                      {self.qk_precision: max(tiles) * _dot(t.block_m, t.block_n, Kp)},
+                      bytes_unique=B * (2 * T * K * e + n_seg * T * 4),
+                      bytes_requested=B * sum(tiles) * (t.block_m + t.block_n) * K * e + B * n_seg * T * 4)
+
+    def lse_merge(self) -> Launch:
+        from kernels.feedback_solve import triton_chunk
+
+        n_seg = cdiv(self.T, triton_chunk._lse_segment(self.T, self.config.lse, self.config.lse_segments))
+        return self.torch_op("fwd", "lse merge: logsumexp over segments", self.B * self.T * 4 * (n_seg + 2))
 
     def probs(self, phase, role, rows, cols, times_gamma=False) -> Launch:
         t = self.config.probs
@@ -116,8 +131,8 @@ class Model:
         live = sum(1 for i in range(gm) for j in range(gn) if not j0 + j * t.block_n >= t0 + i * t.block_m + t.block_m - 1)
         tile = t.block_m * t.block_n
         flops = B * live * _dot(t.block_m, t.block_n, Kp)
-        return Launch(phase, role, "feedback_probs_kernel", (gm, gn, B), {self.precision: flops},
-                      {self.precision: _dot(t.block_m, t.block_n, Kp) if live else 0},
+        return Launch(phase, role, "feedback_probs_kernel", (gm, gn, B), {self.qk_precision: flops},
+                      {self.qk_precision: _dot(t.block_m, t.block_n, Kp) if live else 0},
                       bytes_unique=B * ((t1 - t0 + j1 - j0) * K * e + (t1 - t0) * (4 + e * times_gamma)
                                         + (t1 - t0) * (j1 - j0) * 4),
                       bytes_requested=B * (live * (t.block_m + t.block_n) * K * e + gm * gn * tile * 4))
@@ -174,7 +189,7 @@ class Model:
     # --- the launchers' loops -------------------------------------------------------------------
     def forward(self) -> list[Launch]:
         T, L, V, e = self.T, self.L, self.V, self.e
-        launches = [self.lse()]
+        launches = [self.lse(), self.lse_merge()]
         for r0 in range(0, T, L):
             r1 = min(r0 + L, T)
             launches.append(self.probs("fwd", "probs: P[r0:r1, :r1]", (r0, r1), (0, r1)))

@@ -63,6 +63,7 @@ class TritonConfig:
     max_solve_block: int  # the largest diagonal block C (product-series inverse); larger chunk_size is
     solve_num_warps: int  # solved as C-row sub-blocks (the same computation, see README)
     solve_num_stages: int
+    lse_segments: int = 1  # the row log-sum-exp splits the keys into at most this many segments
 
 
 GPU_CONFIG = TritonConfig(
@@ -75,13 +76,14 @@ GPU_CONFIG = TritonConfig(
     max_solve_block=16,  # "ieee" (FMA) C x C dots: C = 32 spills for fp32, C = 64 spills 10 KB
     solve_num_warps=4,
     solve_num_stages=3,  # pipelines the loads of the in-panel sum (rows stored before the barrier)
+    lse_segments=8,  # T = 8192: 128 row tiles x 8 segments of 1024 keys (was 128 programs, the last 128 tiles long)
 )
 # The interpreter's cost grows with programs x loop steps x ops, not with FLOPs: few, small tiles.
 # Tests may monkeypatch this (e.g. max_solve_block=16 to run the GPU's blocking on CPU).
 _SMALL = Tiles(32, 32, 16, num_warps=1, num_stages=1)
 INTERPRETER_CONFIG = TritonConfig(
     lse=_SMALL, probs=_SMALL, dlogits=_SMALL, matmul=_SMALL, solve_block_v=16, solve_block_j=32, max_solve_block=128,
-    solve_num_warps=1, solve_num_stages=1,
+    solve_num_warps=1, solve_num_stages=1, lse_segments=3,
 )
 # Rows (forward) / columns (backward) of P materialised at once: an [L, T] buffer in fp32.
 DEFAULT_PANEL_SIZE = 512
@@ -150,14 +152,31 @@ def _panel_rows(T: int, chunk_size: int, panel_size: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-def _launch_lse(q_b, k_b, starts, lse, scale, tiles, precision):
+def _qk_native(q_b: torch.Tensor, k_b: torch.Tensor) -> bool:
+    """bf16/fp16 q, k enter the logits' tl.dot as loaded (compiled kernels only; see triton_kernels)."""
+    return not is_interpreter() and q_b.dtype == k_b.dtype and q_b.dtype in (torch.bfloat16, torch.float16)
+
+
+def _lse_segment(T: int, tiles: Tiles, segments: int) -> int:
+    """Keys per segment of the row log-sum-exp: T split into at most `segments`, whole key tiles."""
+    return triton.cdiv(triton.cdiv(T, segments), tiles.block_n) * tiles.block_n
+
+
+def _launch_lse(q_b, k_b, starts, acc, scale, config, precision):
+    """Row log-sum-exp [B, T] (0 for rows with no visible key): partials per key segment, merged."""
     batch, T, K = q_b.shape
-    grid = (triton.cdiv(T, tiles.block_m), batch)
+    tiles = config.lse
+    segment = _lse_segment(T, tiles, config.lse_segments)
+    part = _empty((batch, triton.cdiv(T, segment), T), acc, q_b.device)
+    grid = (triton.cdiv(T, tiles.block_m), part.shape[1], batch)
     feedback_lse_kernel[grid](
-        q_b, k_b, lse if starts is None else starts, lse, T, K, scale,
-        BT=tiles.block_m, BS=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision, HAS_DOCS=starts is not None,
+        q_b, k_b, part if starts is None else starts, part, T, K, scale,
+        BT=tiles.block_m, BS=tiles.block_n, BK=tiles.block_k, SEG=segment, DOT_PRECISION=precision,
+        QK_NATIVE=_qk_native(q_b, k_b), HAS_DOCS=starts is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
+    lse = part.logsumexp(1)
+    return lse.masked_fill_(lse == float("-inf"), 0.0)
 
 
 def _launch_probs(q_b, k_b, lse, starts, panel, scale, rows, cols, tiles, precision, column_gamma=None):
@@ -176,7 +195,7 @@ def _launch_probs(q_b, k_b, lse, starts, panel, scale, rows, cols, tiles, precis
         q_b, k_b, lse, column_gamma if transposed else lse, lse if starts is None else starts, panel, T, K, scale,
         t0, t1, j0, j1, p_t0, p_j0, panel.stride(0), s_pt, s_pj,
         BM=tiles.block_m, BN=tiles.block_n, BK=tiles.block_k, DOT_PRECISION=precision, TIMES_GAMMA=transposed,
-        HAS_DOCS=starts is not None,
+        QK_NATIVE=_qk_native(q_b, k_b), HAS_DOCS=starts is not None,
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,
     )
 
@@ -224,9 +243,8 @@ def feedback_triton_fwd(q_b, k_b, f, gamma, chunk_size, panel_size=DEFAULT_PANEL
     acc = _compute_dtype(f.dtype)
     precision, solve_precision = _dot_precisions(acc, q_b, k_b, f)
     scale = K**-0.5
-    lse = _empty((batch, T), acc, f.device)
     s = _empty((batch, T, V), acc, f.device)
-    _launch_lse(q_b, k_b, starts, lse, scale, config.lse, precision)
+    lse = _launch_lse(q_b, k_b, starts, acc, scale, config, precision)
 
     L = _panel_rows(T, chunk_size, panel_size)
     solve_block = min(chunk_size, config.max_solve_block)

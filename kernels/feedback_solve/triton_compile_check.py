@@ -46,13 +46,15 @@ def _specs(dtypes=("bf16", "fp32"), solve_blocks=None):
         else:
             prec = tc.FP32_DOT_PRECISION if dt == "fp32" else tc.HALF_DOT_PRECISION
             solve_prec = tc.SOLVE_DOT_PRECISION
+        native = dt in ("bf16", "fp16")  # q, k enter the logits' tl.dot as loaded (QK_NATIVE)
         # Without and with document boundaries (int32 starts; the launchers pass lse/delta as an
         # unread stand-in pointer without them).
         for docs in (False, True):
             tag, starts = ("+docs", "i32") if docs else ("", acc)
             constexprs, launch = tiles(config.lse, "BT", "BS", "BK")
-            specs.append((f"lse{tag}[{label}]", tk.feedback_lse_kernel, dict(q=dt, k=dt, starts=starts, lse=acc),
-                          dict(constexprs, DOT_PRECISION=prec, HAS_DOCS=docs), launch))
+            segment = tc._lse_segment(8192, config.lse, config.lse_segments)  # a constexpr; any T compiles alike
+            specs.append((f"lse{tag}[{label}]", tk.feedback_lse_kernel, dict(q=dt, k=dt, starts=starts, part=acc),
+                          dict(constexprs, SEG=segment, DOT_PRECISION=prec, QK_NATIVE=native, HAS_DOCS=docs), launch))
             constexprs, launch = tiles(config.probs)
             # Unit strides are specialised to constexpr 1 by the JIT, as here: row panels are contiguous
             # along keys j, column panels (holding B = gamma P, transposed) along queries t.
@@ -60,7 +62,8 @@ def _specs(dtypes=("bf16", "fp32"), solve_blocks=None):
                 unit_stride = {"s_pt": 1} if times_gamma else {"s_pj": 1}
                 specs.append((f"probs{'*gamma' if times_gamma else ''}{tag}[{label}]", tk.feedback_probs_kernel,
                               dict(q=dt, k=dt, lse=acc, gamma=dt if times_gamma else acc, starts=starts, p=acc),
-                              dict(constexprs, DOT_PRECISION=prec, TIMES_GAMMA=times_gamma, HAS_DOCS=docs,
+                              dict(constexprs, DOT_PRECISION=prec, TIMES_GAMMA=times_gamma, QK_NATIVE=native,
+                                   HAS_DOCS=docs,
                                    **unit_stride), launch))
             constexprs, launch = tiles(config.dlogits, k="BV")
             specs.append((f"dlogits{tag}[{label}]", tk.feedback_dlogits_kernel,

@@ -8,7 +8,8 @@ done one after another (block substitution), each applied as the product series
 (I + A)(I + A^2)...(I + A^(C/2)) of dense tl.dots, with no row-by-row substitution.
 Kernels (prefixes: i_ program ids, o_ offsets, m_ masks, b_ blocks):
 
-  feedback_lse_kernel        row log-sum-exp of the strict-causal logits, flash style, parallel.
+  feedback_lse_kernel        row log-sum-exp of the strict-causal logits, flash style, per segment of
+                             keys (parallel over row tiles x key segments; merged by the launcher).
   feedback_probs_kernel      P[t, j] = exp(q_t . k_j * scale - lse_t) (j < t), or B[t, j] = gamma_t P[t, j],
                              for a rectangle of (t, j), into a panel buffer in row or column layout.
   feedback_dlogits_kernel    in place on a row panel: P -> dL/dlogits = gamma_t P (lam_t . s_j - delta_t) * scale.
@@ -25,11 +26,13 @@ launchers pass an unread stand-in pointer and HAS_DOCS=False compiles the unmask
 Panel offsets and extents are `do_not_specialize`: one compiled variant serves every panel.
 
 Dtypes: inputs may be fp32, bf16, fp16 or fp64. Every operand is cast to the compute dtype of the
-output/work buffer (fp32, or fp64 for fp64 inputs) before `tl.dot`: the interpreter's bf16 `tl.dot`
-is wrong, and the solve must run in fp32 anyway. The launcher picks `DOT_PRECISION` ("tf32" for
-half inputs, exact for the bf16-valued q/k loads; "tf32x3" for fp32; "ieee" for fp64) and
-`SOLVE_PRECISION` ("ieee") for the diagonal inverse. Sizes that are not powers of two (T, K, V) are
-masked; tile sizes are constexprs.
+output/work buffer (fp32, or fp64 for fp64 inputs) before `tl.dot` (the solve must run in fp32),
+except q and k in the logits dots (lse, probs) when QK_NATIVE: bf16/fp16 q, k on the GPU go to
+`tl.dot` as loaded, with fp32 accumulation (the same exact products at the half-precision MMA rate,
+twice tf32's); the interpreter's bf16 `tl.dot` is wrong, so there the launcher casts. The launcher
+picks `DOT_PRECISION` ("tf32" for half inputs, exact for the bf16-valued q/k loads; "tf32x3" for
+fp32; "ieee" for fp64) and `SOLVE_PRECISION` ("ieee") for the diagonal inverse. Sizes that are not
+powers of two (T, K, V) are masked; tile sizes are constexprs.
 """
 import triton
 import triton.language as tl
@@ -37,40 +40,51 @@ import triton.language as tl
 
 @triton.jit
 def feedback_lse_kernel(
-    q, k, starts, lse, T, K, scale,
-    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_DOCS: tl.constexpr,
+    q, k, starts, part, T, K, scale,
+    BT: tl.constexpr, BS: tl.constexpr, BK: tl.constexpr, SEG: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    QK_NATIVE: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):
-    """lse[b, t] = logsumexp_{j<t} q_t . k_j * scale; 0 for row t = 0 (no past). Grid (cdiv(T, BT), B).
+    """Partial row log-sum-exp over one segment of keys. Grid (cdiv(T, BT), segments, B).
 
+    part[b, g, t] = logsumexp_{j in segment g, j < t} q_t . k_j * scale, segment g = keys
+    [g * SEG, (g + 1) * SEG) (SEG a multiple of BS); -inf where the row sees no key of the segment.
+    The launcher merges the segments (logsumexp over g; 0 for a row with no key at all): splitting
+    the keys balances the triangular work (the last row tile would otherwise walk all T / BS key
+    tiles alone) and fills the GPU at T / BT < SMs.
     HAS_DOCS: keys j < starts[b, t] (other documents) are left out too, and the key loop begins at
-    the tile of the first row's document start (documents are contiguous, starts non-decreasing);
-    0 for each document's first row.
+    the tile of the first row's document start (documents are contiguous, starts non-decreasing).
+    QK_NATIVE: q, k are bf16/fp16 and go to tl.dot as loaded (fp32 accumulation: the same products);
+    else they are cast to the accumulator dtype first (the interpreter's bf16 dot is wrong).
     """
-    i_t, i_b = tl.program_id(0), tl.program_id(1)
+    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q += i_b.to(tl.int64) * T * K
     k += i_b.to(tl.int64) * T * K
-    lse += i_b.to(tl.int64) * T
-    ACC = lse.dtype.element_ty
+    part += (i_b.to(tl.int64) * tl.num_programs(1) + i_g) * T
+    ACC = part.dtype.element_ty
 
     o_t = i_t * BT + tl.arange(0, BT)
     m_t = o_t < T
     b_m = tl.full([BT], float("-inf"), dtype=ACC)  # running max
     b_z = tl.zeros([BT], dtype=ACC)  # running sum of exp(logit - max)
-    i_s0 = 0
+    i_s0 = i_g * (SEG // BS)
     if HAS_DOCS:
         starts += i_b.to(tl.int64) * T
         b_start = tl.load(starts + o_t, mask=m_t, other=0)
-        i_s0 = tl.load(starts + i_t * BT) // BS  # no row of the tile sees a key before this tile
-    # Keys j < t <= (i_t + 1) * BT - 1: every key tile up to the diagonal.
-    for i_s in range(i_s0, tl.cdiv(tl.minimum(T, (i_t + 1) * BT), BS)):
+        i_s0 = tl.maximum(i_s0, tl.load(starts + i_t * BT) // BS)  # no row of the tile sees a key before this
+    # Keys j < t <= (i_t + 1) * BT - 1: the segment's key tiles up to the diagonal.
+    i_s1 = tl.minimum(tl.cdiv(tl.minimum(T, (i_t + 1) * BT), BS), (i_g + 1) * (SEG // BS))
+    for i_s in range(i_s0, i_s1):
         o_s = i_s * BS + tl.arange(0, BS)
         m_s = o_s < T
         b_l = tl.zeros([BT, BS], dtype=ACC)
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
-            b_kt = tl.load(k + o_s[None, :] * K + o_k[:, None], mask=m_s[None, :] & m_k[:, None], other=0).to(ACC)
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+            b_kt = tl.load(k + o_s[None, :] * K + o_k[:, None], mask=m_s[None, :] & m_k[:, None], other=0)
+            if not QK_NATIVE:
+                b_q = b_q.to(ACC)
+                b_kt = b_kt.to(ACC)
             b_l += tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BT, BK] @ [BK, BS]
         m_l = (o_s[None, :] < o_t[:, None]) & m_s[None, :]
         if HAS_DOCS:
@@ -80,8 +94,8 @@ def feedback_lse_kernel(
         b_m_safe = tl.where(b_m_new == float("-inf"), 0.0, b_m_new)  # rows with no key yet
         b_z = b_z * tl.exp(b_m - b_m_safe) + tl.sum(tl.exp(b_l - b_m_safe[:, None]), 1)
         b_m = b_m_new
-    b_lse = tl.where(b_z > 0, b_m + tl.log(tl.where(b_z > 0, b_z, 1.0)), 0.0)
-    tl.store(lse + o_t, b_lse.to(lse.dtype.element_ty), mask=m_t)
+    b_lse = tl.where(b_z > 0, b_m + tl.log(tl.where(b_z > 0, b_z, 1.0)), float("-inf"))
+    tl.store(part + o_t, b_lse.to(ACC), mask=m_t)
 
 
 @triton.jit(do_not_specialize=["t0", "t1", "j0", "j1", "p_t0", "p_j0"])
@@ -90,11 +104,12 @@ def feedback_probs_kernel(
     t0, t1, j0, j1,  # the rectangle of queries [t0, t1) x keys [j0, j1) to fill
     p_t0, p_j0, s_pb, s_pt, s_pj,  # p[b, t, j] lives at p + b*s_pb + (t - p_t0)*s_pt + (j - p_j0)*s_pj
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_PRECISION: tl.constexpr, TIMES_GAMMA: tl.constexpr,
-    HAS_DOCS: tl.constexpr,
+    QK_NATIVE: tl.constexpr, HAS_DOCS: tl.constexpr,
 ):
     """Strict-causal probabilities P[t, j] for one [BM, BN] tile, 0 where j >= t. Grid (rows, cols, B).
 
     With TIMES_GAMMA the tile holds B[t, j] = gamma_t P[t, j], the system matrix (backward column panels).
+    QK_NATIVE as in feedback_lse_kernel.
     With HAS_DOCS also 0 where j < starts[b, t] (another document); a tile whose keys all precede
     its first row's document start stores zeros without computing.
     """
@@ -124,8 +139,11 @@ def feedback_probs_kernel(
         for i_k in range(0, tl.cdiv(K, BK)):
             o_k = i_k * BK + tl.arange(0, BK)
             m_k = o_k < K
-            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0).to(ACC)
-            b_kt = tl.load(k + o_j[None, :] * K + o_k[:, None], mask=m_j[None, :] & m_k[:, None], other=0).to(ACC)
+            b_q = tl.load(q + o_t[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0)
+            b_kt = tl.load(k + o_j[None, :] * K + o_k[:, None], mask=m_j[None, :] & m_k[:, None], other=0)
+            if not QK_NATIVE:  # see feedback_lse_kernel
+                b_q = b_q.to(ACC)
+                b_kt = b_kt.to(ACC)
             b_l += tl.dot(b_q, b_kt, input_precision=DOT_PRECISION)  # [BM, BK] @ [BK, BN]
         b_lse = tl.load(lse + o_t, mask=m_t, other=0).to(ACC)
         b_p = tl.exp(b_l * scale - b_lse[:, None])
