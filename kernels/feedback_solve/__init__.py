@@ -7,7 +7,7 @@ Implementations (see README.md here for the math):
 """
 import torch
 
-from .chunk import feedback_solve_chunked
+from .chunk import block_rows, feedback_solve_chunked
 from .documents import document_starts
 from .naive import feedback_solve_dense, feedback_solve_recurrent
 
@@ -40,13 +40,17 @@ def feedback_solve(q_b, k_b, f, gamma, impl: str = "auto", chunk_size: int = 64,
     padding is its own document). Row t then feeds back only from the strict past of its own
     document (a document's first token has s = f). None: one document per sequence (the
     unmasked solve, unchanged).
+    chunk_size: rows per diagonal block (Triton: see feedback_solve_triton). The chunked path takes
+    it as the least block: it doubles it up to chunk.BLOCK_ROWS rows while a [rows, T] fp32 tile
+    stays within 16 MiB (chunk.block_rows), because larger GEMMs run faster on CPUs; the result is
+    the same solve up to fp32 rounding.
     """
     impl = resolve_feedback_impl(impl, f.device)
     starts = None if doc_ids is None else document_starts(doc_ids, f.shape[0], f.shape[1], f.device)
     if impl == "dense":
         return feedback_solve_dense(q_b, k_b, f, gamma, starts).to(f.dtype)
-    if impl == "chunked":
-        return feedback_solve_chunked(q_b, k_b, f, gamma, chunk_size, starts)
+    if impl == "chunked":  # larger blocks than chunk_size where T allows (chunk.block_rows)
+        return feedback_solve_chunked(q_b, k_b, f, gamma, block_rows(f.shape[1], chunk_size), starts)
     from .triton_chunk import feedback_solve_triton  # imported lazily: Triton is optional on CPU
 
     return feedback_solve_triton(q_b, k_b, f, gamma, chunk_size, starts=starts)

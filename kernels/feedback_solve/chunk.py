@@ -13,6 +13,21 @@ import torch
 from .naive import _solve_dtype
 
 
+# feedback_solve(impl="chunked") raises chunk_size toward this many rows per block: the CPU's fp32
+# GEMMs with 64 rows run at ~0.6 of its matmul peak, with 256 at ~0.9 (README, "The chunked path").
+BLOCK_ROWS = 256
+TILE_ELEMENTS = 1 << 22  # ... while one [rows, T] fp32 tile stays within 16 MiB
+
+
+def block_rows(T: int, chunk_size: int) -> int:
+    """Rows per block that feedback_solve(impl="chunked") uses: chunk_size, doubled while below
+    BLOCK_ROWS and a [rows, T] tile stays within TILE_ELEMENTS. The same solve up to rounding."""
+    rows = chunk_size
+    while rows < BLOCK_ROWS and 2 * rows * T <= TILE_ELEMENTS:
+        rows *= 2
+    return rows
+
+
 def _key_ranges(starts, T, chunk_size):
     """Per chunk (c0, lo, masked): its tile covers keys [lo, c1); `masked` when some row's document
     starts after lo (else the causal mask alone is exact). One host sync for all chunks."""
@@ -26,27 +41,33 @@ def _key_ranges(starts, T, chunk_size):
     return list(zip(chunk_starts, lo.tolist(), masked))
 
 
-def _chunk_probs(q_b, k_b, lse, c0, c1, scale, lo=0, row_starts=None):
+def _chunk_probs(q_scaled, k_b, lse, c0, c1, lo=0, row_starts=None):
     """Strict-causal probabilities of rows [c0, c1) against keys [lo, c1): [B, n, c1 - lo].
 
-    Keys before `row_starts` [B, n] (each row's document start) get probability 0; so does every
-    key of a row with no visible past. With `lse=None` the rows' log-sum-exp is computed (forward)
-    and returned too.
+    `q_scaled` = q_b / sqrt(K). Keys before `row_starts` [B, n] (each row's document start) get
+    probability 0; so does every key of a row with no visible past. With `lse=None` the rows'
+    log-sum-exp is computed (forward) and returned too. One fresh [B, n, c1 - lo] tile, masked and
+    exponentiated in place.
     """
     n = c1 - c0
-    logits = q_b[:, c0:c1] @ k_b[:, lo:c1].transpose(1, 2) * scale  # [B, n, K] @ [B, K, c1 - lo]
-    future = torch.ones(n, n, dtype=torch.bool, device=q_b.device).triu()
-    logits[:, :, c0 - lo :] = logits[:, :, c0 - lo :].masked_fill(future, float("-inf"))
+    logits = q_scaled[:, c0:c1] @ k_b[:, lo:c1].transpose(1, 2)  # [B, n, K] @ [B, K, c1 - lo]
+    future = torch.ones(n, n, dtype=torch.bool, device=q_scaled.device).triu()
+    logits[:, :, c0 - lo :].masked_fill_(future, float("-inf"))
     if row_starts is not None:
-        keys = torch.arange(lo, c1, device=q_b.device)
-        logits = logits.masked_fill(keys[None, None, :] < row_starts[:, :, None], float("-inf"))
-    if lse is None:
-        row_lse = torch.logsumexp(logits, dim=-1)
-        # Rows with no past (t = 0, a document's first token) must get probabilities 0, not NaN.
-        row_lse = row_lse.masked_fill(torch.isinf(row_lse), 0.0)
-    else:
-        row_lse = lse[:, c0:c1]
-    return torch.exp(logits - row_lse.unsqueeze(-1)), row_lse
+        keys = torch.arange(lo, c1, device=q_scaled.device)
+        logits.masked_fill_(keys[None, None, :] < row_starts[:, :, None], float("-inf"))
+    if lse is not None:
+        return logits.sub_(lse[:, c0:c1].unsqueeze(-1)).exp_(), lse[:, c0:c1]
+    # Softmax in place (one exp pass) and its log-sum-exp. Rows with no past (t = 0, a document's
+    # first token) have max -inf and sum 0: probabilities 0, not NaN, and lse 0.
+    row_max = logits.amax(-1, keepdim=True)
+    row_max.masked_fill_(torch.isinf(row_max), 0.0)
+    probs = logits.sub_(row_max).exp_()
+    row_sum = probs.sum(-1, keepdim=True)
+    empty = row_sum == 0
+    probs.div_(row_sum.masked_fill_(empty, 1.0))
+    row_lse = row_sum.log_().add_(row_max).masked_fill_(empty, 0.0)
+    return probs, row_lse.squeeze(-1)
 
 
 def _unit_lower_system(probs_diag, gamma_rows):
@@ -59,16 +80,16 @@ def _unit_lower_system(probs_diag, gamma_rows):
 def chunk_feedback_fwd(q_b, k_b, f, gamma, chunk_size, starts=None):
     """Returns s [B, T, V] and lse [B, T], both in the solve dtype."""
     batch, T, V = f.shape
-    scale = q_b.shape[-1] ** -0.5
+    q_scaled = q_b * q_b.shape[-1] ** -0.5
     s = torch.empty(batch, T, V, dtype=f.dtype, device=f.device)
     lse = torch.empty(batch, T, dtype=f.dtype, device=f.device)
     for c0, lo, masked in _key_ranges(starts, T, chunk_size):
         c1 = min(c0 + chunk_size, T)
         row_starts = starts[:, c0:c1] if masked else None
-        probs, lse[:, c0:c1] = _chunk_probs(q_b, k_b, None, c0, c1, scale, lo, row_starts)
+        probs, lse[:, c0:c1] = _chunk_probs(q_scaled, k_b, None, c0, c1, lo, row_starts)
         gamma_rows = gamma[:, c0:c1]
         past_context = probs[:, :, : c0 - lo] @ s[:, lo:c0]  # [B, n, c0 - lo] @ [B, c0 - lo, V]
-        rhs = f[:, c0:c1] + gamma_rows.unsqueeze(-1) * past_context
+        rhs = past_context.mul_(gamma_rows.unsqueeze(-1)).add_(f[:, c0:c1])
         system = _unit_lower_system(probs[:, :, c0 - lo :], gamma_rows)
         s[:, c0:c1] = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
     return s, lse
@@ -81,7 +102,8 @@ def chunk_feedback_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, starts=None)
     """
     T = s.shape[1]
     scale = q_b.shape[-1] ** -0.5
-    dq_b = torch.zeros_like(q_b)
+    q_scaled, k_scaled = q_b * scale, k_b * scale
+    dq_b = torch.empty_like(q_b)
     dk_b = torch.zeros_like(k_b)
     dgamma = torch.empty_like(gamma)
     lam = torch.empty_like(s)
@@ -89,23 +111,25 @@ def chunk_feedback_bwd(q_b, k_b, gamma, s, lse, grad_s, chunk_size, starts=None)
     later_terms = torch.zeros_like(s)
     for c0, lo, masked in reversed(_key_ranges(starts, T, chunk_size)):
         c1 = min(c0 + chunk_size, T)
-        probs, _ = _chunk_probs(q_b, k_b, lse, c0, c1, scale, lo, starts[:, c0:c1] if masked else None)
+        probs, _ = _chunk_probs(q_scaled, k_b, lse, c0, c1, lo, starts[:, c0:c1] if masked else None)
         gamma_rows = gamma[:, c0:c1].unsqueeze(-1)  # [B, n, 1]
         system = _unit_lower_system(probs[:, :, c0 - lo :], gamma[:, c0:c1])
         rhs = grad_s[:, c0:c1] + later_terms[:, c0:c1]
         lam_rows = torch.linalg.solve_triangular(system.transpose(1, 2), rhs, upper=True, unitriangular=True)
         lam[:, c0:c1] = lam_rows
-        # [B, c0 - lo, n] @ [B, n, V]
-        later_terms[:, lo:c0] += probs[:, :, : c0 - lo].transpose(1, 2) @ (gamma_rows * lam_rows)
+        gamma_lam = gamma_rows * lam_rows
+        # [B, c0 - lo, n] @ [B, n, V], accumulated in place
+        later_terms[:, lo:c0].baddbmm_(probs[:, :, : c0 - lo].transpose(1, 2), gamma_lam)
 
         past_s = s[:, lo:c1]
         context = probs @ past_s  # u[t] = sum_{j<t} alpha[t, j] s[j]: [B, n, c1 - lo] @ [B, c1 - lo, V]
         delta = (lam_rows * context).sum(-1)  # [B, n]
         dgamma[:, c0:c1] = delta
-        lam_dot_s = lam_rows @ past_s.transpose(1, 2)  # [B, n, V] @ [B, V, c1 - lo]
-        dlogits = gamma_rows * probs * (lam_dot_s - delta.unsqueeze(-1)) * scale
-        dq_b[:, c0:c1] = dlogits @ k_b[:, lo:c1]  # [B, n, c1 - lo] @ [B, c1 - lo, K]
-        dk_b[:, lo:c1] += dlogits.transpose(1, 2) @ q_b[:, c0:c1]  # [B, c1 - lo, n] @ [B, n, K]
+        # dL/dlogits (of the scaled logits) = P (gamma lam . s - gamma delta), in place over the GEMM's output
+        dlogits = (gamma_lam @ past_s.transpose(1, 2)).sub_(gamma_rows * delta.unsqueeze(-1)).mul_(probs)
+        # dq = dlogits @ (k / sqrt(K)); dk += dlogits^T @ (q / sqrt(K))
+        dq_b[:, c0:c1] = dlogits @ k_scaled[:, lo:c1]  # [B, n, c1 - lo] @ [B, c1 - lo, K]
+        dk_b[:, lo:c1].baddbmm_(dlogits.transpose(1, 2), q_scaled[:, c0:c1])  # [B, c1 - lo, n] @ [B, n, K]
     return dq_b, dk_b, lam, dgamma
 
 

@@ -145,3 +145,25 @@ def test_document_starts():
 def test_bad_doc_ids_are_rejected(doc_ids, match):
     with pytest.raises(ValueError, match=match):
         feedback_solve(*make_inputs(1, 8, 4, 4, torch.float32), impl="chunked", doc_ids=doc_ids)
+
+
+def test_chunked_dispatch_uses_larger_blocks_with_the_same_result():
+    """feedback_solve(impl="chunked") raises chunk_size toward chunk.BLOCK_ROWS rows while a [rows, T]
+    tile fits chunk.TILE_ELEMENTS; outputs and gradients stay those of the chunk_size solve."""
+    from kernels.feedback_solve import chunk
+
+    assert chunk.block_rows(8192, 64) == 256 and chunk.block_rows(32768, 64) == 128
+    assert chunk.block_rows(65536, 16) == 64 and chunk.block_rows(100, 512) == 512
+    inputs = make_inputs(2, 300, 24, 20, torch.float64, seed=5)
+    grad_out = torch.randn(2, 300, 20, dtype=torch.float64)
+
+    def run(fn):
+        leaves = [x.detach().requires_grad_() for x in inputs]
+        out = fn(*leaves)
+        out.backward(grad_out)
+        return [out.detach()] + [x.grad for x in leaves]
+
+    dispatched = run(lambda *x: feedback_solve(*x, impl="chunked", chunk_size=16))
+    small_blocks = run(lambda *x: feedback_solve_chunked(*x, chunk_size=16))
+    for got, want in zip(dispatched, small_blocks):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
