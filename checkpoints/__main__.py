@@ -2,7 +2,8 @@
 
     python -m checkpoints export runs/NAME [--step N] --to hf|safetensors|reference --out DIR \\
         [--dtype bf16|fp32] [--max-shard-size 5GB] [--no-verify] [--dry-run] [--tokenizer SPEC]
-    python -m checkpoints import HF_DIR --config configs/X.yaml --out runs/NAME
+    python -m checkpoints import HF_DIR --config configs/X.yaml --out runs/NAME [--model.FIELD value ...]
+    python -m checkpoints.deepspeed_format to-universal|consolidate ...   (DeepSpeed checkpoint tools)
 
 Errors exit 1 with a message naming the tensor or file and what to do.
 """
@@ -24,7 +25,7 @@ def main(argv=None) -> int:
     ex.add_argument("--no-verify", action="store_true", help="skip the native-vs-export logit check (hf)")
     ex.add_argument("--dry-run", action="store_true", help="print the name mapping, write nothing")
     ex.add_argument("--tokenizer", help="tokenizer spec when the training data is not available")
-    im = sub.add_parser("import", help="HF export -> torch_dist checkpoint the trainer resumes from")
+    im = sub.add_parser("import", help="HF export -> weights-only torch_dist checkpoint a run starts from")
     im.add_argument("source", help="directory written by `export --to hf`")
     im.add_argument("--config", required=True, help="recipe YAML for continued pretraining")
     im.add_argument("--out", required=True, help="run directory to create, e.g. runs/NAME")

@@ -6,9 +6,9 @@ Builds the recipe's model on one process (TP = PP = 1), copies the exported weig
 tensor at a time through the same name table as export (fused tensors split, vocabulary padding
 re-added as zero rows) and saves it as step 0 of a megatron `torch_dist` checkpoint holding the
 model only (`weights_only` in its common state): no trainer, optimizer or data loader is built.
-`python -m pretrain --config configs/X.yaml --run_name NAME --runs_dir runs` then starts from
-these weights with a fresh optimizer, schedule and data order, at any TP/PP/DP layout (checkpoints
-reshard). The recipe's model shape and tokenizer must match the export's. Peak memory: the model
+`python -m pretrain --config configs/X.yaml --run_name NAME --runs_dir runs` (engine: megatron)
+then starts from these weights with a fresh optimizer, schedule and data order, at any TP/PP/DP
+layout (checkpoints reshard). The recipe's model shape and tokenizer must match the export's. Peak memory: the model
 once, plus one tensor.
 """
 import json
