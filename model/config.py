@@ -4,6 +4,7 @@ from dataclasses import asdict, dataclass
 
 from kernels.feedback_solve import FEEDBACK_IMPLS
 
+BLOCK_TYPES = {"S": "Sessa block", "*": "attention block", "-": "SwiGLU MLP block"}  # model/blocks.py
 ARCHS = ("sessa", "transformer")  # "transformer": the Transformer++ baseline of model/transformer.py
 INIT_SCHEMES = ("reference", "scaled")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -12,7 +13,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 @dataclass(kw_only=True)
 class ModelConfig:
     arch: str = "sessa"  # "transformer": the same width/depth/heads as a Transformer++ (scaling comparisons)
-    ffn_hidden_size: int | None = None  # transformer only: SwiGLU width; None = 8/3 * hidden_size up to a multiple of 64
+    layer_pattern: str = ""  # one BLOCK_TYPES character per block (model/blocks.py); "" = "S" * num_layers
+    ffn_hidden_size: int | None = None  # transformer and `-` blocks: SwiGLU width; None = 8/3 * hidden_size up to a multiple of 64
     vocab_size: int
     hidden_size: int  # D, the model width
     num_layers: int
@@ -35,6 +37,7 @@ class ModelConfig:
             self.num_kv_heads = self.num_heads
         if self.arch not in ARCHS:
             raise ValueError(f"ModelConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        self._check_layer_pattern()
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64  # LLaMA's rule
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
@@ -70,6 +73,34 @@ class ModelConfig:
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
 
+    def _check_layer_pattern(self) -> None:
+        pattern = self.layer_pattern
+        if not isinstance(pattern, str):
+            raise ValueError(f"ModelConfig.layer_pattern must be a string of block characters, got {pattern!r}")
+        if not pattern:
+            return
+        unknown = sorted(set(pattern) - set(BLOCK_TYPES))
+        if unknown:
+            valid = ", ".join(f"{c!r} ({name})" for c, name in BLOCK_TYPES.items())
+            raise ValueError(f"model.layer_pattern {pattern!r} has unknown block character(s) {unknown}; "
+                             f"valid ones: {valid}")
+        if self.arch != "sessa":
+            raise ValueError(f"model.layer_pattern is for model.arch 'sessa' (got arch {self.arch!r}); the "
+                             "Transformer arm is the pattern '*-' * num_layers under arch 'sessa'")
+        if self.num_layers != len(pattern):
+            raise ValueError(f"model.num_layers ({self.num_layers}) must equal the length of model.layer_pattern "
+                             f"{pattern!r} ({len(pattern)}): one block per character")
+        if "-" in pattern and (not isinstance(self.ffn_hidden_size, int | None) or
+                               (self.ffn_hidden_size is not None and self.ffn_hidden_size < 1)):
+            raise ValueError(f"model.layer_pattern {pattern!r} has MLP blocks ('-') but model.ffn_hidden_size "
+                             f"({self.ffn_hidden_size!r}) is not a positive integer; set it, or leave it unset "
+                             "for 8/3 * hidden_size rounded up to a multiple of 64")
+
+    @property
+    def block_types(self) -> str:
+        """One character per block: the layer pattern, or "S" * num_layers when it is empty."""
+        return self.layer_pattern or "S" * self.num_layers
+
     @property
     def head_size(self) -> int:
         return self.hidden_size // self.num_heads
@@ -84,7 +115,8 @@ class ModelConfig:
 
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Heads and kv-heads are sharded across tensor-parallel ranks (SESSA.md §6)."""
-        for name in ("num_heads", "num_kv_heads", "hidden_size"):
+        names = ("num_heads", "num_kv_heads", "hidden_size") + (("ffn_hidden_size",) if "-" in self.layer_pattern else ())
+        for name in names:
             if getattr(self, name) % tp_size:
                 raise ValueError(
                     f"ModelConfig.{name} ({getattr(self, name)}) must be divisible by the tensor-parallel size ({tp_size})"

@@ -5,11 +5,15 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from .layer import LayerCache
 
 
-def empty_caches(model, batch_size: int) -> list[LayerCache]:
-    """One zero-length cache per layer of `model` (a SessaLM), on its device and dtype."""
+def empty_caches(model, batch_size: int) -> list:
+    """One zero-length cache per block of `model` (a SessaLM), on its device and dtype: a LayerCache
+    per Sessa block, a KVCache per attention block, None per MLP block (model/blocks.py)."""
     weight = next(model.parameters())
     caches = []
     for layer in model.layers:
+        if hasattr(layer, "empty_cache"):  # the hybrid blocks
+            caches.append(layer.empty_cache(batch_size, weight.dtype, weight.device))
+            continue
         mixer = layer.mixer
         d = model.sessa.head_size
 

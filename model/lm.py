@@ -1,4 +1,8 @@
-"""SessaLM: token embedding (no absolute positions) -> N Sessa layers -> LayerNorm -> LM head."""
+"""SessaLM: token embedding (no absolute positions) -> N blocks -> final norm -> LM head.
+
+The blocks follow `model.layer_pattern` (model/blocks.py): Sessa layers by default ("S" * N), or a
+hybrid of Sessa, attention (`*`) and SwiGLU MLP (`-`) blocks. The final norm is a LayerNorm when the
+stack has a Sessa block, an RMSNorm (the Transformer arm's) otherwise."""
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
@@ -9,7 +13,8 @@ from torch import nn
 from .config import ModelConfig
 from .documents import check_doc_ids
 from .init import init_weights
-from .layer import LayerCache, SessaLayer, SessaSubmodules, _uninitialised
+from .blocks import block_weight_elements, build_block
+from .layer import LayerCache, SessaSubmodules, _uninitialised
 from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
 
 
@@ -21,7 +26,8 @@ class SessaLM(MegatronModule):
         megatron_config: the megatron TransformerConfig; built from `config` (and megatron's
             parallel state, initialised for a single process if needed) when omitted.
         pre_process / post_process: this stage holds the embedding / the final norm and LM head.
-        layer_numbers: global indices of the layers on this stage (default: all).
+        layer_numbers: global indices of the blocks on this stage (default: all); block n is of
+            type `config.block_types[n]`.
         init_seed: every parameter drawn by `model.init.init_weights(self, init_seed)` (layout
             independent); None, or megatron's `perform_initialization=False`, leaves the weights
             uninitialised for the caller to fill (init_weights with another seed, a checkpoint).
@@ -45,11 +51,13 @@ class SessaLM(MegatronModule):
             self.embedding = tensor_parallel.VocabParallelEmbedding(
                 config.padded_vocab_size, config.hidden_size, init_method=_uninitialised, config=megatron_config
             )
-        self.layers = nn.ModuleList(
-            SessaLayer(config, megatron_config, submodules, layer_number=n, init_seed=None) for n in layer_numbers
-        )
+        bad = [n for n in layer_numbers if not 0 <= n < config.num_layers]
+        if bad:
+            raise ValueError(f"SessaLM: layer numbers {bad} outside the model's {config.num_layers} blocks")
+        self.layers = nn.ModuleList(build_block(config, megatron_config, n, submodules) for n in layer_numbers)
         if post_process:
-            self.final_norm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps, dtype=megatron_config.params_dtype)
+            norm = nn.LayerNorm if "S" in config.block_types else nn.RMSNorm
+            self.final_norm = norm(config.hidden_size, eps=config.norm_eps, dtype=megatron_config.params_dtype)
             for param in self.final_norm.parameters():
                 param.sequence_parallel = megatron_config.sequence_parallel
             self.output_layer = tensor_parallel.ColumnParallelLinear(
@@ -172,24 +180,9 @@ def load_strictly(module: nn.Module, state_dict: dict) -> None:
         raise RuntimeError(f"checkpoint does not match the model: missing {missing}, unexpected {unexpected}")
 
 
-def _layer_weight_elements(config: ModelConfig) -> tuple[int, int]:
-    """(matrix weights, vectors: biases, norms, gamma_bias) of one Sessa layer."""
-    D, kv = config.hidden_size, config.num_kv_heads * config.head_size
-    feedback = config.feedback  # q_b, k_b, gamma_ctx, gamma_bias exist only with the feedback branch
-    matrices = (
-        2 * D * D  # W_in: a and g halves
-        + D * D + 2 * D * kv  # q, k, v
-        + (2 * D * D + D if feedback else 0)  # feedback q_b, k_b and gamma_ctx
-        + (D * D if config.num_heads > 1 else 0)  # W_o (identity for a single head)
-        + D * D  # W_out
-    )
-    vectors = 2 * D + 2 * D + D + 2 * kv + (2 * D + 1 if feedback else 0) + D  # norm, W_in, q, k/v, feedback + gamma_bias, W_out
-    return matrices, vectors
-
-
 def count_parameters(config: ModelConfig, exclude_embeddings: bool = False) -> int:
     """Parameters of the full model (tensor-parallel shards counted once, padded vocabulary)."""
-    matrices, vectors = _layer_weight_elements(config)
+    blocks = sum(sum(block_weight_elements(config, kind)) for kind in config.block_types)
     embeddings = config.padded_vocab_size * config.hidden_size * (1 if config.tie_embeddings else 2)
-    final_norm = 2 * config.hidden_size
-    return config.num_layers * (matrices + vectors) + final_norm + (0 if exclude_embeddings else embeddings)
+    final_norm = (2 if "S" in config.block_types else 1) * config.hidden_size  # LayerNorm or RMSNorm
+    return blocks + final_norm + (0 if exclude_embeddings else embeddings)

@@ -20,7 +20,9 @@ def recompute_blocks(model, mode: str, run) -> None:
     if mode == "none":
         return
     for layer in model.layers:
-        module = layer if mode == "full" else layer.mixer
+        module = layer if mode == "full" else getattr(layer, "mixer", None)
+        if module is None:  # selective: hybrid attention / MLP blocks (model/blocks.py) keep their activations
+            continue
         inner = module.forward
 
         def forward(x, cache=None, _inner=inner, **kwargs):
