@@ -117,3 +117,11 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_id
         outputs.append(torch.nn.functional.scaled_dot_product_attention(
             q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=visible[:, None], enable_gqa=True))
     return torch.cat(outputs, dim=2)
+
+
+def visible_pairs(doc_ids: torch.Tensor) -> int:
+    """(query, key) pairs with key <= query in the same document, summed over the batch [B, T]."""
+    starts = torch.ones(doc_ids.shape, dtype=torch.bool, device=doc_ids.device)
+    starts[..., 1:] = doc_ids[..., 1:] != doc_ids[..., :-1]
+    lengths = torch.diff(torch.nonzero(torch.cat([starts.reshape(-1), starts.new_ones(1)])).flatten())
+    return int((lengths * (lengths + 1) // 2).sum())

@@ -17,9 +17,11 @@ Elementwise work (softmax, norms, GELU/SiLU, RoPE) is left out of every conventi
 `torch.utils.flop_counter`, which the tests compare the hardware numbers with (within 2%, after
 registering `flop_counter_formulas()` for the ops it has no formula for).
 
+Hybrid stacks (model.layer_pattern) sum the blocks of each type; the Transformer arm is "*-" per layer.
+
 Components: projections (every weight matmul of the mixing layers: Sessa's W_in, q/k/v, W_o,
-feedback q_b/k_b, gamma, W_out; the Transformer's qkv and output projection), mlp (the
-Transformer's SwiGLU), attention (causal forward attention), feedback_logits (q_b . k_b),
+feedback q_b/k_b, gamma, W_out; the qkv and output projections of the Transformer and of `*`
+blocks), mlp (the SwiGLU of the Transformer and of `-` blocks), attention (causal forward attention), feedback_logits (q_b . k_b),
 feedback_sum (the probability-weighted sum over past s), feedback_solve (the diagonal-block
 solves), lm_head, and recompute (hardware only).
 """
@@ -46,20 +48,24 @@ def count_params(config: ModelConfig, exclude_embeddings: bool = False) -> int:
     return count_parameters(config, exclude_embeddings)
 
 
-def layer_weight_elements(config: ModelConfig) -> dict[str, int]:
-    """Matrix-weight elements of one layer, by component (what a token multiplies through)."""
+def layer_weight_elements(config: ModelConfig, kind: str | None = None) -> dict[str, int]:
+    """Matrix-weight elements of one layer (a Transformer layer; or a block of `kind`, a
+    model.layer_pattern character, default "S"), by component (what a token multiplies through)."""
+    from model.blocks import block_weight_elements
+
     D, kv = config.hidden_size, config.num_kv_heads * config.head_size
     if config.arch == "transformer":
         F = config.ffn_hidden_size
         return {"projections": D * (D + 2 * kv) + D * D, "mlp": 2 * D * F + F * D}
-    projections = (
-        2 * D * D  # W_in: a and g halves
-        + D * D + 2 * D * kv  # q, k, v
-        + (2 * D * D + D if config.feedback else 0)  # feedback q_b, k_b and gamma_ctx (model.feedback)
-        + (D * D if config.num_heads > 1 else 0)  # W_o (identity for a single head)
-        + D * D  # W_out
-    )
-    return {"projections": projections, "mlp": 0}
+    kind = kind or "S"
+    matrices, _ = block_weight_elements(config, kind)
+    return {"projections": 0 if kind == "-" else matrices, "mlp": matrices if kind == "-" else 0}
+
+
+def block_counts(config: ModelConfig) -> dict[str, int]:
+    """Blocks per model.layer_pattern character; the Transformer arm is "*-" per layer."""
+    types = "*-" * config.num_layers if config.arch == "transformer" else config.block_types
+    return {kind: types.count(kind) for kind in dict.fromkeys(types)}
 
 
 # --- the chunked feedback solve, as executed ----------------------------------------------------
@@ -115,6 +121,13 @@ class FlopLedger:
             return sum(self.hardware_forward.values()) + (sum(self.hardware_backward.values()) if training else 0)
         raise ValueError(f"FLOP convention must be one of {CONVENTIONS}, got {convention!r}")
 
+    def per_token_visible(self, visible_fraction: float, training: bool = True) -> float:
+        """"model" FLOPs per token when packed documents see only themselves: attention and feedback
+        count only the visible (query, key) pairs, `visible_fraction` of the causal pairs of a
+        seq_len sequence (model/documents.py: visible_pair_fraction); the rest is per token."""
+        pairwise = sum(v for k, v in self.forward.items() if k.startswith(("attention", "feedback")))
+        return (3 if training else 1) * (sum(self.forward.values()) - (1.0 - visible_fraction) * pairwise)
+
     def all_conventions(self, training: bool = True) -> dict[str, float]:
         return {name: self.per_token(name, training) for name in CONVENTIONS}
 
@@ -146,15 +159,26 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
     attention_kernel = attention_kernel or ("dense" if config.arch == "transformer" else "flash")
     if attention_kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {attention_kernel!r}")
-    T, D, L = seq_len, config.hidden_size, config.num_layers
+    T, D = seq_len, config.hidden_size
     width = config.num_heads * config.head_size  # query heads x head size
-    weights = layer_weight_elements(config)
+    counts = block_counts(config)  # blocks per type: S (Sessa), * (attention), - (MLP)
+    if config.arch == "transformer":
+        weights = {"projections": 0.0, "mlp": 0.0}
+        for name, n in layer_weight_elements(config).items():
+            weights[name] += config.num_layers * n
+    else:
+        weights = {"projections": 0.0, "mlp": 0.0}
+        for kind, count in counts.items():
+            for name, n in layer_weight_elements(config, kind).items():
+                weights[name] += count * n
+    L = counts.get("S", 0) + counts.get("*", 0)  # blocks that attend
+    L_feedback = counts.get("S", 0) if config.arch == "sessa" and config.feedback else 0
 
-    forward = {name: 2.0 * L * n for name, n in weights.items()}
+    forward = {name: 2.0 * n for name, n in weights.items()}
     forward["attention"] = L * 2 * 2 * width * (T + 1) / 2  # scores and values, t + 1 keys on average
-    if config.arch == "sessa" and config.feedback:
-        forward["feedback_logits"] = L * 2 * D * (T - 1) / 2  # strict past: t keys
-        forward["feedback_sum"] = L * 2 * D * (T - 1) / 2
+    if L_feedback:
+        forward["feedback_logits"] = L_feedback * 2 * D * (T - 1) / 2  # strict past: t keys
+        forward["feedback_sum"] = L_feedback * 2 * D * (T - 1) / 2
         forward["feedback_solve"] = 0.0  # the sum over the past *is* the recurrence
     forward["lm_head"] = 2.0 * config.padded_vocab_size * D
 
@@ -166,12 +190,12 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
     else:
         hw_fwd["attention"] = L * 4 * width * T
         hw_bwd["attention"] = 2 * hw_fwd["attention"]
-    if config.arch == "sessa" and config.feedback:
+    if L_feedback:
         solve = chunked_solve_flops(T, D, D, chunk_size or config.feedback_chunk_size)
         for name in solve["forward"]:
             replicas = tensor_parallel if name == "feedback_logits" else 1
-            hw_fwd[name] = L * replicas * solve["forward"][name] / T
-            hw_bwd[name] = L * replicas * solve["backward"][name] / T
+            hw_fwd[name] = L_feedback * replicas * solve["forward"][name] / T
+            hw_bwd[name] = L_feedback * replicas * solve["backward"][name] / T
     hw_bwd["recompute"] = (sum(hw_fwd.values()) - hw_fwd["lm_head"]) if recompute == "full" else 0.0
     return FlopLedger(
         arch=config.arch, seq_len=T,

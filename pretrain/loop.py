@@ -25,7 +25,8 @@ from checkpoints.importer import WEIGHTS_ONLY
 from data_pipeline.loader import build_dataloader
 from data_pipeline.manifest import read_manifest
 from data_pipeline.tokenizer import load_tokenizer
-from model.flops import count_params, flops_per_token
+from model.documents import visible_pairs
+from model.flops import count_params, ledger
 from model.generation import generate
 
 from .config import ConfigError, RunConfig, save_config
@@ -45,11 +46,14 @@ class NonFiniteError(RuntimeError):
 
 
 class _TimedIterator:
-    """Counts the seconds the training loop waits for the data loader."""
+    """Counts the seconds the training loop waits for the data loader and, with document masking, the
+    (query, key) pairs the model gets to see (for the FLOP count)."""
 
-    def __init__(self, iterable):
+    def __init__(self, iterable, count_pairs: bool = False):
         self.iterator = iter(iterable)
         self.wait_seconds = 0.0
+        self.count_pairs = count_pairs
+        self.sequences = self.pairs = 0
 
     def __iter__(self):
         return self
@@ -58,6 +62,10 @@ class _TimedIterator:
         start = time.perf_counter()
         batch = next(self.iterator)
         self.wait_seconds += time.perf_counter() - start
+        if self.count_pairs:
+            inputs = batch["doc_ids"][:, :-1]
+            self.sequences += inputs.shape[0]
+            self.pairs += visible_pairs(inputs)
         return batch
 
 
@@ -174,11 +182,13 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
         cfg, state = self.config, self.state
-        timed = _TimedIterator(self.train_loader)
-        flops = flops_per_token(cfg.model, self.seq_len)
+        timed = _TimedIterator(self.train_loader, count_pairs=cfg.data.document_masking)
+        flop_ledger = ledger(cfg.model, self.seq_len)
+        causal_pairs = self.seq_len * (self.seq_len + 1) // 2
         last_save = time.time()
         interval = cfg.logging.interval
         window_start, window_wait, window_step = time.perf_counter(), 0.0, state.step
+        window_sequences = window_pairs = 0
         while state.step < cfg.train.max_steps:
             result = self.engine.train_step(timed)
             state.step += 1
@@ -191,11 +201,16 @@ class Trainer:
                 steps_in_window = state.step - window_step  # fewer than `interval` after a resume
                 tokens_per_s = steps_in_window * cfg.train.global_batch_tokens / elapsed
                 lr = self.engine.optimizer.param_groups[0]["lr"]
+                # model FLOPs count only the pairs documents can see (this rank's batches stand for all)
+                sequences = timed.sequences - window_sequences
+                visible = (timed.pairs - window_pairs) / (sequences * causal_pairs) if sequences else 1.0
+                flops = flop_ledger.per_token_visible(visible)
                 metrics = {
                     "train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                     "train/tokens_per_s": tokens_per_s, "train/consumed_tokens": state.consumed_tokens,
                     "train/skipped_steps": state.skipped_steps,
                     "perf/model_tflops_per_device": flops * tokens_per_s / self.env.world_size / 1e12,
+                    "perf/visible_pair_fraction": visible,
                     "perf/data_wait_s": timed.wait_seconds - window_wait,
                     "perf/step_s": elapsed / steps_in_window,
                     "perf/memory_gb": self._memory_gb(),
@@ -209,6 +224,7 @@ class Trainer:
                     self.logger.print(f"step {state.step} loss {result.loss:.4f} lr {lr:.3e} "
                                       f"grad_norm {result.grad_norm:.3f} tok/s {tokens_per_s:.0f}")
                 window_start, window_wait, window_step = time.perf_counter(), timed.wait_seconds, state.step
+                window_sequences, window_pairs = timed.sequences, timed.pairs
 
             if cfg.eval.interval and state.step % cfg.eval.interval == 0 and state.step < cfg.train.max_steps:
                 self._log_eval()
