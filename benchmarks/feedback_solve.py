@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-DENSE_MAX_T_CPU = 16384  # 32k needs > 24 GiB for the dense forward alone
 
 
 def measure(impl: str, seq_len: int, dim: int, chunk_size: int, device: str, docs: int, repeats: int) -> dict:
@@ -66,12 +65,16 @@ def measure(impl: str, seq_len: int, dim: int, chunk_size: int, device: str, doc
 
 
 def run_case(impl: str, seq_len: int, docs: int, args) -> dict:
-    if impl == "dense" and args.device == "cpu" and seq_len > DENSE_MAX_T_CPU:
-        return dict(impl=impl, seq_len=seq_len, dim=args.dim, docs=docs, fwd_s=None, fwd_bwd_s=None, peak_mb=None,
-                    note="skipped: T x T does not fit in 24 GiB")
     cmd = [sys.executable, __file__, "--worker", impl, str(seq_len), str(docs), "--dim", str(args.dim),
-           "--chunk-size", str(args.chunk_size), "--device", args.device, "--repeats", str(args.repeats)]
+           "--chunk-size", str(args.chunk_size), "--device", args.device, "--repeats", str(args.repeats),
+           "--memory-limit-gb", str(args.memory_limit_gb)]
     done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0 and "out of memory" in done.stderr:
+        return dict(impl=impl, seq_len=seq_len, dim=args.dim, docs=docs, fwd_s=None, fwd_bwd_s=None, peak_mb=None,
+                    note=f"out of memory: ran into the {args.memory_limit_gb} GiB limit")
+    if done.returncode == -9:
+        return dict(impl=impl, seq_len=seq_len, dim=args.dim, docs=docs, fwd_s=None, fwd_bwd_s=None, peak_mb=None,
+                    note="killed (exit -9, most likely the kernel's out-of-memory killer)")
     if done.returncode != 0:
         return dict(impl=impl, seq_len=seq_len, dim=args.dim, docs=docs, fwd_s=None, fwd_bwd_s=None, peak_mb=None,
                     note=f"failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1:]}")
@@ -93,6 +96,8 @@ def main():
                         help="also measure with N equal documents per sequence (doc_ids), side by side with unmasked")
     parser.add_argument("--repeats", type=int, default=1, help="time the minimum of this many runs per case")
     parser.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    parser.add_argument("--memory-limit-gb", type=float, default=20.0,
+                        help="CPU: each case's address-space limit; a case that needs more is reported as out of memory")
     parser.add_argument("--worker", nargs=3, metavar=("IMPL", "T", "DOCS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.docs < 0:
@@ -100,7 +105,15 @@ def main():
 
     if args.worker:
         impl, seq_len, docs = args.worker[0], int(args.worker[1]), int(args.worker[2])
-        print(json.dumps(measure(impl, seq_len, args.dim, args.chunk_size, args.device, docs, args.repeats)))
+        if args.device == "cpu":  # try for real, inside a limit that leaves the machine usable
+            limit = int(args.memory_limit_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            print(json.dumps(measure(impl, seq_len, args.dim, args.chunk_size, args.device, docs, args.repeats)))
+        except (MemoryError, RuntimeError) as err:
+            if isinstance(err, MemoryError) or "alloc" in str(err).lower() or "memory" in str(err).lower():
+                sys.exit(f"out of memory: {err}")
+            raise
         return
 
     if not args.json:
