@@ -256,3 +256,10 @@ def test_submit_helper_takes_resources_from_the_recipe_launch_section(recipe, tm
         build_submission(*parse_args(["--logs", str(tmp_path / "logs"), "--sweep", str(sweep)]))
     args, _ = build_submission(*parse_args(["--logs", str(tmp_path / "logs"), "--sweep", str(sweep), "--nodes", "2"]))
     assert "--nodes=2" in args
+
+
+def test_gpus_per_node_from_sinfo_gres():
+    from launch.slurm.__main__ import _gres_gpus
+
+    assert [_gres_gpus(g) for g in ("gpu:8", "gpu:h100:4(S:0-1),shard:8", "(null)", "shard:2,gpu:a100:2(S:0,1)",
+                                    "mps:100")] == [8, 4, 0, 2, 0]
