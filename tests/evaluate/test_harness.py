@@ -53,10 +53,11 @@ def test_lm_eval_cli_with_the_sessa_model(runs, tmp_path):
     model, tok = target.model, target.tokenizer
     for sample in samples["sessa_local_mc"]:
         for i, choice in enumerate(sample["doc"]["choices"]):
+            # lm-eval's split (as its HF model): encode context + continuation whole, the continuation
+            # is what follows the context's own tokens (a token may span the boundary)
             context = tok.encode(sample["doc"]["prompt"])
-            whole = tok.encode(sample["doc"]["prompt"] + choice)
-            assert whole[: len(context)] == context  # no token spans the boundary in these examples
-            expected = direct_loglikelihood(model, whole) - direct_loglikelihood(model, context)
+            sequence = context + tok.encode(sample["doc"]["prompt"] + choice)[len(context):]
+            expected = direct_loglikelihood(model, sequence) - direct_loglikelihood(model, context)
             ll, _ = sample["resps"][i][0]
             assert float(ll) == pytest.approx(expected, abs=1e-4)
     for sample in samples["sessa_local_ppl"]:
