@@ -341,8 +341,8 @@ def llama_config_dict(config: ModelConfig) -> dict:
 
 
 def llama_state_dict(state_dict: dict, config: ModelConfig) -> dict:
-    """Global TransformerLM tensors (`state_dict()` names of a one-stage model; the full, unsharded
-    tensors a torch_dist checkpoint holds) -> `LlamaForCausalLM` names, vocabulary padding removed.
+    """Full TransformerLM tensors, named and laid out as a one-process model's `state_dict()` ->
+    `LlamaForCausalLM` names, vocabulary padding removed.
 
     megatron's linear_qkv holds per query group [q heads of the group; k; v]; linear_fc1 is [gate; up].
     """
