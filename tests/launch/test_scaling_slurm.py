@@ -50,7 +50,7 @@ def test_scaling_arrays_requeue_and_dependent_cooldowns(slurm, job_env, launch_d
     flaky_branch = next(p["name"] for p in plan if p["fork_of"] == mains[0]["name"])
     assert statuses[mains[0]["name"]] == statuses[flaky_branch] == ("failed", 1), statuses
     assert [s for name, s in statuses.items() if name not in (mains[0]["name"], flaky_branch)] == [("done", 1)] * 2
-    assert "is in use by pid:" in logs() and "the checkpoint to start from" in logs()
+    assert "cannot start: the run lock belongs to process" in logs() and "the checkpoint to start from" in logs()
 
     again = launch_slurm(sweep, max_attempts=3, throttle=1, launch_args=options)  # the failed two only
     assert (sweep / "slurm" / "mains.txt").read_text().strip().endswith(f"{mains[0]['name']}.yaml")
