@@ -24,7 +24,6 @@ from data_pipeline.tasks import TaskExample, closed_label_set, encode_prompt, re
 
 from .scoring import greedy_generate, score_continuations
 
-KINDS = ("choice", "generate", "loss")
 DEFAULT_BUCKET_FIELDS = ("lag", "length", "position")
 DEFAULT_SEPARATOR = "\n"  # data_pipeline's default (TaskSpec.separator)
 POSITION_EDGES = (0, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -37,7 +36,7 @@ class TaskError(ValueError):
 @dataclass
 class Task:
     name: str
-    kind: str  # one of KINDS
+    kind: str  # "choice" | "generate" | "loss" (module docstring)
     examples: list = field(default_factory=list)  # TaskExample (choice, generate) or document strings (loss)
     choices: list[str] | None = None  # the label set of a "choice" task
     separator: str = DEFAULT_SEPARATOR
