@@ -9,9 +9,9 @@ Conventions (`FlopLedger.per_token(convention)`):
                        = 3 x forward (backward = 2 x forward). This is what MFU divides by.
   "hardware"           what the implementation executes: matmuls of the chunked solve with its
                        [C, t] tiles and C x C diagonal solves, the feedback logits recomputed in
-                       backward (and on every tensor-parallel rank), flash-style attention counted
-                       causally with a 2.5 x backward (scores recomputed), megatron's local
-                       attention counted over the full T x T square (it masks, it does not skip),
+                       backward (and on every tensor-parallel rank), flash-style attention (SDPA) counted
+                       causally with a 2.5 x backward (scores recomputed), or megatron's local
+                       attention over the full T x T square (attention_kernel="dense"),
                        and one more forward of every layer under full activation recomputation.
 Elementwise work (softmax, norms, GELU/SiLU, RoPE) is left out of every convention, as in
 `torch.utils.flop_counter`, which the tests compare the hardware numbers with (within 2%, after
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels.feedback_solve import block_rows
 from model.config import ModelConfig
 
 CONVENTIONS = ("6N", "6N_non_embedding", "model", "hardware")
@@ -150,13 +151,14 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
     Args:
         tensor_parallel: the feedback logits are computed on every tensor-parallel rank (hardware).
         recompute: "full" adds one forward of every layer to the hardware backward.
-        attention_kernel: "flash" (causal tiles: Sessa's SDPA) or "dense" (full square, masked:
-            megatron's local attention, the Transformer arm's default).
-        chunk_size: the feedback solve's chunk (default: the config's).
+        attention_kernel: "flash" (causal tiles: SDPA, in every architecture; the default) or "dense"
+            (full square, masked: megatron's local DotProductAttention).
+        chunk_size: the feedback solve's chunk (default: the config's; with feedback_impl "chunked",
+            the rows per block it executes, kernels.feedback_solve.block_rows).
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute must be one of {RECOMPUTE}, got {recompute!r}")
-    attention_kernel = attention_kernel or ("dense" if config.arch == "transformer" else "flash")
+    attention_kernel = attention_kernel or "flash"
     if attention_kernel not in ATTENTION_KERNELS:
         raise ValueError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {attention_kernel!r}")
     T, D = seq_len, config.hidden_size
@@ -191,7 +193,10 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
         hw_fwd["attention"] = L * 4 * width * T
         hw_bwd["attention"] = 2 * hw_fwd["attention"]
     if L_feedback:
-        solve = chunked_solve_flops(T, D, D, chunk_size or config.feedback_chunk_size)
+        if chunk_size is None:  # impl "chunked" raises the chunk toward 256 rows where T allows
+            chunk_size = (block_rows(T, config.feedback_chunk_size) if config.feedback_impl == "chunked"
+                          else config.feedback_chunk_size)
+        solve = chunked_solve_flops(T, D, D, chunk_size)
         for name in solve["forward"]:
             replicas = tensor_parallel if name == "feedback_logits" else 1
             hw_fwd[name] = L_feedback * replicas * solve["forward"][name] / T
@@ -247,6 +252,11 @@ def _triton_bwd_flops(q_shape, k_shape, gamma_shape, s_shape, lse_shape, grad_sh
     return B * sum(chunked_solve_flops(T, K, s_shape[-1], chunk_size)["backward"].values())
 
 
+def _baddbmm_flops(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    b, m, k = a_shape
+    return 2 * b * m * k * b_shape[-1]  # as torch's formula for the out-of-place baddbmm
+
+
 def flop_counter_formulas() -> dict:
     """`custom_mapping` for FlopCounterMode: the ops our models run that it has no formula for
     (CPU flash attention, the triangular solves, the Triton feedback ops when loaded)."""
@@ -255,6 +265,7 @@ def flop_counter_formulas() -> dict:
         aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
         aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops,
         aten.linalg_solve_triangular: _solve_triangular_flops,
+        aten.baddbmm_: _baddbmm_flops,  # the chunked solve's in-place accumulations (no formula of its own)
     }
     if hasattr(torch.ops, "sessa") and hasattr(torch.ops.sessa, "feedback_solve_triton_fwd"):
         formulas[torch.ops.sessa.feedback_solve_triton_fwd] = _triton_fwd_flops

@@ -20,6 +20,16 @@ CASES = [
     ("no_feedback_sp_docs", dataclasses.replace(CONFIG, feedback=False), True, True),
 ]
 
+# Hybrid stacks (model.layer_pattern, model/blocks.py): each block type alone, and mixed.
+HYBRID = dataclasses.replace(CONFIG, num_layers=4, layer_pattern="S*-S", ffn_hidden_size=48)
+HYBRID_CASES = [
+    ("attention_only", dataclasses.replace(CONFIG, layer_pattern="**"), True, True),
+    ("mlp_only", dataclasses.replace(CONFIG, layer_pattern="--", ffn_hidden_size=48), True, False),
+    ("hybrid", HYBRID, False, False),
+    ("hybrid_sp_docs", HYBRID, True, True),
+    ("hybrid_no_feedback_docs", dataclasses.replace(HYBRID, feedback=False), False, True),
+]
+
 
 def make_tokens(config: ModelConfig = CONFIG) -> torch.Tensor:
     """[2, 33]: 32 inputs, divisible by the tensor-parallel size for sequence parallelism."""

@@ -1,6 +1,6 @@
 """Run by torchrun from test_tensor_parallel.py: SessaLM at tensor-parallel size = world size.
 
-For every case of tp_case.CASES writes the loss, the logits and every parameter's full gradient
+For every case of tp_case.CASES (tp_case.HYBRID_CASES with argv[2] == "hybrid") writes the loss, the logits and every parameter's full gradient
 (shards gathered) to argv[1].
 """
 import sys
@@ -13,7 +13,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from model import SessaLM, init_weights, megatron_config
 from model.init import global_named_parameters
 from pretrain import cpu_compat
-from tp_case import CASES, make_documents, make_tokens
+from tp_case import CASES, HYBRID_CASES, make_documents, make_tokens
 
 
 def gathered_grads(model) -> dict:
@@ -31,12 +31,12 @@ def gathered_grads(model) -> dict:
     return grads
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, cases: list) -> None:
     dist.init_process_group("gloo")
     cpu_compat.enable()  # sequence parallelism allocates its gather buffers on "the current device"
     parallel_state.initialize_model_parallel(dist.get_world_size(), 1)
     results = {}
-    for name, config, sequence_parallel, packed in CASES:
+    for name, config, sequence_parallel, packed in cases:
         model = SessaLM(config, megatron_config(config, sequence_parallel=sequence_parallel, params_dtype=torch.float64))
         init_weights(model, seed=3)
         tokens, documents = make_tokens(config), make_documents(packed)
@@ -51,4 +51,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], HYBRID_CASES if sys.argv[2:] == ["hybrid"] else CASES)

@@ -1,0 +1,205 @@
+"""Hybrid stacks (model.layer_pattern, model/blocks.py): Sessa (S), attention (*) and SwiGLU MLP (-) blocks.
+
+Each block type alone and mixed: TP=2 == TP=1 (tp_worker.py), pipeline stages == one process with
+global block numbers in checkpoint keys, prefill + decode == full forward, packed == alone, the FLOP
+ledger == FlopCounterMode, `*-*-` == the Transformer arm in parameters and FLOPs, an empty pattern
+== today's model, and bad input errors.
+"""
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tp_case import HYBRID_CASES, make_documents, make_tokens
+
+from model import ModelConfig, SessaLM, count_parameters, init_weights
+from model.blocks import AttentionBlock, MLPBlock
+from model.documents import positions_from_doc_ids
+from model.flops import flop_counter_formulas, ledger
+from model.generation import empty_caches, generate
+from model.init import global_named_parameters
+from model.layer import SessaLayer
+
+HERE = Path(__file__).parent
+
+
+def config(pattern: str = "S*-S", **fields) -> ModelConfig:
+    base = dict(vocab_size=61, hidden_size=32, num_layers=len(pattern) or 3, num_heads=4, num_kv_heads=2,
+                feedback_impl="chunked", feedback_chunk_size=8, ffn_hidden_size=48, layer_pattern=pattern)
+    return ModelConfig(**(base | fields))
+
+
+def tokens(length: int = 17, batch: int = 2, seed: int = 5) -> torch.Tensor:
+    return torch.randint(0, 61, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("fields, match", [
+    (dict(layer_pattern="S*x-"), r"model.layer_pattern 'S\*x-' has unknown block character\(s\) \['x'\]; valid "
+                                 r"ones: 'S' \(Sessa block\), '\*' \(attention block\), '-' \(SwiGLU MLP block\)"),
+    (dict(layer_pattern="S*-", num_layers=4), r"model.num_layers \(4\) must equal the length of "
+                                              r"model.layer_pattern 'S\*-' \(3\)"),
+    (dict(layer_pattern="S-", ffn_hidden_size=0), r"model.layer_pattern 'S-' has MLP blocks \('-'\) but "
+                                                  r"model.ffn_hidden_size \(0\) is not a positive integer"),
+    (dict(layer_pattern="*-", arch="transformer"), r"model.layer_pattern is for model.arch 'sessa'"),
+])
+def test_bad_patterns_are_refused(fields, match):
+    base = dict(vocab_size=61, hidden_size=32, num_layers=len(fields["layer_pattern"]), num_heads=4)
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**(base | fields))
+
+
+def test_tensor_parallel_size_must_divide_the_mlp_width():
+    with pytest.raises(ValueError, match=r"ffn_hidden_size \(51\) must be divisible by the tensor-parallel size \(2\)"):
+        config("S-", ffn_hidden_size=51).check_tensor_parallel(2)
+
+
+def test_empty_pattern_is_todays_model():
+    """"" and "SSS" build the same Sessa layers: parameters, keys and outputs bit for bit."""
+    today, spelled = SessaLM(config("", num_layers=3), init_seed=2), SessaLM(config("SSS"), init_seed=2)
+    assert all(isinstance(layer, SessaLayer) for layer in today.layers)
+    assert isinstance(today.final_norm, torch.nn.LayerNorm)
+    assert list(today.sharded_state_dict()) == list(spelled.sharded_state_dict())
+    for (name, a), (_, b) in zip(today.state_dict().items(), spelled.state_dict().items()):
+        assert a is None and b is None or torch.equal(a, b), name
+    torch.testing.assert_close(today(tokens()), spelled(tokens()), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("pattern", ["S*-S", "*-*-", "--", "S-", ""])
+def test_parameter_counter_matches_module(pattern):
+    for fields in (dict(), dict(feedback=False, tie_embeddings=False, num_heads=1, num_kv_heads=1)):
+        cfg = config(pattern, **fields)
+        model = SessaLM(cfg)
+        assert count_parameters(cfg) == sum(p.numel() for p in model.parameters()), (pattern, fields)
+
+
+def test_blocks_are_initialised_independently_of_the_layout():
+    cfg = config("S*-S")
+    model = dict(global_named_parameters(SessaLM(cfg, init_seed=3)))
+    for block in (AttentionBlock(cfg, SessaLM(cfg).config, 1, init_seed=3),
+                  MLPBlock(cfg, SessaLM(cfg).config, 2, init_seed=3)):
+        for name, param in global_named_parameters(block):
+            assert torch.equal(param, model[name]), name
+    stage = SessaLM(cfg, pre_process=False, layer_numbers=[2, 3], init_seed=3)
+    for name, param in global_named_parameters(stage):
+        assert torch.equal(param, model["embedding.weight" if name == "output_layer.weight" else name]), name
+    # residual outputs are scaled down, norms start at one
+    assert model["layers.1.out_proj.weight"].std() < model["layers.1.q_proj.weight"].std()
+    assert torch.equal(model["layers.2.norm.weight"], torch.ones(32))
+
+
+@pytest.mark.parametrize("pattern, feedback", [("S*-S", True), ("*-S-", False), ("**", True)])
+def test_prefill_and_decode_match_full_forward(pattern, feedback):
+    model = SessaLM(config(pattern, feedback=feedback), init_seed=1).double()
+    ids = tokens(13)
+    full = model(ids)
+    logits, caches = model(ids[:, :6], caches=empty_caches(model, 2))
+    pieces = [logits]
+    for t in range(6, 13):
+        logits, caches = model(ids[:, t:t + 1], caches=caches)
+        pieces.append(logits)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-10, rtol=1e-10)
+    greedy = generate(model, ids[:, :4], 5, temperature=0)
+    assert greedy.shape == (2, 9)
+
+
+def test_packed_documents_equal_each_document_alone():
+    model = SessaLM(config("*S-*"), init_seed=6).double()
+    lengths = [5, 9, 3]
+    ids = tokens(sum(lengths), batch=1)
+    doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
+    packed = model(ids, doc_ids=doc_ids, position_ids=positions_from_doc_ids(doc_ids))
+    alone = torch.cat([model(piece) for piece in ids.split(lengths, dim=1)], dim=1)
+    torch.testing.assert_close(packed, alone, atol=1e-12, rtol=1e-12)
+
+
+def test_pipeline_stages_equal_one_process_with_global_block_numbers():
+    cfg = config("S*-S-*")
+    whole = SessaLM(cfg, init_seed=4).double()
+    first = SessaLM(cfg, post_process=False, layer_numbers=[0, 1], init_seed=4).double()
+    last = SessaLM(cfg, pre_process=False, layer_numbers=[2, 3, 4, 5], init_seed=4).double()
+    ids = tokens(17)
+    doc_ids = torch.repeat_interleave(torch.arange(2), torch.tensor([9, 7]))[None].expand(2, -1)
+    documents = {"doc_ids": doc_ids, "position_ids": positions_from_doc_ids(doc_ids)}
+    last.set_input_tensor(first(ids[:, :-1], **documents))
+    staged = last(None, ids[:, 1:], **documents)
+    torch.testing.assert_close(staged, whole(ids[:, :-1], ids[:, 1:], **documents), atol=1e-12, rtol=1e-12)
+    def checkpoint_keys(model):  # the tied output replica on the last stage is saved as the embedding
+        return {tensor.key for tensor in model.sharded_state_dict().values() if hasattr(tensor, "key")}
+
+    assert checkpoint_keys(first) | checkpoint_keys(last) == checkpoint_keys(whole)
+    assert "layers.4.gate_proj.weight" in last.sharded_state_dict()
+    # a stage loads the whole model's state dict keyed by global block numbers
+    restored = SessaLM(cfg, pre_process=False, layer_numbers=[2, 3, 4, 5], init_seed=9).double()
+    state = {k: v for k, v in whole.state_dict().items() if not k.startswith("embedding")
+             and (not k.startswith("layers.") or int(k.split(".")[1]) >= 2)}
+    restored.load_global_state_dict(state | {"output_layer.weight": whole.embedding.weight})
+    restored.set_input_tensor(first(ids[:, :-1]))
+    last.set_input_tensor(first(ids[:, :-1]))
+    torch.testing.assert_close(restored(None, ids[:, 1:]), last(None, ids[:, 1:]), atol=0, rtol=0)
+
+
+def test_attention_mlp_stack_equals_the_transformer_arm_in_parameters_and_flops():
+    transformer = ModelConfig(arch="transformer", vocab_size=300, hidden_size=64, num_layers=3, num_heads=4,
+                              num_kv_heads=2)
+    hybrid = dataclasses.replace(transformer, arch="sessa", num_layers=6, layer_pattern="*-" * 3)
+    assert count_parameters(hybrid) == count_parameters(ModelConfig(**{**transformer.to_dict(), "arch": "sessa",
+                                                                       "num_layers": 6, "layer_pattern": "*-*-*-"}))
+    from model.transformer import count_transformer_parameters
+
+    assert count_parameters(hybrid) == count_transformer_parameters(transformer)
+    for T in (64, 2048):
+        a, b = ledger(hybrid, T), ledger(transformer, T)
+        assert a.forward == b.forward
+        assert a.params == b.params and a.params_non_embedding == b.params_non_embedding
+        assert a.all_conventions() == b.all_conventions()
+
+
+def _flops(model, ids, backward: bool) -> int:
+    with FlopCounterMode(display=False, custom_mapping=flop_counter_formulas()) as counter:
+        loss = model(ids, ids)
+        if backward:
+            loss.mean().backward()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("pattern, fields", [("S*-S", {}), ("*--*", {}), ("-S*", dict(feedback=False)),
+                                             ("S-", dict(num_heads=1, num_kv_heads=1, tie_embeddings=False))])
+def test_ledger_matches_flop_counter(pattern, fields):
+    cfg = config(pattern, vocab_size=300, hidden_size=64, ffn_hidden_size=96, feedback_chunk_size=16, **fields)
+    model = SessaLM(cfg, init_seed=0)
+    ids = torch.randint(0, 300, (2, 64), generator=torch.Generator().manual_seed(0))
+    book = ledger(cfg, 64)
+    assert _flops(model, ids, False) / 128 == pytest.approx(book.per_token("hardware", training=False), rel=0.02)
+    assert _flops(model, ids, True) / 128 == pytest.approx(book.per_token("hardware"), rel=0.02)
+    assert book.per_token("model") <= book.per_token("hardware") * 1.0001
+
+
+@pytest.fixture(scope="module")
+def tp2_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "tp2.pt"
+    env = {**os.environ, "PYTHONPATH": f"{HERE.parents[1]}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(HERE / "tp_worker.py"), str(out), "hybrid"], env=env, timeout=600,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", HYBRID_CASES, ids=[c[0] for c in HYBRID_CASES])
+def test_tensor_parallel_two_ranks_matches_one(tp2_results, case):
+    name, cfg, _, packed = case
+    tp2 = tp2_results[name]
+    model = SessaLM(cfg).double()
+    init_weights(model, seed=3)
+    ids, documents = make_tokens(cfg), make_documents(packed)
+    loss = model(ids[:, :-1], ids[:, 1:], **documents).mean()
+    loss.backward()
+    torch.testing.assert_close(tp2["loss"], loss.detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(tp2["logits"], model(ids[:, :-1], **documents).detach(), atol=1e-12, rtol=1e-12)
+    for param_name, param in global_named_parameters(model):
+        torch.testing.assert_close(tp2["grads"][param_name], param.grad, atol=1e-8, rtol=1e-6, msg=param_name)
