@@ -29,5 +29,5 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 # DeepSpeed: no C++/CUDA ops at install time (they JIT-compile on first use, only when needed:
 # CPU-Adam with offload, FusedAdam). Its CPU shared-memory comm op is never built on CPU machines
-# (pretrain/deepspeed_engine.py marks it unused), so tests compile nothing.
+# (pretrain/engines/deepspeed.py marks it unused), so tests compile nothing.
 DS_BUILD_OPS=0 "$PYTHON" -m pip install --quiet -r requirements.txt
