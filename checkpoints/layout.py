@@ -45,6 +45,11 @@ def rules(config: ModelConfig) -> list[Rule]:
     """Every tensor of the model, in export order (embedding, layers 0..N-1, final norm, head)."""
     if config.arch != "sessa":
         raise ValueError(f"export supports model.arch 'sessa' only, the checkpoint has {config.arch!r}")
+    others = sorted(set(config.block_types) - {"S"})
+    if others:  # the reference format holds Sessa layers only; hf/safetensors of hybrids: not built yet
+        raise ValueError(f"export supports Sessa layers only, but model.layer_pattern {config.layer_pattern!r} "
+                         f"has {others} blocks (attention '*', MLP '-'); the reference format cannot hold them "
+                         "and hf/safetensors export of hybrid stacks is not implemented yet")
     table = [Rule("model.embed_tokens.weight", ("embedding.weight",), tp=0, vocab=True)]
     for ref, parts in REFERENCE_LAYOUT.items():
         if ref == "mixer.out_proj.weight" and config.num_heads == 1:

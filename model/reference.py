@@ -40,6 +40,11 @@ def reference_layer_kwargs(config: ModelConfig) -> dict:
     if config.rope_base != REFERENCE_ROPE_BASE:
         raise ValueError(f"the reference layer fixes the RoPE base at {REFERENCE_ROPE_BASE:g} but this model uses "
                          f"rope_base {config.rope_base:g}; export --to hf or --to safetensors instead")
+    others = sorted(set(config.block_types) - {"S"})
+    if others:
+        raise ValueError(f"the reference format holds only Sessa layers but model.layer_pattern "
+                         f"{config.layer_pattern!r} has {others} blocks (attention '*', MLP '-'); "
+                         "export --to hf or --to safetensors instead")
     if not config.feedback:
         raise ValueError("the reference layer always has the feedback branch but this model has feedback: false; "
                          "export --to hf or --to safetensors instead")

@@ -40,13 +40,32 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, t
     return {"saved": saved, "transient": transient}
 
 
+def block_activation_bytes(model: ModelConfig, kind: str, seq_len: int, micro_batch: int, tensor_parallel: int = 1,
+                           sequence_parallel: bool = False, compute_bytes: int = 2) -> dict[str, float]:
+    """`layer_activation_bytes` for one block of a model.layer_pattern (model/blocks.py). Attention
+    (`*`): the norm input (1/tp under sequence parallelism), the normed input (full width), q, k, v
+    and the attention output (1/tp of the heads), attention's log-sum-exp, the RoPE tables. MLP
+    (`-`): the norm input and normed input, gate, up, SiLU(gate) and their product (1/tp of the
+    width each). Neither has a transient beyond its saved tensors."""
+    if kind == "S":
+        return layer_activation_bytes(model, seq_len, micro_batch, tensor_parallel, sequence_parallel, compute_bytes)
+    D, tp, c, tokens = model.hidden_size, tensor_parallel, compute_bytes, micro_batch * seq_len
+    full = D * c + D * c / (tp if sequence_parallel else 1)
+    if kind == "*":
+        d, heads, kv_heads = model.head_size, model.num_heads / tp, model.num_kv_heads / tp
+        per_token = full + (2 * heads + 2 * kv_heads) * d * c + 4 * heads
+        return {"saved": tokens * per_token + 4 * seq_len * d / 2 * 4, "transient": 0.0}
+    return {"saved": tokens * (full + 4 * model.ffn_hidden_size / tp * c), "transient": 0.0}
+
+
 def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     """A planning estimate (not a measurement) for one device of the configured layout.
 
     Weights in the model dtype, fp32 gradients (megatron reduces in fp32), and per parameter 12
     bytes of fp32 master weight + Adam moments, sharded over data-parallel ranks by the
-    distributed optimizer. Activations: every layer of this pipeline stage keeps what
-    `layer_activation_bytes` counts, and one layer's solve adds its temporary.
+    distributed optimizer. Activations: every block of this pipeline stage keeps what
+    `block_activation_bytes` counts (`layer_activation_bytes` for Sessa layers), and one layer's
+    solve adds its temporary.
     """
     model, parallel = config.model, config.parallel
     model_parallel = parallel.tensor * parallel.pipeline
@@ -55,9 +74,10 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     weights = params * BYTES[model.dtype]
     grads = params * 4
     optimizer = params * 12 / (dp_size if config.optim.distributed else 1)
-    layer = layer_activation_bytes(model, seq_len, config.train.micro_batch_size, parallel.tensor,
-                                   parallel.sequence_parallel, compute_bytes)
-    activations = model.num_layers / parallel.pipeline * layer["saved"] + layer["transient"]
+    blocks = [block_activation_bytes(model, kind, seq_len, config.train.micro_batch_size, parallel.tensor,
+                                     parallel.sequence_parallel, compute_bytes) for kind in model.block_types]
+    # A stage holds num_layers / pipeline blocks: the pattern's average block, and its largest transient.
+    activations = (sum(b["saved"] for b in blocks) / parallel.pipeline + max(b["transient"] for b in blocks))
     gb = {name: value / 2**30 for name, value in
           dict(weights=weights, grads=grads, optimizer=optimizer, activations=activations).items()}
     gb["total"] = sum(gb.values())
