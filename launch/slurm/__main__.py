@@ -7,7 +7,9 @@
 
 Resources come from the flags, else from the recipe's `launch:` section (nodes, gpus_per_node, time,
 partition, account, term_grace_s), else the defaults; GPUs per node default to what SLURM reports
-for the partition's nodes (0 on CPU nodes). Every recipe is loaded with pretrain.config first (unknown fields, bad values, a world size that does
+for the partition's nodes (0 on CPU nodes).
+
+Every recipe is loaded with pretrain.config first (unknown fields, bad values, a world size that does
 not divide by TP x PP, or a global batch that does not divide by the data-parallel layout fail here,
 not in the queue). The job runs launch/slurm/pretrain.sbatch from the current directory; its log is
 `<logs>/<job name>-<job id>.out` (arrays: `-<array id>_<index>.out`). Prints one job id per line.

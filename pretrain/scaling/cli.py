@@ -176,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser("launch", help="run the plan's points not done yet (local, or SLURM arrays)")
     launch.add_argument("--sweep", required=True, help="sweep directory written by plan")
     launch.add_argument("--mode", choices=("local", "slurm"), default="local")
-    launch.add_argument("--max-attempts", type=int, default=2, help="attempts per point (requeues + reruns)")
+    launch.add_argument("--max-attempts", type=int, default=2, help="attempts per point (local: runs; SLURM: submissions, each "
+                        "task also requeueing itself while its checkpoint advances)")
     launch.add_argument("--throttle", type=int, default=4, help="SLURM: array tasks running at once")
     launch.add_argument("--timeout", type=float, default=3600, help="local: seconds per point")
     launch.add_argument("--launch-arg", action="append", default=[], metavar="ARG",

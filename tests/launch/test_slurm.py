@@ -140,11 +140,13 @@ def test_job_array_sweep_runs_every_line(slurm, job_env, recipe, tmp_path, monke
     sweep = tmp_path / "sweep.txt"
     sweep.write_text(f"# lr sweep\n{recipe} --run_name lr_high --optim.lr 3e-3\n\n"
                      f"{recipe} --run_name lr_low --optim.lr 3e-4 --optim.min_lr 3e-5\n")
-    done = subprocess.run([sys.executable, "-m", "launch.slurm", "--gpus-per-node", "0", "--cpus-per-rank", "1",
+    # No --gpus-per-node: the helper asks sinfo (these nodes have no GPUs) instead of requesting 8.
+    done = subprocess.run([sys.executable, "-m", "launch.slurm", "--cpus-per-rank", "1",
                            "--launcher", "srun", "--logs", str(tmp_path / "logs"), "--sweep", str(sweep),
                            "--train.max_steps", "4"], cwd=tmp_path, capture_output=True, text=True,
                           env={**job_env, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr
+    assert "launch: 0 GPU(s) per node (sinfo GRES of partition (default)" in done.stderr
     array_job = done.stdout.strip()
     records = slurm.wait(array_job, timeout=240)
     logs = {r["ArrayTaskId"]: job_log(tmp_path / "logs" / f"sweep-sweep-{array_job}_{r['ArrayTaskId']}.out")
