@@ -203,3 +203,34 @@ def test_tensor_parallel_two_ranks_matches_one(tp2_results, case):
     torch.testing.assert_close(tp2["logits"], model(ids[:, :-1], **documents).detach(), atol=1e-12, rtol=1e-12)
     for param_name, param in global_named_parameters(model):
         torch.testing.assert_close(tp2["grads"][param_name], param.grad, atol=1e-8, rtol=1e-6, msg=param_name)
+
+
+@pytest.mark.parametrize("mode", ["selective", "full"])
+def test_recompute_is_exact_for_a_hybrid_stack(mode):
+    from model.recompute import recompute_blocks, torch_checkpoint
+
+    def loss_and_grads(recompute: str):
+        model = SessaLM(config("S*-"), init_seed=3)
+        recompute_blocks(model, recompute, torch_checkpoint)
+        ids = tokens(25)
+        loss = model(ids[:, :-1], ids[:, 1:]).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    base_loss, base_grads = loss_and_grads("none")
+    loss, grads = loss_and_grads(mode)
+    assert torch.equal(loss, base_loss)
+    for name, grad in base_grads.items():
+        assert torch.equal(grads[name], grad), name
+
+
+def test_export_refuses_non_sessa_blocks():
+    from checkpoints import layout
+    from model.reference import reference_layer_kwargs
+
+    with pytest.raises(ValueError, match=r"reference format holds only Sessa layers but model.layer_pattern "
+                                         r"'S\*-' has \['\*', '-'\] blocks"):
+        reference_layer_kwargs(config("S*-"))
+    with pytest.raises(ValueError, match=r"export supports Sessa layers only, but model.layer_pattern 'S-'"):
+        layout.rules(config("S-"))
+    assert reference_layer_kwargs(config("SS"))["D"] == 32  # an all-Sessa pattern still exports
