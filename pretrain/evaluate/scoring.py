@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 
+from model.generation import generate
+
 BATCH_TOKENS = 8192  # padded tokens per forward pass
 
 
@@ -101,8 +103,8 @@ def greedy_generate(model, prompts, max_new_tokens: int, *, eos_id: int | None =
                     progress=None) -> list[list[int]]:
     """Greedy continuation of each prompt (ids), at most max_new_tokens, cut before the first eos_id.
 
-    Prompts of equal length decode together; Sessa decodes from its per-layer caches
-    (`model.generation`), the Transformer re-reads the whole sequence each step."""
+    Prompts of equal length decode together, from the decoding caches of `model.generation`
+    (Sessa's per-layer caches, megatron's key/value cache for the Transformer arm)."""
     device = model_device(model)
     by_length: dict[int, list[int]] = {}
     for i, prompt in enumerate(prompts):
@@ -112,7 +114,7 @@ def greedy_generate(model, prompts, max_new_tokens: int, *, eos_id: int | None =
         for start in range(0, len(members), batch_size):
             batch = members[start: start + batch_size]
             prompt = torch.tensor([list(prompts[i]) for i in batch], dtype=torch.long, device=device)
-            tokens = _decode(model, prompt, max_new_tokens, eos_id)
+            tokens = generate(model, prompt, max_new_tokens, temperature=0, eos_id=eos_id)
             for row, i in enumerate(batch):
                 new = tokens[row, prompt.shape[1]:].tolist()
                 out[i] = new[: new.index(eos_id)] if eos_id in new else new
@@ -120,20 +122,3 @@ def greedy_generate(model, prompts, max_new_tokens: int, *, eos_id: int | None =
                 progress.update(len(batch))
     return out
 
-
-def _decode(model, prompt: torch.Tensor, max_new_tokens: int, eos_id: int | None) -> torch.Tensor:
-    if model.sessa.arch == "sessa":
-        from model.generation import generate
-
-        return generate(model, prompt, max_new_tokens, temperature=0, eos_id=eos_id)
-    tokens = prompt
-    finished = torch.zeros(prompt.shape[0], dtype=torch.bool, device=prompt.device)
-    for _ in range(max_new_tokens):
-        next_token = log_softmax_logits(model, tokens)[:, -1].argmax(-1)
-        if eos_id is not None:
-            next_token = next_token.masked_fill(finished, eos_id)
-            finished |= next_token == eos_id
-        tokens = torch.cat((tokens, next_token[:, None]), dim=1)
-        if eos_id is not None and bool(finished.all()):
-            break
-    return tokens
