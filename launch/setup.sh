@@ -31,3 +31,5 @@ fi
 # CPU-Adam with offload, FusedAdam). Its CPU shared-memory comm op is never built on CPU machines
 # (pretrain/engines/deepspeed.py marks it unused), so tests compile nothing.
 DS_BUILD_OPS=0 "$PYTHON" -m pip install --quiet -r requirements.txt
+# lm-evaluation-harness finds models only in its registry: register `sessa` in this environment
+"$PYTHON" -W ignore -m pretrain.evaluate install-lm-eval >/dev/null
