@@ -23,13 +23,15 @@ if [ "$SESSA_VENV_NEEDED" = 1 ]; then
   fi
 fi
 echo "== setup: using $("$PYTHON" -c 'import sys; print(sys.executable)')"
+# quiet pip: no root notice, no version nag, no setuptools notice about distutils (pip's own business)
 export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+pip_quiet=(env "PYTHONWARNINGS=ignore:Setuptools is replacing distutils" "$PYTHON" -m pip install --quiet)
 if ! "$PYTHON" -c "import torch" 2>/dev/null; then
-  "$PYTHON" -m pip install --quiet "torch==2.13.0"
+  "${pip_quiet[@]}" "torch==2.13.0"
 fi
 # DeepSpeed: no C++/CUDA ops at install time (they JIT-compile on first use, only when needed:
 # CPU-Adam with offload, FusedAdam). Its CPU shared-memory comm op is never built on CPU machines
 # (pretrain/engines/deepspeed.py marks it unused), so tests compile nothing.
-DS_BUILD_OPS=0 "$PYTHON" -m pip install --quiet -r requirements.txt
+DS_BUILD_OPS=0 "${pip_quiet[@]}" -r requirements.txt
 # lm-evaluation-harness finds models only in its registry: register `sessa` in this environment
 "$PYTHON" -W ignore -m pretrain.evaluate install-lm-eval >/dev/null
