@@ -75,7 +75,8 @@ class Trainer:
         self.env = init_distributed(config.parallel)
         self.device = self.env.device
         self.run_lock = acquire_for_training(config.run_dir)  # one live job per run directory
-        self._stop_signal = None
+        self._stop_signal = self._stop_time = None
+        self._grace_checked = False
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._request_stop)
 
@@ -190,7 +191,9 @@ class Trainer:
         window_start, window_wait, window_step = time.perf_counter(), 0.0, state.step
         window_sequences = window_pairs = 0
         while state.step < cfg.train.max_steps:
+            step_start = time.perf_counter()
             result = self.engine.train_step(timed)
+            step_s = time.perf_counter() - step_start
             state.step += 1
             state.consumed_tokens += cfg.train.global_batch_tokens
             self._account_nonfinite(result)
@@ -236,10 +239,14 @@ class Trainer:
                 return
             if stop or time_due or (cfg.checkpoint.interval_steps and state.step % cfg.checkpoint.interval_steps == 0):
                 if not stop or cfg.checkpoint.save_on_exit:
-                    self.save()
+                    save_s = self.save()
                     last_save = time.time()
+                    if not stop:
+                        self._check_term_grace(save_s, step_s)
             if stop:
-                self.logger.print(f"received {self._stop_signal_name()}: saved step {state.step}, exiting")
+                waited = f" {time.monotonic() - self._stop_time:.1f} s after the signal" if self._stop_time else ""
+                self.logger.print(f"received {self._stop_signal_name()}: saved step {state.step}{waited} "
+                                  f"(launch.term_grace_s {cfg.launch.term_grace_s} s), exiting")
                 return
         if cfg.checkpoint.save_on_exit and state.last_saved_step != state.step:
             self.save()
@@ -321,6 +328,19 @@ class Trainer:
 
     def _request_stop(self, signum, frame):
         self._stop_signal = signum
+        self._stop_time = self._stop_time or time.monotonic()
+
+    def _check_term_grace(self, save_s: float, step_s: float) -> None:
+        """Once: say whether a SIGTERM (which waits for the step in flight, then a save) fits in the
+        grace SLURM/torchrun give the ranks (launch.term_grace_s)."""
+        if self._grace_checked:
+            return
+        self._grace_checked = True
+        grace = self.config.launch.term_grace_s
+        if step_s + save_s > grace:
+            self.logger.print(f"a SIGTERM would not be saved in time: one step ({step_s:.1f} s) + one save "
+                              f"({save_s:.1f} s) > launch.term_grace_s ({grace} s); raise it (below SLURM's "
+                              f"KillWait) or checkpoint faster")
 
     def _stop_signal_name(self) -> str:
         return signal.Signals(self._stop_signal).name if self._stop_signal else "a stop request from another rank"
@@ -355,10 +375,13 @@ class Trainer:
         env = self.env
         return {"world_size": env.world_size, "tp": env.tp_size, "pp": env.pp_size, "dp": env.dp_size}
 
-    def save(self) -> None:
-        # A stop signal arriving now waits until the checkpoint is complete; writer processes started
-        # for the save inherit the mask, so a signal sent to the whole process group cannot kill them
-        # mid-write either.
+    def save(self) -> float:
+        """Save this step; returns the seconds it took.
+
+        A stop signal arriving now waits until the checkpoint is complete; writer processes started
+        for the save inherit the mask, so a signal sent to the whole process group cannot kill them
+        mid-write either."""
+        start = time.perf_counter()
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             common = {**self.state.common(), "scheduler": self.scheduler.state_dict(),
@@ -369,6 +392,7 @@ class Trainer:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.state.last_saved_step = self.state.step
         self.logger.print(f"saved checkpoint {path}")
+        return time.perf_counter() - start
 
     def _resume(self, plan) -> None:
         restored = self.engine.load(plan)

@@ -73,3 +73,22 @@ def test_sigterm_to_the_process_group_saves_and_exits_cleanly(recipe, tmp_path):
     assert process.wait(timeout=300) == 0
     saved = int((run_dir / "checkpoints" / "latest").read_text())
     assert 3 <= saved < 200 and saved == max(read_metrics(run_dir))
+
+
+
+def test_log_says_once_when_a_sigterm_would_not_be_saved_in_time():
+    """After the first periodic save the loop compares one step + one save with launch.term_grace_s."""
+    from types import SimpleNamespace
+
+    from pretrain.loop import Trainer
+
+    messages = []
+    loop = SimpleNamespace(_grace_checked=False, logger=SimpleNamespace(print=messages.append),
+                           config=SimpleNamespace(launch=SimpleNamespace(term_grace_s=20)))
+    Trainer._check_term_grace(loop, save_s=15.0, step_s=9.0)
+    Trainer._check_term_grace(loop, save_s=15.0, step_s=9.0)
+    assert len(messages) == 1 and "one step (9.0 s) + one save (15.0 s) > launch.term_grace_s (20 s)" in messages[0]
+    quiet = SimpleNamespace(_grace_checked=False, logger=SimpleNamespace(print=messages.append),
+                            config=SimpleNamespace(launch=SimpleNamespace(term_grace_s=20)))
+    Trainer._check_term_grace(quiet, save_s=5.0, step_s=9.0)
+    assert len(messages) == 1
