@@ -1,6 +1,7 @@
 """Per-device memory estimate for a recipe: weights, gradients, optimizer states, activations.
 
     python -m pretrain.memory configs/1.3b.yaml --seq-len 8192
+    python -m pretrain.memory configs/7b-128k.yaml --seq-len 131072 --dp 4   # with each recompute mode
 """
 import argparse
 
@@ -37,7 +38,12 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, t
     tokens = micro_batch * seq_len
     saved = tokens * (full + sharded + small) + 4 * seq_len * d / 2 * 4
     transient = 4 * model.feedback_chunk_size * seq_len * micro_batch if feedback else 0.0
-    return {"saved": saved, "transient": transient}
+    # What the mixer (attention + feedback solve: train.recompute selective) keeps beyond its input:
+    # q_b, k_b, attention's q, k, v, output and log-sum-exp, the solve's fp32 output and gamma.
+    mixer = tokens * ((2 * D * c if feedback else 0) + (2 * heads + 2 * kv_heads) * d * c + 4 * heads
+                      + (4 * D / tp + 4 if feedback else 0))
+    block_input = tokens * D * c / (tp if sequence_parallel else 1)  # all that train.recompute full keeps
+    return {"saved": saved, "transient": transient, "mixer": mixer, "input": block_input}
 
 
 def block_activation_bytes(model: ModelConfig, kind: str, seq_len: int, micro_batch: int, tensor_parallel: int = 1,
@@ -51,11 +57,29 @@ def block_activation_bytes(model: ModelConfig, kind: str, seq_len: int, micro_ba
         return layer_activation_bytes(model, seq_len, micro_batch, tensor_parallel, sequence_parallel, compute_bytes)
     D, tp, c, tokens = model.hidden_size, tensor_parallel, compute_bytes, micro_batch * seq_len
     full = D * c + D * c / (tp if sequence_parallel else 1)
+    block_input = tokens * D * c / (tp if sequence_parallel else 1)
     if kind == "*":
         d, heads, kv_heads = model.head_size, model.num_heads / tp, model.num_kv_heads / tp
-        per_token = full + (2 * heads + 2 * kv_heads) * d * c + 4 * heads
-        return {"saved": tokens * per_token + 4 * seq_len * d / 2 * 4, "transient": 0.0}
-    return {"saved": tokens * (full + 4 * model.ffn_hidden_size / tp * c), "transient": 0.0}
+        attention = (2 * heads + 2 * kv_heads) * d * c + 4 * heads
+        return {"saved": tokens * (full + attention) + 4 * seq_len * d / 2 * 4, "transient": 0.0,
+                "mixer": tokens * attention, "input": block_input}
+    return {"saved": tokens * (full + 4 * model.ffn_hidden_size / tp * c), "transient": 0.0, "mixer": 0.0,
+            "input": block_input}
+
+
+def recomputed_activation_bytes(blocks: list[dict], recompute: str, pipeline: int = 1) -> float:
+    """Activations one pipeline stage keeps with train.recompute, from `block_activation_bytes` of its
+    blocks: "none" every block's saved tensors; "selective" all but the mixers' (attention + feedback
+    solve), plus one mixer recomputed at a time in the backward; "full" only each block's input, plus
+    one block recomputed at a time. Each adds the largest solve temporary."""
+    per_stage = 1 / pipeline  # the stage holds num_layers / pipeline blocks: the pattern's average one
+    transient = max(b["transient"] for b in blocks)
+    if recompute == "full":
+        return sum(b["input"] for b in blocks) * per_stage + max(b["saved"] for b in blocks) + transient
+    if recompute == "selective":
+        kept = sum(b["saved"] - b["mixer"] for b in blocks) * per_stage
+        return kept + max(b["mixer"] for b in blocks) + transient
+    return sum(b["saved"] for b in blocks) * per_stage + transient
 
 
 def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
@@ -76,8 +100,9 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     optimizer = params * 12 / (dp_size if config.optim.distributed else 1)
     blocks = [block_activation_bytes(model, kind, seq_len, config.train.micro_batch_size, parallel.tensor,
                                      parallel.sequence_parallel, compute_bytes) for kind in model.block_types]
-    # A stage holds num_layers / pipeline blocks: the pattern's average block, and its largest transient.
-    activations = (sum(b["saved"] for b in blocks) / parallel.pipeline + max(b["transient"] for b in blocks))
+    recompute = config.train.recompute if config.engine == "megatron" else \
+        {"none": "none", "feedback": "selective", "full": "full"}[config.deepspeed.activation_checkpointing]
+    activations = recomputed_activation_bytes(blocks, recompute, parallel.pipeline)
     gb = {name: value / 2**30 for name, value in
           dict(weights=weights, grads=grads, optimizer=optimizer, activations=activations).items()}
     gb["total"] = sum(gb.values())
@@ -94,9 +119,14 @@ def main():
     estimate = estimate_memory_gb(config, args.seq_len, args.dp)
     print(f"{config.run_name}: {count_params(config.model) / 1e9:.3f}B parameters, TP {config.parallel.tensor} "
           f"PP {config.parallel.pipeline} DP {args.dp}, seq_len {args.seq_len}, "
-          f"micro-batch {config.train.micro_batch_size}")
+          f"micro-batch {config.train.micro_batch_size}, recompute {config.train.recompute}")
     for name, value in estimate.items():
         print(f"  {name:>12}: {value:8.2f} GB")
+    others = {}
+    for mode in ("none", "selective", "full"):  # what each train.recompute mode would need
+        trial = load_config(args.config, ["--train.recompute", mode, "--engine", "megatron"])
+        others[mode] = estimate_memory_gb(trial, args.seq_len, args.dp)["total"]
+    print("  total by train.recompute: " + ", ".join(f"{mode} {gb:.1f} GB" for mode, gb in others.items()))
 
 
 if __name__ == "__main__":

@@ -57,3 +57,20 @@ def test_7b_layer_under_tensor_parallelism():
     assert per_token / ((18 * D * 2 + 4 * D) / 8) > 2
     estimate = estimate_memory_gb(run, 8192, 8)
     assert estimate["activations"] == pytest.approx(run.model.num_layers * layer / 2**30, rel=0.01)
+
+
+def test_recompute_modes_in_the_estimate_and_the_128k_recipe_fits():
+    """train.recompute in `python -m pretrain.memory`: selective drops the mixers' tensors, full keeps
+    only block inputs; the 7B/128k recipe uses the mode that fits an 80 GB GPU."""
+    from pathlib import Path
+
+    from pretrain.config import load_config
+    from pretrain.memory import estimate_memory_gb
+
+    recipe = Path(__file__).resolve().parents[2] / "configs" / "7b-128k.yaml"
+    totals = {mode: estimate_memory_gb(load_config(recipe, ["--train.recompute", mode]), 131072, 4)
+              for mode in ("none", "selective", "full")}
+    assert totals["none"]["activations"] > totals["selective"]["activations"] > totals["full"]["activations"]
+    assert totals["none"]["weights"] == totals["full"]["weights"]
+    assert load_config(recipe).train.recompute == "full"
+    assert totals["full"]["total"] < 80 < totals["selective"]["total"]
