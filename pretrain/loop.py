@@ -35,8 +35,8 @@ from .engines import engine_class
 from .memory import estimate_memory_gb
 from .metrics import MetricsLogger
 from .runlock import acquire_for_training
-from .state import TrainState, build_scheduler, check_checkpoint_compatible, restore_loader, rng_state, \
-    seed_everything, set_rng_state
+from .state import TrainState, build_scheduler, check_checkpoint_compatible, layout_of, restore_loader, \
+    rng_state, seed_everything, set_rng_state
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -96,8 +96,11 @@ class Trainer:
         if config.checkpoint.resume:
             from checkpoints import CheckpointManager
 
-            plan = Engine.resume_plan(CheckpointManager(config.run_dir / "checkpoints"))
-            if plan is not None:
+            manager = CheckpointManager(config.run_dir / "checkpoints")
+            manager.remove_partial_saves()
+            step = manager.latest_step()
+            if step is not None:
+                plan = Engine.resume_plan(manager, step)
                 check_checkpoint_compatible(plan.common, plan.directory, config, self.tokenizer_id)
         self.engine = Engine(config, self.env, plan, seq_len=self.seq_len, num_microbatches=self.num_microbatches)
         self.scheduler = build_scheduler(self.engine.optimizer, config)
@@ -371,10 +374,6 @@ class Trainer:
         self.logger.print(f"sample after step {self.state.step}:\n{tokenizer.decode(out[0].tolist())}")
 
     # --- checkpoints --------------------------------------------------------------------------
-    def _layout(self) -> dict:
-        env = self.env
-        return {"world_size": env.world_size, "tp": env.tp_size, "pp": env.pp_size, "dp": env.dp_size}
-
     def save(self) -> float:
         """Save this step; returns the seconds it took.
 
@@ -385,7 +384,7 @@ class Trainer:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             common = {**self.state.common(), "scheduler": self.scheduler.state_dict(),
-                      "config": self.config.to_dict(), "tokenizer_id": self.tokenizer_id, "layout": self._layout()}
+                      "config": self.config.to_dict(), "tokenizer_id": self.tokenizer_id, "layout": layout_of(self.env)}
             rank_state = {"rng": rng_state(self.device), "data": self.train_loader.state_dict()}
             path = self.engine.save(self.state.step, common, rank_state)
         finally:

@@ -34,6 +34,11 @@ class TrainState:
         self.last_saved_step = saved_at
 
 
+def layout_of(env) -> dict:
+    """The parallel layout a checkpoint records (a resume at another one reshards)."""
+    return {"world_size": env.world_size, "tp": env.tp_size, "pp": env.pp_size, "dp": env.dp_size}
+
+
 def no_weight_decay(param, name: str) -> bool:
     """Norms, biases and the gamma gate are not decayed."""
     return param.ndim <= 1 or name.endswith(".bias") or ".gamma_" in name

@@ -4,7 +4,7 @@ The loop (pretrain/loop.py) owns data, schedule, logging, evaluation, checkpoint
 preemption; an engine owns the model, the optimizer and their checkpoint format:
 
     Engine = engine_class(config)
-    plan = Engine.resume_plan(manager)              # the checkpoint to resume (None: start fresh)
+    plan = Engine.resume_plan(manager, step)        # the loop's latest step, as this engine reads it
     engine = Engine(config, env, plan, seq_len=..., num_microbatches=...)
     engine.chunks                                   # this rank's model chunks (several with virtual stages)
     engine.optimizer                                # its param_groups are driven by the loop's scheduler

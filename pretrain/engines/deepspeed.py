@@ -30,7 +30,7 @@ from model.transformer import build_model, init_model_weights, megatron_config_f
 
 from ..batches import masked_loss_sum, model_inputs, target_count
 from ..config import ConfigError, RunConfig
-from ..state import no_weight_decay
+from ..state import layout_of, no_weight_decay
 from . import Restored, ResumePlan, StepResult
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
@@ -254,11 +254,8 @@ class DeepSpeedEngine:
 
     # --- checkpoints --------------------------------------------------------------------------
     @staticmethod
-    def resume_plan(manager: CheckpointManager) -> ResumePlan | None:
-        manager.remove_partial_saves()
-        step = manager.latest_step()
-        if step is None:
-            return None
+    def resume_plan(manager: CheckpointManager, step: int) -> ResumePlan:
+        """The checkpoint of `step` as this engine resumes it (its format checked, common state read)."""
         where = manager.step_dir(step)
         if not (where / TRAINER_STATE).is_file():
             raise ConfigError(f"checkpoint {where} was not written by engine: deepspeed (no {TRAINER_STATE}); "
@@ -282,10 +279,6 @@ class DeepSpeedEngine:
                 f"python -m checkpoints.deepspeed_format to-universal {where}")
         return True
 
-    def _layout(self) -> dict:
-        env = self.env
-        return {"world_size": env.world_size, "tp": env.tp_size, "pp": env.pp_size, "dp": env.dp_size}
-
     def save(self, step: int, common: dict, rank_state: dict):
         def write(tmp: Path) -> None:
             self.engine.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
@@ -295,7 +288,7 @@ class DeepSpeedEngine:
             torch.save({"rank": self.env.rank, "dp_rank": self.env.dp_rank, **rank_state},
                        tmp / rank_state_name(self.env.rank))
             if self.env.rank == 0:
-                torch.save({**common, "engine": "deepspeed", "layout": self._layout(),
+                torch.save({**common, "engine": "deepspeed", "layout": layout_of(self.env),
                             "zero_stage": self.config.deepspeed.stage, "scalar_params": self.scalar_params},
                            tmp / TRAINER_STATE)
 

@@ -23,7 +23,7 @@ from model.transformer import build_model, init_model_weights, megatron_config_f
 
 from ..batches import masked_loss_sum, model_inputs
 from ..config import ConfigError, RunConfig
-from ..state import no_weight_decay
+from ..state import layout_of, no_weight_decay
 from . import Restored, ResumePlan, StepResult
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}  # reloadable at any DP size
@@ -203,20 +203,13 @@ class MegatronEngine:
 
     # --- checkpoints --------------------------------------------------------------------------
     @staticmethod
-    def resume_plan(manager: CheckpointManager) -> ResumePlan | None:
-        manager.remove_partial_saves()
-        step = manager.latest_step()
-        if step is None:
-            return None
+    def resume_plan(manager: CheckpointManager, step: int) -> ResumePlan:
+        """The checkpoint of `step` as this engine resumes it (its format checked, common state read)."""
         where = manager.step_dir(step)
         if (where / "trainer_state.pt").is_file():
             raise ConfigError(f"checkpoint {where} was written by engine: deepspeed; resume it with "
                               f"--engine deepspeed, or start a new run_name")
         return ResumePlan(step, where, manager.load_common(step))
-
-    def _layout(self) -> dict:
-        env = self.env
-        return {"world_size": env.world_size, "tp": env.tp_size, "pp": env.pp_size, "dp": env.dp_size}
 
     def _sharded_state(self, common: dict, rank_state: dict | None, saved_layout: dict | None = None) -> dict:
         """rank_state None: the state to load into (every saved DP rank's loader state, this rank's RNG
@@ -225,7 +218,7 @@ class MegatronEngine:
         model_state = {}
         for chunk in self.chunks:  # keys carry global layer numbers: chunks never collide
             model_state.update(chunk.sharded_state_dict(prefix="model."))
-        layout = saved_layout or self._layout()
+        layout = saved_layout or layout_of(self.env)
         state = {
             **common,
             "model": model_state,
@@ -235,7 +228,7 @@ class MegatronEngine:
             "data": [ShardedObject("data_loader_state", None if loading else rank_state["data"], (layout["dp"],), (i,),
                                    replica_id=(env.tp_rank, env.pp_rank, env.dp_rank if loading else 0))
                      for i in (range(layout["dp"]) if loading else [env.dp_rank])],
-            "layout": self._layout(),
+            "layout": layout_of(self.env),
         }
         if not loading or layout["world_size"] == env.world_size:
             state["rng"] = ShardedObject("rng_state", None if loading else rank_state["rng"],
