@@ -28,6 +28,7 @@ class Rule:
     tp: int | None  # tensor-parallel split dim in training (None = replicated)
     vocab: bool = False  # rows are the padded vocabulary
     layer: bool = False
+    block: str = "S"  # a layer rule applies to the blocks of this model.layer_pattern character
 
 
 _TP_DIM = {  # our layer parameter -> tensor-parallel split dimension
@@ -41,23 +42,35 @@ _TP_DIM = {  # our layer parameter -> tensor-parallel split dimension
 }
 
 
+_HYBRID_BLOCKS = {  # attention and MLP blocks of model.layer_pattern: parameter -> tensor-parallel dim
+    "*": {"norm.weight": None, "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "out_proj.weight": 1},
+    "-": {"norm.weight": None, "gate_proj.weight": 0, "up_proj.weight": 0, "out_proj.weight": 1},
+}
+
+
+def layer_numbers(config: ModelConfig, rule: Rule) -> list:
+    """The global layer numbers a rule expands over ([None] for a rule outside the layers)."""
+    if not rule.layer:
+        return [None]
+    return [n for n, kind in enumerate(config.block_types) if kind == rule.block]
+
+
 def rules(config: ModelConfig) -> list[Rule]:
     """Every tensor of the model, in export order (embedding, layers 0..N-1, final norm, head)."""
     if config.arch != "sessa":
         raise ValueError(f"export supports model.arch 'sessa' only, the checkpoint has {config.arch!r}")
-    others = sorted(set(config.block_types) - {"S"})
-    if others:  # the reference format holds Sessa layers only; hf/safetensors of hybrids: not built yet
-        raise ValueError(f"export supports Sessa layers only, but model.layer_pattern {config.layer_pattern!r} "
-                         f"has {others} blocks (attention '*', MLP '-'); the reference format cannot hold them "
-                         "and hf/safetensors export of hybrid stacks is not implemented yet")
     table = [Rule("model.embed_tokens.weight", ("embedding.weight",), tp=0, vocab=True)]
     for ref, parts in REFERENCE_LAYOUT.items():
         if ref == "mixer.out_proj.weight" and config.num_heads == 1:
             continue  # W_o is the identity for a single head
         dims = {_TP_DIM[p] for p in parts}
         table.append(Rule(HF_LAYER_PREFIX + ref, tuple(f"layers.{{n}}.{p}" for p in parts), tp=dims.pop(), layer=True))
-    table += [Rule("model.norm.weight", ("final_norm.weight",), tp=None),
-              Rule("model.norm.bias", ("final_norm.bias",), tp=None)]
+    for block, names in _HYBRID_BLOCKS.items():  # model/blocks.py: the same names in the HF modeling file
+        table += [Rule(HF_LAYER_PREFIX + name, (f"layers.{{n}}.{name}",), tp=tp, layer=True, block=block)
+                  for name, tp in names.items()]
+    table.append(Rule("model.norm.weight", ("final_norm.weight",), tp=None))
+    if "S" in config.block_types:  # a LayerNorm; stacks without Sessa blocks end in an RMSNorm
+        table.append(Rule("model.norm.bias", ("final_norm.bias",), tp=None))
     if not config.tie_embeddings:
         table.append(Rule("lm_head.weight", ("output_layer.weight",), tp=0, vocab=True))
     return table
@@ -77,7 +90,7 @@ def entries(config: ModelConfig, native_shapes: dict[str, tuple[int, ...]]) -> l
     """The table expanded over layers, with target shapes from the native shapes."""
     out = []
     for rule in rules(config):
-        for n in (range(config.num_layers) if rule.layer else [None]):
+        for n in layer_numbers(config, rule):
             native = tuple(p.format(n=n) for p in rule.native)
             missing = [p for p in native if p not in native_shapes]
             if missing:
@@ -97,7 +110,7 @@ def check_tp_layout(config: ModelConfig, chunks: dict, tp_size: int) -> None:
     """The saved pieces of each tensor match the table: tp_size equal pieces along its split dim,
     or one full piece for a replicated tensor (megatron writes one replica only)."""
     for rule in rules(config):
-        for n in (range(config.num_layers) if rule.layer else [None]):
+        for n in layer_numbers(config, rule):
             for name in (p.format(n=n) for p in rule.native):
                 pieces = sorted(chunks[name])
                 expected = tp_size if rule.tp is not None and tp_size > 1 else 1
@@ -111,7 +124,7 @@ def check_tp_layout(config: ModelConfig, chunks: dict, tp_size: int) -> None:
 def native_names(config: ModelConfig) -> list[str]:
     """Every native tensor the model has (global names)."""
     return [p.format(n=n) for rule in rules(config)
-            for n in (range(config.num_layers) if rule.layer else [None]) for p in rule.native]
+            for n in layer_numbers(config, rule) for p in rule.native]
 
 
 def reference_name(target: str, layer: int) -> str:
@@ -159,6 +172,7 @@ def hf_config_dict(config: ModelConfig, dtype, eos_id) -> dict:
         "num_key_value_heads": config.num_kv_heads, "gamma_max": config.gamma_max,
         "layer_norm_eps": config.norm_eps, "rope_theta": config.rope_base,
         "feedback_chunk_size": config.feedback_chunk_size, "tie_word_embeddings": config.tie_embeddings,
+        "layer_pattern": config.layer_pattern, "intermediate_size": config.ffn_hidden_size,
         "bos_token_id": eos_id, "eos_token_id": eos_id,
         "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
     }
@@ -169,7 +183,8 @@ def model_fields_from_hf(hf: dict) -> dict:
     return {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
             "num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"],
             "gamma_max": hf["gamma_max"], "norm_eps": hf["layer_norm_eps"], "rope_base": hf["rope_theta"],
-            "tie_embeddings": hf["tie_word_embeddings"]}
+            "tie_embeddings": hf["tie_word_embeddings"], "layer_pattern": hf.get("layer_pattern", ""),
+            **({"ffn_hidden_size": hf["intermediate_size"]} if hf.get("intermediate_size") else {})}
 
 
 __all__ = ["Rule", "Entry", "rules", "entries", "native_names", "check_tp_layout", "reference_name", "fuse", "split",

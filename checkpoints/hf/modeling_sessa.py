@@ -83,7 +83,8 @@ class SessaCache:
         self.layers = [None] * num_layers
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        entry = self.layers[layer_idx]
+        """Cached positions: from the first block that keeps keys (MLP blocks keep nothing)."""
+        entry = next((e for e in self.layers[layer_idx:] if e is not None), None)
         return 0 if entry is None else entry[0].shape[2]
 
 
@@ -172,6 +173,69 @@ class SessaLayer(nn.Module):
         return x + self.W_out(s * g), entry
 
 
+def apply_half_rope(x, positions, inv_freq):
+    """Rotate-half RoPE (pairs i, i + d/2) of x [B, H, T, d] (in fp32); positions [T] or [B, T]."""
+    angles = positions.float()[..., None] * inv_freq.float()
+    if angles.dim() == 3:
+        angles = angles[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
+
+
+class AttentionBlock(nn.Module):
+    """`*` of layer_pattern: x + o_proj(attention(RoPE(q), RoPE(k), v)) of RMSNorm(x); no biases."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, H, H_kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
+        self.num_heads, self.num_kv_heads, self.head_size = H, H_kv, D // H
+        self.rope_theta = config.rope_theta
+        self.norm = nn.RMSNorm(D, eps=config.layer_norm_eps)
+        self.q_proj = nn.Linear(D, D, bias=False)
+        self.k_proj = nn.Linear(D, H_kv * self.head_size, bias=False)
+        self.v_proj = nn.Linear(D, H_kv * self.head_size, bias=False)
+        self.out_proj = nn.Linear(D, D, bias=False)
+
+    def forward(self, x, past=None, doc_ids=None, positions=None):
+        B, T, D = x.shape
+        start = 0 if past is None else past[0].shape[2]
+        if positions is None:
+            positions = torch.arange(start, start + T, device=x.device)
+        d = self.head_size
+        inv_freq = self.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+        h = self.norm(x)
+        q = apply_half_rope(self.q_proj(h).view(B, T, -1, d).transpose(1, 2), positions, inv_freq)
+        k = apply_half_rope(self.k_proj(h).view(B, T, -1, d).transpose(1, 2), positions, inv_freq)
+        v = self.v_proj(h).view(B, T, -1, d).transpose(1, 2)
+        if past is not None:
+            k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
+        visible = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        if doc_ids is not None:
+            visible = visible & (doc_ids[:, start:, None] == doc_ids[:, None, :])[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+        return x + self.out_proj(out.transpose(1, 2).reshape(B, T, D)), (k, v)
+
+
+class MLPBlock(nn.Module):
+    """`-` of layer_pattern: x + down(SiLU(gate(h)) * up(h)), h = RMSNorm(x); no biases."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, F_ = config.hidden_size, config.intermediate_size
+        self.norm = nn.RMSNorm(D, eps=config.layer_norm_eps)
+        self.gate_proj = nn.Linear(D, F_, bias=False)
+        self.up_proj = nn.Linear(D, F_, bias=False)
+        self.out_proj = nn.Linear(F_, D, bias=False)
+
+    def forward(self, x, past=None, doc_ids=None, positions=None):
+        h = self.norm(x)
+        return x + self.out_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), None
+
+
+BLOCKS = {"S": SessaLayer, "*": AttentionBlock, "-": MLPBlock}
+
+
 @dataclass
 class SessaOutput(ModelOutput):
     loss: torch.Tensor | None = None
@@ -184,7 +248,7 @@ class SessaOutput(ModelOutput):
 class SessaPreTrainedModel(PreTrainedModel):
     config_class = ModelConfig
     base_model_prefix = "model"
-    _no_split_modules = ["SessaLayer"]
+    _no_split_modules = ["SessaLayer", "AttentionBlock", "MLPBlock"]
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
@@ -197,6 +261,8 @@ class SessaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
         elif isinstance(module, SessaMixer):
             nn.init.ones_(module.gamma_bias)
 
@@ -205,8 +271,10 @@ class SessaModel(SessaPreTrainedModel):
     def __init__(self, config: ModelConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(SessaLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        pattern = getattr(config, "layer_pattern", "") or "S" * config.num_hidden_layers
+        self.layers = nn.ModuleList(BLOCKS[kind](config) for kind in pattern)
+        norm = nn.LayerNorm if "S" in pattern else nn.RMSNorm  # as the native model
+        self.norm = norm(config.hidden_size, eps=config.layer_norm_eps)
         self.post_init()
 
     def get_input_embeddings(self):

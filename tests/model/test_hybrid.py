@@ -224,13 +224,42 @@ def test_recompute_is_exact_for_a_hybrid_stack(mode):
         assert torch.equal(grads[name], grad), name
 
 
-def test_export_refuses_non_sessa_blocks():
-    from checkpoints import layout
+def test_reference_export_refuses_non_sessa_blocks():
     from model.reference import reference_layer_kwargs
 
     with pytest.raises(ValueError, match=r"reference format holds only Sessa layers but model.layer_pattern "
                                          r"'S\*-' has \['\*', '-'\] blocks"):
         reference_layer_kwargs(config("S*-"))
-    with pytest.raises(ValueError, match=r"export supports Sessa layers only, but model.layer_pattern 'S-'"):
-        layout.rules(config("S-"))
     assert reference_layer_kwargs(config("SS"))["D"] == 32  # an all-Sessa pattern still exports
+
+
+def test_hf_modeling_file_builds_the_same_pattern():
+    """The HF export's modeling file (checkpoints/hf) with the layout table's names: the same logits
+    as the native model for a mixed pattern, padded or not, and cached greedy generation."""
+
+    from checkpoints import layout
+    from checkpoints.hf.configuration_sessa import ModelConfig as HFConfig
+    from checkpoints.hf.modeling_sessa import SessaForCausalLM
+
+    cfg = config("S-*-S*", feedback_chunk_size=4)
+    native = SessaLM(cfg, init_seed=7).double()
+    state = {k: v for k, v in native.state_dict().items() if isinstance(v, torch.Tensor)}
+    entries = layout.entries(cfg, {k: tuple(v.shape) for k, v in state.items()})
+    hf_state = {e.target: layout.fuse(e, state, cfg) for e in entries}
+    hf = SessaForCausalLM(HFConfig(**layout.hf_config_dict(cfg, torch.float32, None))).double().eval()
+    missing, unexpected = hf.load_state_dict(hf_state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    hf.lm_head.weight = hf.model.embed_tokens.weight
+    ids = tokens(11)
+    with torch.no_grad():
+        ours = native(ids)[..., :cfg.vocab_size]
+        theirs = hf(ids).logits
+    torch.testing.assert_close(theirs, ours, atol=1e-10, rtol=1e-10)
+    greedy = hf.generate(ids[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(greedy, generate(native, ids[:1, :4], 5, temperature=0))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # left padding: the row's logits equal its prompt alone
+    with torch.no_grad():
+        padded = hf(ids, attention_mask=mask).logits[1, 3:]
+        alone = hf(ids[1:, 3:]).logits[0]
+    torch.testing.assert_close(padded, alone, atol=1e-10, rtol=1e-10)
