@@ -247,9 +247,9 @@ class Trainer:
                     if not stop:
                         self._check_term_grace(save_s, step_s)
             if stop:
-                waited = f" {time.monotonic() - self._stop_time:.1f} s after the signal" if self._stop_time else ""
-                self.logger.print(f"received {self._stop_signal_name()}: saved step {state.step}{waited} "
-                                  f"(launch.term_grace_s {cfg.launch.term_grace_s} s), exiting")
+                waited = f"{time.monotonic() - self._stop_time:.1f} s after the signal; " if self._stop_time else ""
+                self.logger.print(f"received {self._stop_signal_name()}: saved step {state.step}, exiting "
+                                  f"({waited}launch.term_grace_s {cfg.launch.term_grace_s} s)")
                 return
         if cfg.checkpoint.save_on_exit and state.last_saved_step != state.step:
             self.save()
