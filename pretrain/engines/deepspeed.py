@@ -144,8 +144,7 @@ class DeepSpeedEngine:
         self.seq_len, self.num_microbatches = seq_len, num_microbatches
         self.universal = bool(plan and self._needs_universal(plan))
         cfg = config
-        self.megatron_config = megatron_config_for(cfg.model, sequence_parallel=False, calculate_per_token_loss=True,
-                                                   perform_initialization=False)  # init_model_weights draws them
+        self.megatron_config = megatron_config_for(cfg.model, sequence_parallel=False, calculate_per_token_loss=True)
         model = build_model(cfg.model, self.megatron_config)
         init_model_weights(model, cfg.train.seed)
         # DeepSpeed broadcasts (and ZeRO-3 partitions) every parameter as `p.data.view(torch.uint8)`,

@@ -82,7 +82,6 @@ class MegatronEngine:
             cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, calculate_per_token_loss=True,
             virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
             batch_p2p_comm=self.device.type == "cuda",  # gloo's batched p2p mis-orders interleaved stages
-            perform_initialization=False,  # init_model_weights draws every weight once, below
             **transformer_recompute,
         )
         stages = cfg.parallel.stage_layers(cfg.model.num_layers)
