@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TEST_RECIPE, read_metrics, run_pretrain, start_pretrain
+from conftest import REPO, TEST_RECIPE, pretrain_env, read_metrics, run_pretrain, start_pretrain
 
 ARGS = ("--model.num_layers", "2", "--model.num_kv_heads", "2", "--data.num_workers", "0",
         "--train.max_steps", "6", "--train.global_batch_tokens", "512")
@@ -114,8 +114,6 @@ def test_sigkill_and_resume_is_bit_exact_with_masks(task_recipe, single):
 def test_in_training_task_evaluation_is_logged_and_never_stops_training(task_recipe):
     import subprocess
     import sys
-
-    from conftest import REPO, pretrain_env
 
     runs = task_recipe.parent / "runs"
     args = (*ARGS, "--eval.tasks", "mqar", "--eval.interval", "3")
