@@ -407,7 +407,8 @@ class Trainer:
             seed_everything(self.config.train.seed + plan.step, self.env.rank)
         self.state.restore(restored.common, plan.step)
         if self.env.rank == 0:
-            print(f"resumed from {plan.directory} (saved at layout {plan.common['layout']}, engine "
+            universal = "the universal form of " if getattr(self.engine, "universal", False) else ""
+            print(f"resumed from {universal}{plan.directory} (saved at layout {plan.common['layout']}, engine "
                   f"{self.engine.name})", flush=True)
 
     def close(self) -> None:
