@@ -1,48 +1,91 @@
 """Mamba-2's state-space duality (SSD) scan in PyTorch: the chunked algorithm and its step-by-step
-recurrence (the oracle), for the `M` block of model.layer_pattern (not wired into the stack yet).
+recurrence (the oracle), for the `M` block of model.layer_pattern (model/mamba.py).
 
 Per head h, with a_t = exp(dt_t A_h) (A_h < 0, dt_t > 0):
     S_t = a_t S_{t-1} + dt_t B_t^T x_t          (state [N, P])
     y_t = C_t S_t                               (the D skip term is the caller's)
-Shapes: x [b, T, h, P], dt [b, T, h], A [h], B / C [b, T, h, N] (groups already expanded to heads),
-initial_state [b, h, N, P] or None (zeros). Both functions return (y [b, T, h, P], final state).
+Shapes: x [b, T, h, P], dt [b, T, h], A [h], B / C [b, T, g, N] with g groups dividing h (heads
+head i reads group i // (h / g); g = h: one B/C per head), initial_state [b, h, N, P] or None
+(zeros). doc_ids [b, T] (packed documents, each one's positions contiguous): a_t = 0 at the first
+position of a document, so no state crosses a boundary; initial_state belongs to the document of
+position 0.
+Both functions return (y [b, T, h, P], final state [b, h, N, P]).
 """
 import torch
 
 
-def ssd_recurrence(x, dt, A, B, C, initial_state=None):
-    """The recurrence, one step per position (decoding, and the oracle of `ssd_chunked`)."""
+def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[b, T, g, N] -> [b, T, h, N]: each group's B or C for its heads."""
+    return t.repeat_interleave(heads // t.shape[2], dim=2)
+
+
+def _check(x, B, doc_ids):
+    h, g = x.shape[2], B.shape[2]
+    if h % g:
+        raise ValueError(f"ssd: the number of heads ({h}) must be a multiple of the number of B/C groups ({g})")
+    if doc_ids is not None and tuple(doc_ids.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"ssd: doc_ids must be [batch, T] = {list(x.shape[:2])}, got {list(doc_ids.shape)}")
+
+
+def ssd_recurrence(x, dt, A, B, C, initial_state=None, doc_ids=None):
+    """The recurrence, one step per position (the oracle of `ssd_chunked`)."""
+    _check(x, B, doc_ids)
     b, T, h, p = x.shape
+    B, C = _per_head(B, h), _per_head(C, h)
     state = x.new_zeros(b, h, B.shape[-1], p) if initial_state is None else initial_state
     ys = []
     for t in range(T):
         decay = torch.exp(dt[:, t] * A)  # [b, h]
+        if doc_ids is not None and t > 0:  # a document starts here: forget the previous one
+            decay = decay * (doc_ids[:, t] == doc_ids[:, t - 1]).to(decay.dtype)[:, None]
         state = decay[..., None, None] * state + torch.einsum("bhn,bh,bhp->bhnp", B[:, t], dt[:, t], x[:, t])
         ys.append(torch.einsum("bhn,bhnp->bhp", C[:, t], state))
     return torch.stack(ys, dim=1), state
 
 
-def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, initial_state=None):
+def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, initial_state=None, doc_ids=None):
     """The chunked SSD: within a chunk the quadratic (attention-like) form with the decay mask
-    L[i, j] = exp(cum_i - cum_j) (i >= j), across chunks the state carried by the recurrence.
-    The same function as `ssd_recurrence` up to rounding, in O(T Q) work per head."""
+    L[i, j] = exp(cum_i - cum_j) (i >= j, same document), across chunks the state carried by the
+    recurrence. The same function as `ssd_recurrence` up to rounding, in O(T Q) work per head.
+
+    Matmuls per chunk of n positions (model/flops.py counts these): C.B per group (2 n^2 N g),
+    scores @ x (2 n^2 h P), the carried state read by C (2 n h N P; skipped while the state is
+    zero: the first chunk without initial_state) and the state update (2 n h N P)."""
     if chunk_size < 1:
         raise ValueError(f"ssd_chunked: chunk_size must be >= 1, got {chunk_size}")
+    _check(x, B, doc_ids)
     b, T, h, p = x.shape
-    state = x.new_zeros(b, h, B.shape[-1], p) if initial_state is None else initial_state
+    g, n_state = B.shape[2], B.shape[-1]
+    hg = h // g
+    x = x.view(b, T, g, hg, p)
+    state = None if initial_state is None else initial_state.view(b, g, hg, n_state, p)
     ys = []
     for c0 in range(0, T, chunk_size):
         c1 = min(c0 + chunk_size, T)
-        xc, dtc, Bc, Cc = x[:, c0:c1], dt[:, c0:c1], B[:, c0:c1], C[:, c0:c1]
-        cum = (dtc * A).cumsum(dim=1)  # [b, q, h]: log of the decay from the chunk start
         q = c1 - c0
-        causal = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()
-        diff = (cum[:, :, None, :] - cum[:, None, :, :]).masked_fill(~causal[None, :, :, None], float("-inf"))
-        scores = torch.einsum("bihn,bjhn->bijh", Cc, Bc) * torch.exp(diff) * dtc[:, None]  # [b, i, j, h]
-        y = torch.einsum("bijh,bjhp->bihp", scores, xc)
-        y = y + torch.einsum("bihn,bhnp->bihp", Cc * torch.exp(cum)[..., None], state)  # the carried state
-        to_end = torch.exp(cum[:, -1:] - cum) * dtc  # [b, q, h]
-        state = (torch.exp(cum[:, -1])[..., None, None] * state
-                 + torch.einsum("bjhn,bjh,bjhp->bhnp", Bc, to_end, xc))
+        xc, dtc, Bc, Cc = x[:, c0:c1], dt[:, c0:c1].view(b, q, g, hg), B[:, c0:c1], C[:, c0:c1]
+        cum = (dtc * A.view(g, hg)).cumsum(dim=1)  # [b, q, g, hg]: log of the decay from the chunk start
+        visible = torch.ones(q, q, dtype=torch.bool, device=x.device).tril()[None]  # [1, i, j]
+        if doc_ids is not None:
+            docs = doc_ids[:, c0:c1]
+            visible = visible & (docs[:, :, None] == docs[:, None, :])
+            # the carried state reaches a position (and crosses the chunk) only within its document
+            same_as_before = docs == doc_ids[:, max(c0 - 1, 0), None]  # [b, q]
+        diff = (cum[:, :, None] - cum[:, None]).masked_fill(~visible[..., None, None], float("-inf"))
+        scores = torch.einsum("bign,bjgn->bijg", Cc, Bc)[..., None] * torch.exp(diff) * dtc[:, None]
+        y = torch.einsum("bijgh,bjghp->bighp", scores, xc)
+        if state is not None:
+            decayed = torch.exp(cum)
+            if doc_ids is not None:
+                decayed = decayed * same_as_before[:, :, None, None].to(decayed.dtype)
+            y = y + torch.einsum("bighn,bghnp->bighp", Cc[:, :, :, None] * decayed[..., None], state)
+        to_end = torch.exp(cum[:, -1:] - cum) * dtc  # [b, q, g, hg]
+        carry = torch.exp(cum[:, -1])  # [b, g, hg]
+        if doc_ids is not None:
+            in_last = (docs == docs[:, -1:]).to(to_end.dtype)  # only the last document's positions
+            to_end = to_end * in_last[:, :, None, None]
+            carry = carry * same_as_before[:, -1, None, None].to(carry.dtype)
+        update = torch.einsum("bjgn,bjghp->bghnp", Bc, xc * to_end[..., None])
+        state = update if state is None else carry[..., None, None] * state + update
         ys.append(y)
-    return torch.cat(ys, dim=1), state
+    return torch.cat(ys, dim=1).reshape(b, T, h, p), state.reshape(b, h, n_state, p)

@@ -50,3 +50,45 @@ def test_chunks_continue_from_a_state():
 def test_bad_chunk_size_is_refused():
     with pytest.raises(ValueError, match="chunk_size must be >= 1"):
         ssd_chunked(**inputs(), chunk_size=0)
+
+
+def grouped_inputs(b=2, T=29, h=4, g=2, p=3, n=5, seed=3):
+    t = inputs(b, T, h, p, n, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    return t | dict(B=torch.randn(b, T, g, n, generator=gen, dtype=torch.float64),
+                    C=torch.randn(b, T, g, n, generator=gen, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 7, 64])
+def test_documents_and_groups_chunked_equals_recurrence(chunk_size):
+    """B/C shared by groups of heads and packed documents (boundaries inside and at chunk edges):
+    chunked == recurrence, outputs, final state and gradients."""
+    doc_ids = torch.repeat_interleave(torch.arange(5), torch.tensor([4, 1, 9, 8, 7]))[None].repeat(2, 1)
+    doc_ids[1] = torch.repeat_interleave(torch.arange(2), torch.tensor([14, 15]))
+    tensors = {k: v.requires_grad_(True) for k, v in grouped_inputs().items()}
+    results = []
+    for scan in (ssd_recurrence, lambda **kw: ssd_chunked(**kw, chunk_size=chunk_size)):
+        y, state = scan(**tensors, doc_ids=doc_ids)
+        grads = torch.autograd.grad((y * y.detach().sin()).sum() + state.sum(), list(tensors.values()))
+        results.append((y, state, grads))
+    (y0, s0, g0), (y1, s1, g1) = results
+    torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(s1, s0, atol=1e-10, rtol=1e-10)
+    for name, a, b in zip(tensors, g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_packed_documents_equal_each_document_alone():
+    t = grouped_inputs(b=1, T=21)
+    del t["initial_state"]
+    lengths = [6, 1, 14]
+    doc_ids = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))[None]
+    packed, _ = ssd_chunked(**t, chunk_size=4, doc_ids=doc_ids)
+    pieces = [ssd_chunked(**{k: v[:, s:s + n] if k != "A" else v for k, v in t.items()}, chunk_size=4)[0]
+              for s, n in zip([0, 6, 7], lengths)]
+    torch.testing.assert_close(packed, torch.cat(pieces, dim=1), atol=1e-10, rtol=1e-10)
+
+
+def test_bad_groups_are_refused():
+    with pytest.raises(ValueError, match=r"heads \(4\) must be a multiple of the number of B/C groups \(3\)"):
+        ssd_chunked(**grouped_inputs(g=3))
