@@ -1,0 +1,66 @@
+"""Context parallelism for the forward attention branch (issue 19): Llama 3's all-gather scheme.
+
+Rank r of the CP group holds positions [r*L, (r+1)*L) of q, k, v. K and V are all-gathered along
+the sequence (B*T*H_kv*d each; their gradients are reduce-scattered back to the owners) and the
+local queries attend causally to every earlier key, tile by tile, so no mask is larger than
+[tile, T]. The feedback solve under CP is kernels.feedback_solve.context_parallel.
+"""
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from kernels.feedback_solve.context_parallel import all_gather_sequence, reduce_scatter_sequence
+
+from .documents import positions_from_doc_ids
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along `dim` (rank order) forward; sum the gradients over the group and keep this
+    rank's piece backward (one reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, piece, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return all_gather_sequence(piece.movedim(dim, 1), group).movedim(1, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_sequence(grad.movedim(ctx.dim, 1), ctx.group).movedim(1, ctx.dim), None, None
+
+
+def gather_sequence(piece: torch.Tensor, group, dim: int) -> torch.Tensor:
+    """Differentiable all-gather of sequence pieces along `dim` over the CP `group`."""
+    return _GatherSequence.apply(piece, group, dim)
+
+
+def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group,
+                               doc_ids: torch.Tensor | None = None, tile: int = 256) -> torch.Tensor:
+    """This rank's rows of causal attention over a sequence split into pieces over `group`.
+
+    q [B, H, L, d], k/v [B, H_kv, L, d]: positions [r*L, (r+1)*L) (r = rank in `group`);
+    doc_ids: optional FULL-length [B, CP * L] document ids (query t then sees keys of its own
+    document only, model/documents.py). Returns [B, H, L, d], equal to the matching rows of
+    single-process causal attention; gradients flow to every rank's k and v.
+    """
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    batch, length = q.shape[0], q.shape[2]
+    offset = rank * length
+    keys, values = gather_sequence(k, group, 2), gather_sequence(v, group, 2)  # [B, H_kv, T, d]
+    index = torch.arange(size * length, device=q.device)
+    if doc_ids is None:
+        starts = torch.zeros(batch, size * length, dtype=torch.long, device=q.device)
+    else:
+        if tuple(doc_ids.shape) != (batch, size * length):
+            raise ValueError(f"doc_ids must be the full sequence's [B, T] = [{batch}, {size * length}] on every "
+                             f"context-parallel rank, got {list(doc_ids.shape)}")
+        starts = index - positions_from_doc_ids(doc_ids)  # [B, T], non-decreasing along T
+    first_starts = starts[:, offset::tile][:, : -(-length // tile)].amin(0).tolist()  # one host sync
+    outputs = []
+    for q0, k0 in zip(range(offset, offset + length, tile), first_starts):
+        q1 = min(q0 + tile, offset + length)
+        key_pos, query_pos = index[k0:q1], index[q0:q1]
+        visible = (key_pos[None, None, :] <= query_pos[None, :, None]) & (key_pos[None, None, :] >= starts[:, q0:q1, None])
+        outputs.append(F.scaled_dot_product_attention(
+            q[:, :, q0 - offset : q1 - offset], keys[:, :, k0:q1], values[:, :, k0:q1],
+            attn_mask=visible[:, None], enable_gqa=True))
+    return torch.cat(outputs, dim=2)

@@ -1,0 +1,105 @@
+"""Context parallelism (issue 19): the pipelined feedback solve and the all-gather attention at CP=2
+and CP=4 (gloo, one launch of 4 processes) equal one process, outputs and every input gradient,
+with documents straddling pieces and pieces that are not whole chunks."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from cp_worker import ATTENTION_CASES, SOLVE_CASES, attention_inputs, doc_ids, solve_inputs
+
+from kernels.feedback_solve import feedback_solve
+from kernels.feedback_solve.context_parallel import feedback_solve_context_parallel
+from model.context_parallel import context_parallel_attention
+from model.documents import document_attention
+from model.parallel import ensure_model_parallel
+
+HERE = Path(__file__).parent
+
+
+def tolerance(dtype):
+    return {"atol": 1e-10, "rtol": 1e-10} if dtype == torch.float64 else {"atol": 1e-5, "rtol": 1e-5}
+
+
+def reference_solve(case) -> dict:
+    inputs = {name: x.clone().requires_grad_(name != "grad") for name, x in solve_inputs(case).items()}
+    s = feedback_solve(inputs["q_b"], inputs["k_b"], inputs["f"], inputs["gamma"], "chunked", case.chunk_size,
+                       doc_ids=doc_ids(case))
+    (s * inputs["grad"]).sum().backward()
+    return {"s": s.detach()} | {name: x.grad for name, x in inputs.items() if name != "grad"}
+
+
+def reference_attention(case) -> dict:
+    inputs = {name: x.clone().requires_grad_(name != "grad") for name, x in attention_inputs(case).items()}
+    q, k, v = inputs["q"], inputs["k"], inputs["v"]
+    if case.documents is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        out = document_attention(q, k, v, doc_ids(case), use_flex=False)
+    (out * inputs["grad"]).sum().backward()
+    return {"out": out.detach()} | {name: x.grad for name, x in inputs.items() if name != "grad"}
+
+
+@pytest.fixture(scope="module")
+def cp_results(tmp_path_factory):
+    """{case name: {tensor name: the CP ranks' pieces concatenated along the sequence}}."""
+    out = tmp_path_factory.mktemp("cp")
+    env = {**os.environ, "PYTHONPATH": f"{HERE.parents[1]}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+                           str(HERE / "cp_worker.py"), str(out)], env=env, timeout=600, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-4000:]
+    pieces: dict = {}
+    for rank in range(4):
+        for name, result in torch.load(out / f"rank{rank}.pt").items():
+            pieces.setdefault(name, {})[result.pop("rank")] = result
+    merged = {}
+    for name, by_rank in pieces.items():
+        ranks = [by_rank[r] for r in sorted(by_rank)]
+        dim = 2 if name.startswith("attn") else 1
+        merged[name] = {key: torch.cat([r[key] for r in ranks], dim=dim) for key in ranks[0]}
+    return merged
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SOLVE_CASES, ids=[c.name for c in SOLVE_CASES])
+def test_feedback_solve_context_parallel_matches_one_process(cp_results, case):
+    got, want = cp_results[case.name], reference_solve(case)
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **tolerance(case.dtype), msg=f"{case.name}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=[c.name for c in ATTENTION_CASES])
+def test_attention_context_parallel_matches_one_process(cp_results, case):
+    got, want = cp_results[case.name], reference_attention(case)
+    assert set(got) == set(want)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], **tolerance(case.dtype), msg=f"{case.name}: {key}")
+
+
+def test_context_parallel_of_one_rank_is_the_chunked_solve():
+    """CP=1 (this process's world of one) is the single-process solve, values and gradients."""
+    ensure_model_parallel()
+    case = SOLVE_CASES[2]  # documents
+    inputs = {name: x.clone().requires_grad_(name != "grad") for name, x in solve_inputs(case).items()}
+    s = feedback_solve_context_parallel(inputs["q_b"], inputs["k_b"], inputs["f"], inputs["gamma"],
+                                        dist.group.WORLD, case.chunk_size, doc_ids(case))
+    (s * inputs["grad"]).sum().backward()
+    want = reference_solve(case)
+    torch.testing.assert_close(s.detach(), want["s"], **tolerance(case.dtype))
+    for name in ("q_b", "k_b", "f", "gamma"):
+        torch.testing.assert_close(inputs[name].grad, want[name], **tolerance(case.dtype), msg=name)
+
+
+def test_context_parallel_rejects_a_local_piece_of_doc_ids():
+    ensure_model_parallel()
+    case = SOLVE_CASES[2]
+    x = solve_inputs(case)
+    with pytest.raises(ValueError, match="doc_ids must be"):
+        feedback_solve_context_parallel(x["q_b"], x["k_b"], x["f"], x["gamma"], dist.group.WORLD, 4,
+                                        doc_ids(case)[:, :10])
