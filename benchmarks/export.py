@@ -63,7 +63,7 @@ def make_checkpoint(hidden: int, layers: int, directory: Path) -> int:
 
     from data_pipeline.tokenizer import load_tokenizer
     from model import ModelConfig, SessaLM, init_weights
-    from pretrain import cpu_compat
+    from model import cpu_compat
 
     if not torch.cuda.is_available():
         cpu_compat.enable()  # megatron's save synchronises CUDA otherwise

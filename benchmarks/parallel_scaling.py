@@ -78,7 +78,7 @@ def comm_worker(seq_len: int, hidden: int, heads: int, out: str) -> None:
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     from model import ModelConfig, SessaLayer, megatron_config
-    from pretrain import cpu_compat
+    from model import cpu_compat
 
     dist.init_process_group("gloo")
     cpu_compat.enable()

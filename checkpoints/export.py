@@ -86,9 +86,10 @@ def check_strict(reader, config: ModelConfig) -> None:
             layout.check_tp_layout(config, reader.chunks, reader.common["layout"]["tp"])
         except ValueError as err:
             raise CheckpointError(f"checkpoint {reader.path}: {err}") from err
-    rows = reader.shapes["embedding.weight"][0]
+    embedding = layout.rules(config)[0].native[0]
+    rows = reader.shapes[embedding][0]
     if rows != config.padded_vocab_size:
-        raise CheckpointError(f"model.embedding.weight has {rows} rows but vocab_size {config.vocab_size} padded to "
+        raise CheckpointError(f"model.{embedding} has {rows} rows but vocab_size {config.vocab_size} padded to "
                               f"{config.vocab_pad_multiple} gives {config.padded_vocab_size}; the config does not match")
 
 
@@ -137,6 +138,14 @@ def export(source, to: str, out, *, step: int | None = None, dtype: str = "fp32"
     reader = open_checkpoint(source, step)
     common = reader.common
     config = model_config(common)
+    if config.arch == "transformer" and reader.format != "megatron torch_dist":
+        raise CheckpointError(f"{reader.path}: exporting a Transformer-arm checkpoint of the DeepSpeed engine is not "
+                              f"supported; train the arm with `engine: megatron` to export it, or read its weights "
+                              f"with `python -m checkpoints.deepspeed_format consolidate`")
+    if config.arch == "transformer" and to == "reference":
+        raise CheckpointError("--to reference writes Sessa layers for the public reference implementation; this "
+                              "checkpoint is the Transformer arm (model.arch: transformer): use --to hf (Llama) "
+                              "or --to safetensors")
     check_strict(reader, config)
     entries = layout.entries(config, reader.shapes)
     torch_dtype = DTYPES[dtype]
@@ -166,8 +175,9 @@ def export(source, to: str, out, *, step: int | None = None, dtype: str = "fp32"
         (out / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype, eos), indent=2) + "\n")
         (out / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": eos, "eos_token_id": eos, "do_sample": False}, indent=2) + "\n")
-        for name in ("configuration_sessa.py", "modeling_sessa.py"):
-            shutil.copyfile(HF_DIR / name, out / name)
+        if config.arch == "sessa":  # the Transformer arm is transformers' own LlamaForCausalLM
+            for name in ("configuration_sessa.py", "modeling_sessa.py"):
+                shutil.copyfile(HF_DIR / name, out / name)
     elif to == "safetensors":  # our native names, full tensors (vocabulary padding kept)
         names = layout.native_names(config)
         native = [layout.Entry(n, (n,), reader.shapes[n], False, None) for n in names]

@@ -12,6 +12,12 @@ Native names are the global names of `SessaLM.sharded_state_dict` without the `m
     pieces the ranks wrote are split exactly like this;
   - `vocab`: the rows are the (padded) vocabulary: padding is stripped on export, re-added (zeros)
     on import.
+
+The Transformer arm (`model.arch: transformer`) exports to Hugging Face Llama (`LlamaForCausalLM`,
+no remote code). Its megatron checkpoints stack every layer parameter along a leading layer dim
+(`decoder.layers.self_attention.linear_qkv.weight` [L, ...], pipeline stages owning slices of it);
+a rule with `stacked` takes layer n of it and, with `part`, one piece of a fused tensor (q/k/v of
+linear_qkv, gate/up of linear_fc1). Export only: importing a Llama checkpoint is not supported.
 """
 from dataclasses import dataclass
 
@@ -28,7 +34,9 @@ class Rule:
     tp: int | None  # tensor-parallel split dim in training (None = replicated)
     vocab: bool = False  # rows are the padded vocabulary
     layer: bool = False
-    block: str = "S"  # a layer rule applies to the blocks of this model.layer_pattern character
+    block: str | None = "S"  # a layer rule applies to the blocks of this layer_pattern character; None: all
+    stacked: bool = False  # the native tensor holds every layer along dim 0 (megatron GPTModel checkpoints)
+    part: str | None = None  # q/k/v of a fused linear_qkv, gate/up of a fused linear_fc1
 
 
 _TP_DIM = {  # our layer parameter -> tensor-parallel split dimension
@@ -45,20 +53,50 @@ _TP_DIM = {  # our layer parameter -> tensor-parallel split dimension
 _HYBRID_BLOCKS = {  # attention and MLP blocks of model.layer_pattern: parameter -> tensor-parallel dim
     "*": {"norm.weight": None, "q_proj.weight": 0, "k_proj.weight": 0, "v_proj.weight": 0, "out_proj.weight": 1},
     "-": {"norm.weight": None, "gate_proj.weight": 0, "up_proj.weight": 0, "out_proj.weight": 1},
+    "M": {"norm.weight": None, **dict.fromkeys(("z_proj.weight", "x_proj.weight", "B_proj.weight", "C_proj.weight",
+                                                "dt_proj.weight", "conv_x.weight", "conv_x.bias", "conv_B.weight",
+                                                "conv_B.bias", "conv_C.weight", "conv_C.bias", "A_log", "dt_bias", "D",
+                                                "out_norm.weight"), 0), "out_proj.weight": 1},  # model/mamba.py
 }
+
+
+_LLAMA_LAYER = {  # Llama layer name -> (megatron stacked name, part, tensor-parallel dim within a layer)
+    "input_layernorm.weight": ("self_attention.linear_qkv.layer_norm_weight", None, None),
+    "self_attn.q_proj.weight": ("self_attention.linear_qkv.weight", "q", 0),
+    "self_attn.k_proj.weight": ("self_attention.linear_qkv.weight", "k", 0),
+    "self_attn.v_proj.weight": ("self_attention.linear_qkv.weight", "v", 0),
+    "self_attn.o_proj.weight": ("self_attention.linear_proj.weight", None, 1),
+    "post_attention_layernorm.weight": ("mlp.linear_fc1.layer_norm_weight", None, None),
+    "mlp.gate_proj.weight": ("mlp.linear_fc1.weight", "gate", 0),
+    "mlp.up_proj.weight": ("mlp.linear_fc1.weight", "up", 0),
+    "mlp.down_proj.weight": ("mlp.linear_fc2.weight", None, 1),
+}
+# megatron's stacked checkpoint names -> a one-process TransformerLM's `state_dict()` layer names
+_MEGATRON_LAYER_NAMES = {"self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+                         "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight"}
 
 
 def layer_numbers(config: ModelConfig, rule: Rule) -> list:
     """The global layer numbers a rule expands over ([None] for a rule outside the layers)."""
     if not rule.layer:
         return [None]
-    return [n for n, kind in enumerate(config.block_types) if kind == rule.block]
+    return [n for n, kind in enumerate(config.block_types) if rule.block in (None, kind)]
+
+
+def _llama_rules(config: ModelConfig) -> list[Rule]:
+    table = [Rule("model.embed_tokens.weight", ("embedding.word_embeddings.weight",), tp=0, vocab=True)]
+    table += [Rule(HF_LAYER_PREFIX + hf, (f"decoder.layers.{ours}",), tp=tp, layer=True, block=None, stacked=True,
+                   part=part) for hf, (ours, part, tp) in _LLAMA_LAYER.items()]
+    table.append(Rule("model.norm.weight", ("decoder.final_layernorm.weight",), tp=None))
+    if not config.tie_embeddings:
+        table.append(Rule("lm_head.weight", ("output_layer.weight",), tp=0, vocab=True))
+    return table
 
 
 def rules(config: ModelConfig) -> list[Rule]:
     """Every tensor of the model, in export order (embedding, layers 0..N-1, final norm, head)."""
-    if config.arch != "sessa":
-        raise ValueError(f"export supports model.arch 'sessa' only, the checkpoint has {config.arch!r}")
+    if config.arch == "transformer":
+        return _llama_rules(config)
     table = [Rule("model.embed_tokens.weight", ("embedding.weight",), tp=0, vocab=True)]
     for ref, parts in REFERENCE_LAYOUT.items():
         if ref == "mixer.out_proj.weight" and config.num_heads == 1:
@@ -84,6 +122,17 @@ class Entry:
     shape: tuple[int, ...]
     vocab: bool
     layer: int | None
+    stacked: bool = False
+    part: str | None = None
+
+
+def _part_rows(config: ModelConfig, part: str | None, rows: int) -> int:
+    """Rows of one piece of a fused megatron tensor (see model.transformer.split_qkv)."""
+    if part is None:
+        return rows
+    if part in ("gate", "up"):
+        return rows // 2
+    return (config.num_heads if part == "q" else config.num_kv_heads) * config.head_size
 
 
 def entries(config: ModelConfig, native_shapes: dict[str, tuple[int, ...]]) -> list[Entry]:
@@ -96,11 +145,13 @@ def entries(config: ModelConfig, native_shapes: dict[str, tuple[int, ...]]) -> l
             if missing:
                 raise KeyError(f"the checkpoint has no tensor model.{missing[0]} (needed for {rule.target.format(n=n)}); "
                                f"was it saved by this recipe's SessaLM with this config?")
-            shapes = [native_shapes[p] for p in native]
+            shapes = [native_shapes[p][1:] if rule.stacked else native_shapes[p] for p in native]
             shape = (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
             if rule.vocab:
                 shape = (config.vocab_size, *shape[1:])
-            out.append(Entry(rule.target.format(n=n), native, tuple(shape), rule.vocab, n))
+            if rule.part is not None:
+                shape = (_part_rows(config, rule.part, shape[0]), *shape[1:])
+            out.append(Entry(rule.target.format(n=n), native, tuple(shape), rule.vocab, n, rule.stacked, rule.part))
     # Layer-major (embedding, layer 0, layer 1, ..., final norm, head): a shard reads few layers.
     stage = {"model.embed_tokens.weight": 0}
     return sorted(out, key=lambda e: (stage.get(e.target, 1 if e.layer is not None else 2), e.layer or 0))
@@ -112,8 +163,13 @@ def check_tp_layout(config: ModelConfig, chunks: dict, tp_size: int) -> None:
     for rule in rules(config):
         for n in layer_numbers(config, rule):
             for name in (p.format(n=n) for p in rule.native):
-                pieces = sorted(chunks[name])
+                if rule.stacked:  # the ranks' pieces of layer n, its dims counted without the layer dim
+                    pieces = [(o[1:], z[1:]) for o, z in chunks[name] if o[0] <= n < o[0] + z[0]]
+                else:
+                    pieces = sorted(chunks[name])
                 expected = tp_size if rule.tp is not None and tp_size > 1 else 1
+                if rule.part in ("gate", "up"):
+                    expected *= 2  # megatron saves the SwiGLU halves of each rank as separate pieces
                 dims = {d for offsets, _ in pieces for d, o in enumerate(offsets) if o}
                 if len(pieces) != expected or (expected > 1 and dims != {rule.tp}):
                     raise ValueError(f"model.{name} was saved as {len(pieces)} piece(s) split along dims "
@@ -122,9 +178,24 @@ def check_tp_layout(config: ModelConfig, chunks: dict, tp_size: int) -> None:
 
 
 def native_names(config: ModelConfig) -> list[str]:
-    """Every native tensor the model has (global names)."""
-    return [p.format(n=n) for rule in rules(config)
-            for n in layer_numbers(config, rule) for p in rule.native]
+    """Every native tensor the model has (global names; a stacked tensor once)."""
+    names = [p.format(n=n) for rule in rules(config) for n in layer_numbers(config, rule) for p in rule.native]
+    stacked = {p for rule in rules(config) if rule.stacked for p in rule.native}
+    return [name for i, name in enumerate(names) if name not in stacked or names.index(name) == i]
+
+
+def unstacked_state_dict(state: dict, config: ModelConfig) -> dict:
+    """A megatron Transformer-arm checkpoint's tensors (stacked layers) -> a one-process
+    TransformerLM's `state_dict()` names (`decoder.layers.{n}....`)."""
+    out = {}
+    for name, tensor in state.items():
+        rest = name.removeprefix("decoder.layers.")
+        if rest == name or rest.split(".", 1)[0].isdigit():
+            out[name] = tensor
+            continue
+        for n in range(config.num_layers):
+            out[f"decoder.layers.{n}.{_MEGATRON_LAYER_NAMES.get(rest, rest)}"] = tensor[n]
+    return out
 
 
 def reference_name(target: str, layer: int) -> str:
@@ -135,10 +206,16 @@ def reference_name(target: str, layer: int) -> str:
 def fuse(entry: Entry, tensors: dict[str, "torch.Tensor"], config: ModelConfig):
     import torch
 
-    parts = [tensors[p] for p in entry.native]
+    from model.transformer import split_qkv
+
+    parts = [tensors[p][entry.layer] if entry.stacked else tensors[p] for p in entry.native]
     full = torch.cat(parts) if len(parts) > 1 else parts[0]
     if entry.vocab:
         full = full[: config.vocab_size]  # strip the vocabulary padding rows
+    if entry.part in ("q", "k", "v"):
+        full = split_qkv(full, config)["qkv".index(entry.part)]
+    elif entry.part in ("gate", "up"):
+        full = full.chunk(2)[("gate", "up").index(entry.part)]
     return full
 
 
@@ -146,6 +223,9 @@ def split(entry: Entry, tensor, config: ModelConfig) -> dict[str, "torch.Tensor"
     """Inverse of `fuse`: a target tensor -> our native tensors (vocabulary padded with zeros)."""
     import torch
 
+    if entry.stacked:
+        raise ValueError("importing a Llama (Transformer-arm) export is not supported; train from the megatron "
+                         "checkpoint it was exported from")
     if tuple(tensor.shape) != entry.shape:
         raise ValueError(f"{entry.target} has shape {tuple(tensor.shape)}, the config expects {entry.shape}; "
                          f"export and config disagree (hidden_size, heads, vocab_size?)")
@@ -158,10 +238,19 @@ def split(entry: Entry, tensor, config: ModelConfig) -> dict[str, "torch.Tensor"
 
 
 # --- configs ---------------------------------------------------------------------------------------
+MAMBA_FIELDS = ("mamba_state_size", "mamba_head_size", "mamba_expand", "mamba_conv_kernel", "mamba_chunk_size")
+
+
 def hf_config_dict(config: ModelConfig, dtype, eos_id) -> dict:
-    """The HF config.json of an export (field names of checkpoints/hf/configuration_sessa.py)."""
+    """The HF config.json of an export (field names of checkpoints/hf/configuration_sessa.py, or
+    LlamaConfig's for the Transformer arm)."""
     import torch
 
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+    if config.arch == "transformer":
+        from model.transformer import llama_config_dict
+
+        return {**llama_config_dict(config), "bos_token_id": eos_id, "eos_token_id": eos_id, "dtype": dtype_name}
     return {
         "model_type": "sessa", "architectures": ["SessaForCausalLM"],
         "auto_map": {"AutoConfig": "configuration_sessa.ModelConfig",
@@ -173,8 +262,9 @@ def hf_config_dict(config: ModelConfig, dtype, eos_id) -> dict:
         "layer_norm_eps": config.norm_eps, "rope_theta": config.rope_base,
         "feedback_chunk_size": config.feedback_chunk_size, "tie_word_embeddings": config.tie_embeddings,
         "layer_pattern": config.layer_pattern, "intermediate_size": config.ffn_hidden_size,
+        **{name: getattr(config, name) for name in MAMBA_FIELDS},
         "bos_token_id": eos_id, "eos_token_id": eos_id,
-        "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype],
+        "dtype": dtype_name,
     }
 
 
@@ -184,8 +274,10 @@ def model_fields_from_hf(hf: dict) -> dict:
             "num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"],
             "gamma_max": hf["gamma_max"], "norm_eps": hf["layer_norm_eps"], "rope_base": hf["rope_theta"],
             "tie_embeddings": hf["tie_word_embeddings"], "layer_pattern": hf.get("layer_pattern", ""),
-            **({"ffn_hidden_size": hf["intermediate_size"]} if hf.get("intermediate_size") else {})}
+            **({"ffn_hidden_size": hf["intermediate_size"]} if hf.get("intermediate_size") else {}),
+            **{name: hf[name] for name in MAMBA_FIELDS if name in hf}}
 
 
-__all__ = ["Rule", "Entry", "rules", "entries", "native_names", "check_tp_layout", "reference_name", "fuse", "split",
+__all__ = ["Rule", "Entry", "rules", "entries", "native_names", "unstacked_state_dict", "check_tp_layout",
+           "reference_name", "fuse", "split",
            "ROPE_BUFFER", "hf_config_dict", "model_fields_from_hf"]

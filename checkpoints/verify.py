@@ -62,20 +62,35 @@ def independent_state_dict(reader) -> dict[str, torch.Tensor]:
 
 
 def native_model(state: dict[str, torch.Tensor], config, dtype=torch.float32):
-    """Our SessaLM (one process, fp32) with the weights of `state`, rounded through `dtype` first."""
-    from model.lm import SessaLM
+    """Our model (SessaLM, or TransformerLM for the Transformer arm; one process, fp32) with the
+    weights of `state`, rounded through `dtype` first."""
     from model.parallel import ensure_model_parallel
 
     ensure_model_parallel()
-    cfg = dataclasses.replace(config, dtype="float32", feedback_impl="chunked")
-    model = SessaLM(cfg).eval()
-    model.load_global_state_dict({k: v.to(dtype).float() for k, v in state.items()})
+    weights = {k: v.to(dtype).float() for k, v in state.items()}
+    if config.arch == "transformer":
+        from model import cpu_compat
+        from model.transformer import TransformerLM
+
+        from .layout import unstacked_state_dict
+
+        if not torch.cuda.is_available():
+            cpu_compat.enable()  # megatron's RNG tracker and RoPE assume a CUDA device
+        model = TransformerLM(dataclasses.replace(config, dtype="float32")).eval()
+        model.load_global_state_dict(unstacked_state_dict(weights, config))
+        return model
+    from model.lm import SessaLM
+
+    model = SessaLM(dataclasses.replace(config, dtype="float32", feedback_impl="chunked")).eval()
+    model.load_global_state_dict(weights)
     return model
 
 
 @torch.no_grad()
 def native_hidden_states(model, tokens):
     """tokens [B, T] -> (embedding output, each layer's output) as [B, T, D], and logits [B, T, V]."""
+    if model.sessa.arch == "transformer":
+        return _transformer_hidden_states(model, tokens)
     hidden = model.embedding(tokens).transpose(0, 1)
     states = [hidden.transpose(0, 1)]
     for layer in model.layers:
@@ -83,6 +98,22 @@ def native_hidden_states(model, tokens):
         states.append(hidden.transpose(0, 1))
     logits, _ = model.output_layer(model.final_norm(hidden), weight=model.output_weight())
     return states, logits.transpose(0, 1)[..., : model.sessa.vocab_size]
+
+
+def _transformer_hidden_states(model, tokens):
+    """The same for megatron's GPTModel, read by forward hooks; the last state is the final norm's
+    output, as Llama's `hidden_states` report it."""
+    states = []
+    hooks = [model.embedding.register_forward_hook(lambda m, i, out: states.append(out.transpose(0, 1)))]
+    hooks += [layer.register_forward_hook(lambda m, i, out: states.append(out[0].transpose(0, 1)))
+              for layer in model.decoder.layers]
+    try:
+        logits = model(tokens)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    states[-1] = model.decoder.final_layernorm(states[-1])
+    return states, logits[..., : model.sessa.vocab_size]
 
 
 def verification_inputs(config, tokenizer=None, seed: int = 0) -> list[torch.Tensor]:
@@ -150,6 +181,10 @@ def compare(native, hf_model, inputs, log=print, tolerance: float = TOLERANCE) -
 
 
 def load_exported(out):
+    if json.loads((Path(out) / "config.json").read_text())["model_type"] == "llama":
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
     from .hf import SessaForCausalLM
 
     return SessaForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()

@@ -216,9 +216,6 @@ class TransformerLM(GPTModel):
         """Key/value caches for decoding up to `max_length` positions (prompt + new tokens)."""
         return StaticInferenceContext(batch_size, max_length)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:
-        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
-
     def load_global_state_dict(self, state_dict: dict, prefix: str = "") -> None:
         """Load a full (single-stage) state dict keyed as `state_dict()` on a one-stage model."""
         offset = self.decoder.layers[0].layer_number - 1 if len(self.decoder.layers) else 0
@@ -340,27 +337,30 @@ def llama_config_dict(config: ModelConfig) -> dict:
     }
 
 
+def split_qkv(weight: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """megatron's full linear_qkv weight -> (q [H d, D], k [G d, D], v [G d, D]): it holds per query
+    group g [the group's H/G query heads; its key head; its value head]."""
+    H, G, d = config.num_heads, config.num_kv_heads, config.head_size
+    q, k, v = weight.view(G, (H // G + 2) * d, -1).split([H // G * d, d, d], dim=1)
+    return q.reshape(H * d, -1), k.reshape(G * d, -1), v.reshape(G * d, -1)
+
+
 def llama_state_dict(state_dict: dict, config: ModelConfig) -> dict:
     """Full TransformerLM tensors, named and laid out as a one-process model's `state_dict()` ->
-    `LlamaForCausalLM` names, vocabulary padding removed.
-
-    megatron's linear_qkv holds per query group [q heads of the group; k; v]; linear_fc1 is [gate; up].
-    """
-    H, G, d = config.num_heads, config.num_kv_heads, config.head_size
+    `LlamaForCausalLM` names, vocabulary padding removed (linear_fc1 is [gate; up])."""
     out = {"model.embed_tokens.weight": state_dict["embedding.word_embeddings.weight"][:config.vocab_size],
            "model.norm.weight": state_dict["decoder.final_layernorm.weight"]}
     if not config.tie_embeddings:
         out["lm_head.weight"] = state_dict["output_layer.weight"][:config.vocab_size]
     for n in range(config.num_layers):
         ours, theirs = f"decoder.layers.{n}.", f"model.layers.{n}."
-        qkv = state_dict[ours + "self_attention.linear_qkv.weight"].view(G, (H // G + 2) * d, config.hidden_size)
-        q, k, v = qkv.split([H // G * d, d, d], dim=1)
+        q, k, v = split_qkv(state_dict[ours + "self_attention.linear_qkv.weight"], config)
         gate, up = state_dict[ours + "mlp.linear_fc1.weight"].chunk(2)
         out |= {
             theirs + "input_layernorm.weight": state_dict[ours + "input_layernorm.weight"],
-            theirs + "self_attn.q_proj.weight": q.reshape(H * d, -1),
-            theirs + "self_attn.k_proj.weight": k.reshape(G * d, -1),
-            theirs + "self_attn.v_proj.weight": v.reshape(G * d, -1),
+            theirs + "self_attn.q_proj.weight": q,
+            theirs + "self_attn.k_proj.weight": k,
+            theirs + "self_attn.v_proj.weight": v,
             theirs + "self_attn.o_proj.weight": state_dict[ours + "self_attention.linear_proj.weight"],
             theirs + "post_attention_layernorm.weight": state_dict[ours + "pre_mlp_layernorm.weight"],
             theirs + "mlp.gate_proj.weight": gate,

@@ -56,7 +56,7 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
     (the same derived from SLURM_*, see torch_env_from_slurm) or a single process.
 
     NCCL on GPUs, gloo on CPU; without a GPU megatron's CUDA assumptions are redirected to the CPU
-    (see pretrain/cpu_compat.py).
+    (see model/cpu_compat.py).
     """
     os.environ.update(torch_env_from_slurm(os.environ))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -68,7 +68,7 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
         torch.cuda.set_device(device_index)
         device, backend = torch.device("cuda", device_index), "nccl"
     else:
-        from . import cpu_compat
+        from model import cpu_compat
 
         cpu_compat.enable()
         device, backend = torch.device("cpu"), "gloo"

@@ -451,7 +451,7 @@ def _init_parallel(part: Part) -> None:
     if part.device.type == "cuda":
         dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     else:
-        from pretrain import cpu_compat
+        from model import cpu_compat
 
         cpu_compat.enable()
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -45,7 +45,7 @@ def new_model(config: ModelConfig, device: torch.device) -> torch.nn.Module:
     from model.transformer import build_model as build_chunk, megatron_config_for
 
     if not torch.cuda.is_available():
-        from pretrain import cpu_compat
+        from model import cpu_compat
 
         cpu_compat.enable()  # megatron's RNG tracker and RoPE assume a CUDA device
     ensure_model_parallel()

@@ -101,6 +101,48 @@ def test_hf_export_loads_with_remote_code_and_matches_native(trained, tmp_path):
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json", "modeling_sessa.py"}
 
 
+def test_transformer_arm_exports_to_llama(tmp_path, prepared_data, monkeypatch):  # noqa: F811
+    """The Transformer arm exports to transformers' own LlamaForCausalLM (no remote code): the same
+    logits as our model read independently, the same greedy tokens; a k/v mix-up is caught; the
+    reference format refuses the arm with a message naming the formats that work."""
+    recipe = _recipe(tmp_path, prepared_data, arch="transformer", num_kv_heads=2, ffn_hidden_size=96)
+    run_pretrain(recipe, "--run_name", "arm")
+    run = tmp_path / "runs" / "arm"
+    done = cli("export", run, "--to", "hf", "--out", tmp_path / "hf")
+    assert "top-1 mismatches: 0" in done.stdout
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert not list((tmp_path / "hf").glob("*.py"))
+
+    from transformers import AutoModelForCausalLM
+
+    from model.generation import generate
+
+    reader = open_checkpoint(run)
+    config = model_config(reader.common)
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    assert type(hf).__name__ == "LlamaForCausalLM"
+    native = native_model(independent_state_dict(reader), config)
+    ids = torch.randint(0, config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ours, theirs = native(ids)[..., : config.vocab_size], hf(ids).logits
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    generated = hf.generate(ids[:1, :5], max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert torch.equal(generate(native, ids[:1, :5], 8, temperature=0), generated)
+
+    refused = cli("export", run, "--to", "reference", "--out", tmp_path / "ref", expect_ok=False)
+    assert refused.returncode != 0 and "use --to hf (Llama) or --to safetensors" in refused.stderr
+
+    from checkpoints import layout
+    from checkpoints.export import export
+
+    swapped = dict(layout._LLAMA_LAYER)
+    swapped["self_attn.k_proj.weight"], swapped["self_attn.v_proj.weight"] = (
+        swapped["self_attn.v_proj.weight"], swapped["self_attn.k_proj.weight"])
+    monkeypatch.setattr(layout, "_LLAMA_LAYER", swapped)
+    with pytest.raises(VerificationError, match="first divergence at layer 0"):
+        export(run, "hf", tmp_path / "bad", log=lambda *_: None)
+
+
 @pytest.mark.parametrize("change", ["swap_heads", "gamma_sign", "rope_pairing"])
 def test_verification_detects_known_bad_changes(trained, change, monkeypatch):
     _, _, run, hf = trained

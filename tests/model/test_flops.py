@@ -19,7 +19,7 @@ SHAPES = {  # id: (model fields, batch, seq_len)
 
 
 def _build(fields):
-    from pretrain import cpu_compat
+    from model import cpu_compat
 
     if not torch.cuda.is_available():
         cpu_compat.enable()  # megatron's RoPE and RNG tracker assume CUDA otherwise

@@ -19,7 +19,7 @@ TOLERANCES = {torch.float64: dict(atol=1e-10, rtol=1e-10), torch.float32: dict(a
 @pytest.fixture(scope="module", autouse=True)
 def cpu_megatron():
     if not torch.cuda.is_available():
-        from pretrain import cpu_compat
+        from model import cpu_compat
 
         cpu_compat.enable()  # megatron's RoPE moves its frequencies to "the current CUDA device"
 

@@ -12,7 +12,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from model import SessaLM, init_weights, megatron_config
 from model.init import global_named_parameters
-from pretrain import cpu_compat
+from model import cpu_compat
 from tp_case import CASES, HYBRID_CASES, make_documents, make_tokens
 
 

@@ -15,7 +15,7 @@ from tp_case import make_documents, make_tokens
 
 from model.generation import generate
 from model.transformer import TransformerLM, init_model_weights, transformer_megatron_config
-from pretrain import cpu_compat
+from model import cpu_compat
 
 
 def gathered_grads(model) -> dict:

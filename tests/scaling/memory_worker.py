@@ -13,7 +13,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from model import ModelConfig, SessaLayer, megatron_config
-from pretrain import cpu_compat
+from model import cpu_compat
 
 
 def saved_bytes(layer: SessaLayer, x: torch.Tensor) -> int:
