@@ -4,6 +4,7 @@
     python benchmarks/roofline.py --seq-len 32768 --per-launch
     python benchmarks/roofline.py --check-grids            # the model's grids == the launchers' (no GPU)
     python benchmarks/roofline.py --cpu-layer              # measure one layer fwd+bwd on this CPU
+    python benchmarks/roofline.py --tensor-parallel 1 2 4 8  # the solve per TP rank: which split, and why
 
 The model enumerates the launches of `feedback_triton_fwd` / `feedback_triton_bwd`
 (kernels/feedback_solve/triton_chunk.py) with the shipped tiles (`GPU_CONFIG`), and per launch counts
@@ -356,6 +357,46 @@ def print_report(summary: dict, per_launch: list | None = None) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# Tensor parallelism: which part of the solve to split
+# ------------------------------------------------------------------------------------------------
+SCORE_PASSES = 4  # full-width logits a K-split solve must all-reduce: lse, probs (fwd); probs, dP (bwd)
+
+
+def tensor_parallel_choice(batch: int, T: int, D: int, chunk_size: int, panel_size, peaks: dict,
+                           tp_sizes, link_gb_s: float, in_bytes: int = 2) -> list[dict]:
+    """Per-rank fwd+bwd time of the two ways to split the solve over `tp` ranks (value columns are
+    independent: s = (I - B)^-1 f column by column, so both split V):
+      - `replicated`: every rank computes the probabilities from the gathered q_b, k_b (K = D) and
+        solves its D/tp value columns; the q_b / k_b gradients are partial sums over V, all-reduced as
+        B*T*D tensors (linear in T, counted with the layer's other collectives, not here);
+      - `reduced`: each rank computes logits from its D/tp columns of q_b, k_b, and the full logits
+        are all-reduced tile by tile, SCORE_PASSES times (no T x T tensor is ever stored, so the
+        forward needs them for the log-sum-exp and again for the probabilities, the backward for the
+        probabilities and for dP, which sums over the split value columns); ring all-reduce of
+        B*T*T/2 fp32 values moves 2 (tp - 1) / tp of it per rank at `link_gb_s`."""
+    rows = []
+    for tp in tp_sizes:
+        predict = lambda K, V: summarise(Model(batch, T, K, V, chunk_size, panel_size, in_bytes=in_bytes,  # noqa: E731
+                                               precision="tf32" if in_bytes < 4 else "tf32x3"), peaks)
+        replicated = predict(D, D // tp)["predicted_us"]["fwd_bwd"]
+        compute = predict(D // tp, D // tp)["predicted_us"]["fwd_bwd"]
+        score_bytes = batch * T * T / 2 * 4
+        comm = SCORE_PASSES * score_bytes * 2 * (tp - 1) / tp / (link_gb_s * 1e9) * 1e6
+        rows.append({"tp": tp, "replicated_us": replicated, "reduced_compute_us": compute, "reduced_comm_us": comm,
+                     "reduced_us": compute + comm, "choice": "replicated" if replicated <= compute + comm else "reduced"})
+    return rows
+
+
+def print_tensor_parallel(rows, batch, T, D, link_gb_s) -> None:
+    print(f"\nfeedback solve per tensor-parallel rank, fwd+bwd, B={batch} T={T} D={D}; link {link_gb_s:g} GB/s")
+    print(f"{'TP':>3s} {'replicated probs us':>20s} {'K-split compute us':>19s} {'+ logits all-reduce us':>23s} "
+          f"{'K-split total us':>17s}  faster")
+    for r in rows:
+        print(f"{r['tp']:3d} {r['replicated_us']:20.0f} {r['reduced_compute_us']:19.0f} {r['reduced_comm_us']:23.0f} "
+              f"{r['reduced_us']:17.0f}  {r['choice']}")
+
+
+# ------------------------------------------------------------------------------------------------
 # The CPU path: one layer forward + backward against this machine's fp32 matmul rate
 # ------------------------------------------------------------------------------------------------
 def _timed(fn) -> tuple[float, float]:
@@ -461,6 +502,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu-layer", action="store_true", help="measure one layer fwd+bwd on this CPU")
     parser.add_argument("--cpu-seq-len", type=int, default=8192)
     parser.add_argument("--cpu-dim", type=int, default=256)
+    parser.add_argument("--tensor-parallel", type=int, nargs="*", default=None, metavar="TP",
+                        help="per-rank time of the replicated-probability split (shipped) vs a K-split")
+    parser.add_argument("--link-gb-s", type=float, default=450.0, help="per-GPU interconnect (NVLink 4: 450)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     peaks = {"bf16_tflops": args.bf16_tflops, "fp32_tflops": args.fp32_tflops, "hbm_tb_s": args.hbm_tb_s,
@@ -477,6 +521,10 @@ def main(argv=None) -> int:
         out["grids_match"] = real == model_launches(model)
     if args.cpu_layer:
         out["cpu_layer"] = cpu_layer(args.cpu_seq_len, args.cpu_dim)
+    if args.tensor_parallel is not None:
+        out["tensor_parallel"] = tensor_parallel_choice(args.batch, args.seq_len, args.dim, args.chunk_size,
+                                                        args.panel_size, peaks, args.tensor_parallel or [1, 2, 4, 8],
+                                                        args.link_gb_s, args.dtype_bytes)
     if args.json:
         print(json.dumps(out, indent=1, default=str))
         return 0
@@ -484,6 +532,8 @@ def main(argv=None) -> int:
     print_report(summary, [(x, x.predict(peaks)) for x in launches] if args.per_launch else None)
     if args.check_grids:
         print(f"model grids == launchers' grids: {out['grids_match']}")
+    if args.tensor_parallel is not None:
+        print_tensor_parallel(out["tensor_parallel"], args.batch, args.seq_len, args.dim, args.link_gb_s)
     if args.cpu_layer:
         c = out["cpu_layer"]
         print(f"\nCPU layer fwd+bwd, T={c['T']} D={c['D']} chunk {c['chunk_size']}, {c['threads']} threads: "

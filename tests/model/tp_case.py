@@ -19,6 +19,11 @@ CASES = [
     ("gqa_sp_docs", CONFIG, True, True),
     ("no_feedback_sp_docs", dataclasses.replace(CONFIG, feedback=False), True, True),
 ]
+# Four ranks: one query and one key/value head each (the feedback solve on 8 of the 32 columns).
+TP4_CASES = [
+    ("mha_tp4", dataclasses.replace(CONFIG, num_kv_heads=4), False, False),
+    ("mha_sp_docs_tp4", dataclasses.replace(CONFIG, num_kv_heads=4), True, True),
+]
 
 # Hybrid stacks (model.layer_pattern, model/blocks.py): each block type alone, and mixed.
 HYBRID = dataclasses.replace(CONFIG, num_layers=4, layer_pattern="S*-S", ffn_hidden_size=48)

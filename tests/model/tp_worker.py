@@ -1,6 +1,6 @@
 """Run by torchrun from test_tensor_parallel.py: SessaLM at tensor-parallel size = world size.
 
-For every case of tp_case.CASES (tp_case.HYBRID_CASES with argv[2] == "hybrid") writes the loss, the logits and every parameter's full gradient
+For every case of tp_case.CASES (HYBRID_CASES with argv[2] == "hybrid", TP4_CASES with "tp4") writes the loss, the logits and every parameter's full gradient
 (shards gathered) to argv[1].
 """
 import sys
@@ -13,7 +13,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from model import SessaLM, init_weights, megatron_config
 from model.init import global_named_parameters
 from model import cpu_compat
-from tp_case import CASES, HYBRID_CASES, make_documents, make_tokens
+from tp_case import CASES, HYBRID_CASES, TP4_CASES, make_documents, make_tokens
 
 
 def gathered_grads(model) -> dict:
@@ -51,4 +51,4 @@ def main(out_path: str, cases: list) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], HYBRID_CASES if sys.argv[2:] == ["hybrid"] else CASES)
+    main(sys.argv[1], {"hybrid": HYBRID_CASES, "tp4": TP4_CASES}.get(sys.argv[2] if sys.argv[2:] else "", CASES))
