@@ -5,12 +5,17 @@
         --peak-tflops 989        # on a GPU; prepare 8k data with python -m data_pipeline prepare first
     python benchmarks/train_step.py --data /tmp/pydocs-4k --arch sessa,transformer \
         --train.micro_batch_size 1 --train.global_batch_tokens 4096   # both arms side by side
+    python benchmarks/train_step.py --data /tmp/pydocs-4k --arch sessa,transformer \
+        --recompute none,selective,full --tensor-parallel 1,2 ...     # every combination
 Runs the real Trainer (megatron DDP, optimizer, schedule) for --warmup + --steps steps; only the
-last --steps are timed. Prints a table, or one JSON object with --json. `--arch a,b` runs each
-architecture (model.arch) in its own process and prints one column per architecture. Peak memory:
-torch's peak allocation on CUDA, the process's peak RSS (VmHWM, setup included) on the CPU.
+last --steps are timed. Prints a table, or one JSON object with --json. Comma-separated `--arch`
+(model.arch), `--recompute` (train.recompute) and `--tensor-parallel` (parallel.tensor, that many
+processes under torchrun) run every combination, each in its own process(es), one column each.
+Peak memory: torch's peak allocation on CUDA, the process's peak RSS (VmHWM, setup included) on the
+CPU; under TP, rank 0's.
 """
 import argparse
+import itertools
 import json
 import resource
 import subprocess
@@ -30,15 +35,18 @@ def main():
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=0.0)
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--arch", default=None,
-                        help="model.arch to measure (sessa | transformer); comma-separated: one process each")
+    parser.add_argument("--arch", default=None, help="model.arch (sessa | transformer), comma-separated")
+    parser.add_argument("--recompute", default=None, help="train.recompute (none | selective | full), comma-separated")
+    parser.add_argument("--tensor-parallel", default=None, help="parallel.tensor sizes, comma-separated")
     args, overrides = parser.parse_known_args()
-    if args.arch and "," in args.arch:
-        compare(args.arch.split(","), [a for a in sys.argv[1:] if not a.startswith("--arch")
-                                       and a != args.arch and a != "--json"], args.json)
+    grid = {"arch": args.arch, "recompute": args.recompute, "tensor_parallel": args.tensor_parallel}
+    if any(value and "," in value for value in grid.values()):
+        compare({k: v.split(",") for k, v in grid.items() if v}, overrides, args)
         return
-    if args.arch:
-        overrides += ["--model.arch", args.arch]
+    for field, option in (("arch", "--model.arch"), ("recompute", "--train.recompute"),
+                          ("tensor_parallel", "--parallel.tensor")):
+        if grid[field]:
+            overrides += [option, grid[field]]
 
     import torch
 
@@ -74,7 +82,8 @@ def main():
             "global_batch_tokens": config.train.global_batch_tokens, "step_s": round(elapsed / args.steps, 3),
             "tokens_per_s": round(tokens_per_s, 1), "model_tflops_per_device": round(tflops, 4),
             "mfu": round(tflops / args.peak_tflops, 4) if args.peak_tflops else None,
-            "arch": config.model.arch, "peak_memory_gb": round(peak_memory_gb(trainer.device), 3),
+            "arch": config.model.arch, "recompute": config.train.recompute,
+            "tensor_parallel": config.parallel.tensor, "peak_memory_gb": round(peak_memory_gb(trainer.device), 3),
             "data_wait_share": round((timed.wait_seconds - wait_before) / elapsed, 4), "final_loss": round(loss, 4),
         }
     finally:
@@ -96,22 +105,29 @@ def peak_memory_gb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def compare(archs: list[str], argv: list[str], as_json: bool) -> None:
-    """Each architecture in a fresh process (own peak memory); one column each."""
+def compare(grid: dict[str, list[str]], overrides: list[str], args) -> None:
+    """Every combination of the grid's values in fresh processes (own peak memory); one column each."""
+    common = ["--config", args.config, "--data", args.data, "--steps", str(args.steps), "--warmup", str(args.warmup),
+              "--peak-tflops", str(args.peak_tflops), *overrides, "--json"]
     rows = []
-    for arch in archs:
-        done = subprocess.run([sys.executable, __file__, *argv, "--arch", arch, "--json"], capture_output=True,
-                              text=True)
+    for values in itertools.product(*grid.values()):
+        cell = dict(zip(grid, values))
+        nproc = int(cell.get("tensor_parallel", 1))
+        launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+                    if nproc > 1 else [sys.executable])
+        flags = [arg for key, value in cell.items() for arg in (f"--{key.replace('_', '-')}", value)]
+        done = subprocess.run([*launcher, __file__, *common, *flags], capture_output=True, text=True)
         if done.returncode != 0:
-            raise SystemExit(f"--arch {arch} failed:\n{done.stderr[-3000:]}")
+            raise SystemExit(f"{' '.join(flags)} failed:\n{done.stderr[-3000:]}")
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    if as_json:
+    if args.json:
         print(json.dumps(rows))
         return
-    print(f"{'':>24}  " + "  ".join(f"{row['arch']:>14}" for row in rows))
+    names = [" ".join(str(row[key]) for key in grid) for row in rows]
+    print(f"{'':>24}  " + "  ".join(f"{name:>22}" for name in names))
     for key in rows[0]:
-        if key != "arch":
-            print(f"{key:>24}: " + "  ".join(f"{str(row[key]):>14}" for row in rows))
+        if key not in grid:
+            print(f"{key:>24}: " + "  ".join(f"{str(row[key]):>22}" for row in rows))
 
 
 if __name__ == "__main__":
