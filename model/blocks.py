@@ -4,7 +4,8 @@ One character per block (megatron's hybrid convention, extended for Sessa):
   `S`  SessaLayer (model/layer.py), with or without its feedback branch (`model.feedback`);
   `*`  AttentionBlock: x + W_o(attention(RoPE(q), RoPE(k), v)), q/k/v from RMSNorm(x): pre-norm GQA
        self-attention with rotate-half RoPE (base `rope_base`) and no biases, as in the Transformer arm;
-  `-`  MLPBlock: x + W_down(SiLU(W_gate h) * W_up h), h = RMSNorm(x): SwiGLU of width `ffn_hidden_size`.
+  `-`  MLPBlock: x + W_down(SiLU(W_gate h) * W_up h), h = RMSNorm(x): SwiGLU of width `ffn_hidden_size`;
+  `M`  MambaBlock (model/mamba.py): pre-norm Mamba-2 mixer with the chunked PyTorch SSD scan.
 Activations are [T, B, D] (T / tp each under sequence parallelism). q/k/v and gate/up are
 column-parallel (heads / ffn columns sharded), out_proj is row-parallel: one reduction per block.
 `doc_ids` / `position_ids` [B, T] mask attention per packed document and give RoPE positions.
@@ -175,6 +176,11 @@ def block_weight_elements(config: ModelConfig, kind: str) -> tuple[int, int]:
         return D * (D + 2 * kv) + D * D, D
     if kind == "-":
         return 3 * D * config.ffn_hidden_size, D
+    if kind == "M":  # z, x, B, C, dt projections; the convs over x, B, C (weights and biases); out_proj
+        E, N, H = config.mamba_inner_size, config.mamba_state_size, config.mamba_heads
+        conv_channels = E + 2 * N
+        matrices = D * (2 * E + 2 * N + H) + config.mamba_conv_kernel * conv_channels + E * D
+        return matrices, D + conv_channels + 3 * H + E  # norm, conv biases, A_log/dt_bias/D, gated norm
     if kind == "S":
         feedback = config.feedback  # q_b, k_b, gamma_ctx, gamma_bias exist only with the feedback branch
         matrices = (
@@ -196,5 +202,7 @@ def build_block(config: ModelConfig, megatron_config, layer_number: int, submodu
         from .layer import SessaLayer
 
         return SessaLayer(config, megatron_config, submodules, layer_number=layer_number, init_seed=None)
-    block = {"*": AttentionBlock, "-": MLPBlock}[kind]
+    from .mamba import MambaBlock
+
+    block = {"*": AttentionBlock, "-": MLPBlock, "M": MambaBlock}[kind]
     return block(config, megatron_config, layer_number, init_seed=None)

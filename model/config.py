@@ -4,7 +4,7 @@ from dataclasses import asdict, dataclass
 
 from kernels.feedback_solve import FEEDBACK_IMPLS
 
-BLOCK_TYPES = {"S": "Sessa block", "*": "attention block", "-": "SwiGLU MLP block"}  # model/blocks.py
+BLOCK_TYPES = {"S": "Sessa block", "*": "attention block", "-": "SwiGLU MLP block", "M": "Mamba-2 block"}  # model/blocks.py
 ARCHS = ("sessa", "transformer")  # "transformer": the Transformer++ baseline of model/transformer.py
 INIT_SCHEMES = ("reference", "scaled")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -29,6 +29,13 @@ class ModelConfig:
     feedback: bool = True  # false: the paper's ablation without the feedback branch (s = f; no fb_* parameters)
     feedback_impl: str = "auto"  # "auto" = triton on CUDA, chunked elsewhere; "dense" is the O(T^2) oracle
     feedback_chunk_size: int = 64
+    # `M` blocks (model/mamba.py): state size N, head size P, inner width mamba_expand * hidden_size,
+    # depthwise causal conv kernel, SSD chunk (model/ssd.py)
+    mamba_state_size: int = 128
+    mamba_head_size: int = 64
+    mamba_expand: int = 2
+    mamba_conv_kernel: int = 4
+    mamba_chunk_size: int = 64
     dtype: str = "float32"  # parameter dtype
     vocab_pad_multiple: int = 64  # embedding rows padded up so the vocabulary shards evenly
 
@@ -41,7 +48,8 @@ class ModelConfig:
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = -(-(8 * self.hidden_size // 3) // 64) * 64  # LLaMA's rule
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                     "feedback_chunk_size", "vocab_pad_multiple"):
+                     "feedback_chunk_size", "vocab_pad_multiple", "mamba_state_size", "mamba_head_size",
+                     "mamba_expand", "mamba_conv_kernel", "mamba_chunk_size"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
@@ -95,11 +103,25 @@ class ModelConfig:
             raise ValueError(f"model.layer_pattern {pattern!r} has MLP blocks ('-') but model.ffn_hidden_size "
                              f"({self.ffn_hidden_size!r}) is not a positive integer; set it, or leave it unset "
                              "for 8/3 * hidden_size rounded up to a multiple of 64")
+        if "M" in pattern and isinstance(self.mamba_expand, int) and isinstance(self.mamba_head_size, int) \
+                and self.mamba_head_size > 0 and self.mamba_expand * self.hidden_size % self.mamba_head_size:
+            raise ValueError(f"model.layer_pattern {pattern!r} has Mamba-2 blocks ('M') but their inner width "
+                             f"mamba_expand * hidden_size = {self.mamba_expand * self.hidden_size} is not a multiple "
+                             f"of model.mamba_head_size ({self.mamba_head_size}); change either")
 
     @property
     def block_types(self) -> str:
         """One character per block: the layer pattern, or "S" * num_layers when it is empty."""
         return self.layer_pattern or "S" * self.num_layers
+
+    @property
+    def mamba_inner_size(self) -> int:
+        """Width of an `M` block's x, z and output (its heads times mamba_head_size)."""
+        return self.mamba_expand * self.hidden_size
+
+    @property
+    def mamba_heads(self) -> int:
+        return self.mamba_inner_size // self.mamba_head_size
 
     @property
     def head_size(self) -> int:
@@ -116,10 +138,13 @@ class ModelConfig:
     def check_tensor_parallel(self, tp_size: int) -> None:
         """Heads and kv-heads are sharded across tensor-parallel ranks (SESSA.md §6)."""
         names = ("num_heads", "num_kv_heads", "hidden_size") + (("ffn_hidden_size",) if "-" in self.layer_pattern else ())
+        names += ("mamba_heads", "mamba_state_size") if "M" in self.layer_pattern else ()  # heads; B/C rows
+        derived = {"mamba_heads": "mamba_heads = mamba_expand * hidden_size / mamba_head_size"}
         for name in names:
             if getattr(self, name) % tp_size:
                 raise ValueError(
-                    f"ModelConfig.{name} ({getattr(self, name)}) must be divisible by the tensor-parallel size ({tp_size})"
+                    f"ModelConfig.{derived.get(name, name)} ({getattr(self, name)}) must be divisible by the "
+                    f"tensor-parallel size ({tp_size})"
                 )
         if self.padded_vocab_size % tp_size:
             raise ValueError(

@@ -18,12 +18,16 @@ Elementwise work (softmax, norms, GELU/SiLU, RoPE) is left out of every conventi
 registering `flop_counter_formulas()` for the ops it has no formula for).
 
 Hybrid stacks (model.layer_pattern) sum the blocks of each type; the Transformer arm is "*-" per layer.
+Mamba-2 blocks (`M`): their projections and depthwise convs are weight matmuls ("projections");
+the SSD scan is "ssm_scan" (model: the recurrence, 4 N P per head and token; hardware: the chunked
+scan of model/ssd.py as executed, its within-chunk C.B scores, shared by all heads and computed on
+every tensor-parallel rank, as "ssm_scores").
 
 Components: projections (every weight matmul of the mixing layers: Sessa's W_in, q/k/v, W_o,
 feedback q_b/k_b, gamma, W_out; the qkv and output projections of the Transformer and of `*`
 blocks), mlp (the SwiGLU of the Transformer and of `-` blocks), attention (causal forward attention), feedback_logits (q_b . k_b),
 feedback_sum (the probability-weighted sum over past s), feedback_solve (the diagonal-block
-solves), lm_head, and recompute (hardware only).
+solves), ssm_scan and ssm_scores (`M` blocks), lm_head, and recompute (hardware only).
 """
 from dataclasses import dataclass, field
 
@@ -92,6 +96,25 @@ def chunked_solve_flops(T: int, K: int, V: int, chunk_size: int) -> dict[str, di
     return {"forward": fwd, "backward": bwd}
 
 
+def ssd_chunked_flops(T: int, heads: int, groups: int, N: int, P: int, chunk_size: int) -> dict[str, dict[str, int]]:
+    """FLOPs of one sequence's chunked SSD scan (model/ssd.py, from a zero state), forward and backward.
+
+    Per chunk of n positions: C.B per group (2 n^2 N), scores @ x (2 n^2 P per head), the carried
+    state read by C (2 n N P per head, from the second chunk on) and the state update (2 n N P per
+    head). Backward: two matmuls per forward one, but none for the last chunk's update (the final
+    state is not part of a training loss)."""
+    fwd = {"ssm_scores": 0, "ssm_scan": 0}
+    bwd = dict(fwd)
+    for c0 in range(0, T, chunk_size):
+        n = min(c0 + chunk_size, T) - c0
+        carried, update = (2 * n * heads * N * P if c0 else 0), 2 * n * heads * N * P
+        fwd["ssm_scores"] += 2 * n * n * N * groups
+        fwd["ssm_scan"] += 2 * n * n * heads * P + carried + update
+        bwd["ssm_scores"] += 2 * 2 * n * n * N * groups
+        bwd["ssm_scan"] += 2 * (2 * n * n * heads * P + carried + (update if c0 + n < T else 0))
+    return {"forward": fwd, "backward": bwd}
+
+
 def causal_pairs(s_q: int, s_k: int) -> int:
     """(query, key) pairs a causal mask keeps, queries aligned to the end of the keys."""
     past = s_k - s_q
@@ -149,7 +172,8 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
     """The ledger of `config` trained on sequences of `seq_len` tokens.
 
     Args:
-        tensor_parallel: the feedback logits are computed on every tensor-parallel rank (hardware).
+        tensor_parallel: the feedback logits and `M` blocks' C.B scores are computed on every
+            tensor-parallel rank (hardware).
         recompute: "full" adds one forward of every layer to the hardware backward.
         attention_kernel: "flash" (causal tiles: SDPA, in every architecture; the default) or "dense"
             (full square, masked: megatron's local DotProductAttention).
@@ -175,6 +199,7 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
                 weights[name] += count * n
     L = counts.get("S", 0) + counts.get("*", 0)  # blocks that attend
     L_feedback = counts.get("S", 0) if config.arch == "sessa" and config.feedback else 0
+    L_mamba = counts.get("M", 0)
 
     forward = {name: 2.0 * n for name, n in weights.items()}
     forward["attention"] = L * 2 * 2 * width * (T + 1) / 2  # scores and values, t + 1 keys on average
@@ -182,9 +207,11 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
         forward["feedback_logits"] = L_feedback * 2 * D * (T - 1) / 2  # strict past: t keys
         forward["feedback_sum"] = L_feedback * 2 * D * (T - 1) / 2
         forward["feedback_solve"] = 0.0  # the sum over the past *is* the recurrence
+    if L_mamba:
+        forward["ssm_scan"] = L_mamba * 4 * config.mamba_heads * config.mamba_state_size * config.mamba_head_size
     forward["lm_head"] = 2.0 * config.padded_vocab_size * D
 
-    hw_fwd = {name: value for name, value in forward.items() if not name.startswith(("attention", "feedback"))}
+    hw_fwd = {name: value for name, value in forward.items() if not name.startswith(("attention", "feedback", "ssm"))}
     hw_bwd = {name: 2 * value for name, value in hw_fwd.items()}  # input and weight gradients
     if attention_kernel == "flash":
         hw_fwd["attention"] = L * 4 * width * causal_pairs(T, T) / T
@@ -201,6 +228,13 @@ def ledger(config: ModelConfig, seq_len: int, *, tensor_parallel: int = 1, recom
             replicas = tensor_parallel if name == "feedback_logits" else 1
             hw_fwd[name] = L_feedback * replicas * solve["forward"][name] / T
             hw_bwd[name] = L_feedback * replicas * solve["backward"][name] / T
+    if L_mamba:  # one B/C group: every rank computes all of C.B for its own heads
+        scan = ssd_chunked_flops(T, config.mamba_heads, 1, config.mamba_state_size, config.mamba_head_size,
+                                 config.mamba_chunk_size)
+        for name in scan["forward"]:
+            replicas = tensor_parallel if name == "ssm_scores" else 1
+            hw_fwd[name] = L_mamba * replicas * scan["forward"][name] / T
+            hw_bwd[name] = L_mamba * replicas * scan["backward"][name] / T
     hw_bwd["recompute"] = (sum(hw_fwd.values()) - hw_fwd["lm_head"]) if recompute == "full" else 0.0
     return FlopLedger(
         arch=config.arch, seq_len=T,

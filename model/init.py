@@ -50,6 +50,17 @@ def _draw(name: str, shape: list[int], fan_in: int, config: ModelConfig, gen: to
         return torch.empty(shape).normal_(0.0, std, generator=gen)
 
     reference = config.init_scheme == "reference"
+    # Mamba-2 blocks (model/mamba.py), as mamba-ssm initialises them in either scheme: A in [1, 16],
+    # dt log-uniform in [1e-3, 1e-1] (floored at 1e-4) through softplus, D = 1, convs as nn.Conv1d.
+    if name.endswith(".A_log"):
+        return torch.empty(shape).uniform_(1.0, 16.0, generator=gen).log()
+    if name.endswith(".dt_bias"):
+        dt = torch.empty(shape).uniform_(math.log(1e-3), math.log(1e-1), generator=gen).exp().clamp(min=1e-4)
+        return dt + torch.log(-torch.expm1(-dt))  # softplus^-1(dt)
+    if name.endswith(".D"):
+        return torch.ones(shape)
+    if ".conv_" in name:
+        return uniform(1.0 / math.sqrt(fan_in))  # fan-in: the kernel size (depthwise)
     if name.endswith("norm.weight") or name.endswith("gamma_bias"):
         return torch.ones(shape)  # LayerNorm scale; gamma_bias starts at 1.0
     if name.endswith("norm.bias"):

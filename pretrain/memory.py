@@ -52,7 +52,11 @@ def block_activation_bytes(model: ModelConfig, kind: str, seq_len: int, micro_ba
     (`*`): the norm input (1/tp under sequence parallelism), the normed input (full width), q, k, v
     and the attention output (1/tp of the heads), attention's log-sum-exp, the RoPE tables. MLP
     (`-`): the norm input and normed input, gate, up, SiLU(gate) and their product (1/tp of the
-    width each). Neither has a transient beyond its saved tensors."""
+    width each). Mamba-2 (`M`): the norm input and normed input, the z/x/B/C/dt projections, the convs'
+    inputs and outputs and SiLU outputs (B and C gathered), the scan's fp32 inputs, within-chunk
+    scores (C.B and two [Q, Q] per local head) and output, and the gate and per-head norm (1/tp of the
+    heads each); selective recompute leaves it alone (mixer 0). None has a transient beyond its saved
+    tensors."""
     if kind == "S":
         return layer_activation_bytes(model, seq_len, micro_batch, tensor_parallel, sequence_parallel, compute_bytes)
     D, tp, c, tokens = model.hidden_size, tensor_parallel, compute_bytes, micro_batch * seq_len
@@ -63,6 +67,14 @@ def block_activation_bytes(model: ModelConfig, kind: str, seq_len: int, micro_ba
         attention = (2 * heads + 2 * kv_heads) * d * c + 4 * heads
         return {"saved": tokens * (full + attention) + 4 * seq_len * d / 2 * 4, "transient": 0.0,
                 "mixer": tokens * attention, "input": block_input}
+    if kind == "M":
+        E, N, H, f = model.mamba_inner_size / tp, model.mamba_state_size, model.mamba_heads / tp, max(c, 4)
+        Q = min(model.mamba_chunk_size, seq_len)
+        per_token = (c * (2 * E + 2 * N / tp + H)  # projections
+                     + c * (2 * (E + 2 * N / tp) + E + 2 * N)  # conv inputs and outputs, SiLU outputs
+                     + f * (E + 2 * N + H) + f * Q * (2 * H + 1) + f * E  # scan inputs, scores, output
+                     + 4 * c * E)  # y * SiLU(z): both factors, product, normed
+        return {"saved": tokens * (full + per_token), "transient": 0.0, "mixer": 0.0, "input": block_input}
     return {"saved": tokens * (full + 4 * model.ffn_hidden_size / tp * c), "transient": 0.0, "mixer": 0.0,
             "input": block_input}
 

@@ -11,7 +11,8 @@ class ModelConfig(PretrainedConfig):
     def __init__(self, vocab_size=4096, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=None, gamma_max=0.999, layer_norm_eps=1e-5, rope_theta=10000.0,
                  feedback_chunk_size=64, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
-                 pad_token_id=None, layer_pattern="", intermediate_size=None, **kwargs):
+                 pad_token_id=None, layer_pattern="", intermediate_size=None, mamba_state_size=128,
+                 mamba_head_size=64, mamba_expand=2, mamba_conv_kernel=4, mamba_chunk_size=64, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -21,7 +22,13 @@ class ModelConfig(PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.rope_theta = rope_theta
         self.feedback_chunk_size = feedback_chunk_size
-        self.layer_pattern = layer_pattern  # "S" Sessa, "*" attention, "-" SwiGLU MLP; "" = all Sessa
+        self.layer_pattern = layer_pattern  # "S" Sessa, "*" attention, "-" SwiGLU MLP, "M" Mamba-2; "" = all Sessa
         self.intermediate_size = intermediate_size  # the MLP blocks' width
+        # Mamba-2 blocks: state size N, head size P, inner width mamba_expand * hidden_size, conv kernel, SSD chunk
+        self.mamba_state_size = mamba_state_size
+        self.mamba_head_size = mamba_head_size
+        self.mamba_expand = mamba_expand
+        self.mamba_conv_kernel = mamba_conv_kernel
+        self.mamba_chunk_size = mamba_chunk_size
         super().__init__(tie_word_embeddings=tie_word_embeddings, bos_token_id=bos_token_id,
                          eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)

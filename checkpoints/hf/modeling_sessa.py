@@ -13,7 +13,10 @@ It runs in fp32 whatever the model dtype. `generate()` decodes step by step from
 Padded batches (`attention_mask` with zeros, left or right): every padding position is a document
 of its own, the real tokens of a row one document, so a real token sees (in attention and in the
 solve) only the row's earlier real tokens; RoPE positions count the real tokens. Each row then
-gives what its prompt gives alone.
+gives what its prompt gives alone (Mamba-2 blocks reset their state at a document start, so their
+real tokens must be contiguous: left or right padding).
+Hybrid stacks (`layer_pattern`): `S` Sessa, `*` attention, `-` SwiGLU MLP and `M` Mamba-2 blocks,
+as the training recipe's model/blocks.py and model/mamba.py.
 """
 from dataclasses import dataclass
 
@@ -77,15 +80,16 @@ def apply_interleaved_rope(x, positions, inv_freq):
 
 
 class SessaCache:
-    """Per layer: rotated forward keys/values [B, H_kv, t, d], feedback keys [B, t, D], past s [B, t, D]."""
+    """Per layer: Sessa blocks rotated forward keys/values [B, H_kv, t, d], feedback keys [B, t, D]
+    and past s [B, t, D]; attention blocks keys/values; Mamba-2 blocks their conv inputs and SSD
+    state; MLP blocks nothing. `seen` counts the cached positions."""
 
     def __init__(self, num_layers: int):
         self.layers = [None] * num_layers
+        self.seen = 0
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """Cached positions: from the first block that keeps keys (MLP blocks keep nothing)."""
-        entry = next((e for e in self.layers[layer_idx:] if e is not None), None)
-        return 0 if entry is None else entry[0].shape[2]
+        return self.seen
 
 
 class SessaMixer(nn.Module):
@@ -233,7 +237,134 @@ class MLPBlock(nn.Module):
         return x + self.out_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), None
 
 
-BLOCKS = {"S": SessaLayer, "*": AttentionBlock, "-": MLPBlock}
+def ssd_scan(x, dt, A, B, C, chunk_size: int, state=None, doc_ids=None):
+    """Mamba-2's chunked SSD scan with one B/C group (fp32 arithmetic at least): x [b, T, h, P], dt [b, T, h],
+    A [h], B / C [b, T, N], state [b, h, N, P] or None (zeros) -> (y [b, T, h, P], final state), both
+    in the compute dtype.
+
+    Per head S_t = exp(dt_t A) S_{t-1} + dt_t B_t^T x_t, y_t = C_t S_t; within a chunk the quadratic
+    form, across chunks the carried state. doc_ids [b, T] (contiguous documents): the state resets
+    at each document start; the initial state belongs to the document of position 0."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A, B, C = (t.to(compute) for t in (x, dt, A, B, C))
+    state = None if state is None else state.to(compute)
+    ys = []
+    for c0 in range(0, x.shape[1], chunk_size):
+        c1 = min(c0 + chunk_size, x.shape[1])
+        xc, dtc, Bc, Cc = x[:, c0:c1], dt[:, c0:c1], B[:, c0:c1], C[:, c0:c1]
+        cum = (dtc * A).cumsum(dim=1)  # [b, q, h]: log of the decay from the chunk start
+        visible = torch.ones(c1 - c0, c1 - c0, dtype=torch.bool, device=x.device).tril()[None]
+        if doc_ids is not None:
+            docs = doc_ids[:, c0:c1]
+            visible = visible & (docs[:, :, None] == docs[:, None, :])
+            same_as_before = (docs == doc_ids[:, max(c0 - 1, 0), None]).to(compute)  # the carried state's document
+        diff = (cum[:, :, None] - cum[:, None]).masked_fill(~visible[..., None], float("-inf"))
+        scores = torch.einsum("bin,bjn->bij", Cc, Bc)[..., None] * torch.exp(diff) * dtc[:, None]  # [b, i, j, h]
+        y = torch.einsum("bijh,bjhp->bihp", scores, xc)
+        if state is not None:
+            decayed = torch.exp(cum) * (same_as_before[..., None] if doc_ids is not None else 1.0)
+            y = y + torch.einsum("bin,bih,bhnp->bihp", Cc, decayed, state)
+        to_end = torch.exp(cum[:, -1:] - cum) * dtc
+        carry = torch.exp(cum[:, -1])
+        if doc_ids is not None:
+            to_end = to_end * (docs == docs[:, -1:]).to(compute)[..., None]  # the last document only
+            carry = carry * same_as_before[:, -1, None]
+        update = torch.einsum("bjn,bjh,bjhp->bhnp", Bc, to_end, xc)
+        state = update if state is None else carry[..., None, None] * state + update
+        ys.append(y)
+    return torch.cat(ys, dim=1), state
+
+
+class CausalConv(nn.Module):
+    """Depthwise causal conv over time with bias: out[t] = bias + sum_k weight[:, k] u[t - K + 1 + k]."""
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels, kernel))
+        self.bias = nn.Parameter(torch.empty(channels))
+
+    def forward(self, u, past, window_docs=None):
+        """u [B, T, C], past [B, K - 1, C]; window_docs [B, K - 1 + T] the documents of past and u:
+        a position sees only inputs of its own document. -> (out [B, T, C], the last K - 1 inputs)."""
+        K = self.weight.shape[1]
+        full = torch.cat((past, u), dim=1)
+        windows = full.unfold(1, K, 1)  # [B, T, C, K]
+        if window_docs is not None:
+            same = window_docs.unfold(1, K, 1) == window_docs[:, K - 1:, None]  # [B, T, K]
+            windows = windows * same.to(u.dtype)[:, :, None]
+        return torch.einsum("btck,ck->btc", windows, self.weight) + self.bias, full[:, full.shape[1] - (K - 1):]
+
+
+class HeadRMSNorm(nn.Module):
+    """RMSNorm over each head's channels (fp32 arithmetic at least)."""
+
+    def __init__(self, width: int, head_size: int, eps: float):
+        super().__init__()
+        self.head_size, self.eps = head_size, eps
+        self.weight = nn.Parameter(torch.ones(width))
+
+    def forward(self, y):  # [..., heads, P]
+        compute = torch.promote_types(y.dtype, torch.float32)
+        y32 = y.to(compute)
+        normed = y32 * torch.rsqrt(y32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(compute).view(-1, self.head_size)).to(y.dtype)
+
+
+class MambaBlock(nn.Module):
+    """`M` of layer_pattern: x + out_proj(RMSNorm_per_head(y * SiLU(z))), y = SSD(u, dt, A, B, C) + D u,
+    with u, B, C = SiLU(causal conv(...)) and z, u, B, C, dt from RMSNorm(x); one B/C group."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        D, P, N, K = config.hidden_size, config.mamba_head_size, config.mamba_state_size, config.mamba_conv_kernel
+        E = config.mamba_expand * D
+        self.head_size, self.chunk_size, self.kernel = P, config.mamba_chunk_size, K
+        self.norm = nn.RMSNorm(D, eps=config.layer_norm_eps)
+        self.z_proj = nn.Linear(D, E, bias=False)
+        self.x_proj = nn.Linear(D, E, bias=False)
+        self.B_proj = nn.Linear(D, N, bias=False)
+        self.C_proj = nn.Linear(D, N, bias=False)
+        self.dt_proj = nn.Linear(D, E // P, bias=False)
+        self.conv_x, self.conv_B, self.conv_C = CausalConv(E, K), CausalConv(N, K), CausalConv(N, K)
+        self.A_log = nn.Parameter(torch.zeros(E // P))
+        self.dt_bias = nn.Parameter(torch.zeros(E // P))
+        self.D = nn.Parameter(torch.ones(E // P))
+        self.out_norm = HeadRMSNorm(E, P, config.layer_norm_eps)
+        self.out_proj = nn.Linear(E, D, bias=False)
+
+    def forward(self, x, past=None, doc_ids=None, positions=None):
+        """x [B, T, D] -> (out, (conv inputs u, B, C [B, K - 1, channels], SSD state [B, h, N, P]));
+        doc_ids [B, past + T] (see documents_from_mask)."""
+        batch, T, _ = x.shape
+        h = self.norm(x)
+        z, u, B, C, dt = (proj(h) for proj in (self.z_proj, self.x_proj, self.B_proj, self.C_proj, self.dt_proj))
+        if past is None:
+            convs = [v.new_zeros(batch, self.kernel - 1, v.shape[-1]) for v in (u, B, C)]
+            state = None
+        else:
+            convs, state = past[:3], past[3]
+        window_docs = docs = None
+        if doc_ids is not None:
+            start = doc_ids.shape[1] - T
+            docs = doc_ids[:, start:]
+            lead = doc_ids[:, max(start - self.kernel + 1, 0):start]  # the cached inputs' documents
+            filler = docs[:, :1].expand(-1, self.kernel - 1 - lead.shape[1])  # zero inputs: any document
+            window_docs = torch.cat((filler, lead, docs), dim=1)
+            if state is not None and start > 0:  # a document starting at the first new token forgets the state
+                state = state * (doc_ids[:, start] == doc_ids[:, start - 1]).to(state.dtype)[:, None, None, None]
+        (u, u_past), (B, B_past), (C, C_past) = (conv(v, p, window_docs) for conv, v, p in
+                                                 zip((self.conv_x, self.conv_B, self.conv_C), (u, B, C), convs))
+        u, B, C = F.silu(u), F.silu(B), F.silu(C)
+        heads = u.view(batch, T, -1, self.head_size)
+        compute = torch.promote_types(u.dtype, torch.float32)
+        dt = F.softplus((dt + self.dt_bias).to(compute))
+        y, state = ssd_scan(heads, dt, -torch.exp(self.A_log.to(compute)), B, C, self.chunk_size, state, docs)
+        y = (y.to(compute) + heads.to(compute) * self.D.to(compute)[:, None]).to(u.dtype)
+        y = self.out_norm(y * F.silu(z).view_as(y))
+        return x + self.out_proj(y.reshape(batch, T, -1)), (u_past, B_past, C_past, state)
+
+
+BLOCKS = {"S": SessaLayer, "*": AttentionBlock, "-": MLPBlock, "M": MambaBlock}
 
 
 @dataclass
@@ -248,7 +379,7 @@ class SessaOutput(ModelOutput):
 class SessaPreTrainedModel(PreTrainedModel):
     config_class = ModelConfig
     base_model_prefix = "model"
-    _no_split_modules = ["SessaLayer", "AttentionBlock", "MLPBlock"]
+    _no_split_modules = ["SessaLayer", "AttentionBlock", "MLPBlock", "MambaBlock"]
 
     def _init_weights(self, module):
         std = getattr(self.config, "initializer_range", 0.02)
@@ -261,8 +392,15 @@ class SessaPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.RMSNorm):
+        elif isinstance(module, (nn.RMSNorm, HeadRMSNorm)):
             nn.init.ones_(module.weight)
+        elif isinstance(module, CausalConv):
+            nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, MambaBlock):  # A = -1, dt = softplus(0), D = 1
+            nn.init.zeros_(module.A_log)
+            nn.init.zeros_(module.dt_bias)
+            nn.init.ones_(module.D)
         elif isinstance(module, SessaMixer):
             nn.init.ones_(module.gamma_bias)
 
@@ -304,6 +442,8 @@ class SessaModel(SessaPreTrainedModel):
                 cache.layers[i] = entry
             if output_hidden_states:
                 all_hidden.append(hidden)
+        if cache is not None:
+            cache.seen += hidden.shape[1]
         return SessaOutput(last_hidden_state=self.norm(hidden), cache=cache if use_cache else None,
                            hidden_states=tuple(all_hidden) if output_hidden_states else None)
 

@@ -39,7 +39,8 @@ def tokens(length: int = 17, batch: int = 2, seed: int = 5) -> torch.Tensor:
 
 @pytest.mark.parametrize("fields, match", [
     (dict(layer_pattern="S*x-"), r"model.layer_pattern 'S\*x-' has unknown block character\(s\) \['x'\]; valid "
-                                 r"ones: 'S' \(Sessa block\), '\*' \(attention block\), '-' \(SwiGLU MLP block\)"),
+                                 r"ones: 'S' \(Sessa block\), '\*' \(attention block\), '-' \(SwiGLU MLP block\), "
+                                 r"'M' \(Mamba-2 block\)"),
     (dict(layer_pattern="S*-", num_layers=4), r"model.num_layers \(4\) must equal the length of "
                                               r"model.layer_pattern 'S\*-' \(3\)"),
     (dict(layer_pattern="S-", ffn_hidden_size=0), r"model.layer_pattern 'S-' has MLP blocks \('-'\) but "
@@ -233,7 +234,11 @@ def test_reference_export_refuses_non_sessa_blocks():
     assert reference_layer_kwargs(config("SS"))["D"] == 32  # an all-Sessa pattern still exports
 
 
-def test_hf_modeling_file_builds_the_same_pattern():
+MAMBA = dict(mamba_state_size=8, mamba_head_size=16, mamba_chunk_size=4)  # tiny `M` blocks (model/mamba.py)
+
+
+@pytest.mark.parametrize("pattern", ["S-*-S*", "SM*-", "M-M-"])
+def test_hf_modeling_file_builds_the_same_pattern(pattern):
     """The HF export's modeling file (checkpoints/hf) with the layout table's names: the same logits
     as the native model for a mixed pattern, padded or not, and cached greedy generation."""
 
@@ -241,7 +246,7 @@ def test_hf_modeling_file_builds_the_same_pattern():
     from checkpoints.hf.configuration_sessa import ModelConfig as HFConfig
     from checkpoints.hf.modeling_sessa import SessaForCausalLM
 
-    cfg = config("S-*-S*", feedback_chunk_size=4)
+    cfg = config(pattern, feedback_chunk_size=4, **MAMBA)
     native = SessaLM(cfg, init_seed=7).double()
     state = {k: v for k, v in native.state_dict().items() if isinstance(v, torch.Tensor)}
     entries = layout.entries(cfg, {k: tuple(v.shape) for k, v in state.items()})
@@ -255,11 +260,15 @@ def test_hf_modeling_file_builds_the_same_pattern():
         ours = native(ids)[..., :cfg.vocab_size]
         theirs = hf(ids).logits
     torch.testing.assert_close(theirs, ours, atol=1e-10, rtol=1e-10)
-    greedy = hf.generate(ids[:1, :4], max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert torch.equal(greedy, generate(native, ids[:1, :4], 5, temperature=0))
+    greedy = hf.generate(ids[:1, :4], max_new_tokens=7, min_new_tokens=7, do_sample=False)
+    assert torch.equal(greedy, generate(native, ids[:1, :4], 7, temperature=0))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0  # left padding: the row's logits equal its prompt alone
     with torch.no_grad():
         padded = hf(ids, attention_mask=mask).logits[1, 3:]
         alone = hf(ids[1:, 3:]).logits[0]
     torch.testing.assert_close(padded, alone, atol=1e-10, rtol=1e-10)
+    # cached generation of the padded batch: the padded row continues as its prompt alone
+    batch = hf.generate(ids[:, :7], attention_mask=mask[:, :7], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    row = hf.generate(ids[1:, 3:7], max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    assert torch.equal(batch[1, 7:], row[0, 4:])
