@@ -27,12 +27,17 @@ TP4_CASES = [
 
 # Hybrid stacks (model.layer_pattern, model/blocks.py): each block type alone, and mixed.
 HYBRID = dataclasses.replace(CONFIG, num_layers=4, layer_pattern="S*-S", ffn_hidden_size=48)
+MAMBA = dict(mamba_state_size=8, mamba_head_size=16, mamba_chunk_size=8)
 HYBRID_CASES = [
     ("attention_only", dataclasses.replace(CONFIG, layer_pattern="**"), True, True),
     ("mlp_only", dataclasses.replace(CONFIG, layer_pattern="--", ffn_hidden_size=48), True, False),
     ("hybrid", HYBRID, False, False),
     ("hybrid_sp_docs", HYBRID, True, True),
     ("hybrid_no_feedback_docs", dataclasses.replace(HYBRID, feedback=False), False, True),
+    # Mamba-2 blocks (model/mamba.py): heads and B/C state rows sharded, 4 heads of 16, state 8
+    ("mamba_only_sp_docs", dataclasses.replace(HYBRID, num_layers=2, layer_pattern="MM", **MAMBA), True, True),
+    ("mamba_mixed", dataclasses.replace(HYBRID, layer_pattern="SM*-", **MAMBA), False, False),
+    ("mamba_mixed_docs", dataclasses.replace(HYBRID, layer_pattern="SM*-", **MAMBA), False, True),
 ]
 
 
