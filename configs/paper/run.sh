@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The paper's comparison (SESSA.md §7) as a recipe: Sessa, Transformer++ and Sessa without the
-# feedback branch at matched parameter counts, on two-style classification and Diffuse MQAR, over
-# several seeds, then the table. Run from the repository root:
+# The paper's comparison (SESSA.md §7) as a recipe: Sessa, Transformer++, Sessa without the
+# feedback branch and the Mamba-2 arm (M-M-) at matched parameter counts, on two-style
+# classification and Diffuse MQAR, over several seeds, then the table. Run from the repository root:
 #     bash configs/paper/run.sh                 # STEPS=600 SEEDS="1 2 3" by default
 #     STEPS=300 SEEDS="1 2" LIMIT=100 bash configs/paper/run.sh
 set -euo pipefail
@@ -21,7 +21,7 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 runs=()
 for task in two-style diffuse-mqar; do
-  for model in sessa transformer sessa-nofb; do
+  for model in sessa transformer sessa-nofb mamba2; do
     for seed in $SEEDS; do
       name=paper-$task-$model-s$seed
       $PY -m pretrain --config configs/paper/$task-$model.yaml --run_name $name --runs_dir "$RUNS" \

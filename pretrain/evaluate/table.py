@@ -25,6 +25,8 @@ HEADLINE = {"choice": "accuracy", "generate": "token_accuracy", "loss": "perplex
 def model_label(model: dict) -> str:
     if model.get("arch", "sessa") == "transformer":
         return "Transformer++"
+    if set(model.get("layer_pattern") or "S") <= {"M", "-"}:  # Mamba-2 blocks (and MLPs): the Mamba-2 arm
+        return "Mamba-2"
     return "Sessa" if model.get("feedback", True) else "Sessa (no feedback)"
 
 
@@ -85,7 +87,8 @@ def _mean_std(values: list[float]) -> str:
 def render(rows: list[dict]) -> str:
     """One line per model: seeds, parameters, tokens and wall time per run, then one column per task."""
     tasks = sorted({t for r in rows for t in r["results"]})
-    labels = [m for m in ("Sessa", "Transformer++", "Sessa (no feedback)") if any(r["label"] == m for r in rows)]
+    labels = [m for m in ("Sessa", "Transformer++", "Sessa (no feedback)", "Mamba-2")
+              if any(r["label"] == m for r in rows)]
     kinds = {t: k for r in rows for t, k in r["kinds"].items()}
     header = ["model", "seeds", "params", "tokens / run", "wall time / run"] + [f"{t} ({HEADLINE[kinds[t]]})" for t in tasks]
     lines = ["| " + " | ".join(header) + " |", "|---|---:|---:|---:|---:|" + "---:|" * len(tasks)]

@@ -174,3 +174,18 @@ def test_bad_mamba_settings_are_refused():
                                          r"tensor-parallel size \(4\)"):
         config("M", mamba_state_size=6).check_tensor_parallel(4)
     config("S", mamba_head_size=24)  # no `M` block: the Mamba fields are not used
+
+
+@pytest.mark.parametrize("task", ["two-style", "diffuse-mqar"])
+def test_paper_mamba2_arm_matches_the_sessa_parameter_count(task):
+    """configs/paper's Mamba-2 arm (M-M-): a valid recipe, labelled Mamba-2 in the table, within 2%
+    of Sessa's parameters like the other arms (tests/evaluate/test_table.py)."""
+    from pathlib import Path
+
+    from pretrain.config import load_config
+    from pretrain.evaluate.table import model_label, parameter_count
+
+    paper = Path(__file__).resolve().parents[2] / "configs" / "paper"
+    mamba, sessa = (load_config(paper / f"{task}-{arm}.yaml", []).model.to_dict() for arm in ("mamba2", "sessa"))
+    assert model_label(mamba) == "Mamba-2" and model_label(sessa) == "Sessa"
+    assert abs(parameter_count(mamba) / parameter_count(sessa) - 1) < 0.02
