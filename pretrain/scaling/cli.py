@@ -40,7 +40,7 @@ def _plan(args) -> int:
     overrides = {k: v for k, v in (("lr", args.lr), ("batch_tokens", args.batch_tokens), ("beta2", args.beta2),
                                    ("warmup_steps", args.warmup_steps)) if v is not None}
     planner = Planner(
-        base=base, seq_len=args.seq_len, archs=tuple(args.archs), micro_batch=args.micro_batch,
+        base=base, seq_len=args.seq_len, archs=tuple(args.arms), micro_batch=args.micro_batch,
         size_rule=SizeRule(aspect=args.aspect, head_size=args.head_size, kv_group=args.kv_group),
         rules=HparamRules(overrides=overrides), tolerance=args.tolerance, decay_fraction=args.decay_fraction,
         seed=args.seed,
@@ -88,20 +88,23 @@ def _compare(args) -> int:
     from .compare import compare_table
 
     rows = read_table(Path(args.sweep) / "results" / "results.csv")
-    result = compare_table(rows, args.budgets or None, bootstrap=args.bootstrap, seed=args.seed)
+    result = compare_table(rows, args.budgets or None, baseline=args.baseline, bootstrap=args.bootstrap,
+                           seed=args.seed)
     path = Path(args.sweep) / "results" / "compare.json"
     path.write_text(json.dumps({str(k): v for k, v in result.items()}, indent=1))
-    for seq_len, entry in result.items():
-        if "error" in entry:
-            print(f"seq_len {seq_len}: {entry['error']}")
-            continue
-        for row in entry["multiplier"]:
-            band = row.get("interval", [float("nan")] * 2)
-            print(f"seq_len {seq_len} C={row['flops']:.3g}: compute multiplier {row['multiplier']:.3g} "
-                  f"[{band[0]:.3g}, {band[1]:.3g}]")
-        for name, e in entry["exponents"].items():
-            print(f"seq_len {seq_len} {name}: sessa {e['sessa']:.3g} transformer {e['transformer']:.3g} "
-                  f"p={e.get('p_value', float('nan')):.3g}")
+    for seq_len, arms in result.items():
+        for arm, entry in arms.items():
+            where = f"seq_len {seq_len} {arm} vs {args.baseline}"
+            if "error" in entry:
+                print(f"{where}: {entry['error']}")
+                continue
+            for row in entry["multiplier"]:
+                band = row.get("interval", [float("nan")] * 2)
+                print(f"{where} C={row['flops']:.3g}: compute multiplier {row['multiplier']:.3g} "
+                      f"[{band[0]:.3g}, {band[1]:.3g}]")
+            for name, e in entry["exponents"].items():
+                print(f"{where} {name}: {arm} {e[arm]:.3g} {args.baseline} {e[args.baseline]:.3g} "
+                      f"p={e.get('p_value', float('nan')):.3g}")
     print(f"wrote {path}")
     return 0
 
@@ -140,6 +143,15 @@ def _launch(args) -> int:
     return 0
 
 
+def _arm(text: str) -> str:
+    from .plan import check_arm
+
+    try:
+        return check_arm(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pretrain.scaling", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -151,7 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="isoFLOP grid per budget, or a tokens-per-parameter WSD ladder per width")
     plan.add_argument("--budgets", type=float, nargs="*", default=[], help="compute budgets in FLOPs (isoflop)")
     plan.add_argument("--widths", type=int, nargs="+", required=True, help="candidate model widths")
-    plan.add_argument("--archs", nargs="+", default=["sessa", "transformer"], choices=("sessa", "transformer"))
+    plan.add_argument("--arms", "--archs", dest="arms", nargs="+", default=["sessa", "transformer"], type=_arm,
+                      help="architectures (sessa, transformer) or layer-pattern units repeated to each depth "
+                           "(S- : Sessa + MLP, SSS* : one attention block in four, M- : Mamba-2 + MLP)")
     plan.add_argument("--seq-len", type=int, required=True, help="tokens per sequence of the prepared data")
     plan.add_argument("--sizes-per-budget", type=int, default=3, help="model sizes per isoFLOP budget")
     plan.add_argument("--spread", type=float, default=4.0, help="isoflop sizes span N*/spread .. N* x spread")
@@ -191,8 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--sweep", required=True, help="sweep directory (plan.json, runs/)")
     collect.set_defaults(handler=_collect)
 
-    compare = sub.add_parser("compare", help="Sessa vs Transformer: compute multiplier, exponent test")
+    compare = sub.add_parser("compare", help="each arm vs a baseline arm: compute multiplier, exponent test")
     compare.add_argument("--sweep", required=True, help="sweep directory with results/results.csv")
+    compare.add_argument("--baseline", default="transformer", type=_arm, help="the arm the others are compared with")
     compare.add_argument("--budgets", type=float, nargs="*", default=[], help="budgets (default: the sweep's)")
     compare.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples per architecture")
     compare.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")

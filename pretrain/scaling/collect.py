@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from .plan import arm_slug
+
 COLUMNS = ["run", "arch", "seq_len", "config_hash", "git_commit", "seed", "budget", "step", "steps", "params",
            "params_non_embedding", "tokens", "flops_model", "flops_6N", "flops_6N_non_embedding", "loss_nats",
            "bits_per_byte", "post_cooldown", "diverged", "divergence"]
@@ -98,8 +100,8 @@ def collect(sweep: str | Path) -> list[dict]:
 
 
 def write_table(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
-    """results.csv and results.parquet in `out_dir`; also points_<arch>.csv (params, tokens, loss,
-    budget of the fitted rows) for `fit --points`."""
+    """results.csv and results.parquet in `out_dir`; also points_<arm>.csv (params, tokens, loss,
+    budget of the fitted rows; a pattern arm spelled as plan.arm_slug does) for `fit --points`."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -112,7 +114,7 @@ def write_table(rows: list[dict], out_dir: str | Path) -> tuple[Path, Path]:
         writer.writerows(rows)
     pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), parquet_path)
     for arch in sorted({r["arch"] for r in rows}):
-        with open(out_dir / f"points_{arch}.csv", "w", newline="") as f:
+        with open(out_dir / f"points_{arm_slug(arch)}.csv", "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["params", "tokens", "loss", "budget", "seq_len"])
             for r in fit_rows(rows, arch):

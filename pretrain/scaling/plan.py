@@ -1,4 +1,10 @@
-"""The sweep planner: compute budgets -> one training config per (architecture, size, tokens) point.
+"""The sweep planner: compute budgets -> one training config per (arm, size, tokens) point.
+
+An arm is an architecture (`sessa`, `transformer`) or a layer-pattern unit of model/blocks.py
+(`S-`: Sessa + MLP, `SSS*`: one attention block in four, `M-`: Mamba-2 + MLP), repeated to the
+size rule's depth (rounded to whole units, at least one). Pattern arms use the MLP width rule of
+ModelConfig (8/3 x width) like the Transformer arm; run and file names spell a pattern with letters
+(`arm_slug`: S s, * a, - f, M m, prefixed with p: `S-` -> `psf`).
 
 Sizes come from a width/depth rule (`SizeRule`): layers = round(width / aspect), heads of
 `head_size`, kv-heads = heads / kv_group. Two layouts:
@@ -27,12 +33,29 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
-from model.config import ModelConfig
+from model.config import ARCHS, BLOCK_TYPES, ModelConfig
 
 from model.flops import count_params, ledger
 
 TOKENS_PER_PARAM = 20.0
 DEFAULT_SEED = 1234
+
+
+_SLUG_LETTERS = str.maketrans({"S": "s", "*": "a", "-": "f", "M": "m"})
+
+
+def check_arm(arm: str) -> str:
+    """`arm` itself if it is an architecture or a layer pattern unit; a ValueError naming both otherwise."""
+    if arm in ARCHS or (arm and not set(arm) - set(BLOCK_TYPES)):
+        return arm
+    blocks = ", ".join(f"{c!r} {name}" for c, name in BLOCK_TYPES.items())
+    raise ValueError(f"arm {arm!r} is neither an architecture {ARCHS} nor a layer pattern of the block "
+                     f"characters ({blocks}), e.g. S- or SSS*")
+
+
+def arm_slug(arm: str) -> str:
+    """A file- and shell-safe name of an arm (patterns hold '*' and '-')."""
+    return arm if arm in ARCHS else "p" + check_arm(arm).translate(_SLUG_LETTERS)
 
 
 @dataclass(kw_only=True)
@@ -155,7 +178,7 @@ def apply_overrides(base: dict, overrides: dict) -> dict:
 class Planner:
     base: dict  # the base recipe (YAML tree): vocabulary, data, and anything the sweep does not vary
     seq_len: int
-    archs: tuple = ("sessa", "transformer")
+    archs: tuple = ("sessa", "transformer")  # arms: architectures or layer-pattern units
     size_rule: SizeRule = field(default_factory=SizeRule)
     rules: HparamRules = field(default_factory=HparamRules)
     micro_batch: int = 1
@@ -163,9 +186,14 @@ class Planner:
     decay_fraction: float = 0.2
     seed: int = DEFAULT_SEED
 
-    def model_config(self, arch: str, width: int) -> ModelConfig:
-        fields = dict(self.base.get("model", {})) | self.size_rule.model_fields(width) | {"arch": arch}
-        if arch == "transformer":
+    def model_config(self, arm: str, width: int) -> ModelConfig:
+        fields = dict(self.base.get("model", {})) | self.size_rule.model_fields(width)
+        if check_arm(arm) in ARCHS:
+            fields |= {"arch": arm, "layer_pattern": ""}
+        else:
+            repeats = max(1, round(fields["num_layers"] / len(arm)))
+            fields |= {"arch": "sessa", "layer_pattern": arm * repeats, "num_layers": len(arm) * repeats}
+        if arm == "transformer" or set(arm) & {"-", "*"}:
             fields.pop("ffn_hidden_size", None)  # derived from the width
         return ModelConfig(**fields)
 
@@ -225,7 +253,8 @@ class Planner:
                     if free:
                         chosen.append(min(free, key=lambda w: abs(math.log(sizes[w] / target))))
                 for width in sorted(chosen):
-                    point = self._point(f"{arch}-w{width}-c{budget:.0e}".replace("+", ""), arch, width, budget)
+                    point = self._point(f"{arm_slug(arch)}-w{width}-c{budget:.0e}".replace("+", ""), arch, width,
+                                        budget)
                     points.append(self._finish(point))
         return points
 
@@ -239,11 +268,11 @@ class Planner:
                 per_token = ledger(config, self.seq_len).per_token("model")
                 longest = max(ratios) * params
                 # one batch and LR for the whole ladder (the branches share the constant phase)
-                main = self._point(f"{arch}-w{width}-r{max(ratios):g}", arch, width, longest * per_token,
+                main = self._point(f"{arm_slug(arch)}-w{width}-r{max(ratios):g}", arch, width, longest * per_token,
                                    tokens=longest)
                 for ratio in sorted(ratios):
                     tokens = ratio * params
-                    name = f"{arch}-w{width}-r{ratio:g}"
+                    name = f"{arm_slug(arch)}-w{width}-r{ratio:g}"
                     point = self._point(name, arch, width, tokens * per_token, tokens=tokens,
                                         budget_for_rules=main.target_flops, batch_tokens=main.batch_tokens)
                     point.warmup_steps = main.warmup_steps

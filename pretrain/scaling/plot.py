@@ -157,24 +157,24 @@ def write_report(out: Path, fits: dict, comparison: dict | None, rows: list[dict
             lines.append(f"\n**{arch}: {', '.join(f.details['at_bounds'])} at the optimiser's bounds: the data do not "
                          f"identify the law (too few sizes/tokens); its extrapolations, N*, D* and the compute "
                          f"multiplier are not meaningful.**")
-    if comparison:
-        lines += ["", "## Sessa vs Transformer", ""]
-        for seq_len, result in comparison.items():
-            lines.append(f"### sequence length {seq_len}")
+    for seq_len, arms in (comparison or {}).items():
+        for arm, result in arms.items():
+            baseline = result["baseline"]
+            lines += ["", f"## {arm} vs {baseline}, sequence length {seq_len}", ""]
             if "error" in result:
-                lines += ["", result["error"], ""]
+                lines += [result["error"], ""]
                 continue
-            lines += ["", "| budget (FLOPs) | compute multiplier | interval | L*_sessa | L*_transformer |",
+            lines += [f"| budget (FLOPs) | compute multiplier | interval | L*_{arm} | L*_{baseline} |",
                       "|---|---|---|---|---|"]
             for row in result["multiplier"]:
                 band = row.get("interval")
                 lines.append(f"| {row['flops']:.3g} | {row['multiplier']:.3g} | "
-                             f"{'[%.3g, %.3g]' % tuple(band) if band else '-'} | {row['sessa_loss']:.4g} | "
-                             f"{row['transformer_loss']:.4g} |")
-            lines += ["", "| exponent | sessa | transformer | difference | interval | p |", "|---|---|---|---|---|---|"]
+                             f"{'[%.3g, %.3g]' % tuple(band) if band else '-'} | {row[f'{arm}_loss']:.4g} | "
+                             f"{row[f'{baseline}_loss']:.4g} |")
+            lines += ["", f"| exponent | {arm} | {baseline} | difference | interval | p |", "|---|---|---|---|---|---|"]
             for name, e in result["exponents"].items():
                 band = e.get("interval")
-                lines.append(f"| {name} | {e['sessa']:.3g} | {e['transformer']:.3g} | {e['difference']:+.3g} | "
+                lines.append(f"| {name} | {e[arm]:.3g} | {e[baseline]:.3g} | {e['difference']:+.3g} | "
                              f"{'[%.3g, %.3g]' % tuple(band) if band else '-'} | {e.get('p_value', float('nan')):.3g} |")
             lines.append("")
     lines += ["", "## Plots", ""] + [f"![{name}]({name}.png)" for name in

@@ -34,6 +34,24 @@ def test_isoflop_points_hit_their_budgets_or_are_flagged():
     assert all(p.off_budget for p in coarse)
 
 
+def test_layer_pattern_arms_repeat_their_unit_to_each_depth():
+    points = planner(archs=("sessa", "S-", "SSS*")).isoflop([1e13], WIDTHS, sizes_per_budget=2)
+    for p in points:
+        config = planner().model_config(p.arch, p.width)
+        if p.arch == "sessa":
+            assert config.layer_pattern == "" and p.name.startswith("sessa-")
+        else:
+            unit = p.arch
+            assert config.layer_pattern == unit * (config.num_layers // len(unit)) and config.num_layers >= len(unit)
+            assert p.name.startswith({"S-": "psf-", "SSS*": "psssa-"}[unit])
+            assert p.overrides["model.layer_pattern"] == config.layer_pattern
+    load_config(REPO / "configs" / "tiny.yaml", [f"--{k}={v}" for k, v in points[-1].overrides.items()])
+    bad = subprocess.run([sys.executable, "-m", "pretrain.scaling", "plan", "--base", "configs/tiny.yaml", "--seq-len",
+                          "64", "--widths", "32", "--budgets", "1e12", "--arms", "sessa", "SX", "--dry-run"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "arm 'SX' is neither an architecture" in bad.stderr
+
+
 def test_ladder_branches_fork_from_the_constant_phase():
     points = planner(archs=("sessa",)).ladder([32, 64], ratios=(10, 20, 40, 80))
     for width in (32, 64):

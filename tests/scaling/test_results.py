@@ -2,7 +2,8 @@
 
 The runs' metrics.jsonl are written here (the trainer's format) instead of trained, so the
 statistics can be checked against the truth: the Transformer's law is Sessa's with N and D
-scaled by 1/sqrt(2), i.e. it needs exactly 2x the compute for the same compute-optimal loss.
+scaled by 1/sqrt(2), i.e. it needs exactly 2x the compute for the same compute-optimal loss; a
+pattern arm (`S-`) sits halfway in log compute (scale 2^-1/4: the Transformer needs sqrt(2)x).
 """
 import json
 import math
@@ -26,7 +27,7 @@ K = math.sqrt(2.0)
 
 
 def true_loss(arch, n, d):
-    scale = K if arch == "transformer" else 1.0
+    scale = {"transformer": K, "S-": math.sqrt(K)}.get(arch, 1.0)
     return float(law_loss(LAW, n / scale, d / scale))
 
 
@@ -34,7 +35,8 @@ def true_loss(arch, n, d):
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
     base = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
-    planner = Planner(base=base, seq_len=64, size_rule=SizeRule(aspect=32, head_size=16))
+    planner = Planner(base=base, seq_len=64, size_rule=SizeRule(aspect=32, head_size=16),
+                      archs=("sessa", "transformer", "S-"))
     points = planner.isoflop([1e12, 3e12, 1e13], [32, 48, 64, 96, 128, 192], sizes_per_budget=4, spread=6)
     (root / "configs").mkdir()
     rng = np.random.default_rng(0)
@@ -73,11 +75,15 @@ def test_collect_writes_csv_and_parquet(sweep):
 def test_compare_recovers_the_compute_multiplier(sweep):
     root, _ = sweep
     rows = collect(root)
-    result = compare_table(rows, [1e13], bootstrap=40)[64]
-    (row,) = result["multiplier"]
-    assert row["multiplier"] == pytest.approx(2.0, rel=0.25)
-    assert row["interval"][0] <= 2.0 <= row["interval"][1]
-    assert result["exponents"]["alpha"]["p_value"] > 0.05  # the same exponents: no significant difference
+    results = compare_table(rows, [1e13], bootstrap=40)[64]
+    assert set(results) == {"sessa", "S-"}  # every arm against the Transformer
+    for arm, truth in (("sessa", 2.0), ("S-", math.sqrt(2.0))):
+        (row,) = results[arm]["multiplier"]
+        assert row["multiplier"] == pytest.approx(truth, rel=0.25)
+        assert row["interval"][0] <= truth <= row["interval"][1]
+        assert results[arm]["exponents"]["alpha"]["p_value"] > 0.05  # the same exponents: no significant difference
+    (row,) = compare_table(rows, [1e13], baseline="sessa", bootstrap=0)[64]["S-"]["multiplier"]
+    assert row["multiplier"] == pytest.approx(1 / math.sqrt(2.0), rel=0.25)  # behind Sessa
     shifted = dict(LAW, A=LAW["A"] * K**LAW["alpha"], B=LAW["B"] * K**LAW["beta"])
     assert compute_multiplier(LAW, shifted, 1e15) == pytest.approx(2.0, rel=1e-6)
 
@@ -88,12 +94,14 @@ def test_cli_collect_compare_plot_write_their_files(sweep):
         done = subprocess.run([sys.executable, "-m", "pretrain.scaling", *command, "--sweep", str(root)],
                               cwd=REPO, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
-    for name in ("results/results.csv", "results/results.parquet", "results/points_sessa.csv", "results/compare.json",
+    for name in ("results/results.csv", "results/results.parquet", "results/points_sessa.csv",
+                 "results/points_psf.csv", "results/compare.json",
                  "report/report.md", "report/isoflop.png", "report/optimal.png", "report/residuals.png",
                  "report/loss_curves.png", "report/overlay.png"):
         assert (root / name).stat().st_size > 0, name
     report = (root / "report" / "report.md").read_text()
     assert "compute multiplier" in report and "![overlay](overlay.png)" in report
+    assert "## S- vs transformer, sequence length 64" in report
     fit = [sys.executable, "-m", "pretrain.scaling", "fit", "--points", str(root / "results" / "points_sessa.csv"),
            "--json", "--bootstrap", "10"]
     done = subprocess.run([*fit, "--approach", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
