@@ -101,6 +101,35 @@ def test_hf_export_loads_with_remote_code_and_matches_native(trained, tmp_path):
     assert set(manifest["files"]) >= {"model.safetensors", "config.json", "tokenizer.json", "modeling_sessa.py"}
 
 
+@pytest.mark.slow
+def test_mamba_hybrid_exports_to_hf(tmp_path, prepared_data):  # noqa: F811
+    """A pattern with Mamba-2 blocks (SM*-, model/mamba.py) exports to HF; loaded with remote code in a
+    fresh process: our model's logits (<= 1e-4, same argmax) and greedy tokens."""
+    recipe = _recipe(tmp_path, prepared_data, init_scheme="reference", num_layers=4, layer_pattern="SM*-",
+                     ffn_hidden_size=64, mamba_state_size=16, mamba_head_size=16, mamba_chunk_size=16)
+    run_pretrain(recipe, "--run_name", "mamba")
+    run = tmp_path / "runs" / "mamba"
+    assert "top-1 mismatches: 0" in cli("export", run, "--to", "hf", "--out", tmp_path / "hf").stdout
+    reader = open_checkpoint(run)
+    config = model_config(reader.common)
+    assert config.layer_pattern == "SM*-" and config.mamba_state_size == 16
+    ids = torch.randint(0, config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(4))
+    torch.save(ids, tmp_path / "ids.pt")
+    (tmp_path / "load.py").write_text(FRESH_PROCESS)
+    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env=pretrain_env(), timeout=300)
+    result = torch.load(tmp_path / "out.pt")
+
+    from model.generation import generate
+
+    native = native_model(independent_state_dict(reader), config)
+    with torch.no_grad():
+        ours = native(ids)[..., : config.vocab_size]
+    assert (ours - result["logits"]).abs().max().item() <= 1e-4
+    assert torch.equal(ours.argmax(-1), result["logits"].argmax(-1))
+    assert torch.equal(generate(native, ids[:1, :5], 8, temperature=0), result["generated"])
+
+
 def test_transformer_arm_exports_to_llama(tmp_path, prepared_data, monkeypatch):  # noqa: F811
     """The Transformer arm exports to transformers' own LlamaForCausalLM (no remote code): the same
     logits as our model read independently, the same greedy tokens; a k/v mix-up is caught; the
