@@ -25,7 +25,8 @@ HEADLINE = {"choice": "accuracy", "generate": "token_accuracy", "loss": "perplex
 def model_label(model: dict) -> str:
     if model.get("arch", "sessa") == "transformer":
         return "Transformer++"
-    if set(model.get("layer_pattern") or "S") <= {"M", "-"}:  # Mamba-2 blocks (and MLPs): the Mamba-2 arm
+    pattern = model.get("layer_pattern") or ""
+    if "M" in pattern and set(pattern) <= {"M", "-"}:  # Mamba-2 blocks (and MLPs): the Mamba-2 arm
         return "Mamba-2"
     return "Sessa" if model.get("feedback", True) else "Sessa (no feedback)"
 
