@@ -189,3 +189,36 @@ def test_paper_mamba2_arm_matches_the_sessa_parameter_count(task):
     mamba, sessa = (load_config(paper / f"{task}-{arm}.yaml", []).model.to_dict() for arm in ("mamba2", "sessa"))
     assert model_label(mamba) == "Mamba-2" and model_label(sessa) == "Sessa"
     assert abs(parameter_count(mamba) / parameter_count(sessa) - 1) < 0.02
+
+
+def test_pipeline_stages_equal_one_process():
+    """Two stages (global block numbers, packed documents) == the whole model, to 1e-12."""
+    cfg = config("SM*-MM")
+    whole = SessaLM(cfg, init_seed=4).double()
+    first = SessaLM(cfg, post_process=False, layer_numbers=[0, 1, 2], init_seed=4).double()
+    last = SessaLM(cfg, pre_process=False, layer_numbers=[3, 4, 5], init_seed=4).double()
+    ids = tokens(17)
+    doc_ids = torch.repeat_interleave(torch.arange(2), torch.tensor([9, 7]))[None].expand(2, -1)
+    documents = {"doc_ids": doc_ids, "position_ids": positions_from_doc_ids(doc_ids)}
+    last.set_input_tensor(first(ids[:, :-1], **documents))
+    staged = last(None, ids[:, 1:], **documents)
+    torch.testing.assert_close(staged, whole(ids[:, :-1], ids[:, 1:], **documents), atol=1e-12, rtol=1e-12)
+    assert "layers.4.A_log" in last.sharded_state_dict()
+
+
+def test_full_recompute_is_exact():
+    from model.recompute import recompute_blocks, torch_checkpoint
+
+    def loss_and_grads(recompute: str):
+        model = SessaLM(config("SM-"), init_seed=3)
+        recompute_blocks(model, recompute, torch_checkpoint)
+        ids = tokens(25)
+        loss = model(ids[:, :-1], ids[:, 1:]).mean()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    base_loss, base_grads = loss_and_grads("none")
+    loss, grads = loss_and_grads("full")
+    assert torch.equal(loss, base_loss)
+    for name, grad in base_grads.items():
+        assert torch.equal(grads[name], grad), name
