@@ -176,11 +176,10 @@ def block_weight_elements(config: ModelConfig, kind: str) -> tuple[int, int]:
         return D * (D + 2 * kv) + D * D, D
     if kind == "-":
         return 3 * D * config.ffn_hidden_size, D
-    if kind == "M":  # z, x, B, C, dt projections; the convs over x, B, C (weights and biases); out_proj
+    if kind == "M":  # z, x, B, C, dt projections and out_proj; the depthwise convs are elementwise work
         E, N, H = config.mamba_inner_size, config.mamba_state_size, config.mamba_heads
-        conv_channels = E + 2 * N
-        matrices = D * (2 * E + 2 * N + H) + config.mamba_conv_kernel * conv_channels + E * D
-        return matrices, D + conv_channels + 3 * H + E  # norm, conv biases, A_log/dt_bias/D, gated norm
+        conv = (config.mamba_conv_kernel + 1) * (E + 2 * N)  # weights and biases over x, B, C
+        return D * (2 * E + 2 * N + H) + E * D, D + conv + 3 * H + E  # norm, convs, A_log/dt_bias/D, gated norm
     if kind == "S":
         feedback = config.feedback  # q_b, k_b, gamma_ctx, gamma_bias exist only with the feedback branch
         matrices = (

@@ -18,8 +18,8 @@ Elementwise work (softmax, norms, GELU/SiLU, RoPE) is left out of every conventi
 registering `flop_counter_formulas()` for the ops it has no formula for).
 
 Hybrid stacks (model.layer_pattern) sum the blocks of each type; the Transformer arm is "*-" per layer.
-Mamba-2 blocks (`M`): their projections and depthwise convs are weight matmuls ("projections");
-the SSD scan is "ssm_scan" (model: the recurrence, 4 N P per head and token; hardware: the chunked
+Mamba-2 blocks (`M`): their projections are weight matmuls ("projections"), their depthwise convs
+elementwise work (left out, like norms); the SSD scan is "ssm_scan" (model: the recurrence, 4 N P per head and token; hardware: the chunked
 scan of model/ssd.py as executed, its within-chunk C.B scores, shared by all heads and computed on
 every tensor-parallel rank, as "ssm_scores").
 

@@ -63,14 +63,21 @@ class CausalConv(nn.Module):
 
     def forward(self, u, past, doc_ids):
         """u [B, T, C], past [B, K - 1, C] (the inputs before u; zeros at a sequence start),
-        doc_ids [B, T] or None -> (out [B, T, C], the last K - 1 inputs)."""
-        K = self.weight.shape[1]
-        full = torch.cat((past, u), dim=1)
-        windows = full.unfold(1, K, 1)  # [B, T, C, K]: window t ends at position t
-        if doc_ids is not None:  # zero the inputs of earlier documents
-            ids = torch.cat((doc_ids[:, :1].expand(-1, K - 1), doc_ids), dim=1).unfold(1, K, 1)  # [B, T, K]
-            windows = windows * (ids == doc_ids[..., None]).to(u.dtype)[:, :, None]
-        out = torch.einsum("btck,ck->btc", windows, self.weight) + self.bias
+        doc_ids [B, T] or None (a position reads only inputs of its own document)
+        -> (out [B, T, C], the last K - 1 inputs)."""
+        K, T = self.weight.shape[1], u.shape[1]
+        full = torch.cat((past, u), dim=1)  # [B, K - 1 + T, C]
+        # K shifted multiply-adds rather than a conv kernel: autograd keeps only `full` (an unfolded
+        # [B, T, C, K] einsum keeps K copies), and per-lag masks handle packed documents.
+        out = self.bias
+        for k in range(K):
+            lag = K - 1 - k
+            tap = full[:, k:k + T] * self.weight[:, k]
+            if doc_ids is not None and lag:
+                same = torch.ones_like(doc_ids, dtype=torch.bool)  # before the sequence: zeros
+                same[:, lag:] = doc_ids[:, lag:] == doc_ids[:, :-lag]
+                tap = tap * same[..., None].to(tap.dtype)
+            out = out + tap
         return out, full[:, full.shape[1] - (K - 1):]
 
 
@@ -160,12 +167,12 @@ class MambaBlock(_Block):
 
         batch, T = u.shape[:2]
         compute = torch.promote_types(u.dtype, torch.float32)
-        heads = u.view(batch, T, self.local_heads, -1)
+        heads = u.view(batch, T, self.local_heads, -1).to(compute)
         dt = F.softplus((dt_raw + self.dt_bias).to(compute))
         A = -torch.exp(self.A_log.to(compute))
-        y, state = ssd_chunked(heads.to(compute), dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute),
+        y, state = ssd_chunked(heads, dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute),
                                self.sessa.mamba_chunk_size, initial_state, doc_ids)
-        y = (y + heads.to(compute) * self.D.to(compute)[:, None]).to(u.dtype)
+        y = (y + heads * self.D.to(compute)[:, None]).to(u.dtype)
         y = self.out_norm(y * F.silu(z).view_as(y))
         out, _ = self.out_proj(y.reshape(batch, T, -1).transpose(0, 1))
         new_cache = MambaCache((u_past, B_past, C_past), state) if cache is not None else None

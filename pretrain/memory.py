@@ -68,13 +68,19 @@ def block_activation_bytes(model: ModelConfig, kind: str, seq_len: int, micro_ba
         return {"saved": tokens * (full + attention) + 4 * seq_len * d / 2 * 4, "transient": 0.0,
                 "mixer": tokens * attention, "input": block_input}
     if kind == "M":
-        E, N, H, f = model.mamba_inner_size / tp, model.mamba_state_size, model.mamba_heads / tp, max(c, 4)
-        Q = min(model.mamba_chunk_size, seq_len)
-        per_token = (c * (2 * E + 2 * N / tp + H)  # projections
-                     + c * (2 * (E + 2 * N / tp) + E + 2 * N)  # conv inputs and outputs, SiLU outputs
-                     + f * (E + 2 * N + H) + f * Q * (2 * H + 1) + f * E  # scan inputs, scores, output
-                     + 4 * c * E)  # y * SiLU(z): both factors, product, normed
-        return {"saved": tokens * (full + per_token), "transient": 0.0, "mixer": 0.0, "input": block_input}
+        sp = tp if sequence_parallel else 1
+        E, H, N, f = model.mamba_inner_size / tp, model.mamba_heads / tp, model.mamba_state_size, max(c, 4)
+        P, K, Q = model.mamba_head_size, model.mamba_conv_kernel, min(model.mamba_chunk_size, seq_len)
+        per_token = (
+            (D * (c + f) + 4) / sp + D * c  # norm input, its fp32 intermediate and inverse rms; normed (gathered)
+            + (E + 2 * N / tp) * c * (2 + (K - 1) / seq_len)  # conv inputs (with the K - 1 before) and outputs
+            + f * (E + 2 * N + 6 * H)  # the scan's inputs: x (fp32), B and C (gathered); dt, decays
+            + f * Q * (1 + 3 * H)  # within-chunk C.B and the per-head decays and scores
+            + f * (2 * E + H)  # the state update's scaled inputs
+            + f * H * N * (1 + 2 * P / Q) * (1 - Q / seq_len)  # the carried state, read and decayed (chunks 2..)
+            + 3 * E * c + f * (2 * E + H) + E * c  # gate (y, z, SiLU(z)), per-head norm (fp32), out_proj input
+        )
+        return {"saved": tokens * per_token, "transient": 0.0, "mixer": 0.0, "input": block_input}
     return {"saved": tokens * (full + 4 * model.ffn_hidden_size / tp * c), "transient": 0.0, "mixer": 0.0,
             "input": block_input}
 

@@ -172,7 +172,7 @@ def test_bad_mamba_settings_are_refused():
         config("M", num_heads=8, num_kv_heads=8).check_tensor_parallel(8)
     with pytest.raises(ValueError, match=r"ModelConfig.mamba_state_size \(6\) must be divisible by the "
                                          r"tensor-parallel size \(4\)"):
-        config("M", mamba_state_size=6).check_tensor_parallel(4)
+        config("M", mamba_state_size=6, num_kv_heads=4).check_tensor_parallel(4)
     config("S", mamba_head_size=24)  # no `M` block: the Mamba fields are not used
 
 
@@ -222,3 +222,27 @@ def test_full_recompute_is_exact():
     assert torch.equal(loss, base_loss)
     for name, grad in base_grads.items():
         assert torch.equal(grads[name], grad), name
+
+
+@pytest.mark.parametrize("dtype, T, N, chunk", [(torch.float32, 200, 32, 64), (torch.bfloat16, 256, 64, 32)])
+def test_activation_model_matches_the_saved_tensors(dtype, T, N, chunk):
+    """pretrain.memory's `M` block estimate is within 2% of the bytes autograd keeps (one process)."""
+    from model.parallel import megatron_config
+    from pretrain.memory import block_activation_bytes
+
+    cfg = ModelConfig(vocab_size=256, hidden_size=128, num_layers=1, num_heads=4, layer_pattern="M",
+                      mamba_state_size=N, mamba_chunk_size=chunk)
+    block = MambaBlock(cfg, megatron_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16), 0)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        block(torch.randn(T, 2, 128, dtype=dtype, requires_grad=True))
+    estimate = block_activation_bytes(cfg, "M", T, 2, 1, False, 4 if dtype == torch.float32 else 2)["saved"]
+    assert estimate == pytest.approx(sum(storages.values()), rel=0.02)
