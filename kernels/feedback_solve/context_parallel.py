@@ -22,23 +22,29 @@ Backward (lambda = (I - B)^-T G, then the logits' gradients):
      keeps only its local pieces), then dq_b, dgamma = delta, df = lambda locally, and dk_b for
      every key this rank's rows see, summed to the keys' owners by one reduce-scatter.
 
-Cost per layer (fwd + bwd; B = 1, K = V = D, 2 FLOPs per multiply-add, L = T / CP, no documents).
-Communication: all-gather of k_b twice and of s once (each (CP - 1) / CP * T*D elements received
-per rank), one reduce-scatter of dk ((CP - 1) / CP * T*D per rank), and the wavefronts' pieces:
-CP(CP - 1)/2 messages of L*D each way, i.e. (CP - 1) / 2 * T*D elements in all per direction --
-O(T*D) against ring attention's (CP - 1) / CP * T*2D for K/V per pass, and never T x T.
-Work: the last rank, which sees all of T, does lse + P@s context + diagonal = about
-(2K + V) * T * L * 2 FLOPs forward (the logits of the past are computed twice: once for lse while
-waiting, once with s) and about (2K + 3V) * T * L * 2 + 2 L^2 (K + V) backward, i.e. ~ (4 / CP)
-resp. (1.6 / CP) of one device's T^2 (K + V) and ~ T^2 (2K + 3V) work.
-Critical path: the wavefront is a chain of CP stages; each stage is one off-diagonal tile pass
-(2 L^2 (K + V) FLOPs: logits and P[r, r-1] @ s_{r-1}, resp. B[r, r-1]^T lambda_r) plus one diagonal
-piece (~ L^2 (K + V)) plus one L*V message: ~ 3 T^2 (K + V) / CP FLOPs forward, the same in the
-backward chain, plus the backward's local gradient pass ((2K + 3V) T L FLOPs at the last rank)
-and the lse pass before the first piece arrives (hidden on ranks > 0). A single device does
-~ T^2 (K + V) forward: the forward chain shortens only for CP > 3; what CP buys is memory
-(per rank O(L (K + V)) saved, O(T (K + V)) transient) and the backward's parallel part. Sending
-s chunk by chunk instead of piece by piece would shorten the chain to the per-rank work; not done.
+Cost per layer and sequence (2 FLOPs per multiply-add, L = T / CP; K = V = D below; the
+single device's chunked solve does 2 D T^2 forward and 6 D T^2 backward, recomputing the logits).
+Communication, elements received per rank: the all-gathers of k_b (forward, backward) and of s
+(backward) (CP - 1) L D each, the reduce-scatter of dk (CP - 1) L D; the wavefronts send
+CP (CP - 1) / 2 pieces of L*D each way, at most (CP - 1) L D = (1 - 1/CP) T D received by one rank
+per direction. In all <= 6 (1 - 1/CP) T D per layer, against 2 (1 - 1/CP) T D_kv forward and the
+same backward for the attention's K and V (all-gather, then their gradients' reduce-scatter; a
+ring moves as much); never T x T.
+Work on the last rank (its rows see all T keys; the first rank's see only L):
+  forward  (4K + 2V) T L = 6 D T^2 / CP: the lse pass (logits of the whole past), the context pass
+           (logits again, P @ s) and the diagonal piece -- 3 / CP of one device;
+  backward (8K + 6V) T L = 14 D T^2 / CP: B^T lambda for the earlier pieces (logits again) and the
+           gradient pass (logits, u = P s, lambda s^T, dq, dk over the whole past) -- 2.3 / CP.
+Critical path: the wavefront is a chain of CP stages, each one off-diagonal tile pass of the
+previous piece (logits + P[r, r-1] s_{r-1}, resp. B[r, r-1]^T lambda_r sent first: 4 D L^2), one
+diagonal piece (2 D L^2) and one L*D message: 6 D T^2 / CP per direction. A rank's lse pass and
+the contributions of pieces older than r - 1 fill its waits (the last rank has about 2 D L^2 of
+slack per stage, as much as its lse pass needs). So forward takes ~ 6 D T^2 / CP against 2 D T^2
+on one device (faster only for CP > 3); backward ~ 6 D T^2 / CP for the chain plus the gradient
+pass (10 D T^2 / CP at the last rank, no communication) against 6 D T^2. What CP buys first is
+memory: per rank O(L D) saved per layer and O(T D + C T) transient, instead of O(T D) saved.
+The work is unbalanced (rank r has r + 1/2 pieces of past) and the chain is per piece; sending s
+chunk by chunk would shorten the chain to about the last rank's work. Neither is done.
 """
 import torch
 import torch.distributed as dist
