@@ -7,7 +7,9 @@ The model (either `model.arch`) is wrapped by `deepspeed.initialize` with a conf
 (`deepspeed_config`); a step is gradient accumulation through `engine.backward`/`engine.step`.
 Checkpoints are DeepSpeed's sharded checkpoints plus the loop's state, published with the same
 `iter_NNNNNNN` + atomic `latest` scheme (CheckpointManager.save_with); their layout and the tools that
-read them (universal conversion, consolidation) are in checkpoints/deepspeed_format.py.
+read them (universal conversion, consolidation) are in checkpoints/deepspeed_format.py. A weights-only
+torch_dist checkpoint (`python -m checkpoints import`) starts a run too: its weights are loaded into
+the model before `deepspeed.initialize` (so ZeRO's master copies start from them), at any TP size.
 
 Non-finite steps: DeepSpeed applies the update inside `engine.step()` (it skips only fp16 overflows),
 so a non-finite loss or gradient norm is detected after the fact and always stops the run
@@ -25,6 +27,7 @@ from megatron.core import parallel_state
 
 from checkpoints import CheckpointManager
 from checkpoints.deepspeed_format import RANK_STATE_GLOB, TRAINER_STATE, UNIVERSAL, rank_state_name
+from checkpoints.importer import WEIGHTS_ONLY
 from model.recompute import recompute_blocks
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
@@ -142,11 +145,16 @@ class DeepSpeedEngine:
 
         self.config, self.env, self.device = config, env, env.device
         self.seq_len, self.num_microbatches = seq_len, num_microbatches
-        self.universal = bool(plan and self._needs_universal(plan))
+        imported = bool(plan and plan.common.get(WEIGHTS_ONLY))
+        self.universal = bool(plan and not imported and self._needs_universal(plan))
         cfg = config
+        self.checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                             cfg.checkpoint.keep_every)
         self.megatron_config = megatron_config_for(cfg.model, sequence_parallel=False, calculate_per_token_loss=True)
         model = build_model(cfg.model, self.megatron_config)
         init_model_weights(model, cfg.train.seed)
+        if imported:
+            self._load_imported_weights(model, plan.step)
         # DeepSpeed broadcasts (and ZeRO-3 partitions) every parameter as `p.data.view(torch.uint8)`,
         # which fails for 0-dim tensors (the gamma biases): they train as shape [1] here (broadcasting
         # gives the same forward) and are restored to shape [] by consolidation (checkpoints/deepspeed_format.py).
@@ -182,8 +190,6 @@ class DeepSpeedEngine:
             # keep it gathered for the whole model forward.
             deepspeed.zero.register_external_parameter(model, _embedding_weight(model))
         self.optimizer = optimizer  # its param groups are the ones DeepSpeed steps
-        self.checkpoints = CheckpointManager(cfg.run_dir / "checkpoints", cfg.checkpoint.keep_last,
-                                             cfg.checkpoint.keep_every)
 
     def banner(self) -> str:
         ds = self.config.deepspeed
@@ -257,9 +263,18 @@ class DeepSpeedEngine:
         """The checkpoint of `step` as this engine resumes it (its format checked, common state read)."""
         where = manager.step_dir(step)
         if not (where / TRAINER_STATE).is_file():
+            common = manager.load_common(step) if (where / "metadata.json").is_file() else {}
+            if common.get(WEIGHTS_ONLY):  # `python -m checkpoints import`: weights for a fresh run
+                return ResumePlan(step, where, common)
             raise ConfigError(f"checkpoint {where} was not written by engine: deepspeed (no {TRAINER_STATE}); "
                               f"resume it with engine: megatron or start a new run_name")
         return ResumePlan(step, where, torch.load(where / TRAINER_STATE, weights_only=False))
+
+    def _load_imported_weights(self, model, step: int) -> None:
+        """The model's tensor-parallel pieces of an imported (megatron torch_dist) checkpoint."""
+        state = model.sharded_state_dict(prefix="model.")
+        loaded = self.checkpoints.load(step, {"model": state})["model"]
+        model.load_global_state_dict({k: loaded[k] for k in state}, prefix="model.")
 
     def _needs_universal(self, plan: ResumePlan) -> bool:
         """Another data-parallel size or ZeRO stage loads the checkpoint's universal form."""
@@ -295,6 +310,8 @@ class DeepSpeedEngine:
 
     def load(self, plan: ResumePlan) -> Restored:
         where, common = plan.directory, plan.common
+        if common.get(WEIGHTS_ONLY):  # loaded at construction, before deepspeed.initialize
+            return Restored(common, [], None)
         load_dir, tag = (str(where), UNIVERSAL) if self.universal else (str(where.parent), where.name)
         path, _ = self.engine.load_checkpoint(load_dir, tag=tag, load_lr_scheduler_states=False)
         if path is None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from tests.pretrain.conftest import REPO, TEST_RECIPE, prepared_data, pretrain_env, run_pretrain  # noqa: F401
+from tests.pretrain.conftest import (REPO, TEST_RECIPE, prepared_data, pretrain_env, read_metrics,  # noqa: F401
+                                     run_pretrain)
 
 from checkpoints.export import model_config
 from checkpoints.readers import open_checkpoint
@@ -335,6 +336,14 @@ def test_import_round_trip_is_bit_exact_and_training_resumes(trained):
         assert torch.equal(a[name], b[name]), name
     done = run_pretrain(recipe, "--run_name", "imported", "--train.max_steps", "4", "--data.num_workers", "0")
     assert "resumed from" in done.stdout + done.stderr and "step 4" in done.stdout + done.stderr
+    # The DeepSpeed engine starts from the same import: the same weights give the same losses.
+    cli("import", hf, "--config", recipe, "--out", tmp / "runs" / "imported_ds")
+    done = run_pretrain(recipe, "--run_name", "imported_ds", "--engine", "deepspeed", "--deepspeed.stage", "2",
+                        "--train.max_steps", "4", "--data.num_workers", "0")
+    assert "imported weights only" in done.stdout + done.stderr
+    megatron_losses, deepspeed_losses = read_metrics(out), read_metrics(tmp / "runs" / "imported_ds")
+    for step in range(1, 5):
+        assert deepspeed_losses[step] == pytest.approx(megatron_losses[step], rel=1e-5)
 
 
 @pytest.mark.slow
