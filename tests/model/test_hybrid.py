@@ -1,4 +1,5 @@
-"""Hybrid stacks (model.layer_pattern, model/blocks.py): Sessa (S), attention (*) and SwiGLU MLP (-) blocks.
+"""Hybrid stacks (model.layer_pattern, model/blocks.py): Sessa (S), attention (*), SwiGLU MLP (-) and
+Mamba-2 (M; more in test_mamba.py) blocks.
 
 Each block type alone and mixed: TP=2 == TP=1 (tp_worker.py), pipeline stages == one process with
 global block numbers in checkpoint keys, prefill + decode == full forward, packed == alone, the FLOP

@@ -1,5 +1,6 @@
 """model/ssd.py: the chunked SSD scan equals the step-by-step recurrence (fp64, 1e-10), outputs,
-final states and gradients of every input, for chunks that divide T and ragged ones."""
+final states and gradients of every input, for chunks that divide T and ragged ones, with B/C
+shared by groups of heads and with packed documents (== each document alone)."""
 import pytest
 import torch
 
