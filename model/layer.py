@@ -13,6 +13,10 @@ Activations are sequence-first, [T, B, D], as everywhere in megatron-core. Tenso
   - the feedback q_b/k_b are column-parallel and gathered (B*T*2D per layer, never T x T);
   - packed documents (`doc_ids`, full length [B, T] on every rank) mask the attention and the
     solve per document; `position_ids` give the RoPE positions (model/documents.py);
+  - context parallelism (megatron's CP group, size > 1): x holds this CP rank's contiguous piece
+    of the sequence; the attention all-gathers K/V (model/context_parallel.py) and the feedback
+    solve pipelines over the pieces (kernels/feedback_solve/context_parallel.py); doc_ids and
+    position_ids stay full length; parameter gradients are partial sums over the CP group;
   - mixer.out_proj (W_o) and out_proj (W_out) are row-parallel: one reduction each.
 """
 import dataclasses
@@ -33,8 +37,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
 from kernels.feedback_solve import feedback_solve
+from kernels.feedback_solve.context_parallel import feedback_solve_context_parallel
 
 from .config import ModelConfig
+from .context_parallel import context_parallel_attention
 from .documents import document_attention
 from .init import init_weights
 
@@ -129,12 +135,22 @@ class SessaMixer(MegatronModule):
 
         doc_ids [B, T]: position t sees only earlier positions of its own document (no cache).
         position_ids [B, T]: RoPE positions; None = past + 0..T-1.
+        Under context parallelism a_bar is this rank's piece of the sequence and doc_ids /
+        position_ids are the whole sequence's.
         """
         T, B, _ = a_bar.shape
         past = cache.length if cache is not None else 0
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids with a decoding cache: decoding runs one document per row; "
                              "pass doc_ids only without caches")
+        cp_group = (parallel_state.get_context_parallel_group()
+                    if parallel_state.get_context_parallel_world_size() > 1 else None)
+        if cp_group is not None:
+            if cache is not None:
+                raise ValueError("a decoding cache under context parallelism: decode with context_parallel_size 1")
+            past = parallel_state.get_context_parallel_rank() * T  # this piece's first position
+            if position_ids is not None:
+                position_ids = position_ids[:, past : past + T]
         positions = torch.arange(past, past + T, device=a_bar.device) if position_ids is None else position_ids
 
         # The five column-parallel projections each see all of a_bar and return partial input
@@ -146,7 +162,9 @@ class SessaMixer(MegatronModule):
         if cache is not None:
             k = torch.cat((cache.keys, k), dim=2)
             v = torch.cat((cache.values, v), dim=2)
-        if doc_ids is None:
+        if cp_group is not None:
+            f = context_parallel_attention(q, k, v, cp_group, doc_ids)
+        elif doc_ids is None:
             f = self._causal_attention(q, k, v, past)  # [B, H_l, T, d]
         else:
             f = document_attention(q, k, v, doc_ids)
@@ -157,14 +175,14 @@ class SessaMixer(MegatronModule):
             if cache is not None:
                 cache = LayerCache(k, v, None, None)
         else:
-            s, cache = self._feedback(a_bar, a_shared, f, k, v, cache, doc_ids)
+            s, cache = self._feedback(a_bar, a_shared, f, k, v, cache, doc_ids, cp_group)
         s = s.transpose(0, 1)  # [T, B, H_l * d]
         if self.out_proj is not None:
             s, _ = self.out_proj(s)  # all heads mixed: [T, B, D], reduced across ranks
             s = scatter_to_tensor_model_parallel_region(s)  # back to this rank's slice of D for the gate
         return s, cache
 
-    def _feedback(self, a_bar, a_shared, f, k, v, cache, doc_ids):
+    def _feedback(self, a_bar, a_shared, f, k, v, cache, doc_ids, cp_group=None):
         """s [B, T, H_l * d] solving (I - diag(gamma) alpha) s = f, and the updated cache."""
         # Each rank solves only its own columns, so the gradients reaching the replicated feedback
         # inputs are partial sums: copy_to_... is the identity forward and all-reduces them backward.
@@ -176,6 +194,9 @@ class SessaMixer(MegatronModule):
 
         if cache is not None:
             return self._decode_feedback(q_b, k_b, f, gamma, k, v, cache)
+        if cp_group is not None:
+            return feedback_solve_context_parallel(q_b, k_b, f, gamma, cp_group, self.sessa.feedback_chunk_size,
+                                                   doc_ids=doc_ids), None
         return feedback_solve(q_b, k_b, f, gamma, self.sessa.feedback_impl, self.sessa.feedback_chunk_size,
                               doc_ids=doc_ids), None
 

@@ -56,8 +56,9 @@ from .naive import _solve_dtype
 
 def all_gather_sequence(piece: torch.Tensor, group) -> torch.Tensor:
     """All-gather [B, L, ...] pieces along dim 1 in rank order: [B, CP * L, ...]."""
+    piece = piece.contiguous()  # gloo sends and receives dense buffers only
     pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(pieces, piece.contiguous(), group=group)
+    dist.all_gather(pieces, piece, group=group)
     return torch.cat(pieces, dim=1)
 
 
@@ -243,7 +244,9 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         layout = _Layout(starts, f.shape[1] * size, dist.get_rank(group), size, chunk_size)
         q32, k32, gamma32 = q_b.to(dtype), k_b.to(dtype), gamma.to(dtype)
         k_all = all_gather_sequence(k32, group)
-        s, lse = _cp_forward(q32 * q32.shape[-1] ** -0.5, k_all, f.to(dtype), gamma32, layout, starts, group)
+        # f (and so s and the message buffers shaped like it) dense: point-to-point needs contiguous tensors
+        s, lse = _cp_forward(q32 * q32.shape[-1] ** -0.5, k_all, f.to(dtype).contiguous(), gamma32, layout,
+                             starts, group)
         ctx.save_for_backward(q_b, k_b, gamma, s, lse, starts)
         ctx.group, ctx.layout, ctx.f_dtype = group, layout, f.dtype
         return s.to(f.dtype)
@@ -255,7 +258,7 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         q_scaled = q_b.to(dtype) * q_b.shape[-1] ** -0.5
         gamma32 = gamma.to(dtype)
         k_all = all_gather_sequence(k_b.to(dtype), group)
-        lam = _cp_adjoint(q_scaled, k_all, gamma32, lse, grad_s.to(dtype), layout, starts, group)
+        lam = _cp_adjoint(q_scaled, k_all, gamma32, lse, grad_s.to(dtype).contiguous(), layout, starts, group)
         s_all = all_gather_sequence(s, group)
         dq, dk_all, dgamma = _cp_gradients(q_scaled, k_all, gamma32, lse, lam, s_all, layout, starts)
         dk = reduce_scatter_sequence(dk_all, group)

@@ -3,7 +3,8 @@ test_context_parallel.py.
 
 Each rank writes {case name: {"rank": rank in the case's CP group, tensor name: this rank's piece}}
 for the cases it took part in to argv[1]/rank<r>.pt: CP=4 cases on all four ranks, CP=2 cases
-alternately on ranks {0, 1} and {2, 3}.
+alternately on ranks {0, 1} and {2, 3}; then megatron's parallel state at CP=2 (x DP=2) and a
+SessaLayer per CP group (LAYER_CASES), whose "grads" are the full parameter gradients.
 """
 import sys
 from dataclasses import dataclass
@@ -43,6 +44,11 @@ ATTENTION_CASES = [
     Case("attn_plain_cp4", 4, 10, chunk_size=16),
     Case("attn_docs_cp4", 4, 10, documents=((5, 1, 17, 2, 15), (12, 14, 10, -4))),
 ]
+# SessaLayer at CP=2 (megatron's CP group): one case per pair of ranks.
+LAYER_CASES = [
+    Case("layer_plain_cp2", 2, 10),
+    Case("layer_docs_cp2", 2, 10, chunk_size=3, documents=((3, 1, 9, 7), (10, 6, 4))),
+]
 K, V = 6, 5  # feedback key and value widths (K != V: V may be a tensor-parallel slice)
 HEADS, KV_HEADS, HEAD_SIZE = 4, 2, 4
 
@@ -81,6 +87,25 @@ def attention_inputs(case: Case) -> dict:
     return {"q": rand(HEADS), "k": rand(KV_HEADS), "v": rand(KV_HEADS), "grad": rand(HEADS)}
 
 
+def layer_config(case: Case):
+    from model import ModelConfig
+
+    return ModelConfig(vocab_size=64, hidden_size=16, num_layers=1, num_heads=4, num_kv_heads=2,
+                       feedback_impl="chunked", feedback_chunk_size=case.chunk_size)
+
+
+def layer_inputs(case: Case) -> dict:
+    """Full-length x [T, B, D] and the upstream gradient of the layer's output; forward() keywords."""
+    from model.documents import positions_from_doc_ids
+
+    gen = torch.Generator().manual_seed(9)
+    shape = (case.cp * case.length, case.batch, layer_config(case).hidden_size)
+    ids = doc_ids(case)
+    keywords = {} if ids is None else {"doc_ids": ids, "position_ids": positions_from_doc_ids(ids)}
+    return {"x": torch.randn(*shape, generator=gen, dtype=torch.float64),
+            "grad": torch.randn(*shape, generator=gen, dtype=torch.float64), "keywords": keywords}
+
+
 def run_solve(case: Case, group) -> dict:
     from kernels.feedback_solve.context_parallel import feedback_solve_context_parallel
 
@@ -106,6 +131,27 @@ def run_attention(case: Case, group) -> dict:
     return {"out": out.detach()} | {name: x.grad for name, x in inputs.items() if name != "grad"}
 
 
+def run_layer(case: Case) -> dict:
+    from megatron.core import parallel_state
+
+    from model import SessaLayer, megatron_config
+
+    group = parallel_state.get_context_parallel_group()
+    rank = dist.get_rank(group)
+    config = layer_config(case)
+    layer = SessaLayer(config, megatron_config(config, params_dtype=torch.float64), init_seed=4)
+    inputs = layer_inputs(case)
+    piece = slice(rank * case.length, (rank + 1) * case.length)
+    x = inputs["x"][piece].clone().requires_grad_()
+    y, _ = layer(x, **inputs["keywords"])
+    (y * inputs["grad"][piece]).sum().backward()
+    grads = {}
+    for name, param in layer.named_parameters():  # each rank's positions give a partial sum
+        dist.all_reduce(param.grad, group=group)
+        grads[name] = param.grad
+    return {"y": y.detach(), "x": x.grad, "grads": grads}
+
+
 def main(out_dir: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -122,6 +168,12 @@ def main(out_dir: str) -> None:
             if rank // 2 != pairs.index(group):
                 continue
         results[case.name] = {"rank": dist.get_rank(group)} | run(case, group)
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(1, 1, context_parallel_size=2)
+    assert parallel_state.get_context_parallel_global_ranks() == [rank // 2 * 2, rank // 2 * 2 + 1]
+    case = LAYER_CASES[rank // 2]
+    results[case.name] = {"rank": parallel_state.get_context_parallel_rank()} | run_layer(case)
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 

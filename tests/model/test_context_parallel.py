@@ -1,6 +1,7 @@
 """Context parallelism (issue 19): the pipelined feedback solve and the all-gather attention at CP=2
 and CP=4 (gloo, one launch of 4 processes) equal one process, outputs and every input gradient,
-with documents straddling pieces and pieces that are not whole chunks."""
+with documents straddling pieces and pieces that are not whole chunks; so does a SessaLayer at CP=2
+(megatron's CP group), output, input gradient and every parameter gradient."""
 import os
 import subprocess
 import sys
@@ -10,10 +11,12 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from cp_worker import ATTENTION_CASES, SOLVE_CASES, attention_inputs, doc_ids, solve_inputs
+from cp_worker import (ATTENTION_CASES, LAYER_CASES, SOLVE_CASES, attention_inputs, doc_ids, layer_config,
+                       layer_inputs, solve_inputs)
 
 from kernels.feedback_solve import feedback_solve
 from kernels.feedback_solve.context_parallel import feedback_solve_context_parallel
+from model import SessaLayer, megatron_config
 from model.context_parallel import context_parallel_attention
 from model.documents import document_attention
 from model.parallel import ensure_model_parallel
@@ -59,8 +62,9 @@ def cp_results(tmp_path_factory):
     merged = {}
     for name, by_rank in pieces.items():
         ranks = [by_rank[r] for r in sorted(by_rank)]
-        dim = 2 if name.startswith("attn") else 1
-        merged[name] = {key: torch.cat([r[key] for r in ranks], dim=dim) for key in ranks[0]}
+        dim = {"attn": 2, "layer": 0}.get(name.split("_")[0], 1)  # the sequence dimension
+        merged[name] = {key: ranks[0][key] if key == "grads" else torch.cat([r[key] for r in ranks], dim=dim)
+                        for key in ranks[0]}
     return merged
 
 
@@ -80,6 +84,24 @@ def test_attention_context_parallel_matches_one_process(cp_results, case):
     assert set(got) == set(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key], **tolerance(case.dtype), msg=f"{case.name}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", LAYER_CASES, ids=[c.name for c in LAYER_CASES])
+def test_layer_context_parallel_matches_one_process(cp_results, case):
+    got = cp_results[case.name]
+    ensure_model_parallel()
+    config = layer_config(case)
+    layer = SessaLayer(config, megatron_config(config, params_dtype=torch.float64), init_seed=4)
+    inputs = layer_inputs(case)
+    x = inputs["x"].clone().requires_grad_()
+    y, _ = layer(x, **inputs["keywords"])
+    (y * inputs["grad"]).sum().backward()
+    torch.testing.assert_close(got["y"], y.detach(), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(got["x"], x.grad, atol=1e-10, rtol=1e-10)
+    assert set(got["grads"]) == {name for name, _ in layer.named_parameters()}
+    for name, param in layer.named_parameters():
+        torch.testing.assert_close(got["grads"][name], param.grad, atol=1e-10, rtol=1e-10, msg=name)
 
 
 def test_context_parallel_of_one_rank_is_the_chunked_solve():
