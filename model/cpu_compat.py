@@ -39,7 +39,7 @@ def enable() -> None:
     if _enabled:
         return
     if torch.cuda.is_available():
-        raise RuntimeError("pretrain.cpu_compat is for machines without a GPU; it must not patch a CUDA run")
+        raise RuntimeError("model.cpu_compat is for machines without a GPU; it must not patch a CUDA run")
     from megatron.core.tensor_parallel import random as tp_random
 
     torch.cuda.current_device = lambda: "cpu"
@@ -62,6 +62,6 @@ def enable() -> None:
     # megatron's optimizers probe `.grad` of their parameter views (non-leaf tensors): PyTorch warns at
     # the frame that reads it, which with the mode below is this module's. Harmless; megatron's code.
     warnings.filterwarnings("ignore", message=r"The \.grad attribute of a Tensor that is not a leaf Tensor",
-                            category=UserWarning, module=r"pretrain\.cpu_compat")
+                            category=UserWarning, module=r"model\.cpu_compat")
     _CudaDeviceToCpu().__enter__()  # stays on the mode stack for the life of the process
     _enabled = True

@@ -12,10 +12,13 @@ import numpy as np
 import torch
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+from model.config import ModelConfig
+
 from .config import ConfigError, RunConfig
 
 SHAPE_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "ffn_hidden_size",
-                "tie_embeddings", "vocab_pad_multiple", "feedback")
+                "tie_embeddings", "vocab_pad_multiple", "feedback", "layer_pattern")
+MAMBA_SHAPE_FIELDS = ("mamba_state_size", "mamba_head_size", "mamba_expand", "mamba_conv_kernel")  # with `M` blocks
 
 
 @dataclass
@@ -87,8 +90,10 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 def check_checkpoint_compatible(common: dict, where, config: RunConfig, tokenizer_id: str) -> None:
     """Refuse a checkpoint of another model shape or tokenizer, naming what differs and what to do."""
     saved, ours = common["config"]["model"], config.model.to_dict()
-    defaults = {"feedback": True}  # fields added after a checkpoint was written keep their old meaning
-    differing = [f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs config {ours[k]!r}" for k in SHAPE_FIELDS
+    # fields added after a checkpoint was written keep their old meaning
+    defaults = {"feedback": True, "layer_pattern": ""} | {k: getattr(ModelConfig, k) for k in MAMBA_SHAPE_FIELDS}
+    fields = SHAPE_FIELDS + (MAMBA_SHAPE_FIELDS if "M" in ours["layer_pattern"] else ())
+    differing = [f"{k}: checkpoint {saved.get(k, defaults.get(k))!r} vs config {ours[k]!r}" for k in fields
                  if saved.get(k, defaults.get(k)) != ours[k]]
     if differing:
         raise ConfigError(f"checkpoint {where} was saved for another model shape ({'; '.join(differing)}); "

@@ -301,3 +301,20 @@ def test_transformer_arm_trains_the_transformer_with_both_engines(runs):
     sessa = read_metrics(runs_dir / "megatron") if (runs_dir / "megatron").exists() else None
     if sessa:  # a different model: different losses from the first step on
         assert read_metrics(runs_dir / "transformer_zero1")[1] != sessa[1]
+
+
+@pytest.mark.slow
+def test_hybrid_pattern_under_zero3_matches_megatron_engine(runs):
+    """Sessa, Mamba-2, attention and MLP blocks (`SM*-`) with every parameter partitioned by ZeRO-3
+    (the per-head Mamba vectors and the 0-dim gamma biases included): the megatron engine's losses."""
+    recipe, runs_dir = runs
+    user = runs_dir.parent / "ds_hybrid.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage3_param_persistence_threshold": 0}}))
+    pattern = ("--model.num_layers", "4", "--model.layer_pattern", "SM*-", "--model.ffn_hidden_size", "64",
+               "--model.mamba_head_size", "16", "--model.mamba_state_size", "16", "--train.max_steps", "3",
+               "--data.num_workers", "0")
+    run_pretrain(recipe, "--run_name", "hybrid_megatron", *pattern)
+    run_pretrain(recipe, "--run_name", "hybrid_zero3", *pattern, *DEEPSPEED, "--deepspeed.stage", "3",
+                 "--deepspeed.config_json", str(user))
+    assert_same_losses(read_metrics(runs_dir / "hybrid_zero3"), read_metrics(runs_dir / "hybrid_megatron"),
+                       steps=range(1, 4))

@@ -22,17 +22,21 @@ def _kill_after_step(process, run_dir: Path, step: int, timeout: float = 600) ->
     process.wait()
 
 
-@pytest.mark.parametrize("nproc", [1, 2], ids=["dp1", "dp2"])
-def test_sigkill_then_restart_gives_bitwise_identical_losses(recipe, tmp_path, nproc):
-    run_pretrain(recipe, "--run_name", "straight", nproc=nproc)
+HYBRID = ("--model.num_layers", "4", "--model.layer_pattern", "SM*-", "--model.ffn_hidden_size", "64",
+          "--model.mamba_head_size", "16", "--model.mamba_state_size", "16")
+
+
+@pytest.mark.parametrize("nproc, model", [(1, ()), (2, HYBRID)], ids=["dp1", "dp2_hybrid_SM*-"])
+def test_sigkill_then_restart_gives_bitwise_identical_losses(recipe, tmp_path, nproc, model):
+    run_pretrain(recipe, "--run_name", "straight", *model, nproc=nproc)
     reference = read_metrics(tmp_path / "runs" / "straight")
     assert sorted(reference) == list(range(1, 11))
 
     run_dir = tmp_path / "runs" / "crashed"
-    process = start_pretrain(recipe, "--run_name", "crashed", "--checkpoint.interval_steps", "4", nproc=nproc)
+    process = start_pretrain(recipe, "--run_name", "crashed", "--checkpoint.interval_steps", "4", *model, nproc=nproc)
     _kill_after_step(process, run_dir, 6)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "4"
-    run_pretrain(recipe, "--run_name", "crashed", "--checkpoint.interval_steps", "4", nproc=nproc)
+    run_pretrain(recipe, "--run_name", "crashed", "--checkpoint.interval_steps", "4", *model, nproc=nproc)
     resumed = read_metrics(run_dir)
     assert sorted(resumed) == list(range(1, 11))
     for step in range(5, 11):  # steps re-done after the restart
