@@ -7,7 +7,8 @@ from .layer import LayerCache
 
 def empty_caches(model, batch_size: int) -> list:
     """One zero-length cache per block of `model` (a SessaLM), on its device and dtype: a LayerCache
-    per Sessa block, a KVCache per attention block, None per MLP block (model/blocks.py)."""
+    per Sessa block, a KVCache per attention block, a MambaCache (convolution inputs and scan state)
+    per Mamba-2 block, None per MLP block (model/blocks.py, model/mamba.py)."""
     weight = next(model.parameters())
     caches = []
     for layer in model.layers:

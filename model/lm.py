@@ -1,7 +1,7 @@
 """SessaLM: token embedding (no absolute positions) -> N blocks -> final norm -> LM head.
 
 The blocks follow `model.layer_pattern` (model/blocks.py): Sessa layers by default ("S" * N), or a
-hybrid of Sessa, attention (`*`) and SwiGLU MLP (`-`) blocks. The final norm is a LayerNorm when the
+hybrid of Sessa, attention (`*`), SwiGLU MLP (`-`) and Mamba-2 (`M`, model/mamba.py) blocks. The final norm is a LayerNorm when the
 stack has a Sessa block, an RMSNorm (the Transformer arm's) otherwise."""
 import torch
 from megatron.core import parallel_state, tensor_parallel
