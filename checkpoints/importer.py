@@ -101,7 +101,7 @@ def import_hf(source, config_path, out, overrides=()) -> Path:
     model = model_from_hf(source, config)
     tree = {**tree, "model": config.to_dict(), "run_name": out.name, "runs_dir": str(out.parent)}
     common = {"step": 0, "consumed_tokens": 0, "skipped_steps": 0, WEIGHTS_ONLY: True, "config": tree,
-              "tokenizer_id": tokenizer_id, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1},
+              "tokenizer_id": tokenizer_id, "layout": {"world_size": 1, "tp": 1, "pp": 1, "dp": 1, "cp": 1},
               "imported_from": str(source.resolve())}
     manager.save(0, {"model": model.sharded_state_dict(prefix="model."), **common})
     print(f"imported {source} into {out} (step 0, weights only); continue with: python -m pretrain --config "

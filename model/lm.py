@@ -100,7 +100,9 @@ class SessaLM(MegatronModule):
         doc_ids [B, T] (packed documents, model/documents.py): position t sees only earlier
         positions of its own document, in attention and in the feedback solve; every pipeline
         stage gets the micro-batch's full-length ids. position_ids [B, T]: RoPE positions
-        (None = 0..T-1; `positions_from_doc_ids` restarts them per document).
+        (None = 0..T-1; `positions_from_doc_ids` restarts them per document). Under context
+        parallelism tokens / labels are this rank's piece of the sequence (rank r of the CP group:
+        positions [r T/cp, (r+1) T/cp)), doc_ids / position_ids the whole sequence's.
         """
         if caches is not None and self.config.sequence_parallel:
             raise ValueError("decoding with caches needs sequence_parallel=False (one token cannot be split)")
@@ -113,7 +115,9 @@ class SessaLM(MegatronModule):
                 hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)  # [T / tp, B, D]
         else:
             hidden = self.input_tensor
-        full_length = hidden.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
+        # this rank's positions: 1/tp of its piece under sequence parallelism, 1/cp of T under context parallelism
+        full_length = (hidden.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
+                       * parallel_state.get_context_parallel_world_size())
         for name, ids in (("doc_ids", doc_ids), ("position_ids", position_ids)):
             if ids is not None:
                 check_doc_ids(ids, hidden.shape[1], full_length, name)

@@ -38,6 +38,7 @@ def megatron_config(config: ModelConfig, *, sequence_parallel: bool = False, **o
         num_query_groups=config.num_kv_heads,
         tensor_model_parallel_size=tp_size,
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
         sequence_parallel=sequence_parallel,
         params_dtype=dtype,
         pipeline_dtype=dtype,

@@ -6,7 +6,9 @@
 
 Targets count where the data's loss mask allows (answers only, for task data) and outside padding.
 With data.document_masking the model sees each packed document alone (doc_ids) and, with
-data.reset_positions, RoPE positions restart at every document.
+data.reset_positions, RoPE positions restart at every document. Under context parallelism
+(`context_piece`) a rank keeps its contiguous piece of the inputs, labels and targets; doc_ids and
+position_ids stay whole (the mixers need every position's document and position).
 """
 import torch
 
@@ -29,6 +31,15 @@ def model_inputs(batch: dict, data: DataConfig, device: torch.device) -> dict:
             kwargs["position_ids"] = positions_from_doc_ids(inputs_doc_ids)
     return {"inputs": tokens[:, :-1], "labels": tokens[:, 1:], "targets_mask": targets_mask.to(device),
             "model_kwargs": kwargs}
+
+
+def context_piece(batch: dict, rank: int, size: int) -> dict:
+    """`model_inputs(...)` with inputs, labels and targets cut to context-parallel rank `rank`'s piece."""
+    length = batch["inputs"].shape[1]
+    if length % size:
+        raise ValueError(f"sequence length {length} is not divisible by parallel.context {size}")
+    piece = slice(rank * length // size, (rank + 1) * length // size)
+    return {**batch, **{key: batch[key][:, piece] for key in ("inputs", "labels", "targets_mask")}}
 
 
 def masked_loss_sum(per_token_loss: torch.Tensor, targets_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -107,10 +107,12 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (> 1: megatron's interleaved 1F1B)
     pipeline_layout: str = ""  # layers per stage, e.g. "3|3|2|2" (pipeline x virtual_stages entries); "": even
     sequence_parallel: bool = False
+    context: int = 1  # context parallelism: each sequence split into this many contiguous pieces, one per rank
 
     def __post_init__(self):
-        if self.tensor < 1 or self.pipeline < 1 or self.virtual_stages < 1:
-            raise ConfigError("parallel.tensor, parallel.pipeline and parallel.virtual_stages must be >= 1")
+        if self.tensor < 1 or self.pipeline < 1 or self.virtual_stages < 1 or self.context < 1:
+            raise ConfigError("parallel.tensor, parallel.pipeline, parallel.virtual_stages and parallel.context "
+                              "must be >= 1")
         if self.virtual_stages > 1 and self.pipeline == 1:
             raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline > 1")
         if self.sequence_parallel and self.tensor == 1:
@@ -265,6 +267,8 @@ class RunConfig:
         if self.schedule.warmup_steps >= self.train.max_steps:
             raise ConfigError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than "
                               f"train.max_steps ({self.train.max_steps})")
+        if self.parallel.context > 1:
+            self._check_context_parallel()
         self.parallel.stage_layers(self.model.num_layers)  # validates the pipeline split
         try:
             self.model.check_tensor_parallel(self.parallel.tensor)
@@ -272,6 +276,20 @@ class RunConfig:
             raise ConfigError(f"{err} (parallel.tensor)") from None
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"run_name must be a non-empty folder name without '/', got {self.run_name!r}")
+
+    def _check_context_parallel(self) -> None:
+        """What parallel.context > 1 runs today: Sessa (and MLP) blocks on the megatron engine."""
+        cp = self.parallel.context
+        if self.engine != "megatron":
+            raise ConfigError(f"parallel.context {cp} needs engine: megatron (the DeepSpeed engine has no "
+                              "context-parallel group)")
+        if self.model.arch != "sessa":
+            raise ConfigError(f"parallel.context {cp} is for model.arch 'sessa'; the Transformer arm's attention "
+                              "(SDPAttention) is not context-parallel: set parallel.context 1")
+        others = sorted(set(self.model.block_types) - {"S", "-"})
+        if others:
+            raise ConfigError(f"parallel.context {cp}: model.layer_pattern {self.model.layer_pattern!r} has "
+                              f"{others} blocks, which are not context-parallel yet (Sessa 'S' and MLP '-' are)")
 
     @property
     def run_dir(self) -> Path:

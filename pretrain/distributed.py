@@ -23,11 +23,13 @@ class DistEnv:
     pp_size: int
     dp_rank: int
     dp_size: int
+    cp_rank: int = 0
+    cp_size: int = 1
 
     @property
     def is_logger(self) -> bool:
-        """The one rank that prints and writes metrics: last pipeline stage, first TP/DP rank."""
-        return self.pp_rank == self.pp_size - 1 and self.tp_rank == 0 and self.dp_rank == 0
+        """The one rank that prints and writes metrics: last pipeline stage, first TP/CP/DP rank."""
+        return self.pp_rank == self.pp_size - 1 and self.tp_rank == 0 and self.cp_rank == 0 and self.dp_rank == 0
 
 
 def torch_env_from_slurm(environ) -> dict[str, str]:
@@ -72,9 +74,9 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
 
         cpu_compat.enable()
         device, backend = torch.device("cpu"), "gloo"
-    if world_size % (parallel.tensor * parallel.pipeline):
-        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline "
-                          f"= {parallel.tensor} x {parallel.pipeline}")
+    if world_size % (parallel.tensor * parallel.pipeline * parallel.context):
+        raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x "
+                          f"parallel.context = {parallel.tensor} x {parallel.pipeline} x {parallel.context}")
     if not dist.is_initialized():
         timeout = datetime.timedelta(minutes=30)
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
@@ -85,6 +87,7 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
         parallel_state.initialize_model_parallel(
             parallel.tensor, parallel.pipeline,
             virtual_pipeline_model_parallel_size=parallel.virtual_stages if parallel.virtual_stages > 1 else None,
+            context_parallel_size=parallel.context,
         )
     return DistEnv(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device,
@@ -92,8 +95,10 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
         tp_size=parallel_state.get_tensor_model_parallel_world_size(),
         pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
         pp_size=parallel_state.get_pipeline_model_parallel_world_size(),
-        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),  # without the context-parallel ranks: they share batches
         dp_size=parallel_state.get_data_parallel_world_size(),
+        cp_rank=parallel_state.get_context_parallel_rank(),
+        cp_size=parallel_state.get_context_parallel_world_size(),
     )
 
 

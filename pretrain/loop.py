@@ -172,12 +172,13 @@ class Trainer:
     def _banner(self) -> str:
         cfg, env = self.config, self.env
         memory = estimate_memory_gb(cfg, self.seq_len, env.dp_size)
+        context = f" x CP {env.cp_size}" if env.cp_size > 1 else ""
         workers = (f"{self.data_workers} data workers per rank" if self.data_workers == cfg.data.num_workers else
                    f"{self.data_workers} data workers per rank (data.num_workers {cfg.data.num_workers} does not "
                    f"divide the {self.num_microbatches} micro-batches per step: each worker serves whole "
                    f"micro-batches of every step, so the largest divisor is used)")
         return (f"run {cfg.run_name}: {count_params(cfg.model) / 1e6:.2f}M parameters ({cfg.model.arch}), "
-                f"seq_len {self.seq_len}, world {env.world_size} (TP {env.tp_size} x PP {env.pp_size} x DP "
+                f"seq_len {self.seq_len}, world {env.world_size} (TP {env.tp_size} x PP {env.pp_size}{context} x DP "
                 f"{env.dp_size}), {self.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank "
                 f"and step, {workers}, document masking {'on' if cfg.data.document_masking else 'off'}, "
                 f"{self.engine.banner()}, device {self.device}, estimated {memory['total']:.2f} GB per device; "
@@ -305,7 +306,7 @@ class Trainer:
             with self.engine.full_model() as model:
                 if model is None:
                     self.logger.print("eval.tasks skipped: scoring needs the whole model on each rank (no pipeline "
-                                      "stages, no sequence parallelism); evaluate a checkpoint with "
+                                      "stages, no sequence or context parallelism); evaluate a checkpoint with "
                                       "python -m pretrain.evaluate instead")
                     return {}
                 tokenizer = load_tokenizer(self.manifest["tokenizer"]["spec"])

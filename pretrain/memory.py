@@ -105,9 +105,11 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
 
     Weights in the model dtype, fp32 gradients (megatron reduces in fp32), and per parameter 12
     bytes of fp32 master weight + Adam moments, sharded over data-parallel ranks by the
-    distributed optimizer. Activations: every block of this pipeline stage keeps what
-    `block_activation_bytes` counts (`layer_activation_bytes` for Sessa layers), and one layer's
-    solve adds its temporary.
+    distributed optimizer (over data- and context-parallel ranks). Activations: every block of
+    this pipeline stage keeps what `block_activation_bytes` counts (`layer_activation_bytes` for
+    Sessa layers) for its seq_len / parallel.context positions, and one layer's solve adds its
+    temporary; under context parallelism each Sessa layer also keeps the all-gathered keys and
+    values of the forward attention and the feedback keys k_b (the whole sequence's).
     """
     model, parallel = config.model, config.parallel
     model_parallel = parallel.tensor * parallel.pipeline
@@ -115,9 +117,15 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     compute_bytes = 2 if model.dtype != "float32" or config.logging.peak_tflops else BYTES[model.dtype]
     weights = params * BYTES[model.dtype]
     grads = params * 4
-    optimizer = params * 12 / (dp_size if config.optim.distributed else 1)
-    blocks = [block_activation_bytes(model, kind, seq_len, config.train.micro_batch_size, parallel.tensor,
+    optimizer = params * 12 / (dp_size * parallel.context if config.optim.distributed else 1)
+    local = seq_len // parallel.context
+    blocks = [block_activation_bytes(model, kind, local, config.train.micro_batch_size, parallel.tensor,
                                      parallel.sequence_parallel, compute_bytes) for kind in model.block_types]
+    if parallel.context > 1:
+        gathered = (config.train.micro_batch_size * seq_len * compute_bytes
+                    * (model.hidden_size + 2 * model.num_kv_heads * model.head_size / parallel.tensor))
+        blocks = [{**b, "saved": b["saved"] + gathered, "mixer": b["mixer"] + gathered} if kind == "S" else b
+                  for b, kind in zip(blocks, model.block_types)]
     recompute = config.train.recompute if config.engine == "megatron" else \
         {"none": "none", "feedback": "selective", "full": "full"}[config.deepspeed.activation_checkpointing]
     activations = recomputed_activation_bytes(blocks, recompute, parallel.pipeline)
@@ -132,17 +140,17 @@ def main():
     parser.add_argument("config")
     parser.add_argument("--seq-len", type=int, required=True)
     parser.add_argument("--dp", type=int, default=1, help="data-parallel size")
-    args = parser.parse_args()
-    config = load_config(args.config)
+    args, overrides = parser.parse_known_args()  # recipe overrides, e.g. --parallel.context 4
+    config = load_config(args.config, overrides)
     estimate = estimate_memory_gb(config, args.seq_len, args.dp)
     print(f"{config.run_name}: {count_params(config.model) / 1e9:.3f}B parameters, TP {config.parallel.tensor} "
-          f"PP {config.parallel.pipeline} DP {args.dp}, seq_len {args.seq_len}, "
+          f"PP {config.parallel.pipeline} CP {config.parallel.context} DP {args.dp}, seq_len {args.seq_len}, "
           f"micro-batch {config.train.micro_batch_size}, recompute {config.train.recompute}")
     for name, value in estimate.items():
         print(f"  {name:>12}: {value:8.2f} GB")
     others = {}
     for mode in ("none", "selective", "full"):  # what each train.recompute mode would need
-        trial = load_config(args.config, ["--train.recompute", mode, "--engine", "megatron"])
+        trial = load_config(args.config, [*overrides, "--train.recompute", mode, "--engine", "megatron"])
         others[mode] = estimate_memory_gb(trial, args.seq_len, args.dp)["total"]
     print("  total by train.recompute: " + ", ".join(f"{mode} {gb:.1f} GB" for mode, gb in others.items()))
 

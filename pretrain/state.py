@@ -39,7 +39,7 @@ class TrainState:
 
 def layout_of(env) -> dict:
     """The parallel layout a checkpoint records (a resume at another one reshards)."""
-    return {"world_size": env.world_size, "tp": env.tp_size, "pp": env.pp_size, "dp": env.dp_size}
+    return {"world_size": env.world_size, "tp": env.tp_size, "pp": env.pp_size, "dp": env.dp_size, "cp": env.cp_size}
 
 
 def no_weight_decay(param, name: str) -> bool:

@@ -21,7 +21,7 @@ from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimize
 from model.recompute import recompute_blocks, torch_checkpoint
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
-from ..batches import masked_loss_sum, model_inputs
+from ..batches import context_piece, masked_loss_sum, model_inputs
 from ..config import ConfigError, RunConfig
 from ..state import layout_of, no_weight_decay
 from . import Restored, ResumePlan, StepResult
@@ -132,6 +132,8 @@ class MegatronEngine:
     # --- steps --------------------------------------------------------------------------------
     def _forward_step(self, data_iterator, model):
         batch = model_inputs(next(data_iterator), self.config.data, self.device)
+        if self.env.cp_size > 1:  # the context-parallel ranks of a data-parallel rank read the same batches
+            batch = context_piece(batch, self.env.cp_rank, self.env.cp_size)
         with self.autocast:
             per_token_loss = model(batch["inputs"], batch["labels"], **batch["model_kwargs"])
         return per_token_loss, lambda output: self._loss_func(output, batch["targets_mask"])
@@ -142,11 +144,11 @@ class MegatronEngine:
         return total, count.to(torch.int), {"lm loss": torch.stack((total.detach(), count.float()))}
 
     def _sum_over_stages(self, reduced: list[dict]) -> torch.Tensor:
-        """(loss sum, target count) over micro-batches and data-parallel ranks, known to every stage."""
+        """(loss sum, target count) over micro-batches, data- and context-parallel ranks, known to every stage."""
         totals = torch.zeros(2, device=self.device)
         for entry in reduced:  # only the last pipeline stage computes losses
             totals += entry["lm loss"].to(self.device)
-        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
+        dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
         dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
         return totals
 
@@ -196,8 +198,9 @@ class MegatronEngine:
 
     @contextlib.contextmanager
     def full_model(self):
-        """The whole model when this rank holds it (no pipeline stages, no sequence parallelism)."""
-        whole = len(self.chunks) == 1 and self.env.pp_size == 1 and not self.config.parallel.sequence_parallel
+        """The whole model when this rank holds it (no pipeline stages, no sequence or context parallelism)."""
+        whole = (len(self.chunks) == 1 and self.env.pp_size == 1 and self.env.cp_size == 1
+                 and not self.config.parallel.sequence_parallel)
         yield self.chunks[0] if whole else None
 
     # --- checkpoints --------------------------------------------------------------------------
@@ -225,7 +228,7 @@ class MegatronEngine:
             # Every data-parallel rank's loader position, loaded by all ranks so the DP size may change
             # (when loading only DP rank 0's request counts as the main replica).
             "data": [ShardedObject("data_loader_state", None if loading else rank_state["data"], (layout["dp"],), (i,),
-                                   replica_id=(env.tp_rank, env.pp_rank, env.dp_rank if loading else 0))
+                                   replica_id=(env.tp_rank, env.pp_rank, env.cp_rank, env.dp_rank if loading else 0))
                      for i in (range(layout["dp"]) if loading else [env.dp_rank])],
             "layout": layout_of(self.env),
         }

@@ -353,7 +353,7 @@ def test_tp2_pp2_checkpoint_exports_to_the_same_model(tmp_path, prepared_data): 
     recipe = _recipe(tmp_path, prepared_data, num_kv_heads=2)
     run_pretrain(recipe, "--run_name", "tp2pp2", "--parallel.tensor", "2", "--parallel.pipeline", "2", nproc=4)
     run = tmp_path / "runs" / "tp2pp2"
-    assert open_checkpoint(run).common["layout"] == {"world_size": 4, "tp": 2, "pp": 2, "dp": 1}
+    assert open_checkpoint(run).common["layout"] == {"world_size": 4, "tp": 2, "pp": 2, "dp": 1, "cp": 1}
     done = cli("export", run, "--to", "hf", "--out", tmp_path / "hf")
     assert "top-1 mismatches: 0" in done.stdout
     assert "top-1 mismatches: 0" in cli("export", run, "--to", "reference", "--out", tmp_path / "ref").stdout

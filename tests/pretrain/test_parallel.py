@@ -72,3 +72,24 @@ def test_transformer_arm_tensor_parallel_matches_single_process(recipe, tmp_path
                              "--to", "hf", "--out", str(tmp_path / "hf")], cwd=REPO, env=pretrain_env(),
                             capture_output=True, text=True, timeout=600)
     assert export.returncode == 0 and "top-1 mismatches: 0" in export.stdout, export.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_context_parallel_matches_single_process_and_reshards(recipe, tmp_path, single_process_losses):
+    """parallel.context 2: each rank holds half of every sequence (packed documents cross the cut), the
+    same losses as one process; its checkpoint (step 4) resumes at CP 1, at TP 2 x CP 2 with sequence
+    parallelism and at PP 2 x CP 2 with the uninterrupted run's next losses."""
+    runs = tmp_path / "runs"
+    done = run_pretrain(recipe, "--run_name", "cp2", *FOUR_LAYERS, "--train.max_steps", "6", "--train.exit_interval",
+                        "4", "--parallel.context", "2", nproc=2)
+    assert "(TP 1 x PP 1 x CP 2 x DP 1)" in done.stdout + done.stderr
+    assert_same_losses(read_metrics(runs / "cp2"), single_process_losses, range(1, 5))
+    for name, layout, nproc in (("cp1", (), 1),
+                                ("tp2cp2", ("--parallel.tensor", "2", "--parallel.context", "2",
+                                            "--parallel.sequence_parallel", "true"), 4),
+                                ("pp2cp2", ("--parallel.pipeline", "2", "--parallel.context", "2"), 4)):
+        shutil.copytree(runs / "cp2", runs / f"cp2_to_{name}")
+        done = run_pretrain(recipe, "--run_name", f"cp2_to_{name}", *FOUR_LAYERS, "--train.max_steps", "6", *layout,
+                            nproc=nproc)
+        assert "resumed from" in done.stdout + done.stderr
+        assert_same_losses(read_metrics(runs / f"cp2_to_{name}"), single_process_losses, range(1, 7))

@@ -24,10 +24,13 @@ def _engines(path: str) -> list[str]:
 
 @pytest.mark.parametrize("path", RECIPES)
 def test_recipe_loads_and_builds_on_meta(path):
+    from model import cpu_compat
     from model.flops import count_params
     from model.parallel import ensure_model_parallel
     from model.transformer import build_model, megatron_config_for
 
+    if not torch.cuda.is_available():
+        cpu_compat.enable()  # the Transformer arm seeds megatron's CUDA RNG tracker
     assert _engines(path), path
     config = load_config(REPO / path)
     ensure_model_parallel()  # one process: the model is built whole, as a TP=1 rank would
