@@ -57,10 +57,10 @@ def load_recipe(train_args: list[str]):
 
 def check_layout(run, config: str, world_size: int) -> None:
     """The recipe's parallel layout and global batch must divide over `world_size` ranks."""
-    model_parallel = run.parallel.tensor * run.parallel.pipeline
+    model_parallel = run.parallel.tensor * run.parallel.pipeline * run.parallel.context  # ranks per model replica
     if world_size % model_parallel:
-        raise BadInput(f"{config}: {world_size} ranks do not divide by parallel.tensor x parallel.pipeline "
-                       f"= {model_parallel}")
+        raise BadInput(f"{config}: {world_size} ranks do not divide by parallel.tensor x parallel.pipeline x "
+                       f"parallel.context = {model_parallel}")
     manifest = Path(run.data.path) / "manifest.json"
     if manifest.is_file():
         seq_len = json.loads(manifest.read_text())["seq_len"]

@@ -167,7 +167,7 @@ def test_submit_helper_checks_and_sbatch_arguments(recipe, tmp_path):
     assert {"--ntasks-per-node=2", "--cpus-per-task=3", "--no-requeue"} <= set(args) and env["SESSA_REQUEUE"] == "0"
     with pytest.raises(BadInput, match="not a multiple of micro_batch_size x seq_len x data-parallel size = 768"):
         build("--gpus-per-node", "0", "--ranks-per-node", "6", "--config", str(recipe))
-    with pytest.raises(BadInput, match="3 ranks do not divide by parallel.tensor x parallel.pipeline = 2"):
+    with pytest.raises(BadInput, match="3 ranks do not divide by parallel.tensor x parallel.pipeline x parallel.context = 2"):
         build("--gpus-per-node", "0", "--ranks-per-node", "3", "--config", str(recipe), "--parallel.pipeline", "2")
     with pytest.raises(BadInput, match="unknown field"):
         build("--config", str(recipe), "--train.max_stepz", "5")
