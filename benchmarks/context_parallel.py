@@ -172,8 +172,8 @@ def main() -> None:
     for r in rows:
         m = r["mib_moved"]
         print(f"| {r['T']:5d} | {r['cp']:>2} | {r['fwd_s']:5.2f} | {r['fwd_bwd_s']:9.2f} | {r['cpu_s']:13.2f} | "
-              f"{r['peak_mb']:11.1f} | {r['saved_mb']:8.2f} | {m['all_gather']:10.2f} | {m['reduce_scatter']:14.2f} | {m['isend']:5.2f} | "
-              f"{m['irecv']:5.2f} |")
+              f"{r['peak_mb']:11.1f} | {r['saved_mb']:8.2f} | {m['all_gather']:10.2f} | {m['reduce_scatter']:14.2f} | "
+              f"{m['isend']:5.2f} | {m['irecv']:5.2f} |")
 
 
 if __name__ == "__main__":

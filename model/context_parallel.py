@@ -59,7 +59,8 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     for q0, k0 in zip(range(offset, offset + length, tile), first_starts):
         q1 = min(q0 + tile, offset + length)
         key_pos, query_pos = index[k0:q1], index[q0:q1]
-        visible = (key_pos[None, None, :] <= query_pos[None, :, None]) & (key_pos[None, None, :] >= starts[:, q0:q1, None])
+        visible = ((key_pos[None, None, :] <= query_pos[None, :, None])
+                   & (key_pos[None, None, :] >= starts[:, q0:q1, None]))  # [B, n, keys]
         outputs.append(F.scaled_dot_product_attention(
             q[:, :, q0 - offset : q1 - offset], keys[:, :, k0:q1], values[:, :, k0:q1],
             attn_mask=visible[:, None], enable_gqa=True))

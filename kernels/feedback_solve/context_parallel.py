@@ -230,6 +230,15 @@ def _cp_gradients(q_scaled, k_all, gamma, lse, lam, s_all, layout: _Layout, star
     return dq, dk_all, dgamma
 
 
+def _layout_like(grad: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`grad` in `ref`'s dtype and strides. Callers may reduce gradients in place assuming the
+    input's layout: megatron's copy_to_tensor_model_parallel_region all-reduces a gradient only
+    when it is contiguous there (an input [B, T, K] made by transposing [T, B, K])."""
+    if grad.dtype == ref.dtype and grad.stride() == ref.stride():
+        return grad
+    return torch.empty_strided(ref.shape, ref.stride(), dtype=ref.dtype, device=grad.device).copy_(grad)
+
+
 class ContextParallelFeedbackSolve(torch.autograd.Function):
     """Autograd wrapper: solves in float32 (float64 stays float64), returns s in f's dtype.
 
@@ -248,7 +257,7 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         s, lse = _cp_forward(q32 * q32.shape[-1] ** -0.5, k_all, f.to(dtype).contiguous(), gamma32, layout,
                              starts, group)
         ctx.save_for_backward(q_b, k_b, gamma, s, lse, starts)
-        ctx.group, ctx.layout, ctx.f_dtype = group, layout, f.dtype
+        ctx.group, ctx.layout, ctx.f_layout = group, layout, f.detach().to("meta")  # shape, strides, dtype
         return s.to(f.dtype)
 
     @staticmethod
@@ -262,8 +271,8 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         s_all = all_gather_sequence(s, group)
         dq, dk_all, dgamma = _cp_gradients(q_scaled, k_all, gamma32, lse, lam, s_all, layout, starts)
         dk = reduce_scatter_sequence(dk_all, group)
-        return (dq.to(q_b.dtype), dk.to(k_b.dtype), lam.to(ctx.f_dtype), dgamma.to(gamma.dtype),
-                None, None, None)
+        return (_layout_like(dq, q_b), _layout_like(dk, k_b), _layout_like(lam, ctx.f_layout),
+                _layout_like(dgamma, gamma), None, None, None)
 
 
 def feedback_solve_context_parallel(q_b, k_b, f, gamma, group, chunk_size: int = 64, doc_ids=None):

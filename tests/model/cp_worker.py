@@ -4,7 +4,8 @@ test_context_parallel.py.
 Each rank writes {case name: {"rank": rank in the case's CP group, tensor name: this rank's piece}}
 for the cases it took part in to argv[1]/rank<r>.pt: CP=4 cases on all four ranks, CP=2 cases
 alternately on ranks {0, 1} and {2, 3}; then megatron's parallel state at CP=2 (x DP=2) and a
-SessaLayer per CP group (LAYER_CASES), whose "grads" are the full parameter gradients.
+SessaLayer per CP group (LAYER_CASES), and at TP=2 x CP=2 (TP_CP_CASE), whose "grads" are the full
+parameter gradients (summed over CP, shards gathered over TP).
 """
 import sys
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ LAYER_CASES = [
     Case("layer_plain_cp2", 2, 10),
     Case("layer_docs_cp2", 2, 10, chunk_size=3, documents=((3, 1, 9, 7), (10, 6, 4))),
 ]
+TP_CP_CASE = Case("layer_docs_tp2_cp2", 2, 10, chunk_size=3, documents=((3, 1, 9, 7), (10, 6, 4)))
 K, V = 6, 5  # feedback key and value widths (K != V: V may be a tensor-parallel slice)
 HEADS, KV_HEADS, HEAD_SIZE = 4, 2, 4
 
@@ -136,7 +138,7 @@ def run_layer(case: Case) -> dict:
 
     from model import SessaLayer, megatron_config
 
-    group = parallel_state.get_context_parallel_group()
+    group, tp_group = parallel_state.get_context_parallel_group(), parallel_state.get_tensor_model_parallel_group()
     rank = dist.get_rank(group)
     config = layer_config(case)
     layer = SessaLayer(config, megatron_config(config, params_dtype=torch.float64), init_seed=4)
@@ -146,9 +148,14 @@ def run_layer(case: Case) -> dict:
     y, _ = layer(x, **inputs["keywords"])
     (y * inputs["grad"][piece]).sum().backward()
     grads = {}
-    for name, param in layer.named_parameters():  # each rank's positions give a partial sum
-        dist.all_reduce(param.grad, group=group)
-        grads[name] = param.grad
+    for name, param in layer.named_parameters():
+        grad = param.grad
+        dist.all_reduce(grad, group=group)  # each CP rank's positions give a partial sum
+        if getattr(param, "tensor_model_parallel", False):
+            shards = [torch.empty_like(grad) for _ in range(dist.get_world_size(tp_group))]
+            dist.all_gather(shards, grad.contiguous(), group=tp_group)
+            grad = torch.cat(shards, dim=param.partition_dim)
+        grads[name] = grad
     return {"y": y.detach(), "x": x.grad, "grads": grads}
 
 
@@ -174,6 +181,14 @@ def main(out_dir: str) -> None:
     assert parallel_state.get_context_parallel_global_ranks() == [rank // 2 * 2, rank // 2 * 2 + 1]
     case = LAYER_CASES[rank // 2]
     results[case.name] = {"rank": parallel_state.get_context_parallel_rank()} | run_layer(case)
+    parallel_state.destroy_model_parallel()
+    from model import cpu_compat
+
+    cpu_compat.enable()  # megatron's TP gathers allocate on "the current device"
+    parallel_state.initialize_model_parallel(2, 1, context_parallel_size=2)  # TP groups {0, 1}, {2, 3}
+    result = run_layer(TP_CP_CASE)
+    if parallel_state.get_tensor_model_parallel_rank() == 0:  # the TP ranks' outputs are the same
+        results[TP_CP_CASE.name] = {"rank": parallel_state.get_context_parallel_rank()} | result
     torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()
 
