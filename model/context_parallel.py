@@ -4,6 +4,10 @@ Rank r of the CP group holds positions [r*L, (r+1)*L) of q, k, v. K and V are al
 the sequence (B*T*H_kv*d each; their gradients are reduce-scattered back to the owners) and the
 local queries attend causally to every earlier key, tile by tile, so no mask is larger than
 [tile, T]. The feedback solve under CP is kernels.feedback_solve.context_parallel.
+
+Memory: autograd keeps the gathered K and V (SDPA saves its inputs) from forward to backward,
+B*T*2*H_kv*d per layer on every rank; re-gathering them in backward, as the feedback solve does,
+would need the attention recomputed there (or its log-sum-exp kept). Not done.
 """
 import torch
 import torch.distributed as dist
