@@ -59,5 +59,8 @@ def assert_matches_one_process(results: dict, case) -> None:
     # The model runs in float64 but megatron's vocab-parallel cross entropy works in float32.
     torch.testing.assert_close(parallel["loss"], loss.detach(), atol=1e-6, rtol=1e-6)
     torch.testing.assert_close(parallel["logits"], model(tokens[:, :-1], **documents).detach(), atol=1e-12, rtol=1e-12)
+    # Each gradient against its own scale (the feedback projections' are ~1e-10); the key bias's is
+    # zero in exact arithmetic (softmax ignores a shift shared by all keys): fp64 noise, ~1e-24.
     for param_name, param in global_named_parameters(model):
-        torch.testing.assert_close(parallel["grads"][param_name], param.grad, atol=1e-8, rtol=1e-6, msg=param_name)
+        atol = max(1e-6 * param.grad.abs().max().item(), 1e-14)
+        torch.testing.assert_close(parallel["grads"][param_name], param.grad, atol=atol, rtol=1e-6, msg=param_name)
