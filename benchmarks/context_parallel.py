@@ -7,9 +7,12 @@ time (the busiest rank: its own work, which wall time hides when CP processes sh
 the peak RSS over the RSS after the inputs and one untimed solve (Linux VmHWM, reset there), the
 bytes saved for backward (what each layer holds from its forward to its backward), and the
 bytes each kind of collective moved in one forward+backward (received for all-gather and irecv,
-sent for isend and reduce-scatter). Usage:
+sent for isend and reduce-scatter). With `--layers N` each case runs a stack of N SessaLayers
+(megatron's CP group; 4 heads, 2 kv-heads) instead of one solve: the activation memory a model
+keeps per rank, which is what context parallelism divides. Usage:
     python benchmarks/context_parallel.py                        # T = 2048, 4096; D = 64
     python benchmarks/context_parallel.py --seq-lens 8192 16384 --dim 256 --json
+    python benchmarks/context_parallel.py --seq-lens 16384 --dim 256 --layers 4 --cps 4
 """
 import argparse
 import contextlib
@@ -82,17 +85,20 @@ def worker(rank: int, size: int, port: int, args, out_dir: str) -> None:
     pieces = max(size, 1)
     length = args.seq_len // pieces
     gen = torch.Generator().manual_seed(rank)
-    q_b, k_b, f = (torch.randn(1, length, args.dim, generator=gen).requires_grad_() for _ in range(3))
-    gamma = (0.9 * torch.rand(1, length, generator=gen)).requires_grad_()
-    grad_s = torch.randn(1, length, args.dim, generator=gen)
+    if args.layers:
+        solve, inputs, grad_s = _layer_stack(args, length, size, gen)
+    else:
+        inputs = [torch.randn(1, length, args.dim, generator=gen).requires_grad_() for _ in range(3)]
+        inputs.append((0.9 * torch.rand(1, length, generator=gen)).requires_grad_())
+        grad_s = torch.randn(1, length, args.dim, generator=gen)
 
-    def solve(*inputs):
-        if distributed:
-            return feedback_solve_context_parallel(*inputs, dist.group.WORLD, args.chunk_size)
-        return feedback_solve_chunked(*inputs, args.chunk_size)
+        def solve(*inputs):
+            if distributed:
+                return feedback_solve_context_parallel(*inputs, dist.group.WORLD, args.chunk_size)
+            return feedback_solve_chunked(*inputs, args.chunk_size)
 
     # One untimed solve first: the libraries' one-time costs (code pages, thread pools) are not the solve's.
-    solve(q_b, k_b, f, gamma).backward(grad_s)
+    solve(*inputs).backward(grad_s)
     Path("/proc/self/clear_refs").write_text("5")  # restart the peak-RSS mark (VmHWM) here
     base_mb = _status_mb("VmRSS")
     saved = []  # bytes of the tensors the solve keeps for backward (each repeat): what a layer holds until then
@@ -108,14 +114,14 @@ def worker(rank: int, size: int, port: int, args, out_dir: str) -> None:
             dist.barrier()
         start = time.perf_counter()
         with torch.no_grad():
-            solve(q_b, k_b, f, gamma)
+            solve(*inputs)
         fwd = min(fwd, time.perf_counter() - start)
         if distributed:
             dist.barrier()
         start, start_cpu = time.perf_counter(), time.process_time()
         with CollectiveBytes() if distributed and repeat == 0 else contextlib.nullcontext() as counter:
             with torch.autograd.graph.saved_tensors_hooks(count_saved, lambda x: x):
-                s = solve(q_b, k_b, f, gamma)
+                s = solve(*inputs)
             s.backward(grad_s)
         fwd_bwd, cpu = min(fwd_bwd, time.perf_counter() - start), min(cpu, time.process_time() - start_cpu)
         if counter is not None:
@@ -126,6 +132,30 @@ def worker(rank: int, size: int, port: int, args, out_dir: str) -> None:
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     if distributed:
         dist.destroy_process_group()
+
+
+def _layer_stack(args, length: int, size: int, gen):
+    """(run, inputs, output gradient) of `args.layers` SessaLayers on this rank's piece [L, 1, D]."""
+    from megatron.core import parallel_state
+
+    from model import ModelConfig, SessaLayer, cpu_compat, megatron_config  # noqa: F401 (cpu_compat: a module)
+
+    cpu_compat.enable()
+    if not dist.is_initialized():  # CP = 1*: one process
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+        dist.init_process_group("gloo", rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1, context_parallel_size=max(size, 1))
+    config = ModelConfig(vocab_size=128, hidden_size=args.dim, num_layers=args.layers, num_heads=4, num_kv_heads=2,
+                         feedback_impl="chunked", feedback_chunk_size=args.chunk_size)
+    layers = [SessaLayer(config, megatron_config(config), layer_number=n) for n in range(args.layers)]
+    x = torch.randn(length, 1, args.dim, generator=gen).requires_grad_()
+
+    def run(x):
+        for layer in layers:
+            x, _ = layer(x)
+        return x
+
+    return run, [x], torch.randn(length, 1, args.dim, generator=gen)
 
 
 def free_port() -> int:
@@ -140,7 +170,7 @@ def run(seq_len: int, cp: int, args) -> dict:
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(worker, args=(cp, free_port(), case, out), nprocs=max(cp, 1), start_method="spawn")
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
-    return dict(T=seq_len, cp="1*" if cp == 0 else cp, D=args.dim,
+    return dict(T=seq_len, cp="1*" if cp == 0 else cp, D=args.dim, layers=args.layers,
                 fwd_s=max(r["fwd_s"] for r in ranks), fwd_bwd_s=max(r["fwd_bwd_s"] for r in ranks),
                 cpu_s=max(r["fwd_bwd_cpu_s"] for r in ranks), peak_mb=max(r["peak_mb"] for r in ranks),
                 saved_mb=max(r["saved_mb"] for r in ranks),
@@ -154,6 +184,7 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=64, help="K = V = D")
     parser.add_argument("--chunk-size", type=int, default=128, help="rows per tile and diagonal block")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats (minimum reported)")
+    parser.add_argument("--layers", type=int, default=0, help="a stack of this many SessaLayers instead of one solve")
     parser.add_argument("--json", action="store_true", help="print one JSON object per case")
     args = parser.parse_args()
     # Fixed, not glibc's adaptive threshold: freed tensors go back to the OS, so RSS peaks measure them.
@@ -163,7 +194,8 @@ def main() -> None:
         for row in rows:
             print(json.dumps(row))
         return
-    print("CP = 1*: single-process chunked solve; times: slowest rank; CPU s, memory: the largest rank's;")
+    what = f"{args.layers} SessaLayers" if args.layers else "chunked solve"
+    print(f"CP = 1*: single-process {what}; times: slowest rank; CPU s, memory: the largest rank's;")
     print("MiB moved per rank in one fwd+bwd (all-gather / reduce-scatter / isend / irecv)\n")
     print("|     T | CP | fwd s | fwd+bwd s | fwd+bwd CPU s | peak RSS MB | saved MB | all-gather | reduce-scatter "
           "| isend | irecv |")

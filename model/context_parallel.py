@@ -59,13 +59,46 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                              f"context-parallel rank, got {list(doc_ids.shape)}")
         starts = index - positions_from_doc_ids(doc_ids)  # [B, T], non-decreasing along T
     first_starts = starts[:, offset::tile][:, : -(-length // tile)].amin(0).tolist()  # one host sync
-    outputs = []
-    for q0, k0 in zip(range(offset, offset + length, tile), first_starts):
-        q1 = min(q0 + tile, offset + length)
-        key_pos, query_pos = index[k0:q1], index[q0:q1]
-        visible = ((key_pos[None, None, :] <= query_pos[None, :, None])
-                   & (key_pos[None, None, :] >= starts[:, q0:q1, None]))  # [B, n, keys]
-        outputs.append(F.scaled_dot_product_attention(
-            q[:, :, q0 - offset : q1 - offset], keys[:, :, k0:q1], values[:, :, k0:q1],
-            attn_mask=visible[:, None], enable_gqa=True))
-    return torch.cat(outputs, dim=2)
+    tiles = [(q0, min(q0 + tile, offset + length), k0)
+             for q0, k0 in zip(range(offset, offset + length, tile), first_starts)]
+    return _TiledAttention.apply(q, keys, values, starts, offset, tiles)
+
+
+def _tile_mask(starts, q0: int, q1: int, k0: int) -> torch.Tensor:
+    """[B, 1, n, keys]: query q0 + i sees key k0 + j when it is not later and of its document."""
+    index = torch.arange(k0, q1, device=starts.device)
+    return ((index[None, None, :] <= index[None, q0 - k0:, None])
+            & (index[None, None, :] >= starts[:, q0:q1, None]))[:, None]
+
+
+class _TiledAttention(torch.autograd.Function):
+    """Tile-by-tile attention that keeps no tile's mask or scores for the backward: SDPA on CPU
+    turns a boolean mask into a float one and saves it, which over all tiles is L x T / 2 values
+    per row block, as much as the layer's other activations at long T. The backward recomputes
+    each tile (flash attention's trade: one more forward) and keeps only q and the gathered K/V.
+    `tiles`: (q0, q1, k0) per tile of queries [q0, q1) (global positions) against keys [k0, q1)."""
+
+    @staticmethod
+    def forward(ctx, q, keys, values, starts, offset, tiles):
+        ctx.save_for_backward(q, keys, values, starts)
+        ctx.offset, ctx.tiles = offset, tiles
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, q0 - offset : q1 - offset], keys[:, :, k0:q1],
+                                                         values[:, :, k0:q1], attn_mask=_tile_mask(starts, q0, q1, k0),
+                                                         enable_gqa=True)
+                          for q0, q1, k0 in tiles], dim=2)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, keys, values, starts = ctx.saved_tensors
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(keys), torch.zeros_like(values)
+        for q0, q1, k0 in ctx.tiles:
+            rows = slice(q0 - ctx.offset, q1 - ctx.offset)
+            with torch.enable_grad():
+                tile = [q[:, :, rows].detach().requires_grad_(), keys[:, :, k0:q1].detach().requires_grad_(),
+                        values[:, :, k0:q1].detach().requires_grad_()]
+                out = F.scaled_dot_product_attention(*tile, attn_mask=_tile_mask(starts, q0, q1, k0), enable_gqa=True)
+                gq, gk, gv = torch.autograd.grad(out, tile, grad[:, :, rows])
+            dq[:, :, rows] += gq
+            dk[:, :, k0:q1] += gk
+            dv[:, :, k0:q1] += gv
+        return dq, dk, dv, None, None, None
