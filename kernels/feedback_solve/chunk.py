@@ -58,8 +58,13 @@ def _chunk_probs(q_scaled, k_b, lse, c0, c1, lo=0, row_starts=None):
         logits.masked_fill_(keys[None, None, :] < row_starts[:, :, None], float("-inf"))
     if lse is not None:
         return logits.sub_(lse[:, c0:c1].unsqueeze(-1)).exp_(), lse[:, c0:c1]
-    # Softmax in place (one exp pass) and its log-sum-exp. Rows with no past (t = 0, a document's
-    # first token) have max -inf and sum 0: probabilities 0, not NaN, and lse 0.
+    return softmax_with_lse_(logits)
+
+
+def softmax_with_lse_(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over the last dim in place (one exp pass) and its log-sum-exp [..., rows]. Rows with
+    no visible key (t = 0, a document's first token) have max -inf and sum 0: probabilities 0, not
+    NaN, and lse 0."""
     row_max = logits.amax(-1, keepdim=True)
     row_max.masked_fill_(torch.isinf(row_max), 0.0)
     probs = logits.sub_(row_max).exp_()

@@ -49,7 +49,7 @@ chunk by chunk would shorten the chain to about the last rank's work. Neither is
 import torch
 import torch.distributed as dist
 
-from .chunk import _unit_lower_system
+from .chunk import _unit_lower_system, softmax_with_lse_
 from .documents import document_starts
 from .naive import _solve_dtype
 
@@ -89,13 +89,7 @@ def _tile_probs(q_rows, k_all, g0, k0, k1, lse_rows=None, row_starts=None):
         logits.masked_fill_(keys[None, None, :] < row_starts[:, :, None], float("-inf"))
     if lse_rows is not None:
         return logits.sub_(lse_rows.unsqueeze(-1)).exp_()
-    row_max = logits.amax(-1, keepdim=True)
-    row_max.masked_fill_(torch.isinf(row_max), 0.0)
-    probs = logits.sub_(row_max).exp_()
-    row_sum = probs.sum(-1, keepdim=True)
-    empty = row_sum == 0
-    probs.div_(row_sum.masked_fill_(empty, 1.0))
-    return probs, row_sum.log_().add_(row_max).masked_fill_(empty, 0.0).squeeze(-1)
+    return softmax_with_lse_(logits)
 
 
 class _Layout:
