@@ -64,19 +64,17 @@ torch.save({"logits": hidden.logits, "n_hidden": len(hidden.hidden_states), "gen
 """
 
 
-def test_hf_export_loads_with_remote_code_and_matches_native(trained, tmp_path):
-    tmp, _, run, hf = trained
-    reader = open_checkpoint(run)
-    config = model_config(reader.common)
-    ids = torch.randint(0, config.vocab_size, (2, 2 * config.feedback_chunk_size + 3), generator=torch.Generator().manual_seed(3))
+def load_in_fresh_process(hf: Path, ids: torch.Tensor, tmp_path: Path) -> dict:
+    """FRESH_PROCESS's outputs for the export in `hf` on `ids`."""
     torch.save(ids, tmp_path / "ids.pt")
-    script = tmp_path / "load.py"
-    script.write_text(FRESH_PROCESS)
-    subprocess.run([sys.executable, str(script), str(hf), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-                   check=True, cwd=tmp_path, env=pretrain_env(), timeout=300)
-    result = torch.load(tmp_path / "out.pt")
-    assert result["class"] == "SessaForCausalLM" and result["n_hidden"] == config.num_layers + 1
+    (tmp_path / "load.py").write_text(FRESH_PROCESS)
+    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(hf), str(tmp_path / "ids.pt"),
+                    str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env=pretrain_env(), timeout=300)
+    return torch.load(tmp_path / "out.pt")
 
+
+def assert_matches_native(reader, config, ids: torch.Tensor, result: dict) -> None:
+    """The export's logits (<= 1e-4, same argmax) and greedy tokens are our model's."""
     from model.generation import generate
 
     native = native_model(independent_state_dict(reader), config)
@@ -84,8 +82,17 @@ def test_hf_export_loads_with_remote_code_and_matches_native(trained, tmp_path):
         ours = native(ids)[..., : config.vocab_size]
     assert (ours - result["logits"]).abs().max().item() <= 1e-4
     assert torch.equal(ours.argmax(-1), result["logits"].argmax(-1))
-    # generate() on the export == our generate(), greedily, token for token
     assert torch.equal(generate(native, ids[:1, :5], 8, temperature=0), result["generated"])
+
+
+def test_hf_export_loads_with_remote_code_and_matches_native(trained, tmp_path):
+    tmp, _, run, hf = trained
+    reader = open_checkpoint(run)
+    config = model_config(reader.common)
+    ids = torch.randint(0, config.vocab_size, (2, 2 * config.feedback_chunk_size + 3), generator=torch.Generator().manual_seed(3))
+    result = load_in_fresh_process(hf, ids, tmp_path)
+    assert result["class"] == "SessaForCausalLM" and result["n_hidden"] == config.num_layers + 1
+    assert_matches_native(reader, config, ids, result)
     from data_pipeline.tokenizer import load_tokenizer
 
     assert result["text_ids"] == load_tokenizer("pydocs4k").encoding.encode("def f(x):\n    return x")
@@ -115,20 +122,7 @@ def test_mamba_hybrid_exports_to_hf(tmp_path, prepared_data):  # noqa: F811
     config = model_config(reader.common)
     assert config.layer_pattern == "SM*-" and config.mamba_state_size == 16
     ids = torch.randint(0, config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(4))
-    torch.save(ids, tmp_path / "ids.pt")
-    (tmp_path / "load.py").write_text(FRESH_PROCESS)
-    subprocess.run([sys.executable, str(tmp_path / "load.py"), str(tmp_path / "hf"), str(tmp_path / "ids.pt"),
-                    str(tmp_path / "out.pt")], check=True, cwd=tmp_path, env=pretrain_env(), timeout=300)
-    result = torch.load(tmp_path / "out.pt")
-
-    from model.generation import generate
-
-    native = native_model(independent_state_dict(reader), config)
-    with torch.no_grad():
-        ours = native(ids)[..., : config.vocab_size]
-    assert (ours - result["logits"]).abs().max().item() <= 1e-4
-    assert torch.equal(ours.argmax(-1), result["logits"].argmax(-1))
-    assert torch.equal(generate(native, ids[:1, :5], 8, temperature=0), result["generated"])
+    assert_matches_native(reader, config, ids, load_in_fresh_process(tmp_path / "hf", ids, tmp_path))
 
 
 def test_transformer_arm_exports_to_llama(tmp_path, prepared_data, monkeypatch):  # noqa: F811
