@@ -90,8 +90,8 @@ def test_slurm_mode_submits_through_launch_slurm_and_skips_finished(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path, prepared_data):
-    """plan (isoFLOP 2 budgets x 3 sizes, plus a WSD ladder with a forked cooldown) x both
-    architectures -> launch (local, the real trainer) -> collect, compare, fit, plot -> launch again."""
+    """plan (isoFLOP 2 budgets x 3 sizes of Sessa, plus a WSD ladder with a forked cooldown for both
+    architectures) -> launch (local, the real trainer) -> collect, compare, fit, plot -> launch again."""
     base = {"model": {"vocab_size": 4096, "hidden_size": 32, "num_layers": 2, "num_heads": 2,
                       "feedback_impl": "chunked", "feedback_chunk_size": 16},
             "train": {"micro_batch_size": 4, "seed": 7}, "data": {"path": str(prepared_data), "num_workers": 0},
@@ -102,12 +102,12 @@ def test_tiny_sweep_end_to_end(tmp_path, prepared_data):
               "--micro-batch", "4", "--out", str(sweep)]
     cli = lambda *args: subprocess.run([sys.executable, "-m", "pretrain.scaling", *args], cwd=REPO,
                                        capture_output=True, text=True, timeout=1800)
-    for args in (["plan", *common, "--budgets", "1e10", "3e10", "--widths", "16", "32", "48"],
+    for args in (["plan", *common, "--budgets", "1e10", "3e10", "--widths", "16", "32", "48", "--arms", "sessa"],
                  ["plan", *common, "--mode", "ladder", "--widths", "16", "--ratios", "0.1", "0.2", "--append"]):
         done = cli(*args)
         assert done.returncode == 0, done.stderr[-3000:]
     plan = json.loads((sweep / "plan.json").read_text())["points"]
-    assert len(plan) == 12 + 4 and sum(bool(p["fork_of"]) for p in plan) == 2
+    assert len(plan) == 6 + 4 and sum(bool(p["fork_of"]) for p in plan) == 2
     done = cli("launch", "--sweep", str(sweep))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     registry = json.loads((sweep / "registry.json").read_text())
