@@ -117,7 +117,7 @@ class SessaLM(MegatronModule):
             hidden = self.input_tensor
         # this rank's positions: 1/tp of its piece under sequence parallelism, 1/cp of T under context parallelism
         full_length = (hidden.shape[0] * (self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1)
-                       * parallel_state.get_context_parallel_world_size())
+                       * max(1, parallel_state.get_context_parallel_world_size()))
         for name, ids in (("doc_ids", doc_ids), ("position_ids", position_ids)):
             if ids is not None:
                 check_doc_ids(ids, hidden.shape[1], full_length, name)
