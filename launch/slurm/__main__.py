@@ -83,8 +83,9 @@ def detect_gpus_per_node(partition: str | None) -> tuple[int, str]:
     """(GPUs per node, where that number comes from): SLURM's GRES of the partition's nodes (the
     fewest, so that any node fits), else this machine's GPUs (nvidia-smi), else 0."""
     try:
+        # A reachable controller answers at once; without one sinfo retries for a minute.
         done = subprocess.run(["sinfo", "-h", "-N", "-o", "%G", *([f"--partition={partition}"] if partition else [])],
-                              capture_output=True, text=True, timeout=60)
+                              capture_output=True, text=True, timeout=10)
         if done.returncode == 0 and done.stdout.strip():
             counts = [_gres_gpus(line.strip()) for line in done.stdout.splitlines() if line.strip()]
             return min(counts), f"sinfo GRES of partition {partition or '(default)'}"
