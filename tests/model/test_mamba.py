@@ -209,22 +209,14 @@ def test_pipeline_stages_equal_one_process():
 @pytest.mark.parametrize("dtype, T, N, chunk", [(torch.float32, 200, 32, 64), (torch.bfloat16, 256, 64, 32)])
 def test_activation_model_matches_the_saved_tensors(dtype, T, N, chunk):
     """pretrain.memory's `M` block estimate is within 2% of the bytes autograd keeps (one process)."""
-    from model.parallel import megatron_config
+    from model.parallel import ensure_model_parallel, megatron_config
     from pretrain.memory import block_activation_bytes
+    from tests.scaling.memory_worker import saved_bytes
 
+    ensure_model_parallel()  # saved_bytes runs the backward, whose tensor-parallel mappings need the state
     cfg = ModelConfig(vocab_size=256, hidden_size=128, num_layers=1, num_heads=4, layer_pattern="M",
                       mamba_state_size=N, mamba_chunk_size=chunk)
     block = MambaBlock(cfg, megatron_config(cfg, params_dtype=dtype, bf16=dtype == torch.bfloat16), 0)
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    storages = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        block(torch.randn(T, 2, 128, dtype=dtype, requires_grad=True))
+    saved = saved_bytes(block, torch.randn(T, 2, 128, dtype=dtype, requires_grad=True))
     estimate = block_activation_bytes(cfg, "M", T, 2, 1, False, 4 if dtype == torch.float32 else 2)["saved"]
-    assert estimate == pytest.approx(sum(storages.values()), rel=0.02)
+    assert estimate == pytest.approx(saved, rel=0.02)

@@ -16,7 +16,8 @@ from model import ModelConfig, SessaLayer, megatron_config
 from model import cpu_compat
 
 
-def saved_bytes(layer: SessaLayer, x: torch.Tensor) -> int:
+def saved_bytes(layer, x: torch.Tensor) -> int:
+    """Bytes autograd keeps for the backward of `layer(x)` (a block returning (y, cache)), parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
     storages = {}
 
