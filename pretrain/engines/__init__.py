@@ -56,3 +56,12 @@ def engine_class(config: RunConfig):
     from .megatron import MegatronEngine
 
     return MegatronEngine
+
+
+def load_model_weights(checkpoints, step: int, chunks) -> None:
+    """The model tensors of checkpoint `step` (megatron torch_dist) into this rank's model chunks,
+    resharded to their layout; nothing else of the checkpoint is read."""
+    states = [chunk.sharded_state_dict(prefix="model.") for chunk in chunks]  # keys: global layer numbers
+    loaded = checkpoints.load(step, {"model": {k: v for state in states for k, v in state.items()}})["model"]
+    for chunk, state in zip(chunks, states):
+        chunk.load_global_state_dict({k: loaded[k] for k in state}, prefix="model.")

@@ -34,7 +34,7 @@ from model.transformer import build_model, init_model_weights, megatron_config_f
 from ..batches import masked_loss_sum, model_inputs, target_count
 from ..config import ConfigError, RunConfig
 from ..state import layout_of, no_weight_decay
-from . import Restored, ResumePlan, StepResult
+from . import Restored, ResumePlan, StepResult, load_model_weights
 
 BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
@@ -153,8 +153,8 @@ class DeepSpeedEngine:
         self.megatron_config = megatron_config_for(cfg.model, sequence_parallel=False, calculate_per_token_loss=True)
         model = build_model(cfg.model, self.megatron_config)
         init_model_weights(model, cfg.train.seed)
-        if imported:
-            self._load_imported_weights(model, plan.step)
+        if imported:  # before deepspeed.initialize, so ZeRO's master copies start from these weights
+            load_model_weights(self.checkpoints, plan.step, [model])
         # DeepSpeed broadcasts (and ZeRO-3 partitions) every parameter as `p.data.view(torch.uint8)`,
         # which fails for 0-dim tensors (the gamma biases): they train as shape [1] here (broadcasting
         # gives the same forward) and are restored to shape [] by consolidation (checkpoints/deepspeed_format.py).
@@ -269,12 +269,6 @@ class DeepSpeedEngine:
             raise ConfigError(f"checkpoint {where} was not written by engine: deepspeed (no {TRAINER_STATE}); "
                               f"resume it with engine: megatron or start a new run_name")
         return ResumePlan(step, where, torch.load(where / TRAINER_STATE, weights_only=False))
-
-    def _load_imported_weights(self, model, step: int) -> None:
-        """The model's tensor-parallel pieces of an imported (megatron torch_dist) checkpoint."""
-        state = model.sharded_state_dict(prefix="model.")
-        loaded = self.checkpoints.load(step, {"model": state})["model"]
-        model.load_global_state_dict({k: loaded[k] for k in state}, prefix="model.")
 
     def _needs_universal(self, plan: ResumePlan) -> bool:
         """Another data-parallel size or ZeRO stage loads the checkpoint's universal form."""

@@ -24,7 +24,7 @@ from model.transformer import build_model, init_model_weights, megatron_config_f
 from ..batches import context_piece, masked_loss_sum, model_inputs
 from ..config import ConfigError, RunConfig
 from ..state import layout_of, no_weight_decay
-from . import Restored, ResumePlan, StepResult
+from . import Restored, ResumePlan, StepResult, load_model_weights
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}  # reloadable at any DP size
 
@@ -242,11 +242,7 @@ class MegatronEngine:
 
     def load(self, plan: ResumePlan) -> Restored:
         if plan.common.get(WEIGHTS_ONLY):  # written by `python -m checkpoints import`: the model only
-            model_state = {k: v for chunk in self.chunks for k, v in chunk.sharded_state_dict(prefix="model.").items()}
-            loaded = self.checkpoints.load(plan.step, {"model": model_state})
-            for chunk in self.chunks:
-                keys = chunk.sharded_state_dict(prefix="model.").keys()
-                chunk.load_global_state_dict({k: loaded["model"][k] for k in keys}, prefix="model.")
+            load_model_weights(self.checkpoints, plan.step, self.chunks)
             return Restored(plan.common, [], None)
         initialise_optimizer_state(self.optimizer)
         loaded = self.checkpoints.load(plan.step, self._sharded_state({}, None, saved_layout=plan.common["layout"]))
