@@ -226,6 +226,31 @@ def test_recompute_is_exact_for_a_hybrid_stack(mode, pattern):
         assert torch.equal(grads[name], grad), name
 
 
+@pytest.mark.parametrize("block", ["S", "M", "*", "-"])
+def test_recompute_keeps_less_for_every_block_type(block):
+    """Equal losses also hold when recompute does nothing: count what autograd keeps for the backward
+    of one block (memory_worker.saved_bytes, the measure the memory tests use). Under "full" the
+    block keeps nothing (its input is held by the checkpoint, outside autograd's saved tensors), so
+    the only bytes left are the block output that the test's loss squares: x's size. "selective"
+    recomputes only a Sessa block's mixer and leaves `M`, `*` and `-` blocks as they are
+    (model/recompute.py)."""
+    from model.recompute import recompute_blocks, torch_checkpoint
+    from tests.scaling.memory_worker import saved_bytes
+
+    kept = {}
+    for mode in ("none", "selective", "full"):
+        model = SessaLM(config(block, **MAMBA), init_seed=3)
+        recompute_blocks(model, mode, torch_checkpoint)
+        x = torch.randn(24, 2, 32, requires_grad=True, generator=torch.Generator().manual_seed(0))
+        kept[mode] = saved_bytes(model.layers[0], x)
+    assert kept["full"] == x.numel() * x.element_size(), kept
+    assert kept["none"] > 4 * kept["full"], kept  # norm, projections, activations: several block widths
+    if block == "S":
+        assert kept["full"] < kept["selective"] < kept["none"], kept
+    else:
+        assert kept["selective"] == kept["none"], kept
+
+
 def test_reference_export_refuses_non_sessa_blocks():
     from model.reference import reference_layer_kwargs
 
