@@ -144,19 +144,70 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
     if pack not in PACK_MODES:
         raise ValueError(f"unknown pack mode {pack!r}; use one of {PACK_MODES}")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    num_workers = num_workers or len(os.sched_getaffinity(0))
     out = Path(out)
     _prepare_out_dir(out, overwrite)
     splits_names = SPLIT_NAMES if task else SPLITS
+    tmp_path = out / TMP_TOKENS
+    tokenized = _tokenize_to_file(records, tok, tmp_path, splits_names, seq_len=seq_len, task=task, pack=pack,
+                                  val_fraction=val_fraction, num_workers=num_workers or len(os.sched_getaffinity(0)),
+                                  on_error=on_error, skipped=skipped, progress=progress)
+    if tokenized.documents == 0:
+        tmp_path.unlink()
+        raise ValueError(f"no documents found in {[s.get('source') for s in sources]} "
+                         f"(skipped: {dict(skipped)})")
+    layout = ShardLayout.for_sizes(seq_len, entry_bytes, shard_bytes)
+    splits = _pack_to_shards(tokenized, tmp_path, out, layout, pack=pack, eot_id=tok.eot_id,
+                             with_mask=task is not None, shuffle_seed=shuffle_seed)
+    tmp_path.unlink()
+    manifest = {
+        "format": FORMAT,
+        "tokenizer_id": tok.id,
+        "tokenizer": {"name": tok.name, "spec": _portable_spec(tok.spec), "vocab_size": tok.vocab_size,
+                      "eot_id": tok.eot_id},
+        "vocab_size": tok.vocab_size,
+        "seq_len": seq_len,
+        "sample_len": layout.sample_len,
+        "samples_per_entry": layout.samples_per_entry,
+        "token_dtype": "uint32le",
+        "sources": sources,
+        "val_fraction": None if fixed_splits else val_fraction,
+        "pack": pack,
+        "shuffle_seed": shuffle_seed,
+        "loss_mask": task is not None,
+        "documents": {"total": tokenized.documents, "text_bytes": tokenized.text_bytes, "tokens": tokenized.tokens},
+        "skipped": dict(sorted(skipped.items())),
+        "splits": splits,
+    }
+    if task:
+        manifest["task"] = _task_manifest(task, tokenized.labels)
+    write_manifest(out, manifest)
+    return manifest
+
+
+@dataclass
+class TokenizedDocuments:
+    """What pass 1 leaves beside the temporary token file: per split, each document's (offset, length,
+    mask_start) columns, and the totals the manifest reports."""
+    index: dict[str, tuple[array, array, array]]
+    labels: Counter | None  # answers seen in a task file; None when there are too many to be labels
+    text_bytes: int = 0
+    tokens: int = 0
+
+    @property
+    def documents(self) -> int:
+        return sum(len(offsets) for offsets, _, _ in self.index.values())
+
+
+def _tokenize_to_file(records: Iterable[Record], tok: Tokenizer, tmp_path: Path, splits_names: tuple[str, ...], *,
+                      seq_len: int, task: TaskSpec | None, pack: str, val_fraction: float, num_workers: int,
+                      on_error: str, skipped: Counter, progress: bool) -> TokenizedDocuments:
+    """Pass 1: tokenise into the temporary token file, assigning each document its split."""
     sep = separator_ids(tok, task.separator) if task else np.empty(0, dtype=np.int64)
     val_every = round(1 / val_fraction) if val_fraction > 0 else 0
-
-    # Pass 1: tokenise into the temporary token file, remembering (offset, length, mask_start).
-    index = {s: (array("q"), array("q"), array("q")) for s in splits_names}
-    labels: Counter | None = Counter() if task else None
+    done = TokenizedDocuments({s: (array("q"), array("q"), array("q")) for s in splits_names},
+                              Counter() if task else None)
     bar = _progress_bar(progress)
-    start, text_bytes, n_tokens, ordinal, offset = time.perf_counter(), 0, 0, 0, 0
-    tmp_path = out / TMP_TOKENS
+    start, ordinal = time.perf_counter(), 0
     with open(tmp_path, "wb") as tmp:
         for batch, token_arrays in _tokenize(records, tok, num_workers):
             for record, parts in zip(batch, token_arrays):
@@ -177,71 +228,60 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
                     split = "val" if val_every and ordinal % val_every == val_every - 1 else "train"
                     ordinal += 1
                 tmp.write(ids.astype(TOKEN_DTYPE, copy=False).tobytes())
-                for column, value in zip(index[split], (offset, len(ids), mask_start)):
+                for column, value in zip(done.index[split], (done.tokens, len(ids), mask_start)):
                     column.append(value)
-                offset += len(ids)
-                text_bytes += record.nbytes
-                n_tokens += len(ids)
-                if labels is not None:
-                    labels[record.texts[1]] += 1
-                    if len(labels) > MAX_LABELS:
-                        labels = None
+                done.tokens += len(ids)
+                done.text_bytes += record.nbytes
+                if done.labels is not None:
+                    done.labels[record.texts[1]] += 1
+                    if len(done.labels) > MAX_LABELS:
+                        done.labels = None
             if bar is not None:
                 bar.update(sum(r.nbytes for r in batch))
-                bar.set_postfix_str(f"{n_tokens / (time.perf_counter() - start) / 1e6:.2f}M tok/s",
+                bar.set_postfix_str(f"{done.tokens / (time.perf_counter() - start) / 1e6:.2f}M tok/s",
                                     refresh=False)
     if bar is not None:
         bar.close()
-    n_docs = sum(len(index[s][0]) for s in splits_names)
-    if n_docs == 0:
-        tmp_path.unlink()
-        raise ValueError(f"no documents found in {[s.get('source') for s in sources]} "
-                         f"(skipped: {dict(skipped)})")
+    return done
 
-    # Pass 2: per split, documents in shuffled order -> packed samples -> shards.
-    sample_len = seq_len + 1
-    samples_per_entry = max(1, round(entry_bytes / (sample_len * TOKEN_DTYPE.itemsize)))
-    entries_per_shard = max(1, shard_bytes // (samples_per_entry * sample_len * TOKEN_DTYPE.itemsize))
-    tokens = np.memmap(tmp_path, dtype=TOKEN_DTYPE, mode="r") if offset else np.empty(0, TOKEN_DTYPE)
+
+@dataclass(frozen=True)
+class ShardLayout:
+    sample_len: int  # seq_len + 1: inputs and the shifted targets
+    samples_per_entry: int
+    entries_per_shard: int
+
+    @classmethod
+    def for_sizes(cls, seq_len: int, entry_bytes: int, shard_bytes: int) -> ShardLayout:
+        sample_len = seq_len + 1
+        samples_per_entry = max(1, round(entry_bytes / (sample_len * TOKEN_DTYPE.itemsize)))
+        entries_per_shard = max(1, shard_bytes // (samples_per_entry * sample_len * TOKEN_DTYPE.itemsize))
+        return cls(sample_len, samples_per_entry, entries_per_shard)
+
+
+def _pack_to_shards(tokenized: TokenizedDocuments, tmp_path: Path, out: Path, layout: ShardLayout, *, pack: str,
+                    eot_id: int, with_mask: bool, shuffle_seed: int | None) -> dict:
+    """Pass 2: per split, documents in shuffled order -> packed samples -> shards. Returns the manifest's splits."""
+    seq_len = layout.sample_len - 1
+    tokens = np.memmap(tmp_path, dtype=TOKEN_DTYPE, mode="r") if tokenized.tokens else np.empty(0, TOKEN_DTYPE)
     splits = {}
-    for split in splits_names:
-        offsets, lengths, mask_starts = index[split]
-        writer = SplitWriter(out, split, samples_per_entry, entries_per_shard, with_mask=task is not None)
-        packer = make_packer(pack, seq_len, tok.eot_id)
+    for split, (offsets, lengths, mask_starts) in tokenized.index.items():
+        writer = SplitWriter(out, split, layout.samples_per_entry, layout.entries_per_shard, with_mask=with_mask)
+        packer = make_packer(pack, seq_len, eot_id)
         for i in document_order(len(offsets), shuffle_seed, split):
             writer.add(packer.add(tokens[offsets[i]:offsets[i] + lengths[i]], mask_starts[i]))
         writer.add(packer.finish())
         splits[split] = writer.close() | {"documents": len(offsets), "stream_tokens": packer.stream_tokens}
-    del tokens
-    tmp_path.unlink()
+    del tokens  # the memmap must be closed before the caller removes the file
+    return splits
 
-    manifest = {
-        "format": FORMAT,
-        "tokenizer_id": tok.id,
-        "tokenizer": {"name": tok.name, "spec": _portable_spec(tok.spec), "vocab_size": tok.vocab_size,
-                      "eot_id": tok.eot_id},
-        "vocab_size": tok.vocab_size,
-        "seq_len": seq_len,
-        "sample_len": sample_len,
-        "samples_per_entry": samples_per_entry,
-        "token_dtype": "uint32le",
-        "sources": sources,
-        "val_fraction": None if fixed_splits else val_fraction,
-        "pack": pack,
-        "shuffle_seed": shuffle_seed,
-        "loss_mask": task is not None,
-        "documents": {"total": n_docs, "text_bytes": text_bytes, "tokens": n_tokens},
-        "skipped": dict(sorted(skipped.items())),
-        "splits": splits,
-    }
-    if task:
-        n = sum(labels.values()) if labels is not None else 0
-        manifest["task"] = {
-            "format": task.file_format, "prompt_field": task.prompt_field, "answer_field": task.answer_field,
+
+def _task_manifest(task: TaskSpec, labels: Counter | None) -> dict:
+    """The task section of the manifest; labels only where each was seen at least twice on average."""
+    n = sum(labels.values()) if labels is not None else 0
+    return {"format": task.file_format, "prompt_field": task.prompt_field, "answer_field": task.answer_field,
             "split_field": task.split_field, "separator": task.separator, "loss_on": task.loss_on,
             "labels": sorted(labels) if labels is not None and n >= 2 * len(labels) else None}
-    write_manifest(out, manifest)
-    return manifest
 
 
 def document_order(n: int, shuffle_seed: int | None, split: str) -> np.ndarray:
