@@ -46,16 +46,30 @@ def fit_arms(rows: list[dict], bootstrap: int = 100, seed: int = 0) -> dict:
 
 def plot_all(rows: list[dict], out_dir: str | Path, sweep: str | Path | None = None, fits: dict | None = None,
              comparison: dict | None = None, elapsed_s: float | None = None) -> Path:
-    plt = _plt()
+    """The five figures (isoflop, optimal, residuals, loss_curves, overlay .png) and the report in out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     fits = fits if fits is not None else fit_arms(rows)
-    archs = sorted(fits)
     good = {a: f for a, f in fits.items() if not isinstance(f, Exception)}
     flops = np.array([r["flops_6N"] for r in fit_rows(rows)] or [1.0])
-    grid = np.logspace(math.log10(flops.min()) - 0.3, math.log10(flops.max()) + 0.5, 60)
+    compute_grid = np.logspace(math.log10(flops.min()) - 0.3, math.log10(flops.max()) + 0.5, 60)
+    plot_isoflop(rows, sorted(fits), good, out / "isoflop.png")
+    plot_optimal(good, compute_grid, out / "optimal.png")
+    plot_residuals(rows, good, out / "residuals.png")
+    plot_loss_curves(sweep, out / "loss_curves.png")
+    plot_overlay(rows, sorted(fits), good, compute_grid, out / "overlay.png")
+    return write_report(out, fits, comparison, rows, elapsed_s)
 
-    fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 4), squeeze=False)
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+
+
+def plot_isoflop(rows: list[dict], archs: list[str], good: dict, path: Path) -> None:
+    """Per arch, loss against parameters at each compute budget, with the fitted law's isoFLOP curve."""
+    fig, axes = _plt().subplots(1, len(archs), figsize=(5 * len(archs), 4), squeeze=False)
     for ax, arch in zip(axes[0], archs):
         pts = _points(rows, arch)
         for budget in sorted(set(pts.budget.tolist())):
@@ -67,26 +81,29 @@ def plot_all(rows: list[dict], out_dir: str | Path, sweep: str | Path | None = N
                 ax.plot(n, law_loss(good[arch].params, n, c / (6 * n)), "-", color=line.get_color(), alpha=0.6)
         ax.set(xscale="log", xlabel="parameters N", ylabel="held-out loss (nats)", title=f"{arch}: isoFLOP")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "isoflop.png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+
+def plot_optimal(good: dict, compute_grid: np.ndarray, path: Path) -> None:
+    """N*, D* and L* against compute, with the bootstrap's 95% band."""
+    fig, axes = _plt().subplots(1, 3, figsize=(15, 4))
     for arch, f in good.items():
-        for ax, key, sample_key in zip(axes, ("N", "D", "loss"), ("N_opt", "D_opt", "L_opt")):
-            ax.plot(grid, [law_optimum(f.params, c)[key] for c in grid], color=COLORS.get(arch), label=arch)
+        for ax, key in zip(axes, ("N", "D", "loss")):
+            ax.plot(compute_grid, [law_optimum(f.params, c)[key] for c in compute_grid], color=COLORS.get(arch),
+                    label=arch)
             if f.samples:
-                curves = np.array([[law_optimum(s, c)[key] for c in grid] for s in f.samples])
-                ax.fill_between(grid, *np.percentile(curves, [2.5, 97.5], axis=0), color=COLORS.get(arch), alpha=0.2)
+                curves = np.array([[law_optimum(s, c)[key] for c in compute_grid] for s in f.samples])
+                ax.fill_between(compute_grid, *np.percentile(curves, [2.5, 97.5], axis=0), color=COLORS.get(arch),
+                                alpha=0.2)
     for ax, label in zip(axes, ("N* (parameters)", "D* (tokens)", "L* (nats)")):
         ax.set(xscale="log", yscale="log" if label[0] in "ND" else "linear", xlabel="compute C = 6ND (FLOPs)",
                ylabel=label)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "optimal.png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def plot_residuals(rows: list[dict], good: dict, path: Path) -> None:
+    fig, ax = _plt().subplots(figsize=(6, 4))
     for arch, f in good.items():
         pts = _points(rows, arch)
         ax.plot(pts.params, np.log(pts.loss) - np.log(law_loss(f.params, pts.params, pts.tokens)), "o",
@@ -94,11 +111,12 @@ def plot_all(rows: list[dict], out_dir: str | Path, sweep: str | Path | None = N
     ax.axhline(0, color="grey", lw=0.8)
     ax.set(xscale="log", xlabel="parameters N", ylabel="log L - log L_fit", title="residuals")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "residuals.png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+
+def plot_loss_curves(sweep: str | Path | None, path: Path) -> None:
+    """Every run's training loss against tokens seen (an empty figure without a sweep folder)."""
+    fig, ax = _plt().subplots(figsize=(7, 4.5))
     if sweep is not None:
         plan = json.loads((Path(sweep) / "plan.json").read_text())
         for point in plan["points"]:
@@ -108,25 +126,22 @@ def plot_all(rows: list[dict], out_dir: str | Path, sweep: str | Path | None = N
                 ax.plot([r["step"] * point["batch_tokens"] for r in records], [r["train/loss"] for r in records],
                         color=COLORS.get(point["arch"]), alpha=0.5, lw=0.8)
     ax.set(xscale="log", xlabel="tokens", ylabel="training loss", title="loss curves (blue: Sessa, orange: Transformer)")
-    fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
-    plt.close(fig)
+    _save(fig, path)
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+
+def plot_overlay(rows: list[dict], archs: list[str], good: dict, compute_grid: np.ndarray, path: Path) -> None:
+    """Both arms' fitted points and L*(C) on one compute axis."""
+    fig, ax = _plt().subplots(figsize=(6, 4))
     for arch in archs:
         chosen = fit_rows(rows, arch)
         ax.plot([r["flops_6N"] for r in chosen], [r["loss_nats"] for r in chosen], "o", color=COLORS.get(arch),
                 alpha=0.6, label=f"{arch} points")
         if arch in good:
-            ax.plot(grid, [law_optimum(good[arch].params, c)["loss"] for c in grid], color=COLORS.get(arch),
-                    label=f"{arch} L*(C)")
+            ax.plot(compute_grid, [law_optimum(good[arch].params, c)["loss"] for c in compute_grid],
+                    color=COLORS.get(arch), label=f"{arch} L*(C)")
     ax.set(xscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="held-out loss (nats)", title="Sessa vs Transformer")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "overlay.png", dpi=110)
-    plt.close(fig)
-
-    return write_report(out, fits, comparison, rows, elapsed_s)
+    _save(fig, path)
 
 
 def write_report(out: Path, fits: dict, comparison: dict | None, rows: list[dict], elapsed_s: float | None) -> Path:
