@@ -14,7 +14,7 @@ Conventions (`FlopLedger.per_token(convention)`):
                        attention over the full T x T square (attention_kernel="dense"),
                        and one more forward of every layer under full activation recomputation.
 Elementwise work (softmax, norms, GELU/SiLU, RoPE) is left out of every convention, as in
-`torch.utils.flop_counter`, which the tests compare the hardware numbers with (within 2%, after
+`torch.utils.flop_counter`, which the tests compare the hardware numbers with (exactly, after
 registering `flop_counter_formulas()` for the ops it has no formula for).
 
 Hybrid stacks (model.layer_pattern) sum the blocks of each type; the Transformer arm is "*-" per layer.
@@ -262,7 +262,7 @@ def _sdpa_cpu_backward_flops(grad_out_shape, query_shape, key_shape, value_shape
     b, h, s_q, d_qk = query_shape
     s_k, d_v = key_shape[2], value_shape[3]
     pairs = causal_pairs(s_q, s_k) if is_causal else s_q * s_k
-    return 2 * b * h * pairs * (2 * d_qk + 3 * d_v)  # recomputed scores, dP, dV, dQ, dK
+    return 2 * b * h * pairs * (3 * d_qk + 2 * d_v)  # recomputed scores, dQ, dK (d_qk); dP, dV (d_v)
 
 
 def _solve_triangular_flops(a_shape, b_shape, *args, upper=None, left=True, unitriangular=False,
