@@ -10,7 +10,8 @@ Activations are [T, B, D] (T / tp each under sequence parallelism). q/k/v and ga
 column-parallel (heads / ffn columns sharded), out_proj is row-parallel: one reduction per block.
 `doc_ids` / `position_ids` [B, T] mask attention per packed document and give RoPE positions.
 Parameter names follow model.init's rules (`norm.weight` ones, `out_proj.weight` the residual scale),
-so `init_weights` draws every block independently of the layout.
+so `init_weights` draws every block independently of the layout. model/lm.py builds the stack
+(`build_block`); `PreNormBlock` here is the base of these blocks and of MambaBlock.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -26,13 +27,12 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
 
+from kernels.attention import causal_attention
+
+from .attention import apply_rope, rope_config, rope_inv_freq, split_heads
 from .config import ModelConfig
 from .documents import document_attention
-from .init import init_weights
-
-
-def _uninitialised(weight):
-    """Megatron's init hook; real values come from model.init.init_weights (layout independent)."""
+from .init import init_weights, uninitialised
 
 
 @dataclass
@@ -47,28 +47,7 @@ class KVCache:
         return self.keys.shape[2]
 
 
-def apply_half_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (the Transformer arm's, Llama's): pairs (i, i + d/2) of x [B, H, T, d] by
-    positions[t] * inv_freq[i]; positions [T] or [B, T]."""
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)
-    angles = positions.to(compute_dtype)[..., None] * inv_freq.to(compute_dtype)  # [(B,) T, d/2]
-    if angles.dim() == 3:
-        angles = angles[:, None]
-    cos, sin = angles.cos(), angles.sin()
-    x1, x2 = x.to(compute_dtype).chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(x.dtype)
-
-
-def causal_attention(q, k, v, past: int):
-    """q [B, H, T, d], k/v [B, H_kv, past + T, d]: query i (position past + i) sees keys j <= past + i."""
-    T = q.shape[2]
-    if past == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    visible = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
-
-
-class _Block(MegatronModule):
+class PreNormBlock(MegatronModule):
     """Shared plumbing: RMSNorm on this rank's positions, then the full sequence for the column linears."""
 
     def __init__(self, config: ModelConfig, megatron_config, layer_number: int):
@@ -83,11 +62,11 @@ class _Block(MegatronModule):
 
     def column(self, in_features, out_features):  # input gradients reduced once, in _normed_input
         return ColumnParallelLinear(in_features, out_features, config=self.full_sequence_config,
-                                    init_method=_uninitialised, bias=False, gather_output=False,
+                                    init_method=uninitialised, bias=False, gather_output=False,
                                     disable_grad_reduce=True)
 
     def row(self, in_features, out_features):  # reduce (or reduce-scatter under sequence parallelism)
-        return RowParallelLinear(in_features, out_features, config=self.config, init_method=_uninitialised,
+        return RowParallelLinear(in_features, out_features, config=self.config, init_method=uninitialised,
                                  bias=False, input_is_parallel=True, skip_bias_add=False)
 
     def _normed_input(self, x):
@@ -97,7 +76,7 @@ class _Block(MegatronModule):
         return copy_to_tensor_model_parallel_region(x_ln)  # identity; all-reduce backward
 
 
-class AttentionBlock(_Block):
+class AttentionBlock(PreNormBlock):
     """`*`: pre-norm grouped-query self-attention with RoPE (heads sharded across TP ranks)."""
 
     def __init__(self, config: ModelConfig, megatron_config, layer_number: int = 0, *, init_seed: int | None = 0):
@@ -109,19 +88,14 @@ class AttentionBlock(_Block):
         self.k_proj = self.column(D, config.num_kv_heads * d)
         self.v_proj = self.column(D, config.num_kv_heads * d)
         self.out_proj = self.row(config.num_heads * d, D)
-        inv_freq = config.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
+        self.register_buffer("rope_inv_freq", rope_inv_freq(d, config.rope_base), persistent=False)
+        self.rope_config = rope_config(megatron_config, interleaved=False)  # halves (i, i + d/2), as Llama
         if init_seed is not None and megatron_config.perform_initialization:
             init_weights(self, init_seed)
 
     def empty_cache(self, batch_size: int, dtype, device) -> KVCache:
         shape = (batch_size, self.local_kv_heads, 0, self.sessa.head_size)
         return KVCache(torch.empty(shape, dtype=dtype, device=device), torch.empty(shape, dtype=dtype, device=device))
-
-    def _heads(self, projection, x, num_heads):
-        out, _ = projection(x)
-        T, B = out.shape[:2]
-        return out.view(T, B, num_heads, -1).permute(1, 2, 0, 3)  # [B, heads, T, d]
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, *, doc_ids: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None):
@@ -132,9 +106,9 @@ class AttentionBlock(_Block):
         T, B = h.shape[:2]
         past = cache.length if cache is not None else 0
         positions = torch.arange(past, past + T, device=h.device) if position_ids is None else position_ids
-        q = apply_half_rope(self._heads(self.q_proj, h, self.local_heads), positions, self.rope_inv_freq)
-        k = apply_half_rope(self._heads(self.k_proj, h, self.local_kv_heads), positions, self.rope_inv_freq)
-        v = self._heads(self.v_proj, h, self.local_kv_heads)
+        q = apply_rope(split_heads(self.q_proj, h, self.local_heads), positions, self.rope_inv_freq, self.rope_config)
+        k = apply_rope(split_heads(self.k_proj, h, self.local_kv_heads), positions, self.rope_inv_freq, self.rope_config)
+        v = split_heads(self.v_proj, h, self.local_kv_heads)
         if cache is not None:
             k, v = torch.cat((cache.keys, k), dim=2), torch.cat((cache.values, v), dim=2)
             cache = KVCache(k, v)
@@ -144,7 +118,7 @@ class AttentionBlock(_Block):
         return x + y, cache
 
 
-class MLPBlock(_Block):
+class MLPBlock(PreNormBlock):
     """`-`: pre-norm SwiGLU MLP of width `ffn_hidden_size` (columns sharded across TP ranks)."""
 
     def __init__(self, config: ModelConfig, megatron_config, layer_number: int = 0, *, init_seed: int | None = 0):
@@ -192,16 +166,3 @@ def block_weight_elements(config: ModelConfig, kind: str) -> tuple[int, int]:
         vectors = 2 * D + 2 * D + D + 2 * kv + (2 * D + 1 if feedback else 0) + D  # norm, W_in, q, k/v, fb, W_out
         return matrices, vectors
     raise ValueError(f"unknown block type {kind!r} in model.layer_pattern")
-
-
-def build_block(config: ModelConfig, megatron_config, layer_number: int, submodules=None):
-    """Block `layer_number` of the stack (uninitialised: the caller draws or loads the weights)."""
-    kind = config.block_types[layer_number]
-    if kind == "S":
-        from .layer import SessaLayer
-
-        return SessaLayer(config, megatron_config, submodules, layer_number=layer_number, init_seed=None)
-    from .mamba import MambaBlock
-
-    block = {"*": AttentionBlock, "-": MLPBlock, "M": MambaBlock}[kind]
-    return block(config, megatron_config, layer_number, init_seed=None)

@@ -30,7 +30,7 @@ class ModelConfig:
     feedback_impl: str = "auto"  # "auto" = triton on CUDA, chunked elsewhere; "dense" is the O(T^2) oracle
     feedback_chunk_size: int = 64
     # `M` blocks (model/mamba.py): state size N, head size P, inner width mamba_expand * hidden_size,
-    # depthwise causal conv kernel, SSD chunk (model/ssd.py)
+    # depthwise causal conv kernel, SSD chunk (kernels/ssd/chunk.py)
     mamba_state_size: int = 128
     mamba_head_size: int = 64
     mamba_expand: int = 2

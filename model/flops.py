@@ -20,7 +20,7 @@ registering `flop_counter_formulas()` for the ops it has no formula for).
 Hybrid stacks (model.layer_pattern) sum the blocks of each type; the Transformer arm is "*-" per layer.
 Mamba-2 blocks (`M`): their projections are weight matmuls ("projections"), their depthwise convs
 elementwise work (left out, like norms); the SSD scan is "ssm_scan" (model: the recurrence, 4 N P per head and token; hardware: the chunked
-scan of model/ssd.py as executed, its within-chunk C.B scores, shared by all heads and computed on
+scan of kernels/ssd/chunk.py as executed, its within-chunk C.B scores, shared by all heads and computed on
 every tensor-parallel rank, as "ssm_scores").
 
 Components: projections (every weight matmul of the mixing layers: Sessa's W_in, q/k/v, W_o,
@@ -97,7 +97,7 @@ def chunked_solve_flops(T: int, K: int, V: int, chunk_size: int) -> dict[str, di
 
 
 def ssd_chunked_flops(T: int, heads: int, groups: int, N: int, P: int, chunk_size: int) -> dict[str, dict[str, int]]:
-    """FLOPs of one sequence's chunked SSD scan (model/ssd.py, from a zero state), forward and backward.
+    """FLOPs of one sequence's chunked SSD scan (kernels/ssd/chunk.py, from a zero state), forward and backward.
 
     Per chunk of n positions: C.B per group (2 n^2 N), scores @ x (2 n^2 P per head), the carried
     state read by C (2 n N P per head, from the second chunk on) and the state update (2 n N P per

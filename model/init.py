@@ -42,6 +42,11 @@ def _local_slice(param, full: torch.Tensor) -> torch.Tensor:
     return full.narrow(dim, parallel_state.get_tensor_model_parallel_rank() * size, size)
 
 
+def uninitialised(weight) -> None:
+    """Megatron's init hook for every linear and embedding: the real values come from
+    `init_weights` (layout independent), drawn after construction."""
+
+
 def _draw(name: str, shape: list[int], fan_in: int, config: ModelConfig, gen: torch.Generator) -> torch.Tensor:
     def uniform(bound):  # PyTorch's nn.Linear default, as the reference leaves it
         return torch.empty(shape).uniform_(-bound, bound, generator=gen)

@@ -14,7 +14,7 @@ Activations are sequence-first, [T, B, D], as everywhere in megatron-core. Tenso
   - packed documents (`doc_ids`, full length [B, T] on every rank) mask the attention and the
     solve per document; `position_ids` give the RoPE positions (model/documents.py);
   - context parallelism (megatron's CP group, size > 1): x holds this CP rank's contiguous piece
-    of the sequence; the attention all-gathers K/V (model/context_parallel.py) and the feedback
+    of the sequence; the attention all-gathers K/V (kernels/attention/context_parallel.py) and the feedback
     solve pipelines over the pieces (kernels/feedback_solve/context_parallel.py); doc_ids and
     position_ids stay full length; parameter gradients are partial sums over the CP group;
   - mixer.out_proj (W_o) and out_proj (W_out) are row-parallel: one reduction each.
@@ -36,18 +36,14 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
 
+from kernels.attention import causal_attention, context_parallel_attention
 from kernels.feedback_solve import feedback_solve
 from kernels.feedback_solve.context_parallel import feedback_solve_context_parallel
 
+from .attention import apply_rope, rope_config, rope_inv_freq, split_heads
 from .config import ModelConfig
-from .context_parallel import context_parallel_attention
 from .documents import document_attention
-from .init import init_weights
-
-
-def _uninitialised(weight):
-    """Megatron's init hook; real values come from model.init.init_weights (layout independent)."""
-
+from .init import init_weights, uninitialised
 
 @dataclass
 class LayerCache:
@@ -61,18 +57,6 @@ class LayerCache:
     @property
     def length(self) -> int:
         return self.keys.shape[2]
-
-
-def apply_interleaved_rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2i, 2i+1) of x [B, H, T, d] by positions[t] * inv_freq[i]; positions [T] or [B, T]."""
-    compute_dtype = torch.promote_types(x.dtype, torch.float32)  # rotate in at least fp32
-    angles = positions.to(compute_dtype)[..., None] * inv_freq.to(compute_dtype)  # [(B,) T, d/2]
-    if angles.dim() == 3:
-        angles = angles[:, None]  # [B, 1, T, d/2]: the same positions for every head
-    cos, sin = angles.cos(), angles.sin()
-    x_even, x_odd = x.to(compute_dtype)[..., 0::2], x.to(compute_dtype)[..., 1::2]
-    rotated = torch.stack((x_even * cos - x_odd * sin, x_even * sin + x_odd * cos), dim=-1)
-    return rotated.flatten(-2).to(x.dtype)
 
 
 @dataclass
@@ -99,7 +83,7 @@ class SessaMixer(MegatronModule):
 
         def column(out_features, gather_output):  # input gradients reduced once, in forward()
             return submodules.column_linear(
-                D, out_features, config=megatron_config, init_method=_uninitialised,
+                D, out_features, config=megatron_config, init_method=uninitialised,
                 bias=True, gather_output=gather_output, disable_grad_reduce=True,
             )
 
@@ -116,18 +100,13 @@ class SessaMixer(MegatronModule):
         # W_o is the identity when there is a single head (the reference has no out_proj then).
         self.out_proj = (
             submodules.row_linear(
-                config.num_heads * d, D, config=megatron_config, init_method=_uninitialised,
+                config.num_heads * d, D, config=megatron_config, init_method=uninitialised,
                 bias=False, input_is_parallel=True, skip_bias_add=False,
             )
             if config.num_heads > 1 else None
         )
-        inv_freq = config.rope_base ** (-torch.arange(0, d, 2, dtype=torch.float32) / d)
-        self.register_buffer("rope_inv_freq", inv_freq, persistent=False)
-
-    def _heads(self, projection, x, num_heads):
-        out, _ = projection(x)  # [T, B, heads * d]
-        T, B = out.shape[:2]
-        return out.view(T, B, num_heads, -1).permute(1, 2, 0, 3)  # [B, heads, T, d]
+        self.register_buffer("rope_inv_freq", rope_inv_freq(d, config.rope_base), persistent=False)
+        self.rope_config = rope_config(megatron_config, interleaved=True)  # pairs (2i, 2i+1), as the reference
 
     def forward(self, a_bar: torch.Tensor, cache: LayerCache | None = None, *,
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
@@ -156,16 +135,18 @@ class SessaMixer(MegatronModule):
         # The five column-parallel projections each see all of a_bar and return partial input
         # gradients: copy_to_... is the identity forward and sums them with one all-reduce backward.
         a_shared = copy_to_tensor_model_parallel_region(a_bar)
-        q = apply_interleaved_rope(self._heads(self.q_proj, a_shared, self.local_heads), positions, self.rope_inv_freq)
-        k = apply_interleaved_rope(self._heads(self.k_proj, a_shared, self.local_kv_heads), positions, self.rope_inv_freq)
-        v = self._heads(self.v_proj, a_shared, self.local_kv_heads)
+        q = apply_rope(split_heads(self.q_proj, a_shared, self.local_heads), positions, self.rope_inv_freq,
+                       self.rope_config)
+        k = apply_rope(split_heads(self.k_proj, a_shared, self.local_kv_heads), positions, self.rope_inv_freq,
+                       self.rope_config)
+        v = split_heads(self.v_proj, a_shared, self.local_kv_heads)
         if cache is not None:
             k = torch.cat((cache.keys, k), dim=2)
             v = torch.cat((cache.values, v), dim=2)
         if cp_group is not None:
             f = context_parallel_attention(q, k, v, cp_group, doc_ids)
         elif doc_ids is None:
-            f = self._causal_attention(q, k, v, past)  # [B, H_l, T, d]
+            f = causal_attention(q, k, v, past)  # [B, H_l, T, d]
         else:
             f = document_attention(q, k, v, doc_ids)
         f = f.transpose(1, 2).reshape(B, T, -1)  # [B, T, H_l * d]: this rank's feature columns
@@ -199,14 +180,6 @@ class SessaMixer(MegatronModule):
                                                    doc_ids=doc_ids), None
         return feedback_solve(q_b, k_b, f, gamma, self.sessa.feedback_impl, self.sessa.feedback_chunk_size,
                               doc_ids=doc_ids), None
-
-    def _causal_attention(self, q, k, v, past: int):
-        T = q.shape[2]
-        if past == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        # Query i (absolute position past + i) sees keys j <= past + i.
-        visible = torch.ones(T, past + T, dtype=torch.bool, device=q.device).tril(past)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
 
     def _decode_feedback(self, q_b, k_b, f, gamma, keys, values, cache: LayerCache):
         """Token-by-token recurrence over the cache: s[t] = f[t] + gamma[t] softmax(q_b[t] K_b[:t]) S[:t]."""
@@ -258,7 +231,7 @@ class SessaLayer(MegatronModule):
                                 if megatron_config.sequence_parallel else megatron_config)
         # W_in is split into its two halves so each shards (and reshards) on its own.
         self.in_proj, self.gate_proj = (
-            submodules.column_linear(D, D, config=full_sequence_config, init_method=_uninitialised, bias=True,
+            submodules.column_linear(D, D, config=full_sequence_config, init_method=uninitialised, bias=True,
                                      gather_output=False, disable_grad_reduce=True)
             for _ in range(2)
         )
@@ -266,7 +239,7 @@ class SessaLayer(MegatronModule):
             submodules.mixer or SessaMixer, config, megatron_config=full_sequence_config, submodules=submodules
         )
         self.out_proj = submodules.row_linear(
-            D, D, config=megatron_config, init_method=_uninitialised, bias=True,
+            D, D, config=megatron_config, init_method=uninitialised, bias=True,
             input_is_parallel=True, skip_bias_add=False,
         )
         if init_seed is not None and megatron_config.perform_initialization:

@@ -10,12 +10,22 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_tp_sharded_tensor_for_checkpoint, sharded_state_dict_default
 from torch import nn
 
+from .blocks import AttentionBlock, MLPBlock, block_weight_elements
 from .config import ModelConfig
 from .documents import check_doc_ids
-from .init import init_weights
-from .blocks import block_weight_elements, build_block
-from .layer import LayerCache, SessaSubmodules, _uninitialised
+from .init import init_weights, uninitialised
+from .layer import LayerCache, SessaLayer, SessaSubmodules
+from .mamba import MambaBlock
 from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
+
+
+def build_block(config: ModelConfig, megatron_config, layer_number: int, submodules=None):
+    """Block `layer_number` of the stack (uninitialised: the caller draws or loads the weights)."""
+    kind = config.block_types[layer_number]
+    if kind == "S":
+        return SessaLayer(config, megatron_config, submodules, layer_number=layer_number, init_seed=None)
+    block = {"*": AttentionBlock, "-": MLPBlock, "M": MambaBlock}[kind]
+    return block(config, megatron_config, layer_number, init_seed=None)
 
 
 class SessaLM(MegatronModule):
@@ -49,7 +59,7 @@ class SessaLM(MegatronModule):
 
         if pre_process:
             self.embedding = tensor_parallel.VocabParallelEmbedding(
-                config.padded_vocab_size, config.hidden_size, init_method=_uninitialised, config=megatron_config
+                config.padded_vocab_size, config.hidden_size, init_method=uninitialised, config=megatron_config
             )
         bad = [n for n in layer_numbers if not 0 <= n < config.num_layers]
         if bad:
@@ -61,7 +71,7 @@ class SessaLM(MegatronModule):
             for param in self.final_norm.parameters():
                 param.sequence_parallel = megatron_config.sequence_parallel
             self.output_layer = tensor_parallel.ColumnParallelLinear(
-                config.hidden_size, config.padded_vocab_size, config=megatron_config, init_method=_uninitialised,
+                config.hidden_size, config.padded_vocab_size, config=megatron_config, init_method=uninitialised,
                 bias=False, gather_output=False,
                 skip_weight_param_allocation=pre_process and config.tie_embeddings,
             )

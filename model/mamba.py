@@ -1,5 +1,5 @@
 """`M` of model.layer_pattern: a pre-norm Mamba-2 block (Dao & Gu 2024; megatron-core's MambaMixer)
-on megatron column/row-parallel linears, with the chunked PyTorch SSD scan of model/ssd.py.
+on megatron column/row-parallel linears, with the chunked PyTorch SSD scan of kernels/ssd/chunk.py.
 
     h = RMSNorm(x);  z, u, B, C, dt_raw = z/x/B/C/dt_proj(h)     (five linears, no biases)
     u, B, C = SiLU(causal depthwise conv(u, B, C))                (kernel mamba_conv_kernel, with bias)
@@ -32,10 +32,11 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
 
-from .blocks import _Block
+from kernels.ssd import ssd
+
+from .blocks import PreNormBlock
 from .config import ModelConfig
 from .init import init_weights
-from .ssd import ssd_chunked
 
 
 @dataclass
@@ -97,7 +98,7 @@ class HeadRMSNorm(nn.Module):
         return (normed * self.weight.to(compute).view(-1, self.head_size)).to(y.dtype)
 
 
-class MambaBlock(_Block):
+class MambaBlock(PreNormBlock):
     """`M`: pre-norm Mamba-2 mixer and residual (heads sharded across TP ranks)."""
 
     def __init__(self, config: ModelConfig, megatron_config, layer_number: int = 0, *, init_seed: int | None = 0):
@@ -170,8 +171,8 @@ class MambaBlock(_Block):
         heads = u.view(batch, T, self.local_heads, -1).to(compute)
         dt = F.softplus((dt_raw + self.dt_bias).to(compute))
         A = -torch.exp(self.A_log.to(compute))
-        y, state = ssd_chunked(heads, dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute),
-                               self.sessa.mamba_chunk_size, initial_state, doc_ids)
+        y, state = ssd(heads, dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute),
+                       chunk_size=self.sessa.mamba_chunk_size, initial_state=initial_state, doc_ids=doc_ids)
         y = (y + heads * self.D.to(compute)[:, None]).to(u.dtype)
         y = self.out_norm(y * F.silu(z).view_as(y))
         out, _ = self.out_proj(y.reshape(batch, T, -1).transpose(0, 1))

@@ -1,9 +1,10 @@
-"""Context parallelism for the forward attention branch (issue 19): Llama 3's all-gather scheme.
+"""Context-parallel causal attention (issue 19): Llama 3's all-gather scheme.
 
 Rank r of the CP group holds positions [r*L, (r+1)*L) of q, k, v. K and V are all-gathered along
 the sequence (B*T*H_kv*d each; their gradients are reduce-scattered back to the owners) and the
 local queries attend causally to every earlier key, tile by tile, so no mask is larger than
-[tile, T]. The feedback solve under CP is kernels.feedback_solve.context_parallel.
+[tile, T]. The feedback solve under CP is kernels.feedback_solve.context_parallel, whose sequence
+all-gather and reduce-scatter this module uses too.
 
 Memory: autograd keeps the gathered K and V (SDPA saves its inputs) from forward to backward,
 B*T*2*H_kv*d per layer on every rank; re-gathering them in backward, as the feedback solve does,
@@ -14,8 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from kernels.feedback_solve.context_parallel import all_gather_sequence, reduce_scatter_sequence
-
-from .documents import positions_from_doc_ids
+from kernels.feedback_solve.documents import document_starts
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -43,21 +43,20 @@ def context_parallel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
     q [B, H, L, d], k/v [B, H_kv, L, d]: positions [r*L, (r+1)*L) (r = rank in `group`);
     doc_ids: optional FULL-length [B, CP * L] document ids (query t then sees keys of its own
-    document only, model/documents.py). Returns [B, H, L, d], equal to the matching rows of
+    document only, as in model/documents.py). Returns [B, H, L, d], equal to the matching rows of
     single-process causal attention; gradients flow to every rank's k and v.
     """
     size, rank = dist.get_world_size(group), dist.get_rank(group)
     batch, length = q.shape[0], q.shape[2]
     offset = rank * length
     keys, values = gather_sequence(k, group, 2), gather_sequence(v, group, 2)  # [B, H_kv, T, d]
-    index = torch.arange(size * length, device=q.device)
     if doc_ids is None:
         starts = torch.zeros(batch, size * length, dtype=torch.long, device=q.device)
     else:
         if tuple(doc_ids.shape) != (batch, size * length):
             raise ValueError(f"doc_ids must be the full sequence's [B, T] = [{batch}, {size * length}] on every "
                              f"context-parallel rank, got {list(doc_ids.shape)}")
-        starts = index - positions_from_doc_ids(doc_ids)  # [B, T], non-decreasing along T
+        starts = document_starts(doc_ids, batch, size * length, q.device)  # [B, T], non-decreasing along T
     first_starts = starts[:, offset::tile][:, : -(-length // tile)].amin(0).tolist()  # one host sync
     tiles = [(q0, min(q0 + tile, offset + length), k0)
              for q0, k0 in zip(range(offset, offset + length, tile), first_starts)]

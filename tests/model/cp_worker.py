@@ -121,7 +121,7 @@ def run_solve(case: Case, group) -> dict:
 
 
 def run_attention(case: Case, group) -> dict:
-    from model.context_parallel import context_parallel_attention
+    from kernels.attention import context_parallel_attention
 
     rank = dist.get_rank(group)
     piece = slice(rank * case.length, (rank + 1) * case.length)

@@ -99,6 +99,7 @@ def test_engine_refuses_a_megatron_checkpoint(runs, megatron_losses):
 # --- activation checkpointing -----------------------------------------------------------------------
 def test_activation_checkpointing_keeps_gradients():
     from model import ModelConfig, SessaLM, init_weights
+    from model import layer as model_layer
     from pretrain.engines.deepspeed import checkpoint_activations
 
     config = ModelConfig(vocab_size=256, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
@@ -110,11 +111,10 @@ def test_activation_checkpointing_keeps_gradients():
         model = SessaLM(config)
         init_weights(model, 3)
         checkpoint_activations(model, mode, reentrant=reentrant)
-        calls = []
-        for layer in model.layers:  # count the attention's runs: recomputed in backward when checkpointed
-            attention = layer.mixer._causal_attention
-            layer.mixer._causal_attention = lambda *a, _f=attention: calls.append(1) or _f(*a)
-        model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
+        calls = []  # count the attention's runs: recomputed in backward when checkpointed
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(model_layer, "causal_attention", lambda *a, _f=model_layer.causal_attention: calls.append(1) or _f(*a))
+            model(tokens[:, :-1], tokens[:, 1:]).mean().backward()
         assert len(calls) == config.num_layers * (1 if mode == "none" else 2), mode
         grads[mode, reentrant] = {name: param.grad.clone() for name, param in model.named_parameters()}
     reference = grads["none", False]

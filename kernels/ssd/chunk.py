@@ -1,59 +1,21 @@
-"""Mamba-2's state-space duality (SSD) scan in PyTorch: the chunked algorithm and its step-by-step
-recurrence (the oracle), for the `M` block of model.layer_pattern (model/mamba.py).
-
-Per head h, with a_t = exp(dt_t A_h) (A_h < 0, dt_t > 0):
-    S_t = a_t S_{t-1} + dt_t B_t^T x_t          (state [N, P])
-    y_t = C_t S_t                               (the D skip term is the caller's)
-Shapes: x [b, T, h, P], dt [b, T, h], A [h], B / C [b, T, g, N] with g groups dividing h (heads
-head i reads group i // (h / g); g = h: one B/C per head), initial_state [b, h, N, P] or None
-(zeros). doc_ids [b, T] (packed documents, each one's positions contiguous): a_t = 0 at the first
-position of a document, so no state crosses a boundary; initial_state belongs to the document of
-position 0.
-Both functions return (y [b, T, h, P], final state [b, h, N, P]).
-"""
+"""The chunked SSD scan (kernels/ssd/__init__.py has the recurrence and the shapes): within a chunk
+the quadratic, attention-like form, across chunks the carried state."""
 import torch
 
-
-def _per_head(t: torch.Tensor, heads: int) -> torch.Tensor:
-    """[b, T, g, N] -> [b, T, h, N]: each group's B or C for its heads."""
-    return t.repeat_interleave(heads // t.shape[2], dim=2)
-
-
-def _check(x, B, doc_ids):
-    h, g = x.shape[2], B.shape[2]
-    if h % g:
-        raise ValueError(f"ssd: the number of heads ({h}) must be a multiple of the number of B/C groups ({g})")
-    if doc_ids is not None and tuple(doc_ids.shape) != tuple(x.shape[:2]):
-        raise ValueError(f"ssd: doc_ids must be [batch, T] = {list(x.shape[:2])}, got {list(doc_ids.shape)}")
-
-
-def ssd_recurrence(x, dt, A, B, C, initial_state=None, doc_ids=None):
-    """The recurrence, one step per position (the oracle of `ssd_chunked`)."""
-    _check(x, B, doc_ids)
-    b, T, h, p = x.shape
-    B, C = _per_head(B, h), _per_head(C, h)
-    state = x.new_zeros(b, h, B.shape[-1], p) if initial_state is None else initial_state
-    ys = []
-    for t in range(T):
-        decay = torch.exp(dt[:, t] * A)  # [b, h]
-        if doc_ids is not None and t > 0:  # a document starts here: forget the previous one
-            decay = decay * (doc_ids[:, t] == doc_ids[:, t - 1]).to(decay.dtype)[:, None]
-        state = decay[..., None, None] * state + torch.einsum("bhn,bh,bhp->bhnp", B[:, t], dt[:, t], x[:, t])
-        ys.append(torch.einsum("bhn,bhnp->bhp", C[:, t], state))
-    return torch.stack(ys, dim=1), state
+from .naive import check_inputs
 
 
 def ssd_chunked(x, dt, A, B, C, chunk_size: int = 64, initial_state=None, doc_ids=None):
     """The chunked SSD: within a chunk the quadratic (attention-like) form with the decay mask
     L[i, j] = exp(cum_i - cum_j) (i >= j, same document), across chunks the state carried by the
-    recurrence. The same function as `ssd_recurrence` up to rounding, in O(T Q) work per head.
+    recurrence. The same function as naive.ssd_recurrence up to rounding, in O(T Q) work per head.
 
     Matmuls per chunk of n positions (model/flops.py counts these): C.B per group (2 n^2 N g),
     scores @ x (2 n^2 h P), the carried state read by C (2 n h N P; skipped while the state is
     zero: the first chunk without initial_state) and the state update (2 n h N P)."""
     if chunk_size < 1:
         raise ValueError(f"ssd_chunked: chunk_size must be >= 1, got {chunk_size}")
-    _check(x, B, doc_ids)
+    check_inputs(x, B, doc_ids)
     b, T, h, p = x.shape
     g, n_state = B.shape[2], B.shape[-1]
     hg = h // g

@@ -1,10 +1,10 @@
-"""model/ssd.py: the chunked SSD scan equals the step-by-step recurrence (fp64, 1e-10), outputs,
+"""kernels/ssd: the chunked SSD scan (chunk.py) equals the step-by-step recurrence (naive.py) (fp64, 1e-10), outputs,
 final states and gradients of every input, for chunks that divide T and ragged ones, with B/C
 shared by groups of heads and with packed documents (== each document alone)."""
 import pytest
 import torch
 
-from model.ssd import ssd_chunked, ssd_recurrence
+from kernels.ssd import ssd, ssd_chunked, ssd_recurrence
 
 
 def inputs(b=2, T=37, h=3, p=4, n=5, seed=0):
@@ -93,3 +93,12 @@ def test_packed_documents_equal_each_document_alone():
 def test_bad_groups_are_refused():
     with pytest.raises(ValueError, match=r"heads \(4\) must be a multiple of the number of B/C groups \(3\)"):
         ssd_chunked(**grouped_inputs(g=3))
+
+
+def test_dispatch_runs_the_named_implementation():
+    t = inputs(T=9)
+    for impl, scan in (("recurrent", ssd_recurrence), ("chunked", lambda **kw: ssd_chunked(**kw, chunk_size=4))):
+        got, expected = ssd(**t, impl=impl, chunk_size=4), scan(**t)
+        assert all(torch.equal(a, b) for a, b in zip(got, expected)), impl
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ssd(**t, impl="triton")
