@@ -33,7 +33,7 @@ from .config import ConfigError, RunConfig, save_config
 from .distributed import init_distributed, shutdown_distributed
 from .engines import engine_class
 from .memory import estimate_memory_gb
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, model_tflops_per_device
 from .runlock import acquire_for_training
 from .state import TrainState, build_scheduler, check_checkpoint_compatible, layout_of, restore_loader, \
     rng_state, seed_everything, set_rng_state
@@ -216,7 +216,7 @@ class Trainer:
                     "train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                     "train/tokens_per_s": tokens_per_s, "train/consumed_tokens": state.consumed_tokens,
                     "train/skipped_steps": state.skipped_steps,
-                    "perf/model_tflops_per_device": flops * tokens_per_s / self.env.world_size / 1e12,
+                    "perf/model_tflops_per_device": model_tflops_per_device(flops, tokens_per_s, self.env.world_size),
                     "perf/visible_pair_fraction": visible,
                     "perf/data_wait_s": timed.wait_seconds - window_wait,
                     "perf/step_s": elapsed / steps_in_window,

@@ -9,6 +9,12 @@ from tqdm import tqdm
 from .config import RunConfig
 
 
+def model_tflops_per_device(flops_per_token: float, tokens_per_s: float, devices: int) -> float:
+    """Model TFLOP/s each device delivers: the model FLOPs of the tokens trained per second (all
+    devices together), shared evenly. MFU is this over the device's peak (logging.peak_tflops)."""
+    return flops_per_token * tokens_per_s / devices / 1e12
+
+
 class MetricsLogger:
     """Writes only on the logging rank; other ranks get a logger that does nothing."""
 

@@ -20,25 +20,26 @@ for arg in "$@"; do
 done
 export PYTHONUNBUFFERED=1
 
-if "$PYTHON" -c "import megatron.core, webdataset, torchdata" 2>/dev/null; then
+# One interpreter both checks the imports and prints the versions (each start imports torch and
+# megatron: seconds that a loaded CI machine multiplies).
+VERSIONS='
+import platform, torch, triton, megatron.core, webdataset, torchdata
+print(f"[gpu-check] python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"triton {triton.__version__}, megatron-core {megatron.core.__version__}")
+print("[gpu-check] device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA device)")'
+if "$PYTHON" -c "$VERSIONS" 2>/dev/null; then
     echo "[gpu-check] megatron.core, webdataset and torchdata import already: .whl/ not installed"
 elif compgen -G ".whl/*.whl" >/dev/null; then
     SITE="$(mktemp -d)/site"
     "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl
     export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     echo "[gpu-check] installed $(ls .whl/*.whl | wc -l) wheels from .whl/ into $SITE"
+    "$PYTHON" -c "$VERSIONS"
 else
-    echo "[gpu-check] megatron.core is missing and .whl/ is empty: run bash benchmarks/gpu/wheels.sh where" \
-         "the package index is reachable and carry .whl/ along" >&2
+    echo "[gpu-check] megatron.core, webdataset or torchdata is missing and .whl/ is empty: run" \
+         "bash benchmarks/gpu/wheels.sh where the package index is reachable and carry .whl/ along" >&2
     exit 1
 fi
-
-"$PYTHON" - <<'PY'
-import platform, torch, triton, megatron.core
-print(f"[gpu-check] python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
-      f"triton {triton.__version__}, megatron-core {megatron.core.__version__}")
-print("[gpu-check] device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU (no CUDA device)")
-PY
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 
 exec "$PYTHON" benchmarks/gpu/check.py "${ARGS[@]}"

@@ -7,13 +7,16 @@
 #   bash benchmarks/gpu/wheels.sh --list   # resolve the same wheels without downloading; print
 #                                          # names and sizes; fail when the total is over the limit
 # Then on the GPU machine: bash benchmarks/gpu/run.sh (it installs .whl/ into a temporary target).
+# WHEELS_FIND_LINKS=DIR resolves from the wheel files in DIR instead of the package index (offline;
+# the tests use it), WHEELS_LIMIT_MIB overrides the size limit, WHEELS_DEST the download folder.
 # Not carried: torch, triton, numpy (the image's own), deepspeed (sdist only; the check uses the
 # megatron engine), wandb (the check and `--logging.wandb disabled` never import it).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${PYTHON:-$(command -v python3)}"
-LIMIT_MIB=60
+LIMIT_MIB="${WHEELS_LIMIT_MIB:-60}"
+DEST="${WHEELS_DEST:-$ROOT/.whl}"
 WHEELS=(
     megatron-core==0.16.1   # model/ and the recipe's DDP + optimizer
     webdataset==1.0.2       # data_pipeline (shards)
@@ -27,6 +30,9 @@ WHEELS=(
 TARGET=(--only-binary=:all: --no-deps --python-version 3.12 --implementation cp
         --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_24_x86_64
         --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux1_x86_64)
+if [[ -n "${WHEELS_FIND_LINKS:-}" ]]; then
+    TARGET+=(--no-index --find-links "$WHEELS_FIND_LINKS")
+fi
 
 mode=download
 case "${1:-}" in
@@ -64,13 +70,13 @@ PY
     exit 0
 fi
 
-mkdir -p "$ROOT/.whl"
-rm -f "$ROOT"/.whl/*.whl
-"$PYTHON" -m pip download --quiet "${TARGET[@]}" -d "$ROOT/.whl" "${WHEELS[@]}"
-ls -l "$ROOT/.whl"
-total=$(du -cb "$ROOT"/.whl/*.whl | tail -1 | cut -f1)
-echo "$(awk -v b="$total" 'BEGIN { printf "%.2f", b / 1048576 }') MiB in .whl/ (limit $LIMIT_MIB MiB)"
+mkdir -p "$DEST"
+rm -f "$DEST"/*.whl
+"$PYTHON" -m pip download --quiet "${TARGET[@]}" -d "$DEST" "${WHEELS[@]}"
+ls -l "$DEST"
+total=$(du -cb "$DEST"/*.whl | tail -1 | cut -f1)
+echo "$(awk -v b="$total" 'BEGIN { printf "%.2f", b / 1048576 }') MiB in $DEST (limit $LIMIT_MIB MiB)"
 if (( total > LIMIT_MIB * 1048576 )); then
-    echo "wheels.sh: .whl/ is over the $LIMIT_MIB MiB limit" >&2
+    echo "wheels.sh: $DEST is over the $LIMIT_MIB MiB limit" >&2
     exit 1
 fi
