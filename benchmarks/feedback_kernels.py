@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 IMPLS = ("triton", "chunked", "dense", "sdpa")
 
@@ -37,12 +36,6 @@ def parse_args(argv=None):
     parser.add_argument("--interpret", action="store_true", help="CPU smoke run under TRITON_INTERPRET=1")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of a table")
     return parser.parse_args(argv)
-
-
-def attention_flops(batch, T, K, V, backward):
-    """Causal attention FLOPs (T^2/2 pairs, QK^T and PV); backward counted as 2.5x forward."""
-    forward = 2 * batch * (T * T / 2) * (K + V)
-    return forward * (3.5 if backward else 1.0)
 
 
 def make_case(impl, batch, T, D, dtype, device, chunk_size, panel_size):
@@ -71,63 +64,29 @@ def make_case(impl, batch, T, D, dtype, device, chunk_size, panel_size):
 def measure(impl, args, T, D, device, dtype):
     import torch
 
-    cuda = device.type == "cuda"
+    from benchmarks.measure import attention_flops, forward_and_backward
+
     row = dict(impl=impl, T=T, D=D, batch=args.batch, dtype=args.dtype)
     if impl == "dense" and T > args.dense_max_t:
         return dict(row, skipped=f"T > --dense-max-t {args.dense_max_t}")
     if impl == "chunked" and T > args.chunked_max_t:
         return dict(row, skipped=f"T > --chunked-max-t {args.chunked_max_t}")
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    def timed(step):
-        times = []
-        for _ in range(args.reps):
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - start)
-        return sorted(times)[len(times) // 2]
-
     try:
         inputs, fn = make_case(impl, args.batch, T, D, dtype, device, args.chunk_size, args.panel_size)
-        grad = None
-
-        def forward():
-            with torch.no_grad():
-                fn(*inputs)
-
-        def forward_backward():
-            nonlocal grad
-            out = fn(*inputs)
-            if grad is None:
-                grad = torch.randn_like(out)
-            torch.autograd.grad(out, inputs, grad)
-
-        forward_backward()  # compile / warm up
-        if cuda:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-        row["fwd_ms"] = 1e3 * timed(forward)
-        if cuda:
-            row["fwd_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-            torch.cuda.reset_peak_memory_stats()
-        row["fwd_bwd_ms"] = 1e3 * timed(forward_backward)
-        if cuda:
-            row["fwd_bwd_peak_gib"] = (torch.cuda.max_memory_allocated() - base) / 2**30
-        row["fwd_tflops"] = attention_flops(args.batch, T, D, D, False) / (row["fwd_ms"] * 1e-3) / 1e12
-        row["fwd_bwd_tflops"] = attention_flops(args.batch, T, D, D, True) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
+        measured = forward_and_backward(fn, inputs, device, args.reps)
+        for name in ("fwd", "fwd_bwd"):
+            row[f"{name}_ms"] = 1e3 * measured[f"{name}_s"]
+            if measured[f"{name}_peak_bytes"] is not None:
+                row[f"{name}_peak_gib"] = measured[f"{name}_peak_bytes"] / 2**30
+        row["fwd_tflops"] = attention_flops(T, D, D, False, args.batch) / (row["fwd_ms"] * 1e-3) / 1e12
+        row["fwd_bwd_tflops"] = attention_flops(T, D, D, True, args.batch) / (row["fwd_bwd_ms"] * 1e-3) / 1e12
     except torch.OutOfMemoryError:
         row["skipped"] = "out of memory"
     except RuntimeError as error:  # e.g. no SDPA backend for this head size
         row["skipped"] = f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
     finally:
-        inputs = fn = grad = None
-        if cuda:
+        inputs = fn = None
+        if device.type == "cuda":
             torch.cuda.empty_cache()
     return row
 
