@@ -343,28 +343,3 @@ def split_qkv(weight: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, 
     H, G, d = config.num_heads, config.num_kv_heads, config.head_size
     q, k, v = weight.view(G, (H // G + 2) * d, -1).split([H // G * d, d, d], dim=1)
     return q.reshape(H * d, -1), k.reshape(G * d, -1), v.reshape(G * d, -1)
-
-
-def llama_state_dict(state_dict: dict, config: ModelConfig) -> dict:
-    """Full TransformerLM tensors, named and laid out as a one-process model's `state_dict()` ->
-    `LlamaForCausalLM` names, vocabulary padding removed (linear_fc1 is [gate; up])."""
-    out = {"model.embed_tokens.weight": state_dict["embedding.word_embeddings.weight"][:config.vocab_size],
-           "model.norm.weight": state_dict["decoder.final_layernorm.weight"]}
-    if not config.tie_embeddings:
-        out["lm_head.weight"] = state_dict["output_layer.weight"][:config.vocab_size]
-    for n in range(config.num_layers):
-        ours, theirs = f"decoder.layers.{n}.", f"model.layers.{n}."
-        q, k, v = split_qkv(state_dict[ours + "self_attention.linear_qkv.weight"], config)
-        gate, up = state_dict[ours + "mlp.linear_fc1.weight"].chunk(2)
-        out |= {
-            theirs + "input_layernorm.weight": state_dict[ours + "input_layernorm.weight"],
-            theirs + "self_attn.q_proj.weight": q,
-            theirs + "self_attn.k_proj.weight": k,
-            theirs + "self_attn.v_proj.weight": v,
-            theirs + "self_attn.o_proj.weight": state_dict[ours + "self_attention.linear_proj.weight"],
-            theirs + "post_attention_layernorm.weight": state_dict[ours + "pre_mlp_layernorm.weight"],
-            theirs + "mlp.gate_proj.weight": gate,
-            theirs + "mlp.up_proj.weight": up,
-            theirs + "mlp.down_proj.weight": state_dict[ours + "mlp.linear_fc2.weight"],
-        }
-    return {name: tensor.contiguous() for name, tensor in out.items()}

@@ -35,11 +35,6 @@ class Style:
     motifs: tuple[np.ndarray, ...]
     cdf: np.ndarray  # (V + 1, V): cumulative next-symbol probabilities after each symbol, then at the start
 
-    def next_probs(self, prev: int | None, bigram_weight: float) -> np.ndarray:
-        if prev is None:
-            return self.unigram
-        return (1 - bigram_weight) * self.unigram + bigram_weight * self.bigram[prev]
-
 
 @dataclass
 class TwoStyle:
@@ -129,13 +124,3 @@ class TwoStyle:
         return {"prompt": "".join(self.alphabet[i] for i in ids), "answer": self.label(a, b),
                 "length": length, "order": "AB" if a_first else "BA", "gap": int(cuts[1] - cuts[0]),
                 "position": start1, "a_start": a_start, "a_len": a_len, "b_start": b_start, "b_len": b_len}
-
-    def log_likelihood(self, text: str, style: Style) -> float:
-        """log p(text | style) under the Markov part with the symbol noise (motifs ignored)."""
-        ids = [self.alphabet.index(ch) for ch in text]
-        V, total, prev = len(self.alphabet), 0.0, None
-        for i in ids:
-            p = (1 - self.noise) * style.next_probs(prev, self.bigram_weight)[i] + self.noise / V
-            total += float(np.log(p))
-            prev = i
-        return total

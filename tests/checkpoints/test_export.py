@@ -251,10 +251,8 @@ def test_reference_export_constructs_the_reference_layer(trained, tmp_path):
 
     from safetensors.torch import load_file
 
-    from model.reference import REFERENCE_LAYER_ARGS
-
     sys.path.insert(0, str(REPO / "tests" / "model"))
-    from reference_layer import ReferenceLayer
+    from reference_layer import REFERENCE_LAYER_ARGS, ReferenceLayer
 
     assert tuple(inspect.signature(ReferenceLayer).parameters) == REFERENCE_LAYER_ARGS
     _, _, run, _ = trained

@@ -10,6 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.reference import REFERENCE_LAYOUT, ROPE_BUFFER
+
+# The public reference constructor's arguments, in order (ReferenceLayer below has its signature).
+REFERENCE_LAYER_ARGS = ("D", "n_heads", "n_kv_heads", "max_len", "ln_eps", "use_flash", "use_forward_rope", "gamma_max")
+
+
+def reference_state_dict(layer) -> dict[str, torch.Tensor]:
+    """One SessaLayer (tensor-parallel size 1) -> ReferenceLayer's state dict (fused W_in and proj_fb)."""
+    ours = {name: p.detach() for name, p in layer.named_parameters()}
+    result = {ref: torch.cat([ours[part] for part in parts]) if len(parts) > 1 else ours[parts[0]].clone()
+              for ref, parts in REFERENCE_LAYOUT.items() if parts[0] in ours}
+    result[ROPE_BUFFER] = layer.mixer.rope_inv_freq.clone()
+    return result
+
 
 class ReferenceMixer(nn.Module):
     def __init__(self, D, H, H_kv, gamma_max, use_forward_rope=True, rope_base=10000.0):

@@ -284,6 +284,33 @@ def test_tensor_parallel_two_ranks_matches_one(tp2_results, case):
         assert torch.equal(tp2["generated"], generate(model, tokens[:, :5], 6, temperature=0))
 
 
+def llama_state_dict(state_dict: dict, config: ModelConfig) -> dict:
+    """Full TransformerLM tensors, named and laid out as a one-process model's `state_dict()` ->
+    `LlamaForCausalLM` names, vocabulary padding removed (linear_fc1 is [gate; up])."""
+    from model.transformer import split_qkv
+
+    out = {"model.embed_tokens.weight": state_dict["embedding.word_embeddings.weight"][:config.vocab_size],
+           "model.norm.weight": state_dict["decoder.final_layernorm.weight"]}
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state_dict["output_layer.weight"][:config.vocab_size]
+    for n in range(config.num_layers):
+        ours, theirs = f"decoder.layers.{n}.", f"model.layers.{n}."
+        q, k, v = split_qkv(state_dict[ours + "self_attention.linear_qkv.weight"], config)
+        gate, up = state_dict[ours + "mlp.linear_fc1.weight"].chunk(2)
+        out |= {
+            theirs + "input_layernorm.weight": state_dict[ours + "input_layernorm.weight"],
+            theirs + "self_attn.q_proj.weight": q,
+            theirs + "self_attn.k_proj.weight": k,
+            theirs + "self_attn.v_proj.weight": v,
+            theirs + "self_attn.o_proj.weight": state_dict[ours + "self_attention.linear_proj.weight"],
+            theirs + "post_attention_layernorm.weight": state_dict[ours + "pre_mlp_layernorm.weight"],
+            theirs + "mlp.gate_proj.weight": gate,
+            theirs + "mlp.up_proj.weight": up,
+            theirs + "mlp.down_proj.weight": state_dict[ours + "mlp.linear_fc2.weight"],
+        }
+    return {name: tensor.contiguous() for name, tensor in out.items()}
+
+
 @pytest.mark.parametrize("tie", [True, False], ids=["tied", "untied"])
 def test_llama_export_matches_and_generates_with_a_cache(tie):
     """The arm is Llama: the converted weights give the same logits, and HF generate() (KV cache)
@@ -291,7 +318,7 @@ def test_llama_export_matches_and_generates_with_a_cache(tie):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from model.generation import generate
-    from model.transformer import llama_config_dict, llama_state_dict
+    from model.transformer import llama_config_dict
 
     model = build_with(dtype=torch.float32, tie_embeddings=tie)
     fields = {k: v for k, v in llama_config_dict(model.sessa).items() if k not in ("model_type", "architectures")}
