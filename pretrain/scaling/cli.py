@@ -36,7 +36,7 @@ def _plan(args) -> int:
 
     from .plan import HparamRules, Planner, SizeRule, apply_overrides, format_table, to_json
 
-    base = yaml.safe_load(open(args.base)) or {}
+    base = yaml.safe_load(Path(args.base).read_text()) or {}
     overrides = {k: v for k, v in (("lr", args.lr), ("batch_tokens", args.batch_tokens), ("beta2", args.beta2),
                                    ("warmup_steps", args.warmup_steps)) if v is not None}
     planner = Planner(

@@ -1,13 +1,12 @@
 """The sweep planner: budgets, rounding, flags, ladders, per-size rules, configs the trainer loads."""
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pretrain.config import load_config
+from pretrain.scaling.cli import main
 from pretrain.scaling.plan import HparamRules, Planner, SizeRule, apply_overrides, config_hash
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +33,7 @@ def test_isoflop_points_hit_their_budgets_or_are_flagged():
     assert all(p.off_budget for p in coarse)
 
 
-def test_layer_pattern_arms_repeat_their_unit_to_each_depth():
+def test_layer_pattern_arms_repeat_their_unit_to_each_depth(capsys):
     points = planner(archs=("sessa", "S-", "SSS*")).isoflop([1e13], WIDTHS, sizes_per_budget=2)
     for p in points:
         config = planner().model_config(p.arch, p.width)
@@ -46,10 +45,10 @@ def test_layer_pattern_arms_repeat_their_unit_to_each_depth():
             assert p.name.startswith({"S-": "psf-", "SSS*": "psssa-"}[unit])
             assert p.overrides["model.layer_pattern"] == config.layer_pattern
     load_config(REPO / "configs" / "tiny.yaml", [f"--{k}={v}" for k, v in points[-1].overrides.items()])
-    bad = subprocess.run([sys.executable, "-m", "pretrain.scaling", "plan", "--base", "configs/tiny.yaml", "--seq-len",
-                          "64", "--widths", "32", "--budgets", "1e12", "--arms", "sessa", "SX", "--dry-run"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "arm 'SX' is neither an architecture" in bad.stderr
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", "--base", str(REPO / "configs" / "tiny.yaml"), "--seq-len", "64", "--widths", "32",
+              "--budgets", "1e12", "--arms", "sessa", "SX", "--dry-run"])
+    assert refused.value.code == 2 and "arm 'SX' is neither an architecture" in capsys.readouterr().err
 
 
 def test_ladder_branches_fork_from_the_constant_phase():
@@ -68,9 +67,19 @@ def test_ladder_branches_fork_from_the_constant_phase():
 
 
 def test_rules_and_overrides():
+    """lr and batch follow DeepSeek LLM (Bi et al. 2024), eq. 1, C in FLOPs: lr = 0.3118 C^-0.1250,
+    B = 0.2920 C^0.3271 tokens (here rounded to the nearest whole micro-batch of sequences)."""
     rules = HparamRules()
-    assert rules.lr(1e21) < rules.lr(1e15)  # larger budgets train with smaller learning rates
-    assert rules.batch_tokens(1e21, 2048, 1) > rules.batch_tokens(1e15, 2048, 1)
+    for budget in (1e18, 1e21):  # lr 1.753e-3 and 7.394e-4; B 225,519 and 2,160,145 tokens
+        assert rules.lr(budget) == pytest.approx(0.3118 * budget ** -0.1250, rel=1e-12)
+        for seq_len, micro_batch in ((2048, 1), (1024, 4)):
+            unit = seq_len * micro_batch
+            batch = rules.batch_tokens(budget, seq_len, micro_batch)
+            assert batch % unit == 0 and abs(batch - 0.2920 * budget ** 0.3271) <= unit / 2
+    # the planner hands each point's budget C to the rules (seq_len 64: B within 32 tokens of the law)
+    for point in planner(archs=("sessa",)).isoflop([3e12, 1e13], WIDTHS, sizes_per_budget=1):
+        assert point.lr == pytest.approx(0.3118 * point.target_flops ** -0.1250, rel=1e-12)
+        assert abs(point.batch_tokens - 0.2920 * point.target_flops ** 0.3271) <= 32
     assert rules.beta2(16 * 2048, 2048) == 0.99 and rules.beta2(512 * 2048, 2048) == 0.95
     fixed = HparamRules(overrides={"lr": 1e-3, "beta2": 0.9, "warmup_steps": 5})
     assert (fixed.lr(1e20), fixed.beta2(10, 1), fixed.warmup_steps(10**9, 10, 100)) == (1e-3, 0.9, 5)
@@ -90,19 +99,18 @@ def test_config_hash_keys_what_changes_the_result():
     assert not {p.config_hash for p in reseeded} & set(hashes)
 
 
-def test_plan_cli_dry_run_and_written_configs_load(tmp_path):
-    base = ["--base", "configs/tiny.yaml", "--budgets", "3e12", "1e13", "--widths", *map(str, WIDTHS),
+def test_plan_cli_dry_run_and_written_configs_load(tmp_path, monkeypatch, capsys):
+    """The CLI in-process (tests/scaling/test_fit.py runs `python -m pretrain.scaling` itself)."""
+    monkeypatch.chdir(tmp_path)  # a dry run writes nothing, not even the default sweeps/ directory
+    base = ["--base", str(REPO / "configs" / "tiny.yaml"), "--budgets", "3e12", "1e13", "--widths", *map(str, WIDTHS),
             "--seq-len", "64", "--head-size", "16", "--aspect", "32"]
-    done = subprocess.run([sys.executable, "-m", "pretrain.scaling", "plan", *base, "--dry-run",
-                           "--tflops-per-gpu", "400"], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert "achieved" in done.stdout and "GPU-hours" in done.stdout
-    assert not (REPO / "sweeps").exists() or not any((REPO / "sweeps").iterdir())
-    done = subprocess.run([sys.executable, "-m", "pretrain.scaling", "plan", *base, "--out", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    plan = json.loads((tmp_path / "plan.json").read_text())
+    assert main(["plan", *base, "--dry-run", "--tflops-per-gpu", "400"]) == 0
+    table = capsys.readouterr().out
+    assert "achieved" in table and "GPU-hours" in table
+    assert not any(tmp_path.iterdir())
+    assert main(["plan", *base, "--out", str(tmp_path / "sweep")]) == 0
+    plan = json.loads((tmp_path / "sweep" / "plan.json").read_text())
     assert len(plan["points"]) == 12
     for point in plan["points"]:
-        config = load_config(tmp_path / "configs" / f"{point['name']}.yaml")  # the trainer's own validation
+        config = load_config(tmp_path / "sweep" / "configs" / f"{point['name']}.yaml")  # the trainer's own validation
         assert config.model.arch == point["arch"] and config.train.max_steps == point["steps"]
