@@ -74,42 +74,15 @@ class Trainer:
         self.config = config
         self.env = init_distributed(config.parallel)
         self.device = self.env.device
-        self.run_lock = acquire_for_training(config.run_dir)  # one live job per run directory
-        self._stop_signal = self._stop_time = None
-        self._grace_checked = False
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, self._request_stop)
-
-        self.manifest = read_manifest(config.data.path)
-        self.seq_len = self.manifest["seq_len"]
-        self.tokenizer_id = self.manifest["tokenizer_id"]
-        self._check_model_matches_data()
-        self.num_microbatches = self._num_microbatches()
-        if self.env.rank == 0:
-            config.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(config, config.run_dir / "config.yaml")
-        dist.barrier()
-
+        self._lock_run_and_catch_stop_signals()
+        self._read_data_manifest()
+        self._save_run_config()
         seed_everything(config.train.seed, self.env.rank)
         Engine = engine_class(config)
-        plan = None
-        if config.checkpoint.resume:
-            from checkpoints import CheckpointManager
-
-            manager = CheckpointManager(config.run_dir / "checkpoints")
-            manager.remove_partial_saves()
-            step = manager.latest_step()
-            if step is not None:
-                plan = Engine.resume_plan(manager, step)
-                check_checkpoint_compatible(plan.common, plan.directory, config, self.tokenizer_id)
+        plan = self._resume_plan(Engine)
         self.engine = Engine(config, self.env, plan, seq_len=self.seq_len, num_microbatches=self.num_microbatches)
         self.scheduler = build_scheduler(self.engine.optimizer, config)
-        self.data_workers, lanes = self._data_layout()
-        self.train_loader = build_dataloader(
-            config.data.path, "train", config.train.micro_batch_size, self.env.dp_rank, self.env.dp_size,
-            self.data_workers, config.data.seed, infinite=True, expected_tokenizer_id=self.tokenizer_id,
-            lanes=lanes,
-        )
+        self.train_loader = self._build_train_loader()
         self.state = TrainState()
         self.nonfinite_streak = 0
         if plan is not None:
@@ -119,6 +92,51 @@ class Trainer:
         self.logger.print(self._banner())
 
     # --- setup --------------------------------------------------------------------------------
+    def _lock_run_and_catch_stop_signals(self) -> None:
+        self.run_lock = acquire_for_training(self.config.run_dir)  # one live job per run directory
+        self._stop_signal = self._stop_time = None
+        self._grace_checked = False
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._request_stop)
+
+    def _read_data_manifest(self) -> None:
+        """The prepared data fixes seq_len and the tokenizer; the model and batch must fit them."""
+        self.manifest = read_manifest(self.config.data.path)
+        self.seq_len = self.manifest["seq_len"]
+        self.tokenizer_id = self.manifest["tokenizer_id"]
+        self._check_model_matches_data()
+        self.num_microbatches = self._num_microbatches()
+
+    def _save_run_config(self) -> None:
+        if self.env.rank == 0:
+            self.config.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.config, self.config.run_dir / "config.yaml")
+        dist.barrier()
+
+    def _resume_plan(self, Engine):
+        """What to load from the run's latest complete checkpoint; None for a fresh start."""
+        if not self.config.checkpoint.resume:
+            return None
+        from checkpoints import CheckpointManager
+
+        manager = CheckpointManager(self.config.run_dir / "checkpoints")
+        manager.remove_partial_saves()
+        step = manager.latest_step()
+        if step is None:
+            return None
+        plan = Engine.resume_plan(manager, step)
+        check_checkpoint_compatible(plan.common, plan.directory, self.config, self.tokenizer_id)
+        return plan
+
+    def _build_train_loader(self):
+        config = self.config
+        self.data_workers, lanes = self._data_layout()
+        return build_dataloader(
+            config.data.path, "train", config.train.micro_batch_size, self.env.dp_rank, self.env.dp_size,
+            self.data_workers, config.data.seed, infinite=True, expected_tokenizer_id=self.tokenizer_id,
+            lanes=lanes,
+        )
+
     def _check_model_matches_data(self) -> None:
         vocab = self.manifest["vocab_size"]
         if self.config.model.vocab_size < vocab:
