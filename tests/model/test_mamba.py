@@ -3,7 +3,8 @@
 Packed documents == each document alone, prefill + decode == full forward, seeded layout-independent
 init (Mamba-2's A, dt and D ranges), parameter counts, the FLOP ledger == FlopCounterMode, the
 checkpoint's tensor-parallel sharding, the HF modeling file (logits, greedy generation, padded
-batches) and bad input. TP=2 == TP=1 runs in tests/model/test_hybrid.py (tp_case.HYBRID_CASES).
+batches), transformers' own Mamba-2 (an implementation this project did not write) and bad input.
+TP=2 == TP=1 runs in tests/model/test_hybrid.py (tp_case.HYBRID_CASES).
 """
 import math
 
@@ -220,3 +221,84 @@ def test_activation_model_matches_the_saved_tensors(dtype, T, N, chunk):
     saved = saved_bytes(block, torch.randn(T, 2, 128, dtype=dtype, requires_grad=True))
     estimate = block_activation_bytes(cfg, "M", T, 2, 1, False, 4 if dtype == torch.float32 else 2)["saved"]
     assert estimate == pytest.approx(saved, rel=0.02)
+
+
+def hf_mamba2_block(block: MambaBlock, cfg: ModelConfig):
+    """transformers' Mamba2Block (its PyTorch path) holding `block`'s weights, in float64.
+
+    Our block has one B/C group shared by every head and a gated RMSNorm per head (it keeps TP
+    exact); HF's norm is per B/C group. With n_groups = heads and our B/C projections and convs
+    repeated once per group, every group reads the same B and C, so HF's scan is ours and its
+    grouped norm (group size = head size) is our per-head norm: the same function."""
+    from transformers import Mamba2Config
+    from transformers.models.mamba2.modeling_mamba2 import Mamba2Block
+
+    heads = cfg.mamba_heads
+    hf_config = Mamba2Config(hidden_size=cfg.hidden_size, num_heads=heads, head_dim=cfg.mamba_head_size,
+                             expand=cfg.mamba_expand, state_size=cfg.mamba_state_size, n_groups=heads,
+                             conv_kernel=cfg.mamba_conv_kernel, use_conv_bias=True, use_bias=False, hidden_act="silu",
+                             chunk_size=8, layer_norm_epsilon=cfg.norm_eps, residual_in_fp32=False, num_hidden_layers=1)
+    hf = Mamba2Block(hf_config, layer_idx=0).double().eval()
+
+    def per_group(*tensors):  # our x, B, C rows, with B and C repeated for each of HF's groups
+        x, B, C = (t.detach().double() for t in tensors)
+        return torch.cat([x, B.repeat(heads, *[1] * (B.dim() - 1)), C.repeat(heads, *[1] * (C.dim() - 1))])
+
+    state = {
+        "norm.weight": block.norm.weight,
+        "mixer.in_proj.weight": torch.cat([block.z_proj.weight.double(),
+                                           per_group(block.x_proj.weight, block.B_proj.weight, block.C_proj.weight),
+                                           block.dt_proj.weight.double()]),
+        "mixer.conv1d.weight": per_group(block.conv_x.weight, block.conv_B.weight, block.conv_C.weight)[:, None],
+        "mixer.conv1d.bias": per_group(block.conv_x.bias, block.conv_B.bias, block.conv_C.bias),
+        "mixer.dt_bias": block.dt_bias, "mixer.A_log": block.A_log, "mixer.D": block.D,
+        "mixer.norm.weight": block.out_norm.weight, "mixer.out_proj.weight": block.out_proj.weight,
+    }
+    hf.load_state_dict({name: tensor.detach().double() for name, tensor in state.items()}, strict=True)
+    return hf
+
+
+def mamba_block_with_random_weights(cfg: ModelConfig) -> MambaBlock:
+    from model.parallel import ensure_model_parallel, megatron_config
+
+    ensure_model_parallel()
+    block = MambaBlock(cfg, megatron_config(cfg), 0).double()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # every vector moved off its init: norm weights off 1, dt ~ softplus(N(0, 1)), not ~0.01
+        for name, param in block.named_parameters():
+            if param.dim() == 1:
+                noise = torch.randn(param.shape, generator=gen, dtype=param.dtype)
+                param.copy_(noise) if name == "dt_bias" else param.add_(noise * 0.5)
+    return block
+
+
+@pytest.mark.parametrize("T", [1, 23])
+def test_block_matches_transformers_mamba2(T):
+    """Our `M` block (fp64) against transformers' Mamba2Block, an implementation this project did not
+    write, mapped as in hf_mamba2_block (n_groups = heads). HF computes its RMSNorms and its SSD scan
+    in fp32 whatever the input dtype, so the tolerance is fp32 rounding of the mixer's output (about
+    0.5 in size; the two differ by < 1e-7). T = 23 spans several chunks of both scans (ours 5, HF's 8,
+    padded)."""
+    cfg = config("M", mamba_expand=2, mamba_head_size=16, mamba_state_size=8, mamba_conv_kernel=4)
+    block = mamba_block_with_random_weights(cfg)
+    hf = hf_mamba2_block(block, cfg)
+    x = torch.randn(2, T, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        ours, _ = block(x.transpose(0, 1))
+        theirs = hf(x)
+    torch.testing.assert_close(ours.transpose(0, 1), theirs, atol=1e-7, rtol=1e-7)
+
+
+def test_conv_matches_transformers_causal_conv1d_in_float64():
+    """The depthwise causal conv alone, in fp64 (HF's conv keeps the input dtype): our K shifted
+    multiply-adds against HF's PyTorch causal_conv1d_fn (F.conv1d, left padding K - 1)."""
+    from transformers.models.mamba2.modeling_mamba2 import causal_conv1d_fn
+
+    cfg = config("M")
+    block = mamba_block_with_random_weights(cfg)
+    channels = block.conv_x.weight.shape[0]
+    u = torch.randn(2, 19, channels, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        ours, _ = block.conv_x(u, u.new_zeros(2, cfg.mamba_conv_kernel - 1, u.shape[2]), None)
+        theirs = causal_conv1d_fn(u.transpose(1, 2), block.conv_x.weight, block.conv_x.bias).transpose(1, 2)
+    torch.testing.assert_close(ours, theirs, atol=1e-13, rtol=1e-13)
