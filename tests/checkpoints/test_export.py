@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from tests.pretrain.conftest import (REPO, TEST_RECIPE, prepared_data, pretrain_env, read_metrics,  # noqa: F401
+from tests.pretrain.conftest import (REPO, TEST_RECIPE, pretrain_env, read_metrics,  # noqa: F401
                                      run_pretrain)
 
 from checkpoints.export import model_config

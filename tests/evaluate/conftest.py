@@ -21,14 +21,12 @@ def evaluate_cli(*args, expect_ok: bool = True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory) -> dict:
+def runs(tmp_path_factory, prepared_data) -> dict:
     """{"data", "sessa", "transformer", "hf"}: runs trained on a private copy of the pydocs data (so a
     test may hide it), and the Sessa run's HF export."""
-    from data_pipeline.prepare import prepare
-
     tmp = tmp_path_factory.mktemp("evaluate")
     data = tmp / "pydocs64"
-    prepare("builtin", "pydocs4k", 64, data, num_workers=1, progress=False)
+    shutil.copytree(prepared_data, data)
     tree = json.loads(json.dumps(TEST_RECIPE))
     tree["data"].update(path=str(data), num_workers=0)
     tree["train"]["max_steps"] = 3

@@ -1,5 +1,5 @@
-"""Fixtures for the launch tests: a real single-machine SLURM cluster, a small prepared dataset, the
-tiny test recipe of tests/pretrain, and helpers to submit and inspect jobs."""
+"""Fixtures for the launch tests: a real single-machine SLURM cluster, the tiny test recipe of
+tests/pretrain on the session dataset (tests/conftest.py), and helpers to submit and inspect jobs."""
 import importlib.util
 import json
 import os
@@ -34,20 +34,11 @@ def slurm():
     shutil.rmtree(folder, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def launch_data(tmp_path_factory) -> Path:
-    from data_pipeline.prepare import prepare
-
-    out = tmp_path_factory.mktemp("launch-data") / "pydocs64"
-    prepare("builtin", "pydocs4k", 64, out, num_workers=1, progress=False)
-    return out
-
-
 @pytest.fixture
-def recipe(tmp_path, launch_data) -> Path:
+def recipe(tmp_path, prepared_data) -> Path:
     """tests/pretrain's tiny recipe; a global batch of 512 tokens divides over 1, 2 and 4 ranks."""
     tree = json.loads(json.dumps(pretrain_helpers.TEST_RECIPE))
-    tree["data"]["path"] = str(launch_data)
+    tree["data"]["path"] = str(prepared_data)
     tree["runs_dir"] = str(tmp_path / "runs")
     tree["train"]["global_batch_tokens"] = 512
     path = tmp_path / "recipe.yaml"

@@ -17,10 +17,10 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_scaling_arrays_requeue_and_dependent_cooldowns(slurm, job_env, launch_data, tmp_path):
+def test_scaling_arrays_requeue_and_dependent_cooldowns(slurm, job_env, prepared_data, tmp_path):
     base = {"model": {"vocab_size": 4096, "hidden_size": 16, "num_layers": 1, "num_heads": 1,
                       "feedback_impl": "chunked", "feedback_chunk_size": 16},
-            "train": {"micro_batch_size": 4, "seed": 7}, "data": {"path": str(launch_data), "num_workers": 0},
+            "train": {"micro_batch_size": 4, "seed": 7}, "data": {"path": str(prepared_data), "num_workers": 0},
             "logging": {"interval": 5, "wandb": "disabled", "progress_bar": False}, "eval": {"batches": 2}}
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = tmp_path / "sweep"

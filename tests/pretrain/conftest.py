@@ -1,4 +1,4 @@
-"""Shared fixtures: a small prepared dataset and helpers that launch the real trainer."""
+"""Shared fixtures: the tiny test recipe and helpers that launch the real trainer."""
 import json
 import os
 import socket
@@ -25,18 +25,9 @@ TEST_RECIPE = {
 }
 
 
-@pytest.fixture(scope="session")
-def prepared_data(tmp_path_factory) -> Path:
-    """The built-in corpus, tokenised with the bundled pydocs4k BPE into 64-token sequences."""
-    from data_pipeline.prepare import prepare
-
-    out = tmp_path_factory.mktemp("data") / "pydocs64"
-    prepare("builtin", "pydocs4k", 64, out, num_workers=1, progress=False)
-    return out
-
-
 @pytest.fixture
 def recipe(tmp_path, prepared_data) -> Path:
+    """TEST_RECIPE on tests/conftest.py's session dataset."""
     tree = json.loads(json.dumps(TEST_RECIPE))
     tree["data"]["path"] = str(prepared_data)
     tree["runs_dir"] = str(tmp_path / "runs")
