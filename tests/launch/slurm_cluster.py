@@ -34,10 +34,33 @@ def _run(command: list[str], timeout: float = 120, **kwargs) -> subprocess.Compl
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
-def ensure_installed() -> None:
-    """apt-get install the SLURM and munge packages when their binaries are missing."""
-    if all(shutil.which(b) for b in BINARIES):
-        return
+# Debian installs the daemons in /usr/sbin, which a restricted PATH (a non-login root shell, a CI runner) may lack.
+SBIN_DIRS = ("/usr/local/sbin", "/usr/sbin", "/sbin")
+
+
+def missing_binaries(path: str | None = None, sbin_dirs: tuple[str, ...] = SBIN_DIRS) -> tuple[list[str], list[str]]:
+    """(binaries found neither on PATH nor in the sbin directories, sbin directories that hold some of them
+    but are not on PATH). `path` defaults to $PATH."""
+    path = os.environ.get("PATH", "") if path is None else path
+    on_path = path.split(os.pathsep)
+    missing, extra_dirs = [], []
+    for binary in BINARIES:
+        if shutil.which(binary, path=path):
+            continue
+        found = next((d for d in sbin_dirs if shutil.which(binary, path=d)), None)
+        if found is None:
+            missing.append(binary)
+        elif found not in on_path and found not in extra_dirs:
+            extra_dirs.append(found)
+    return missing, extra_dirs
+
+
+def ensure_installed() -> list[str]:
+    """apt-get install the SLURM and munge packages when their binaries are missing. Returns the sbin
+    directories that hold some of them but are not on PATH (the cluster adds them to its PATH)."""
+    missing, extra_dirs = missing_binaries()
+    if not missing:
+        return extra_dirs
     if os.geteuid() != 0:
         raise ClusterError(f"SLURM is not installed and installing it needs root: apt-get install {' '.join(PACKAGES)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -45,9 +68,11 @@ def ensure_installed() -> None:
         done = _run(command, timeout=900, env=env)
         if done.returncode != 0:
             raise ClusterError(f"{' '.join(command)} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    missing = [b for b in BINARIES if not shutil.which(b)]
+    missing, extra_dirs = missing_binaries()
     if missing:
-        raise ClusterError(f"installed {' '.join(PACKAGES)} but {', '.join(missing)} are still missing")
+        raise ClusterError(f"installed {' '.join(PACKAGES)} but {', '.join(missing)} are still missing "
+                           f"(looked on PATH={os.environ.get('PATH', '')} and in {', '.join(SBIN_DIRS)})")
+    return extra_dirs
 
 
 def _free_port() -> int:
@@ -69,7 +94,9 @@ class SlurmCluster:
     def start(self, timeout: float = 90) -> None:
         if os.geteuid() != 0:
             raise ClusterError("the test cluster runs slurmd/slurmctld as root and munged as user munge: run as root")
-        ensure_installed()
+        extra_dirs = ensure_installed()
+        if extra_dirs:  # daemons and clients are spawned through self.env's PATH
+            self.env["PATH"] = os.pathsep.join([self.env.get("PATH", ""), *extra_dirs])
         probe = _run(["unshare", "--mount", "--uts", "--propagation", "private", "true"])
         if probe.returncode != 0:
             raise ClusterError(f"mount/UTS namespaces are unavailable (unshare: {probe.stderr.strip()}); the emulated "

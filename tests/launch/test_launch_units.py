@@ -263,3 +263,23 @@ def test_gpus_per_node_from_sinfo_gres():
 
     assert [_gres_gpus(g) for g in ("gpu:8", "gpu:h100:4(S:0-1),shard:8", "(null)", "shard:2,gpu:a100:2(S:0,1)",
                                     "mps:100")] == [8, 4, 0, 2, 0]
+
+
+def test_slurm_daemons_are_found_in_sbin_when_path_lacks_it(tmp_path):
+    """Debian puts slurmctld, slurmd and munged in /usr/sbin; a restricted PATH without it must not read
+    as "not installed": the lookup also searches the sbin directories and names those PATH lacks."""
+    from slurm_cluster import BINARIES, missing_binaries
+
+    sbin, bin_dir, empty = tmp_path / "sbin", tmp_path / "bin", tmp_path / "empty"
+    for folder in (sbin, bin_dir, empty):
+        folder.mkdir()
+    daemons = {"slurmctld", "slurmd", "munged"}
+    for name in BINARIES:
+        tool = (sbin if name in daemons else bin_dir) / name
+        tool.write_text("#!/bin/sh\n")
+        tool.chmod(0o755)
+    restricted = os.pathsep.join([str(empty), str(bin_dir)])
+    assert missing_binaries(restricted, sbin_dirs=(str(sbin),)) == ([], [str(sbin)])
+    assert missing_binaries(os.pathsep.join([restricted, str(sbin)]), sbin_dirs=(str(sbin),)) == ([], [])
+    missing, _ = missing_binaries(restricted, sbin_dirs=(str(empty),))
+    assert sorted(missing) == sorted(daemons)

@@ -1,13 +1,14 @@
 """launch/slurm on a real SLURM cluster (tests/launch/slurm_cluster.py): multi-node training in both
 launch modes, time-limit signal + requeue + exact resume, run lock, afterany chains, job arrays."""
 import json
+import os
 import subprocess
 import sys
 import time
 
 import pytest
 from conftest import REPO, finish, job_log, read_metrics, start_local
-from slurm_cluster import ENDED
+from slurm_cluster import ENDED, SBIN_DIRS, ensure_installed
 
 from launch.slurm.__main__ import parse_args, submit
 from pretrain.distributed import torch_env_from_slurm
@@ -189,6 +190,14 @@ def test_run_lock_owner_state_and_master_address_from_slurm(slurm, job_env, tmp_
     step = {"SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_JOB_ID": "7",
             "SLURM_STEP_NODELIST": "n[3-4]"}
     assert torch_env_from_slurm(step)["MASTER_ADDR"] == "n3"
+
+
+def test_installed_daemons_found_with_a_path_lacking_sbin(slurm, monkeypatch):
+    """The cluster fixture installed SLURM; a PATH without the sbin directories still finds the daemons."""
+    restricted = [d for d in os.environ["PATH"].split(os.pathsep) if d.rstrip("/") not in SBIN_DIRS]
+    monkeypatch.setenv("PATH", os.pathsep.join(restricted))
+    extra_dirs = ensure_installed()  # raises "installed ... but ... are still missing" if the lookup fails
+    assert any(os.access(os.path.join(d, "slurmctld"), os.X_OK) for d in extra_dirs), extra_dirs
 
 
 @pytest.mark.parametrize("launcher,scope", [("torchrun", "--full"), ("srun", "--full"), ("torchrun", "steps")])
