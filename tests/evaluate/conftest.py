@@ -2,6 +2,7 @@
 the Sessa run's HF export, and small task files."""
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +13,40 @@ import yaml
 from tests.pretrain.conftest import REPO, TEST_RECIPE, pretrain_env, run_pretrain
 
 
-def evaluate_cli(*args, expect_ok: bool = True) -> subprocess.CompletedProcess:
+def evaluate_cli(*args, expect_ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-m", "pretrain.evaluate", *map(str, args)], cwd=REPO,
-                          env=pretrain_env(), capture_output=True, text=True, timeout=600)
+                          env=pretrain_env() | (env or {}), capture_output=True, text=True, timeout=600)
     if expect_ok and done.returncode != 0:
         raise AssertionError(f"pretrain.evaluate failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-4000:]}")
     return done
+
+
+def wandb_history(wandb_dir: Path) -> list[tuple[int, dict]]:
+    """(step, {key: value}) of each history row of the one offline wandb run under `wandb_dir`, read
+    from its .wandb file: wandb's record protobufs in LevelDB log framing (32 KiB blocks, each chunk
+    a 7-byte header: crc32, length, type FULL=1 | FIRST=2 | MIDDLE=3 | LAST=4) after a 7-byte file
+    header. wandb 0.31 ships no reader for it; the internal keys (_step, _runtime, _timestamp) are left out."""
+    from wandb.proto.wandb_internal_pb2 import Record
+
+    [path] = wandb_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", path
+    rows, position, block, chunks = [], 7, 32768, b""
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a header is padding
+            position += block - position % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        chunks += data[position + 7:position + 7 + length]
+        position += 7 + length
+        if kind in (1, 4):
+            record = Record.FromString(chunks)
+            chunks = b""
+            if record.WhichOneof("record_type") == "history":
+                items = {"/".join(item.nested_key) or item.key: json.loads(item.value_json)
+                         for item in record.history.item}
+                rows.append((items.pop("_step"), {k: v for k, v in items.items() if not k.startswith("_")}))
+    return rows
 
 
 @pytest.fixture(scope="session")

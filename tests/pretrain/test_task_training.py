@@ -12,6 +12,7 @@ import torch
 import yaml
 from conftest import REPO, TEST_RECIPE, pretrain_env, read_metrics, run_pretrain, start_pretrain
 
+SEED = 3  # a non-default example seed: an evaluation must regenerate the run's test split with it
 ARGS = ("--model.num_layers", "2", "--model.num_kv_heads", "2", "--data.num_workers", "0",
         "--train.max_steps", "6", "--train.global_batch_tokens", "512")
 
@@ -23,7 +24,7 @@ def task_recipe(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("task")
     data = root / "mqar"
-    assert main(["synth", "mqar", "--out", str(data), "--n", "256", "--seed", "0", "--pack", "greedy",
+    assert main(["synth", "mqar", "--out", str(data), "--n", "256", "--seed", str(SEED), "--pack", "greedy",
                  "--pairs", "12", "--queries", "2", "--max-lag", "2", "--seq-len", "128"]) in (0, None)
     tree = json.loads(json.dumps(TEST_RECIPE))
     tree["model"]["vocab_size"] = 320
@@ -111,9 +112,20 @@ def test_sigkill_and_resume_is_bit_exact_with_masks(task_recipe, single):
 
 
 @pytest.mark.slow
-def test_in_training_task_evaluation_is_logged_and_never_stops_training(task_recipe):
+def test_task_evaluation_in_training_and_after_gives_what_the_model_scores(task_recipe, tmp_path):
+    """One evaluated run checks: eval.tasks is logged at its interval; the step-6 values equal the
+    exact match and token accuracy recomputed by hand from the saved model on the test split that
+    `synth` writes with the run's seed (not the default one); `python -m pretrain.evaluate --wandb
+    offline` on the run re-derives that seed, reports the same values and logs them to wandb; a
+    failing evaluation never stops training."""
     import subprocess
     import sys
+
+    from data_pipeline.tasks import TaskExample
+    from pretrain.evaluate.targets import load_target
+    from pretrain.evaluate.tasks import load_task
+    from tests.evaluate.by_hand import generate_metrics
+    from tests.evaluate.conftest import evaluate_cli, wandb_history
 
     runs = task_recipe.parent / "runs"
     args = (*ARGS, "--eval.tasks", "mqar", "--eval.interval", "3")
@@ -121,8 +133,34 @@ def test_in_training_task_evaluation_is_logged_and_never_stops_training(task_rec
     records = [json.loads(line) for line in (runs / "evaluated" / "metrics.jsonl").read_text().splitlines()]
     evaluated = {r["step"]: r for r in records if any(k.startswith("eval/mqar/") for k in r)}
     assert sorted(evaluated) == [3, 6], sorted(evaluated)
-    assert 0.0 <= evaluated[6]["eval/mqar/exact_match"] <= 1.0
     assert "tasks" in done.stdout
+
+    test_file = tmp_path / "mqar-test.jsonl"  # the knobs of task_recipe's data, 200 test examples (the default)
+    synth = subprocess.run([sys.executable, "-m", "data_pipeline", "synth", "mqar", "--out", str(test_file), "--n", "0",
+                            "--n-val", "0", "--n-test", "200", "--seed", str(SEED), "--pairs", "12", "--queries", "2",
+                            "--max-lag", "2"], cwd=REPO, env=pretrain_env(), capture_output=True, text=True, timeout=300)
+    assert synth.returncode == 0, synth.stderr[-3000:]
+    examples = [TaskExample(row["prompt"], row["answer"], "mqar-test.jsonl")
+                for row in map(json.loads, test_file.read_text().splitlines())]
+    target = load_target(runs / "evaluated")
+    assert target.info["step"] == 6
+    expected = generate_metrics(target.model, target.config.vocab_size, target.tokenizer, examples, "\n")
+    assert {k: evaluated[6][f"eval/mqar/{k}"] for k in expected} == expected
+    regenerated = load_task("mqar", trained_sources=target.info["sources"]).examples  # what both evaluations score
+    assert [(e.prompt, e.answer) for e in regenerated] == [(e.prompt, e.answer) for e in examples]
+
+    wandb_dir = tmp_path / "wandb"
+    evaluate_cli(runs / "evaluated", "--tasks", "mqar", "--no-progress", "--out", tmp_path / "eval.json",
+                 "--wandb", "offline", env={"WANDB_DIR": str(wandb_dir)})
+    result = json.loads((tmp_path / "eval.json").read_text())["mqar"]
+    assert {k: result[k] for k in expected} == expected
+    logged = {"eval/mqar/" + name: value for name, value in result.items() if name != "buckets"}
+    for field, buckets in result["buckets"].items():
+        for bucket, metrics in buckets.items():
+            logged |= {f"eval/mqar/{field}={bucket}/{name}": value for name, value in metrics.items()}
+    assert logged == {k: v for k, v in evaluated[6].items() if k.startswith("eval/mqar/")}
+    [(step, history)] = wandb_history(wandb_dir)
+    assert step == 6 and history == logged
 
     broken = subprocess.run([sys.executable, str(REPO / "tests/pretrain/eval_failure_run.py"), "--config",
                              str(task_recipe), "--run_name", "eval_broken", *args], cwd=REPO, env=pretrain_env(),
