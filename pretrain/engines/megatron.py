@@ -58,17 +58,20 @@ class _SharedBatches:
 class MegatronEngine:
     name = "megatron"
 
-    def __init__(self, config: RunConfig, env, plan: ResumePlan | None, *, seq_len: int, num_microbatches: int):
+    def __init__(self, config: RunConfig, env, plan: ResumePlan | None, *, seq_len: int, num_microbatches: int,
+                 draw_weights: bool = True):
+        """draw_weights False leaves the weights as allocated, for a caller that sets them itself (the
+        GPU check draws them on the device: the layout-independent CPU draw takes minutes at 1.3B)."""
         self.config, self.env, self.device = config, env, env.device
         self.seq_len, self.num_microbatches = seq_len, num_microbatches
         apply_megatron_fixes()
-        self._build_model()
+        self._build_model(draw_weights)
         self._build_optimizer()
         self.checkpoints = CheckpointManager(config.run_dir / "checkpoints", config.checkpoint.keep_last,
                                              config.checkpoint.keep_every)
 
     # --- setup --------------------------------------------------------------------------------
-    def _build_model(self) -> None:
+    def _build_model(self, draw_weights: bool) -> None:
         """This rank's model chunks: one per virtual pipeline stage (one without interleaving)."""
         cfg, env = self.config, self.env
         virtual = cfg.parallel.virtual_stages
@@ -82,6 +85,7 @@ class MegatronEngine:
             cfg.model, sequence_parallel=cfg.parallel.sequence_parallel, calculate_per_token_loss=True,
             virtual_pipeline_model_parallel_size=virtual if virtual > 1 else None,
             batch_p2p_comm=self.device.type == "cuda",  # gloo's batched p2p mis-orders interleaved stages
+            **({} if draw_weights else {"perform_initialization": False}),
             **transformer_recompute,
         )
         stages = cfg.parallel.stage_layers(cfg.model.num_layers)
@@ -91,7 +95,8 @@ class MegatronEngine:
             chunk = build_model(cfg.model, self.megatron_config, pre_process=stage == 0,
                                 post_process=stage == len(stages) - 1, layer_numbers=stages[stage],
                                 vp_stage=v if virtual > 1 else None)
-            init_model_weights(chunk, cfg.train.seed)
+            if draw_weights:
+                init_model_weights(chunk, cfg.train.seed)
             if cfg.model.arch == "sessa":
                 recompute_blocks(chunk, recompute, torch_checkpoint)
             self.chunks.append(chunk.to(self.device))
