@@ -14,6 +14,7 @@ Modules, in data-flow order (see README.md in this folder):
   schedule         which sample each rank/worker reads per epoch; resume and re-deal arithmetic
   shards           reading and checking tar entries (local or any webdataset URL)
   loader           build_dataloader(...) -> StatefulDataLoader; merge_dp_states(...)
+  mixture          build_mixture_loader(sources, ...): weighted sources, per-source cursors; merge_mixture_states
 
 Nothing here imports torch at package import time: tokeniser worker processes start fast.
 """

@@ -88,16 +88,10 @@ class PackedTokenDataset(IterableDataset):
             raise ValueError(f"dp_rank must be in [0, {dp_size}), got {dp_rank}")
         if micro_batch_size < 1 or lanes < 1 or num_workers < 0 or seed < 0:
             raise ValueError("micro_batch_size and lanes must be >= 1, num_workers and seed >= 0")
-        self.data_dir, self.split, self.seed = str(data_dir), split, seed
-        manifest = read_manifest(data_dir)
-        check_tokenizer(manifest, expected_tokenizer_id, self.data_dir)
-        info = split_info(manifest, split, self.data_dir)
-        self.tokenizer_id, self.fingerprint = manifest["tokenizer_id"], fingerprint(manifest, split)
-        self.sample_len, self.vocab_size = manifest["sample_len"], manifest["vocab_size"]
-        self.with_mask = bool(manifest.get("loss_mask", False))  # older manifests: no masks
-        self.table = ShardTable(tuple(s["samples"] for s in info["shards"]), manifest["samples_per_entry"])
-        self.shards = shard_specs(manifest, split, self.data_dir, shard_url_template)
-        self.first_samples = [self.table.first_sample(s) for s in range(len(self.shards))]
+        self.data = SplitSamples(data_dir, split, expected_tokenizer_id, shard_url_template)
+        self.data_dir, self.split, self.seed = self.data.data_dir, split, seed
+        self.tokenizer_id, self.fingerprint = self.data.tokenizer_id, self.data.fingerprint
+        self.sample_len, self.table = self.data.sample_len, self.data.table
         self.micro_batch_size, self.dp_rank = micro_batch_size, dp_rank
         self.verify_checksums, self.on_error = verify_checksums, check_on_error(on_error)
         workers, n = max(1, num_workers), self.table.n_samples
@@ -124,8 +118,7 @@ class PackedTokenDataset(IterableDataset):
         verified, failed = set(), {}  # shared by this worker's readers: hash/fail a shard once
         orders: dict[int, EpochOrder] = {}
         P = self.layout.lanes
-        readers = [ShardReader(self.sample_len, self.table.samples_per_entry, self.vocab_size,
-                               self.verify_checksums, verified, failed, self.with_mask) for _ in range(P)]
+        readers = [self.data.reader(self.verify_checksums, verified, failed) for _ in range(P)]
         lanes = [self._lane(self.layout.stream(self.dp_rank, w, p), lane_consumed(position, p, P), readers[p],
                             orders) for p in range(P)]
         try:
@@ -154,7 +147,7 @@ class PackedTokenDataset(IterableDataset):
                     continue
                 rows.append(item)
             if rows or skipped:  # (no rows: the pass ended in skipped samples; report them anyway)
-                yield (self._collate(rows) if rows else {}) | {
+                yield (collate(rows, self.sample_len) if rows else {}) | {
                     "_worker": w, "_position": position, "_skipped": dict(skipped)}
 
     def _lane(self, stream: int, consumed: int, reader: ShardReader, orders: dict) -> Iterator[tuple]:
@@ -163,54 +156,85 @@ class PackedTokenDataset(IterableDataset):
                 if len(orders) > 4:
                     orders.pop(min(orders))
                 orders[epoch] = EpochOrder(self.table, self.seed, epoch)
-            order = orders[epoch]
-            for shard, entry, first, last in order.runs(start, end):
-                try:
-                    data = reader.read(self.shards[shard], entry)
-                except DataError as e:
-                    handle(e, self.on_error, None)
-                    for _ in range(first, last):
-                        yield _SKIP, e.reason
-                    continue
-                base = self.first_samples[shard] + entry * self.table.samples_per_entry
-                for row in order.entry_permutation(shard, entry, len(data.tokens))[first:last]:
-                    n_valid, starts = data.bounds[row]
-                    mask = data.mask[row] if data.mask is not None else None
-                    yield epoch, base + int(row), data.tokens[row], n_valid, starts, mask
+            yield from self.data.rows(orders[epoch], start, end, reader, self.on_error)
 
-    def _collate(self, rows: list[tuple]) -> dict:
-        parts = {  # int64 parts first, so every part of the packed block below stays aligned
-            "tokens": np.stack([r[2] for r in rows]).astype(np.int64),
-            "sample_index": np.array([r[1] for r in rows], dtype=np.int64),
-            "epoch": np.array([r[0] for r in rows], dtype=np.int64),
-            "doc_ids": np.stack([doc_ids(r[3], r[4], self.sample_len) for r in rows]),
-            "loss_mask": np.stack([np.ones(self.sample_len, dtype=bool) if r[5] is None else r[5]
-                                   for r in rows]),
-        }
-        if get_worker_info() is None:
-            return {name: torch.from_numpy(array) for name, array in parts.items()}
-        # Handing a tensor to the main process costs a shared-memory segment and a file
-        # descriptor each; one block per batch instead of four doubled the rate.
-        block = torch.empty(sum(a.nbytes for a in parts.values()), dtype=torch.uint8)
-        flat, at = block.numpy(), 0
-        for array in parts.values():
-            flat[at:at + array.nbytes] = array.reshape(-1).view(np.uint8)
-            at += array.nbytes
-        return {"_packed": block, "_rows": len(rows)}
 
-    def unpack(self, batch: dict) -> dict:
-        """The main-process side of _collate's packing."""
-        if "_packed" not in batch:
-            return batch
-        block, B, L1 = batch.pop("_packed"), batch.pop("_rows"), self.sample_len
-        sizes = {"tokens": (torch.int64, (B, L1)), "sample_index": (torch.int64, (B,)),
-                 "epoch": (torch.int64, (B,)), "doc_ids": (torch.int32, (B, L1)), "loss_mask": (torch.bool, (B, L1))}
-        at = 0
-        for name, (dtype, shape) in sizes.items():
-            n = dtype.itemsize * int(np.prod(shape))
-            batch[name] = block[at:at + n].view(dtype).view(shape)
-            at += n
+class SplitSamples:
+    """One split of a prepared directory: the manifest's facts about it, and its samples read by
+    position in an epoch's order (schedule.EpochOrder)."""
+
+    def __init__(self, data_dir, split: str, expected_tokenizer_id: str | None, shard_url_template: str | None):
+        self.data_dir, self.split = str(data_dir), split
+        self.manifest = manifest = read_manifest(data_dir)
+        check_tokenizer(manifest, expected_tokenizer_id, self.data_dir)
+        info = split_info(manifest, split, self.data_dir)
+        self.tokenizer_id, self.fingerprint = manifest["tokenizer_id"], fingerprint(manifest, split)
+        self.sample_len, self.vocab_size = manifest["sample_len"], manifest["vocab_size"]
+        self.with_mask = bool(manifest.get("loss_mask", False))  # older manifests: no masks
+        self.table = ShardTable(tuple(s["samples"] for s in info["shards"]), manifest["samples_per_entry"])
+        self.shards = shard_specs(manifest, split, self.data_dir, shard_url_template)
+        self.first_samples = [self.table.first_sample(s) for s in range(len(self.shards))]
+
+    def reader(self, verify_checksums: bool, verified: set, failed: dict) -> ShardReader:
+        return ShardReader(self.sample_len, self.table.samples_per_entry, self.vocab_size, verify_checksums,
+                           verified, failed, self.with_mask)
+
+    def rows(self, order: EpochOrder, start: int, end: int, reader: ShardReader, on_error: str) -> Iterator[tuple]:
+        """(epoch, sample_index, tokens, n_valid, starts, mask) for positions [start, end) of `order`;
+        (_SKIP, reason) for each sample of a bad entry when on_error="skip"."""
+        for shard, entry, first, last in order.runs(start, end):
+            try:
+                data = reader.read(self.shards[shard], entry)
+            except DataError as e:
+                handle(e, on_error, None)
+                for _ in range(first, last):
+                    yield _SKIP, e.reason
+                continue
+            base = self.first_samples[shard] + entry * self.table.samples_per_entry
+            for row in order.entry_permutation(shard, entry, len(data.tokens))[first:last]:
+                n_valid, starts = data.bounds[row]
+                mask = data.mask[row] if data.mask is not None else None
+                yield order.epoch, base + int(row), data.tokens[row], n_valid, starts, mask
+
+
+def collate(rows: list[tuple], sample_len: int, sources: np.ndarray | None = None) -> dict:
+    """Rows of SplitSamples.rows -> a batch (module docstring); `sources` adds a mixture's "source" (B,)."""
+    parts = {  # int64 parts first, so every part of the packed block below stays aligned
+        "tokens": np.stack([r[2] for r in rows]).astype(np.int64),
+        "sample_index": np.array([r[1] for r in rows], dtype=np.int64),
+        "epoch": np.array([r[0] for r in rows], dtype=np.int64),
+    }
+    if sources is not None:
+        parts["source"] = sources.astype(np.int64)
+    parts["doc_ids"] = np.stack([doc_ids(r[3], r[4], sample_len) for r in rows])
+    parts["loss_mask"] = np.stack([np.ones(sample_len, dtype=bool) if r[5] is None else r[5] for r in rows])
+    if get_worker_info() is None:
+        return {name: torch.from_numpy(array) for name, array in parts.items()}
+    # Handing a tensor to the main process costs a shared-memory segment and a file
+    # descriptor each; one block per batch instead of four doubled the rate.
+    block = torch.empty(sum(a.nbytes for a in parts.values()), dtype=torch.uint8)
+    flat, at = block.numpy(), 0
+    for array in parts.values():
+        flat[at:at + array.nbytes] = array.reshape(-1).view(np.uint8)
+        at += array.nbytes
+    return {"_packed": block, "_rows": len(rows), "_with_source": sources is not None}
+
+
+def unpack(batch: dict, sample_len: int) -> dict:
+    """The main-process side of collate's packing."""
+    if "_packed" not in batch:
         return batch
+    block, B, L1 = batch.pop("_packed"), batch.pop("_rows"), sample_len
+    sizes = {"tokens": (torch.int64, (B, L1)), "sample_index": (torch.int64, (B,)), "epoch": (torch.int64, (B,))}
+    if batch.pop("_with_source"):
+        sizes["source"] = (torch.int64, (B,))
+    sizes |= {"doc_ids": (torch.int32, (B, L1)), "loss_mask": (torch.bool, (B, L1))}
+    at = 0
+    for name, (dtype, shape) in sizes.items():
+        n = dtype.itemsize * int(np.prod(shape))
+        batch[name] = block[at:at + n].view(dtype).view(shape)
+        at += n
+    return batch
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -221,17 +245,32 @@ def _ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-class TokenDataLoader(StatefulDataLoader):
-    """A StatefulDataLoader whose state is a small cursor (see module docstring) rather than
-    torchdata's per-worker snapshots, so it can be re-dealt to another dp_size / num_workers."""
+class CursorLoader(StatefulDataLoader):
+    """A StatefulDataLoader over a dataset that yields finished micro-batches, whose state is a small
+    cursor of its own (state_dict/load_state_dict of the subclass) rather than torchdata's per-worker
+    snapshots, so it can be re-dealt to another dp_size / num_workers."""
 
-    def __init__(self, dataset: PackedTokenDataset, num_workers: int, pin_memory: bool):
+    def __init__(self, dataset: IterableDataset, num_workers: int, pin_memory: bool):
         # batch_size=None: the dataset yields finished micro-batches; in_order keeps batches
         # deterministic; no persistent workers, each iteration starts from the loader's cursor.
         with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
             warnings.filterwarnings("ignore", message=".*set_vital.*")
             super().__init__(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
                              in_order=True, persistent_workers=False, worker_init_fn=_ignore_stop_signals)
+
+    def close(self) -> None:
+        """Stop this loader's worker processes now. A trainer that stops mid-epoch calls it: the
+        workers ignore stop signals, and an unfinished iterator would otherwise keep them waiting."""
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+
+
+class TokenDataLoader(CursorLoader):
+    """A CursorLoader whose cursor is each worker's position in its streams (module docstring)."""
+
+    def __init__(self, dataset: PackedTokenDataset, num_workers: int, pin_memory: bool):
+        super().__init__(dataset, num_workers, pin_memory)
         self._positions = [0] * dataset.layout.workers
         self._next_worker = 0  # logical worker whose batch comes next (DataLoader round robin)
         self.skipped: Counter = Counter()  # samples skipped as bad (on_error="skip"), by reason
@@ -245,16 +284,9 @@ class TokenDataLoader(StatefulDataLoader):
             self._next_worker = (worker + 1) % len(self._positions)
             self.skipped.update(batch.pop("_skipped"))
             if batch:
-                yield dataset.unpack(batch)
+                yield unpack(batch, dataset.sample_len)
         if not dataset.layout.infinite:  # pass complete: the next one starts over
             self._positions, self._next_worker = [0] * dataset.layout.workers, 0
-
-    def close(self) -> None:
-        """Stop this loader's worker processes now. A trainer that stops mid-epoch calls it: the
-        workers ignore stop signals, and an unfinished iterator would otherwise keep them waiting."""
-        iterator, self._iterator = self._iterator, None
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
 
     def state_dict(self) -> dict:
         ds: PackedTokenDataset = self.dataset
