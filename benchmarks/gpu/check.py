@@ -25,6 +25,7 @@ import importlib
 import itertools
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -64,11 +65,6 @@ def run_worker(plan_path: Path, dry: bool) -> int:
 # ------------------------------------------------------------------------------------------------
 # Orchestrator: worker processes, time boxes, gpu.json and gpu.md
 # ------------------------------------------------------------------------------------------------
-def _output_tail(stdout, stderr) -> str:
-    text = [s.decode(errors="replace") if isinstance(s, bytes) else s for s in (stdout or "", stderr or "")]
-    return "".join(text)[-3000:]
-
-
 def _run_process(keys: list[str], parts: dict, dry: bool, out: Path, scale: float, grace_s: float) -> dict:
     """The parts `keys` in one worker process, killed `grace_s` after the sum of their boxes; one result
     per part: its status ("ok", "failed" or "timeout"), seconds, box and what it saved."""
@@ -85,12 +81,18 @@ def _run_process(keys: list[str], parts: dict, dry: bool, out: Path, scale: floa
     for path in results.values():
         path.unlink(missing_ok=True)
     command = [sys.executable, str(Path(__file__).resolve()), "--worker", str(plan_path)] + (["--dry-run"] if dry else [])
-    timed_out, tail = False, ""
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=sum(boxes.values()) + grace_s, cwd=ROOT)
-        tail = _output_tail(proc.stdout, proc.stderr)
-    except subprocess.TimeoutExpired as expired:
-        timed_out, tail = True, _output_tail(expired.stdout, expired.stderr)
+    timed_out = False
+    # A session of its own: a kill at the box reaches the worker's children too (megatron's checkpoint
+    # writer Manager), which would otherwise hold the output pipe open.
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                          start_new_session=True) as proc:
+        try:
+            output, _ = proc.communicate(timeout=sum(boxes.values()) + grace_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            output, _ = proc.communicate()
+            timed_out = True
+    tail = output[-3000:]
     plan_path.unlink(missing_ok=True)
     elapsed = time.time() - start
     collected = {}
