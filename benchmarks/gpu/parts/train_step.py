@@ -2,7 +2,6 @@
 trainer's own engine (pretrain/engines/megatron.py: megatron DDP + distributed optimizer, bf16
 autocast): step time, tokens/s, model TFLOP/s and MFU from the FLOP ledger, peak memory."""
 import gc
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ DRY_MODEL = {"vocab_size": 256, "hidden_size": 64, "num_layers": 2, "num_heads":
 
 
 def recipe_config(recipe: str, arch: str, dry: bool, micro_batch: int | None = None):
-    overrides = ["--model.arch", arch, "--runs_dir", tempfile.mkdtemp(prefix="gpu-check-")]
+    overrides = ["--model.arch", arch]  # nothing is saved: the run directory is never created
     if dry:
         overrides += [arg for key, value in DRY_MODEL.items() for arg in (f"--model.{key}", str(value))]
     if micro_batch is not None:
