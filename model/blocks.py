@@ -106,8 +106,9 @@ class AttentionBlock(PreNormBlock):
         T, B = h.shape[:2]
         past = cache.length if cache is not None else 0
         positions = torch.arange(past, past + T, device=h.device) if position_ids is None else position_ids
-        q = apply_rope(split_heads(self.q_proj, h, self.local_heads), positions, self.rope_inv_freq, self.rope_config)
-        k = apply_rope(split_heads(self.k_proj, h, self.local_kv_heads), positions, self.rope_inv_freq, self.rope_config)
+        inv_freq, rope = self.rope_inv_freq, self.rope_config
+        q = apply_rope(split_heads(self.q_proj, h, self.local_heads), positions, inv_freq, rope)
+        k = apply_rope(split_heads(self.k_proj, h, self.local_kv_heads), positions, inv_freq, rope)
         v = split_heads(self.v_proj, h, self.local_kv_heads)
         if cache is not None:
             k, v = torch.cat((cache.keys, k), dim=2), torch.cat((cache.values, v), dim=2)

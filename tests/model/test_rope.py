@@ -74,7 +74,7 @@ def test_block_outputs_equal_the_formula_bitwise(monkeypatch, dtype, kind):
     module = model_layer if kind == "S" else model_blocks
     with torch.no_grad():
         outputs = [block(x)[0], block(x, doc_ids=doc_ids, position_ids=position_ids)[0]]
-        monkeypatch.setattr(module, "apply_rope", lambda x, positions, inv_freq, _: rotate_by_formula(
+        monkeypatch.setattr(module, "apply_rope", lambda x, positions, inv_freq, _rope: rotate_by_formula(
             x, positions, inv_freq, interleaved=kind == "S").to(x.dtype))
         by_formula = [block(x)[0], block(x, doc_ids=doc_ids, position_ids=position_ids)[0]]
     assert all(torch.equal(a, b) for a, b in zip(outputs, by_formula))
