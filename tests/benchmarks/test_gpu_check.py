@@ -85,6 +85,7 @@ def test_dry_run_walks_every_part_and_writes_the_keys(tmp_path):
 def _test_parts(overrun_box_s: float) -> dict:
     return {
         "fail": PartSpec("fail", 0, 120, f"{TEST_PARTS}:fail"),
+        "crash": PartSpec("crash", 0, 120, f"{TEST_PARTS}:crash"),
         "overrun": PartSpec("overrun", 0, overrun_box_s, f"{TEST_PARTS}:overrun"),
         "measure": PartSpec("measure", 0, 120, f"{TEST_PARTS}:measure"),
     }
@@ -99,10 +100,11 @@ def test_parts_importable(monkeypatch):
 
 def test_a_failed_part_and_a_part_past_its_box_are_reported_and_the_next_part_runs(tmp_path, test_parts_importable):
     box, grace = 2.0, 1.0
-    results = run_parts(tmp_path, True, ["fail", "overrun", "measure"], _test_parts(box), grace_s=grace)
-    failed, overrun, measured = results["fail"], results["overrun"], results["measure"]
+    results = run_parts(tmp_path, True, ["fail", "crash", "overrun", "measure"], _test_parts(box), grace_s=grace)
+    failed, crashed, overrun, measured = (results[key] for key in ("fail", "crash", "overrun", "measure"))
     assert failed["status"] == "failed" and failed["error"] == "ValueError: broken on purpose", failed
     assert failed["finished_case"] == 1  # what it saved before failing is kept
+    assert crashed["status"] == "failed" and crashed["error"].startswith("failed") and crashed["finished_case"] == 1
     # killed at its box plus the grace (the sleep would take 120 s); the process's start counts in the box
     assert overrun["status"] == "timeout" and overrun["error"].startswith("timeout"), overrun
     assert box + grace <= overrun["seconds"] < box + grace + 30
