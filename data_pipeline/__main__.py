@@ -3,6 +3,8 @@
     python -m data_pipeline prepare --source builtin --tokenizer pydocs4k --seq-len 1024 --out data/pydocs
     python -m data_pipeline prepare --source corpus.jsonl.gz --text-field content --tokenizer o200k_base \
         --seq-len 8192 --out data/web --on-error skip
+    python -m data_pipeline prepare --source builtin --tokenizer pydocs4k --seq-len 1024,8192 \
+        --out data/pydocs   # one tokenisation pass -> data/pydocs/seq1024 and data/pydocs/seq8192
     python -m data_pipeline train-tokenizer --source builtin --vocab-size 4096 --name pydocs4k \
         --out data_pipeline/tokenizers/pydocs4k.tiktoken
     python -m data_pipeline prepare --source task.tsv --format task --prompt-field Text --answer-field Answer \
@@ -30,8 +32,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="'builtin', a .jsonl[.gz|.xz|.bz2] / .parquet / text file, or a directory; repeatable")
     p.add_argument("--tokenizer", required=True,
                    help="gpt2 | r50k_base | cl100k_base | o200k_base | pydocs4k | path/to/file.tiktoken")
-    p.add_argument("--seq-len", type=int, required=True, help="tokens per sample (each stores seq_len + 1)")
-    p.add_argument("--out", required=True, help="output directory (manifest.json, train/, val/)")
+    p.add_argument("--seq-len", type=_seq_lens, required=True,
+                   help="tokens per sample (each stores seq_len + 1); several, comma-separated (1024,8192), "
+                        "tokenise once and write OUT/seq1024, OUT/seq8192, ...")
+    p.add_argument("--out", required=True,
+                   help="output directory (manifest.json, train/, val/); with several --seq-len values, "
+                        "the parent of one seq<L> directory per length")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column holding the text")
     p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents for validation")
     p.add_argument("--workers", type=int, default=None, help="tokeniser processes (default: all cores)")
@@ -91,8 +97,17 @@ def main(argv: list[str] | None = None) -> int:
     return _inspect(args)
 
 
+def _seq_lens(text: str) -> int | list[int]:
+    """--seq-len: one integer, or several comma-separated (one dataset directory each)."""
+    try:
+        values = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
 def _prepare(args) -> int:
-    from .prepare import TaskSpec, prepare
+    from .prepare import TaskSpec, length_dirs, prepare
     task = None
     if args.format == "task":
         if not args.prompt_field or not args.answer_field:
@@ -108,7 +123,11 @@ def _prepare(args) -> int:
                        format=args.format, task=task, val_sources=args.val_source,
                        test_sources=args.test_source, pack=args.pack,
                        shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
-    _summary(args.out, manifest)
+    if isinstance(args.seq_len, int):
+        _summary(args.out, manifest)
+    else:
+        for seq_len, out in length_dirs(args.out, args.seq_len).items():
+            _summary(str(out), manifest[seq_len])
     return 0
 
 

@@ -13,6 +13,10 @@ as Megatron shuffles its document index; None keeps source order), packed (packi
 written with webdataset.ShardWriter (mtime=0, fixed uid/gid names), so re-running on the same
 input gives byte-identical shards.
 
+Several sequence lengths (`seq_len` a list, `--seq-len 1024,8192`) share pass 1: the documents are
+tokenised once, and pass 2 runs once per length into `out`/seq{L} (`length_dirs`), each directory
+exactly what a prepare at that one length writes (splits and skips are decided per length).
+
 A task example becomes prompt + separator + answer + EOT, and its loss mask marks the answer and
 the EOT (loss_on="answer") or every token (loss_on="all"); masks are stored in the shards
 ("loss_mask": true in the manifest) and the loader hands them out as batch["loss_mask"].
@@ -21,14 +25,15 @@ the EOT (loss_on="answer") or every token (loss_on="all"); masks are stored in t
 from __future__ import annotations
 
 import hashlib
+import logging
 import multiprocessing
 import os
 import shutil
 import time
 from array import array
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +51,8 @@ TASK_BYTES = 512 << 10  # text per worker task: big enough to amortise IPC, smal
 FORMATS = ("text", "task")
 DEFAULT_SHUFFLE_SEED = 0
 TMP_TOKENS = "tokens.tmp"
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +79,8 @@ class TaskSpec:
             raise ValueError(f"loss_on must be 'answer' or 'all', got {self.loss_on!r}")
 
 
-def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int, out: str | os.PathLike, *,
+def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int | Sequence[int],
+            out: str | os.PathLike, *,
             text_field: str = "text", val_fraction: float = 0.01, num_workers: int | None = None,
             shard_bytes: int = 128_000_000, entry_bytes: int = 512 << 10, on_error: str = "raise",
             overwrite: bool = False, progress: bool = True, format: str = "text",
@@ -81,6 +89,8 @@ def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int, 
             shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED) -> dict:
     """Tokenise `sources` into `out`/{train,val[,test]}/shard-NNNNNN.tar and `out`/manifest.json.
 
+    seq_len: one length, or several: one tokenisation pass writes `out`/seq{L} for each length L
+        (`length_dirs`) and the return value maps each length to its manifest.
     val_fraction: share of documents (by position) that go to the validation split (task data with
         a split field or val/test sources ignores it).
     num_workers: tokeniser processes (default: all cores; 1 = in this process).
@@ -120,7 +130,7 @@ def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int, 
                          pack=pack, shuffle_seed=shuffle_seed)
 
 
-def prepare_examples(examples: Iterable[TaskExample], tokenizer: str | Tokenizer, seq_len: int,
+def prepare_examples(examples: Iterable[TaskExample], tokenizer: str | Tokenizer, seq_len: int | Sequence[int],
                      out: str | os.PathLike, *, task: TaskSpec, sources: list[dict], **kw) -> dict:
     """Task examples made in memory (e.g. the synthetic generators, each with its split) -> shards."""
     records = (Record((e.prompt, e.answer), e.where, len(e.prompt) + len(e.answer), e.split or "train")
@@ -129,7 +139,12 @@ def prepare_examples(examples: Iterable[TaskExample], tokenizer: str | Tokenizer
                          **kw)
 
 
-def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len: int,
+def length_dirs(out: str | os.PathLike, seq_lens: Sequence[int]) -> dict[int, Path]:
+    """Where a prepare at several sequence lengths writes each one: `out`/seq{L}."""
+    return {seq_len: Path(out) / f"seq{seq_len}" for seq_len in seq_lens}
+
+
+def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len: int | Sequence[int],
                   out: str | os.PathLike, *, sources: list[dict], task: TaskSpec | None = None,
                   val_fraction: float = 0.01, fixed_splits: bool = False, num_workers: int | None = None,
                   shard_bytes: int = 128_000_000, entry_bytes: int = 512 << 10, on_error: str = "raise",
@@ -140,58 +155,68 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
     skipped = Counter() if skipped is None else skipped
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    seq_lens = [seq_len] if isinstance(seq_len, int) else list(seq_len)
+    if not seq_lens or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in seq_lens) \
+            or len(set(seq_lens)) < len(seq_lens):
+        raise ValueError(f"seq_len must be a positive integer or distinct positive integers, got {seq_len!r}")
     pack = pack or ("none" if task else "stream")
     if pack not in PACK_MODES:
         raise ValueError(f"unknown pack mode {pack!r}; use one of {PACK_MODES}")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
-    out = Path(out)
-    _prepare_out_dir(out, overwrite)
+    outs = {seq_len: Path(out)} if isinstance(seq_len, int) else length_dirs(out, seq_lens)
+    for out_dir in outs.values():
+        _prepare_out_dir(out_dir, overwrite)
     splits_names = SPLIT_NAMES if task else SPLITS
-    tmp_path = out / TMP_TOKENS
-    tokenized = _tokenize_to_file(records, tok, tmp_path, splits_names, seq_len=seq_len, task=task, pack=pack,
+    tmp_path = outs[seq_lens[0]] / TMP_TOKENS
+    tokenized = _tokenize_to_file(records, tok, tmp_path, splits_names, seq_lens=seq_lens, task=task, pack=pack,
                                   val_fraction=val_fraction, num_workers=num_workers or len(os.sched_getaffinity(0)),
                                   on_error=on_error, skipped=skipped, progress=progress)
-    if tokenized.documents == 0:
+    if any(done.documents == 0 for done in tokenized.values()):
         tmp_path.unlink()
         raise ValueError(f"no documents found in {[s.get('source') for s in sources]} "
-                         f"(skipped: {dict(skipped)})")
-    layout = ShardLayout.for_sizes(seq_len, entry_bytes, shard_bytes)
-    splits = _pack_to_shards(tokenized, tmp_path, out, layout, pack=pack, eot_id=tok.eot_id,
-                             with_mask=task is not None, shuffle_seed=shuffle_seed)
+                         f"(skipped: {dict(skipped + sum((d.skipped for d in tokenized.values()), Counter()))})")
+    manifests = {}
+    for seq_len_, done in tokenized.items():
+        layout = ShardLayout.for_sizes(seq_len_, entry_bytes, shard_bytes)
+        splits = _pack_to_shards(done, tmp_path, outs[seq_len_], layout, pack=pack, eot_id=tok.eot_id,
+                                 with_mask=task is not None, shuffle_seed=shuffle_seed)
+        manifest = {
+            "format": FORMAT,
+            "tokenizer_id": tok.id,
+            "tokenizer": {"name": tok.name, "spec": _portable_spec(tok.spec), "vocab_size": tok.vocab_size,
+                          "eot_id": tok.eot_id},
+            "vocab_size": tok.vocab_size,
+            "seq_len": seq_len_,
+            "sample_len": layout.sample_len,
+            "samples_per_entry": layout.samples_per_entry,
+            "token_dtype": "uint32le",
+            "sources": sources,
+            "val_fraction": None if fixed_splits else val_fraction,
+            "pack": pack,
+            "shuffle_seed": shuffle_seed,
+            "loss_mask": task is not None,
+            "documents": {"total": done.documents, "text_bytes": done.text_bytes, "tokens": done.tokens},
+            "skipped": dict(sorted((skipped + done.skipped).items())),
+            "splits": splits,
+        }
+        if task:
+            manifest["task"] = _task_manifest(task, done.labels)
+        write_manifest(outs[seq_len_], manifest)
+        manifests[seq_len_] = manifest
     tmp_path.unlink()
-    manifest = {
-        "format": FORMAT,
-        "tokenizer_id": tok.id,
-        "tokenizer": {"name": tok.name, "spec": _portable_spec(tok.spec), "vocab_size": tok.vocab_size,
-                      "eot_id": tok.eot_id},
-        "vocab_size": tok.vocab_size,
-        "seq_len": seq_len,
-        "sample_len": layout.sample_len,
-        "samples_per_entry": layout.samples_per_entry,
-        "token_dtype": "uint32le",
-        "sources": sources,
-        "val_fraction": None if fixed_splits else val_fraction,
-        "pack": pack,
-        "shuffle_seed": shuffle_seed,
-        "loss_mask": task is not None,
-        "documents": {"total": tokenized.documents, "text_bytes": tokenized.text_bytes, "tokens": tokenized.tokens},
-        "skipped": dict(sorted(skipped.items())),
-        "splits": splits,
-    }
-    if task:
-        manifest["task"] = _task_manifest(task, tokenized.labels)
-    write_manifest(out, manifest)
-    return manifest
+    return manifests[seq_len] if isinstance(seq_len, int) else manifests
 
 
 @dataclass
 class TokenizedDocuments:
-    """What pass 1 leaves beside the temporary token file: per split, each document's (offset, length,
-    mask_start) columns, and the totals the manifest reports."""
+    """What pass 1 leaves beside the temporary token file for one sequence length: per split, each kept
+    document's (offset, length, mask_start) columns, and the totals the manifest reports."""
     index: dict[str, tuple[array, array, array]]
     labels: Counter | None  # answers seen in a task file; None when there are too many to be labels
+    skipped: Counter = field(default_factory=Counter)  # documents too long for this length
     text_bytes: int = 0
     tokens: int = 0
+    ordinal: int = 0  # documents split by position so far (every k-th is validation)
 
     @property
     def documents(self) -> int:
@@ -199,49 +224,58 @@ class TokenizedDocuments:
 
 
 def _tokenize_to_file(records: Iterable[Record], tok: Tokenizer, tmp_path: Path, splits_names: tuple[str, ...], *,
-                      seq_len: int, task: TaskSpec | None, pack: str, val_fraction: float, num_workers: int,
-                      on_error: str, skipped: Counter, progress: bool) -> TokenizedDocuments:
-    """Pass 1: tokenise into the temporary token file, assigning each document its split."""
+                      seq_lens: list[int], task: TaskSpec | None, pack: str, val_fraction: float, num_workers: int,
+                      on_error: str, skipped: Counter, progress: bool) -> dict[int, TokenizedDocuments]:
+    """Pass 1: tokenise into the temporary token file (once, whatever the number of lengths); each
+    length keeps the documents that fit it and assigns them their splits as a prepare at that
+    length alone would."""
     sep = separator_ids(tok, task.separator) if task else np.empty(0, dtype=np.int64)
     val_every = round(1 / val_fraction) if val_fraction > 0 else 0
-    done = TokenizedDocuments({s: (array("q"), array("q"), array("q")) for s in splits_names},
-                              Counter() if task else None)
+    done = {seq_len: TokenizedDocuments({s: (array("q"), array("q"), array("q")) for s in splits_names},
+                                        Counter() if task else None) for seq_len in seq_lens}
     bar = _progress_bar(progress)
-    start, ordinal = time.perf_counter(), 0
+    start, written, documents = time.perf_counter(), 0, 0  # written: tokens in the file, the next offset
     with open(tmp_path, "wb") as tmp:
         for batch, token_arrays in _tokenize(records, tok, num_workers):
             for record, parts in zip(batch, token_arrays):
+                documents += 1
                 if task:
                     ids = np.concatenate([parts[0], sep, parts[1]])
                     mask_start = len(parts[0]) + len(sep) if task.loss_on == "answer" else 0
                 else:
                     ids, mask_start = parts[0], 0
-                if pack != "stream" and len(ids) + 1 > seq_len + 1:
-                    handle(DataError("too_long", record.where, f"{len(ids) + 1} tokens with end-of-text, "
-                                     f"more than one sample holds with --pack {pack} (seq_len + 1 = "
-                                     f"{seq_len + 1}); raise --seq-len to at least {len(ids)}"),
-                           on_error, skipped)
-                    continue
-                if record.split is not None:
-                    split = record.split
-                else:
-                    split = "val" if val_every and ordinal % val_every == val_every - 1 else "train"
-                    ordinal += 1
-                tmp.write(ids.astype(TOKEN_DTYPE, copy=False).tobytes())
-                for column, value in zip(done.index[split], (done.tokens, len(ids), mask_start)):
-                    column.append(value)
-                done.tokens += len(ids)
-                done.text_bytes += record.nbytes
-                if done.labels is not None:
-                    done.labels[record.texts[1]] += 1
-                    if len(done.labels) > MAX_LABELS:
-                        done.labels = None
+                kept = False
+                for seq_len, at_length in done.items():
+                    if pack != "stream" and len(ids) + 1 > seq_len + 1:
+                        handle(DataError("too_long", record.where, f"{len(ids) + 1} tokens with end-of-text, "
+                                         f"more than one sample holds with --pack {pack} (seq_len + 1 = "
+                                         f"{seq_len + 1}); raise --seq-len to at least {len(ids)}"),
+                               on_error, at_length.skipped)
+                        continue
+                    if record.split is not None:
+                        split = record.split
+                    else:
+                        split = "val" if val_every and at_length.ordinal % val_every == val_every - 1 else "train"
+                        at_length.ordinal += 1
+                    for column, value in zip(at_length.index[split], (written, len(ids), mask_start)):
+                        column.append(value)
+                    at_length.tokens += len(ids)
+                    at_length.text_bytes += record.nbytes
+                    if at_length.labels is not None:
+                        at_length.labels[record.texts[1]] += 1
+                        if len(at_length.labels) > MAX_LABELS:
+                            at_length.labels = None
+                    kept = True
+                if kept:
+                    tmp.write(ids.astype(TOKEN_DTYPE, copy=False).tobytes())
+                    written += len(ids)
             if bar is not None:
                 bar.update(sum(r.nbytes for r in batch))
-                bar.set_postfix_str(f"{done.tokens / (time.perf_counter() - start) / 1e6:.2f}M tok/s",
-                                    refresh=False)
+                bar.set_postfix_str(f"{written / (time.perf_counter() - start) / 1e6:.2f}M tok/s", refresh=False)
     if bar is not None:
         bar.close()
+    log.info("tokenised %d documents (%d tokens) in one pass for seq_len %s", documents, written,
+             ", ".join(map(str, seq_lens)))
     return done
 
 
@@ -263,7 +297,7 @@ def _pack_to_shards(tokenized: TokenizedDocuments, tmp_path: Path, out: Path, la
                     eot_id: int, with_mask: bool, shuffle_seed: int | None) -> dict:
     """Pass 2: per split, documents in shuffled order -> packed samples -> shards. Returns the manifest's splits."""
     seq_len = layout.sample_len - 1
-    tokens = np.memmap(tmp_path, dtype=TOKEN_DTYPE, mode="r") if tokenized.tokens else np.empty(0, TOKEN_DTYPE)
+    tokens = np.memmap(tmp_path, dtype=TOKEN_DTYPE, mode="r") if tmp_path.stat().st_size else np.empty(0, TOKEN_DTYPE)
     splits = {}
     for split, (offsets, lengths, mask_starts) in tokenized.index.items():
         writer = SplitWriter(out, split, layout.samples_per_entry, layout.entries_per_shard, with_mask=with_mask)
