@@ -61,7 +61,11 @@ class MegatronEngine:
     def __init__(self, config: RunConfig, env, plan: ResumePlan | None, *, seq_len: int, num_microbatches: int,
                  draw_weights: bool = True):
         """draw_weights False leaves the weights as allocated, for a caller that sets them itself (the
-        GPU check draws them on the device: the layout-independent CPU draw takes minutes at 1.3B)."""
+        GPU check draws them on the device: the layout-independent CPU draw takes minutes at 1.3B).
+        Tensor parallelism 1 only: megatron marks the tensor-parallel weights while drawing them."""
+        if not draw_weights and config.parallel.tensor > 1:
+            raise ValueError("draw_weights=False needs parallel.tensor 1 (megatron's construction-time draw "
+                             "marks the tensor-parallel weights)")
         self.config, self.env, self.device = config, env, env.device
         self.seq_len, self.num_microbatches = seq_len, num_microbatches
         apply_megatron_fixes()
