@@ -26,6 +26,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from torch import nn
+from torch.profiler import record_function
 
 from kernels.attention import causal_attention
 
@@ -33,6 +34,7 @@ from .attention import apply_rope, rope_config, rope_inv_freq, split_heads
 from .config import ModelConfig
 from .documents import document_attention
 from .init import init_weights, uninitialised
+from .profile_ranges import FORWARD_ATTENTION, MLP
 
 
 @dataclass
@@ -113,7 +115,8 @@ class AttentionBlock(PreNormBlock):
         if cache is not None:
             k, v = torch.cat((cache.keys, k), dim=2), torch.cat((cache.values, v), dim=2)
             cache = KVCache(k, v)
-        out = causal_attention(q, k, v, past) if doc_ids is None else document_attention(q, k, v, doc_ids)
+        with record_function(FORWARD_ATTENTION):
+            out = causal_attention(q, k, v, past) if doc_ids is None else document_attention(q, k, v, doc_ids)
         out = out.permute(2, 0, 1, 3).reshape(T, B, -1)  # [T, B, H_l * d]
         y, _ = self.out_proj(out)
         return x + y, cache
@@ -138,9 +141,10 @@ class MLPBlock(PreNormBlock):
                 position_ids: torch.Tensor | None = None):
         """x [T, B, D] -> (x + SwiGLU(RMSNorm(x)), None); doc_ids/position_ids are not needed."""
         h = self._normed_input(x)
-        gate, _ = self.gate_proj(h)
-        up, _ = self.up_proj(h)
-        y, _ = self.out_proj(F.silu(gate) * up)
+        with record_function(MLP):
+            gate, _ = self.gate_proj(h)
+            up, _ = self.up_proj(h)
+            y, _ = self.out_proj(F.silu(gate) * up)
         return x + y, None
 
 

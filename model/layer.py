@@ -35,6 +35,7 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
+from torch.profiler import record_function
 
 from kernels.attention import causal_attention, context_parallel_attention
 from kernels.feedback_solve import feedback_solve
@@ -44,6 +45,8 @@ from .attention import apply_rope, rope_config, rope_inv_freq, split_heads
 from .config import ModelConfig
 from .documents import document_attention
 from .init import init_weights, uninitialised
+from .profile_ranges import FEEDBACK_SOLVE, FORWARD_ATTENTION
+
 
 @dataclass
 class LayerCache:
@@ -143,12 +146,13 @@ class SessaMixer(MegatronModule):
         if cache is not None:
             k = torch.cat((cache.keys, k), dim=2)
             v = torch.cat((cache.values, v), dim=2)
-        if cp_group is not None:
-            f = context_parallel_attention(q, k, v, cp_group, doc_ids)
-        elif doc_ids is None:
-            f = causal_attention(q, k, v, past)  # [B, H_l, T, d]
-        else:
-            f = document_attention(q, k, v, doc_ids)
+        with record_function(FORWARD_ATTENTION):
+            if cp_group is not None:
+                f = context_parallel_attention(q, k, v, cp_group, doc_ids)
+            elif doc_ids is None:
+                f = causal_attention(q, k, v, past)  # [B, H_l, T, d]
+            else:
+                f = document_attention(q, k, v, doc_ids)
         f = f.transpose(1, 2).reshape(B, T, -1)  # [B, T, H_l * d]: this rank's feature columns
 
         if not self.sessa.feedback:
@@ -156,7 +160,8 @@ class SessaMixer(MegatronModule):
             if cache is not None:
                 cache = LayerCache(k, v, None, None)
         else:
-            s, cache = self._feedback(a_bar, a_shared, f, k, v, cache, doc_ids, cp_group)
+            with record_function(FEEDBACK_SOLVE):
+                s, cache = self._feedback(a_bar, a_shared, f, k, v, cache, doc_ids, cp_group)
         s = s.transpose(0, 1)  # [T, B, H_l * d]
         if self.out_proj is not None:
             s, _ = self.out_proj(s)  # all heads mixed: [T, B, D], reduced across ranks

@@ -31,12 +31,14 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
 from torch import nn
+from torch.profiler import record_function
 
 from kernels.ssd import ssd
 
 from .blocks import PreNormBlock
 from .config import ModelConfig
 from .init import init_weights
+from .profile_ranges import MAMBA_SCAN
 
 
 @dataclass
@@ -171,8 +173,9 @@ class MambaBlock(PreNormBlock):
         heads = u.view(batch, T, self.local_heads, -1).to(compute)
         dt = F.softplus((dt_raw + self.dt_bias).to(compute))
         A = -torch.exp(self.A_log.to(compute))
-        y, state = ssd(heads, dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute),
-                       chunk_size=self.sessa.mamba_chunk_size, initial_state=initial_state, doc_ids=doc_ids)
+        with record_function(MAMBA_SCAN):
+            y, state = ssd(heads, dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute),
+                           chunk_size=self.sessa.mamba_chunk_size, initial_state=initial_state, doc_ids=doc_ids)
         y = (y + heads * self.D.to(compute)[:, None]).to(u.dtype)
         y = self.out_norm(y * F.silu(z).view_as(y))
         out, _ = self.out_proj(y.reshape(batch, T, -1).transpose(0, 1))

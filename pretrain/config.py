@@ -236,6 +236,49 @@ class LaunchConfig:
 
 
 @dataclass(kw_only=True)
+class ProfileConfig:
+    """torch.profiler traces of chosen steps (pretrain/profiling.py), under runs/NAME/profile/."""
+    steps: str = ""  # training steps to trace, "10-12" or "10" (1-based, as in the log); "": no profiling
+    ranks: str = "0"  # global ranks that trace: "0", "0,3", "0-7" or "all"
+
+    def __post_init__(self):
+        self.step_range()
+        self._rank_ranges()
+
+    def step_range(self) -> tuple[int, int] | None:
+        """(first, last) step to trace, both included; None when profiling is off."""
+        if not self.steps:
+            return None
+        first, _, last = self.steps.partition("-")
+        try:
+            first, last = int(first), int(last or first)
+        except ValueError:
+            raise ConfigError(f"profile.steps must look like '10-12' or '10', got {self.steps!r}") from None
+        if not 1 <= first <= last:
+            raise ConfigError(f"profile.steps {self.steps!r}: needs 1 <= first <= last step")
+        return first, last
+
+    def traces_on(self, rank: int) -> bool:
+        return self.ranks == "all" or any(first <= rank <= last for first, last in self._rank_ranges())
+
+    def _rank_ranges(self) -> list[tuple[int, int]]:
+        if self.ranks == "all":
+            return []
+        ranges = []
+        for part in self.ranks.split(","):
+            first, _, last = part.strip().partition("-")
+            try:
+                first, last = int(first), int(last or first)
+            except ValueError:
+                raise ConfigError(f"profile.ranks must look like '0', '0,3', '0-7' or 'all', "
+                                  f"got {self.ranks!r}") from None
+            if not 0 <= first <= last:
+                raise ConfigError(f"profile.ranks {self.ranks!r}: needs 0 <= first <= last rank")
+            ranges.append((first, last))
+        return ranges
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     run_name: str = "tiny"
     runs_dir: str = "runs"
@@ -251,6 +294,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):
         if self.engine not in ("megatron", "deepspeed"):
@@ -276,6 +320,10 @@ class RunConfig:
             raise ConfigError(f"{err} (parallel.tensor)") from None
         if not self.run_name or "/" in self.run_name:
             raise ConfigError(f"run_name must be a non-empty folder name without '/', got {self.run_name!r}")
+        traced = self.profile.step_range()
+        if traced and traced[0] > self.train.max_steps:
+            raise ConfigError(f"profile.steps {self.profile.steps!r} starts after train.max_steps "
+                              f"({self.train.max_steps}): nothing would be traced")
 
     def _check_context_parallel(self) -> None:
         """What parallel.context > 1 runs today: Sessa (and MLP) blocks on the megatron engine."""

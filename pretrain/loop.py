@@ -20,6 +20,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 
 from checkpoints.importer import WEIGHTS_ONLY
 from data_pipeline.loader import build_dataloader
@@ -28,12 +29,14 @@ from data_pipeline.tokenizer import load_tokenizer
 from model.documents import visible_pairs
 from model.flops import count_params, ledger
 from model.generation import generate
+from model.profile_ranges import DATA_WAIT
 
 from .config import ConfigError, RunConfig, save_config
 from .distributed import init_distributed, shutdown_distributed
 from .engines import engine_class
 from .memory import estimate_memory_gb
 from .metrics import MetricsLogger, model_tflops_per_device
+from .profiling import StepProfiler
 from .runlock import acquire_for_training
 from .state import TrainState, build_scheduler, check_checkpoint_compatible, layout_of, restore_loader, \
     rng_state, seed_everything, set_rng_state
@@ -60,7 +63,8 @@ class _TimedIterator:
 
     def __next__(self):
         start = time.perf_counter()
-        batch = next(self.iterator)
+        with record_function(DATA_WAIT):
+            batch = next(self.iterator)
         self.wait_seconds += time.perf_counter() - start
         if self.count_pairs:
             inputs = batch["doc_ids"][:, :-1]
@@ -212,9 +216,11 @@ class Trainer:
         interval = cfg.logging.interval
         window_start, window_wait, window_step = time.perf_counter(), 0.0, state.step
         window_sequences = window_pairs = 0
+        self.profiler = StepProfiler(cfg.profile, self.env.rank, cfg.run_dir, self.device)
         while state.step < cfg.train.max_steps:
             step_start = time.perf_counter()
-            result = self.engine.train_step(timed)
+            with self.profiler.step(state.step + 1):
+                result = self.engine.train_step(timed)
             step_s = time.perf_counter() - step_start
             state.step += 1
             state.consumed_tokens += cfg.train.global_batch_tokens
@@ -431,6 +437,8 @@ class Trainer:
                   f"{self.engine.name})", flush=True)
 
     def close(self) -> None:
+        if hasattr(self, "profiler"):  # training ended inside profile.steps: write what was traced
+            self.profiler.finish()
         if hasattr(self, "train_loader"):
             self.train_loader.close()
         if hasattr(self, "logger"):

@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from torch.profiler import record_function
 
 from checkpoints import CheckpointManager
 from checkpoints.deepspeed_format import RANK_STATE_GLOB, TRAINER_STATE, UNIVERSAL, rank_state_name
 from checkpoints.importer import WEIGHTS_ONLY
+from model.profile_ranges import OPTIMIZER_STEP
 from model.recompute import recompute_blocks
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
@@ -215,11 +217,13 @@ class DeepSpeedEngine:
         totals = torch.zeros(2, device=self.device)
         grad_norm = None
         for i, batch in enumerate(batches):
+            last = i == len(batches) - 1
             total, tokens = self._loss_sum(batch)
-            self.engine.backward(total * scale)
-            if i == len(batches) - 1 and self.config.deepspeed.stage == 0:
+            self.engine.backward(total * scale)  # the last one also reduces the gradients (DeepSpeed's hooks)
+            if last and self.config.deepspeed.stage == 0:
                 grad_norm = self._grad_norm()  # DeepSpeed reports none without ZeRO
-            self.engine.step()  # the optimizer steps at the last micro-batch only
+            with record_function(OPTIMIZER_STEP) if last else contextlib.nullcontext():
+                self.engine.step()  # the optimizer steps at the last micro-batch only
             totals += torch.stack((total.detach(), tokens.float()))
         dist.all_reduce(totals, group=dp_group)
         if grad_norm is None:

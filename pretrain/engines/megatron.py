@@ -3,6 +3,7 @@
 (a reshardable torch_dist directory; CheckpointManager publishes it atomically)."""
 import collections
 import contextlib
+import functools
 
 import torch
 import torch.distributed as dist
@@ -14,10 +15,12 @@ from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from torch.profiler import record_function
 
 from checkpoints import CheckpointManager
 from checkpoints.importer import WEIGHTS_ONLY
 from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimizer_state, load_optimizer_state
+from model.profile_ranges import GRADIENT_REDUCTION, OPTIMIZER_STEP
 from model.recompute import recompute_blocks, torch_checkpoint
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
@@ -27,6 +30,15 @@ from ..state import layout_of, no_weight_decay
 from . import Restored, ResumePlan, StepResult, load_model_weights
 
 OPTIMIZER_SHARDING = {"distrib_optim_sharding_type": "fully_reshardable"}  # reloadable at any DP size
+
+
+def _ranged(name: str, function):
+    """`function` inside the profiler range `name` (model/profile_ranges.py)."""
+    @functools.wraps(function)
+    def call(*args, **kwargs):
+        with record_function(name):
+            return function(*args, **kwargs)
+    return call
 
 
 class _SharedBatches:
@@ -113,10 +125,11 @@ class MegatronEngine:
         self.ddp = [DistributedDataParallel(self.megatron_config, ddp_config, chunk, disable_bucketing=i > 0)
                     for i, chunk in enumerate(self.chunks)]
         per_chunk = lambda funcs: funcs if virtual > 1 else funcs[0]  # noqa: E731
-        self.megatron_config.finalize_model_grads_func = finalize_model_grads
+        self.megatron_config.finalize_model_grads_func = _ranged(GRADIENT_REDUCTION, finalize_model_grads)
         self.megatron_config.no_sync_func = per_chunk([d.no_sync for d in self.ddp])
         if cfg.optim.overlap_grad_reduce:  # start every chunk's reduction at its last backward (megatron's align)
-            self.megatron_config.grad_sync_func = per_chunk([d.start_grad_sync for d in self.ddp])
+            self.megatron_config.grad_sync_func = per_chunk([_ranged(GRADIENT_REDUCTION, d.start_grad_sync)
+                                                             for d in self.ddp])
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          and cfg.model.dtype == "float32" else contextlib.nullcontext())
 
@@ -178,7 +191,8 @@ class MegatronEngine:
         self.optimizer.zero_grad()
         totals = self._sum_over_stages(self._run_schedule(micro_batches, self.num_microbatches, False))
         loss = (totals[0] / totals[1]).item()
-        return self._optimizer_step(loss)
+        with record_function(OPTIMIZER_STEP):
+            return self._optimizer_step(loss)
 
     def _optimizer_step(self, loss: float) -> StepResult:
         """megatron's optimizer.step() in its parts, with the gradient norm checked before the update:
