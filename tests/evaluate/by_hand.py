@@ -16,25 +16,30 @@ def generate_metrics(model, vocab_size: int, tokenizer, examples, separator: str
     answers = [tokenizer.encode(e.answer) for e in examples]
     budget = max(len(a) for a in answers) + 1
 
-    def argmax_next(rows: list[list[int]]) -> list[int]:  # rows of one length: one batched forward
-        logits = model(torch.tensor(rows))[:, -1, :vocab_size]
-        return logits.argmax(-1).tolist()
+    def argmax(rows: list[list[int]]) -> torch.Tensor:  # rows of one length: one batched forward
+        return model(torch.tensor(rows))[:, :, :vocab_size].argmax(-1)
 
-    matches, right, total = 0, 0, 0
-    by_length: dict[int, list[int]] = {}
-    for i, prompt in enumerate(prompts):
-        by_length.setdefault(len(prompt), []).append(i)
-    for members in by_length.values():
+    def same_length(sequences) -> list[list[int]]:
+        groups: dict[int, list[int]] = {}
+        for i, sequence in enumerate(sequences):
+            groups.setdefault(len(sequence), []).append(i)
+        return list(groups.values())
+
+    matches, right = 0, 0
+    for members in same_length(prompts):
         rows = [list(prompts[i]) for i in members]
         for _ in range(budget):
-            for row, token in zip(rows, argmax_next(rows)):
+            for row, token in zip(rows, argmax(rows)[:, -1].tolist()):
                 row.append(token)
         for i, row in zip(members, rows):
             new = row[len(prompts[i]):]
             new = new[: new.index(eot)] if eot in new else new
             matches += tokenizer.decode(new) == examples[i].answer
-    for prompt, answer in zip(prompts, answers):
-        logits = model(torch.tensor([prompt + answer]))[0, len(prompt) - 1:-1, :vocab_size]
-        right += int((logits.argmax(-1) == torch.tensor(answer)).sum())
-        total += len(answer)
+    forced = [p + a for p, a in zip(prompts, answers)]
+    for members in same_length(forced):
+        predicted = argmax([forced[i] for i in members])
+        for row, i in enumerate(members):
+            start = len(prompts[i])
+            right += int((predicted[row, start - 1:-1] == torch.tensor(answers[i])).sum())
+    total = sum(len(a) for a in answers)
     return {"count": len(examples), "exact_match": matches / len(examples), "token_accuracy": right / total}
