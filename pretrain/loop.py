@@ -15,6 +15,7 @@ drops that step's update (`train.nonfinite: skip`, megatron engine) or stops at 
 the last good checkpoint.
 """
 import math
+import os
 import signal
 import time
 
@@ -37,11 +38,20 @@ from .engines import engine_class
 from .memory import estimate_memory_gb
 from .metrics import MetricsLogger, model_tflops_per_device
 from .profiling import StepProfiler
+from .stragglers import straggler_metrics
 from .runlock import acquire_for_training
 from .state import TrainState, build_scheduler, check_checkpoint_compatible, layout_of, restore_loader, \
     rng_state, seed_everything, set_rng_state
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+# Test only (tests/pretrain/test_stragglers.py): "RANK:SECONDS" makes that rank wait SECONDS longer for
+# each micro-batch, a stand-in for a slow data path
+TEST_DATA_DELAY_ENV = "PRETRAIN_TEST_DATA_DELAY"
+
+
+def _test_data_delay(rank: int) -> float:
+    delayed_rank, _, seconds = os.environ.get(TEST_DATA_DELAY_ENV, "").partition(":")
+    return float(seconds) if delayed_rank == str(rank) else 0.0
 
 
 class NonFiniteError(RuntimeError):
@@ -52,8 +62,9 @@ class _TimedIterator:
     """Counts the seconds the training loop waits for the data loader and, with document masking, the
     (query, key) pairs the model gets to see (for the FLOP count)."""
 
-    def __init__(self, iterable, count_pairs: bool = False):
+    def __init__(self, iterable, count_pairs: bool = False, test_delay_s: float = 0.0):
         self.iterator = iter(iterable)
+        self.test_delay_s = test_delay_s
         self.wait_seconds = 0.0
         self.count_pairs = count_pairs
         self.sequences = self.pairs = 0
@@ -65,6 +76,8 @@ class _TimedIterator:
         start = time.perf_counter()
         with record_function(DATA_WAIT):
             batch = next(self.iterator)
+            if self.test_delay_s:
+                time.sleep(self.test_delay_s)
         self.wait_seconds += time.perf_counter() - start
         if self.count_pairs:
             inputs = batch["doc_ids"][:, :-1]
@@ -209,19 +222,22 @@ class Trainer:
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
         cfg, state = self.config, self.state
-        timed = _TimedIterator(self.train_loader, count_pairs=cfg.data.document_masking)
+        timed = _TimedIterator(self.train_loader, count_pairs=cfg.data.document_masking,
+                               test_delay_s=_test_data_delay(self.env.rank))
         flop_ledger = ledger(cfg.model, self.seq_len)
         causal_pairs = self.seq_len * (self.seq_len + 1) // 2
         last_save = time.time()
         interval = cfg.logging.interval
         window_start, window_wait, window_step = time.perf_counter(), 0.0, state.step
         window_sequences = window_pairs = 0
+        window_own_s = 0.0  # this rank's step time less its wait at the gradient reduction (pretrain/stragglers.py)
         self.profiler = StepProfiler(cfg.profile, self.env.rank, cfg.run_dir, self.device)
         while state.step < cfg.train.max_steps:
-            step_start = time.perf_counter()
+            step_start, reduction_wait_s = time.perf_counter(), self.engine.reduction_wait_s
             with self.profiler.step(state.step + 1):
                 result = self.engine.train_step(timed)
             step_s = time.perf_counter() - step_start
+            window_own_s += step_s - (self.engine.reduction_wait_s - reduction_wait_s)
             state.step += 1
             state.consumed_tokens += cfg.train.global_batch_tokens
             self._account_nonfinite(result)
@@ -245,6 +261,7 @@ class Trainer:
                     "perf/data_wait_s": timed.wait_seconds - window_wait,
                     "perf/step_s": elapsed / steps_in_window,
                     "perf/memory_gb": self._memory_gb(),
+                    **straggler_metrics(window_own_s / steps_in_window, timed.wait_seconds - window_wait, self.device),
                 }
                 if cfg.logging.peak_tflops:
                     metrics["perf/mfu"] = metrics["perf/model_tflops_per_device"] / cfg.logging.peak_tflops
@@ -255,7 +272,7 @@ class Trainer:
                     self.logger.print(f"step {state.step} loss {result.loss:.4f} lr {lr:.3e} "
                                       f"grad_norm {result.grad_norm:.3f} tok/s {tokens_per_s:.0f}")
                 window_start, window_wait, window_step = time.perf_counter(), timed.wait_seconds, state.step
-                window_sequences, window_pairs = timed.sequences, timed.pairs
+                window_sequences, window_pairs, window_own_s = timed.sequences, timed.pairs, 0.0
 
             if cfg.eval.interval and state.step % cfg.eval.interval == 0 and state.step < cfg.train.max_steps:
                 self._log_eval()

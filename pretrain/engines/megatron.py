@@ -4,6 +4,7 @@
 import collections
 import contextlib
 import functools
+import time
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,7 @@ class _SharedBatches:
 
 class MegatronEngine:
     name = "megatron"
+    reduction_wait_s = 0.0  # seconds in finalize_model_grads so far: a faster rank waits there for the slower ones
 
     def __init__(self, config: RunConfig, env, plan: ResumePlan | None, *, seq_len: int, num_microbatches: int,
                  draw_weights: bool = True):
@@ -125,7 +127,7 @@ class MegatronEngine:
         self.ddp = [DistributedDataParallel(self.megatron_config, ddp_config, chunk, disable_bucketing=i > 0)
                     for i, chunk in enumerate(self.chunks)]
         per_chunk = lambda funcs: funcs if virtual > 1 else funcs[0]  # noqa: E731
-        self.megatron_config.finalize_model_grads_func = _ranged(GRADIENT_REDUCTION, finalize_model_grads)
+        self.megatron_config.finalize_model_grads_func = self._finalize_grads
         self.megatron_config.no_sync_func = per_chunk([d.no_sync for d in self.ddp])
         if cfg.optim.overlap_grad_reduce:  # start every chunk's reduction at its last backward (megatron's align)
             self.megatron_config.grad_sync_func = per_chunk([_ranged(GRADIENT_REDUCTION, d.start_grad_sync)
@@ -152,6 +154,13 @@ class MegatronEngine:
                 f"{cfg.train.recompute}, gradient reduction {'overlapped' if cfg.optim.overlap_grad_reduce else 'after backward'}")
 
     # --- steps --------------------------------------------------------------------------------
+    def _finalize_grads(self, *args, **kwargs):
+        """megatron's finalize_model_grads, which waits for the data-parallel gradient reduction, timed."""
+        start = time.perf_counter()
+        with record_function(GRADIENT_REDUCTION):
+            finalize_model_grads(*args, **kwargs)
+        self.reduction_wait_s += time.perf_counter() - start
+
     def _forward_step(self, data_iterator, model):
         batch = model_inputs(next(data_iterator), self.config.data, self.device)
         if self.env.cp_size > 1:  # the context-parallel ranks of a data-parallel rank read the same batches
