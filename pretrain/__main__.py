@@ -22,6 +22,8 @@ def main(argv=None) -> int:
         print(f"config error: {err}", file=sys.stderr)
         return 2
 
+    from data_pipeline.mixture import SourceExhausted
+
     from .loop import NonFiniteError, Trainer  # heavy imports after the config is known to be valid
     from .runlock import RunLockedError
 
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
     except NonFiniteError as err:
         print(f"stopped: {err}", file=sys.stderr)
         return 5
+    except SourceExhausted as err:
+        print(f"stopped: {err}", file=sys.stderr)
+        return 6
     finally:
         if trainer is not None:
             trainer.close()

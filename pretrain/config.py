@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from data_pipeline.mixture import DEFAULT_MAX_REPETITION
 from model import ModelConfig
 
 
@@ -45,8 +46,28 @@ class TrainConfig:
 
 
 @dataclass(kw_only=True)
+class SourceConfig:
+    """One source of a mixture (data_pipeline/mixture.py)."""
+    name: str  # names it in metrics (data/<name>/tokens, val/<name>/loss) and messages
+    path: str  # directory written by `python -m data_pipeline prepare`
+    weight: float = 1.0  # relative share of the training sequences
+    max_repetition: float = DEFAULT_MAX_REPETITION  # epochs of it a run may read (OLMo-core's default: 1)
+
+    def __post_init__(self):
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"data.sources name must be non-empty and free of '/', got {self.name!r}")
+        if not self.weight > 0:
+            raise ConfigError(f"data.sources {self.name!r}: weight must be > 0, got {self.weight}")
+        if not self.max_repetition >= 1:
+            raise ConfigError(f"data.sources {self.name!r}: max_repetition must be >= 1 (epochs), "
+                              f"got {self.max_repetition}")
+
+
+@dataclass(kw_only=True)
 class DataConfig:
-    path: str = "data/builtin"  # directory written by `python -m data_pipeline prepare`
+    path: str = ""  # directory written by `python -m data_pipeline prepare` (default data/builtin); with
+    # `sources`, the first source's (it fixes tokenizer and sequence length, which all sources share)
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture instead of one `path`
     num_workers: int = 2  # DataLoader worker processes per rank
     seed: int = 1234  # shard/sample shuffling seed
     document_masking: bool = True  # a packed document sees only itself (attention and feedback solve)
@@ -55,6 +76,16 @@ class DataConfig:
     def __post_init__(self):
         if self.num_workers < 0:
             raise ConfigError(f"data.num_workers must be >= 0, got {self.num_workers}")
+        if self.sources:
+            names = [s.name for s in self.sources]
+            if len(set(names)) != len(names):
+                raise ConfigError(f"data.sources names must be distinct, got {names}")
+            if self.path and self.path != self.sources[0].path:
+                raise ConfigError(f"data.path ({self.path}) and data.sources are both set: data.path is the "
+                                  f"one-source shorthand; remove it, or make it a source")
+            self.path = self.sources[0].path
+        elif not self.path:
+            self.path = "data/builtin"
 
 
 @dataclass(kw_only=True)
@@ -356,6 +387,13 @@ def _coerce(value, annotation, where: str):
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
         return _coerce(value, options[0], where)
+    if origin is list:
+        if isinstance(value, str):  # a CLI override: --data.sources '[{name: web, path: data/web}]'
+            value = yaml.safe_load(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where} must be a list, got {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping of fields, got {value!r}")

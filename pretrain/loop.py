@@ -26,6 +26,7 @@ from torch.profiler import record_function
 from checkpoints.importer import WEIGHTS_ONLY
 from data_pipeline.loader import build_dataloader
 from data_pipeline.manifest import read_manifest
+from data_pipeline.mixture import MixtureSource, SourceExhausted, build_mixture_loader, check_sources
 from data_pipeline.tokenizer import load_tokenizer
 from model.documents import visible_pairs
 from model.flops import count_params, ledger
@@ -118,7 +119,14 @@ class Trainer:
 
     def _read_data_manifest(self) -> None:
         """The prepared data fixes seq_len and the tokenizer; the model and batch must fit them."""
-        self.manifest = read_manifest(self.config.data.path)
+        self.sources = [MixtureSource(s.name, s.path, s.weight, s.max_repetition) for s in self.config.data.sources]
+        if self.sources:  # they share tokenizer and seq_len (checked): the first one's manifest speaks for all
+            try:
+                self.manifest = check_sources(self.sources)[0]
+            except ValueError as err:
+                raise ConfigError(f"data.sources: {err}") from None
+        else:
+            self.manifest = read_manifest(self.config.data.path)
         self.seq_len = self.manifest["seq_len"]
         self.tokenizer_id = self.manifest["tokenizer_id"]
         self._check_model_matches_data()
@@ -148,6 +156,11 @@ class Trainer:
     def _build_train_loader(self):
         config = self.config
         self.data_workers, lanes = self._data_layout()
+        if self.sources:
+            return build_mixture_loader(
+                self.sources, "train", config.train.global_batch_tokens // self.seq_len, config.train.micro_batch_size,
+                self.env.dp_rank, self.env.dp_size, self.data_workers, config.data.seed,
+                expected_tokenizer_id=self.tokenizer_id)
         return build_dataloader(
             config.data.path, "train", config.train.micro_batch_size, self.env.dp_rank, self.env.dp_size,
             self.data_workers, config.data.seed, infinite=True, expected_tokenizer_id=self.tokenizer_id,
@@ -217,7 +230,22 @@ class Trainer:
                 f"{env.dp_size}), {self.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank "
                 f"and step, {workers}, document masking {'on' if cfg.data.document_masking else 'off'}, "
                 f"{self.engine.banner()}, device {self.device}, estimated {memory['total']:.2f} GB per device; "
-                f"start at step {self.state.step}/{cfg.train.max_steps}")
+                f"start at step {self.state.step}/{cfg.train.max_steps}{self._mixture_plan()}")
+
+    def _mixture_plan(self) -> str:
+        """Each source's share and the epochs of it the whole run reads, against its max_repetition."""
+        if not self.sources:
+            return ""
+        run_sequences = self.config.train.max_steps * self.config.train.global_batch_tokens // self.seq_len
+        total = sum(s.weight for s in self.sources)
+        lines = []
+        for source, split in zip(self.sources, self.train_loader.dataset.splits):
+            epochs = source.weight / total * run_sequences / split.table.n_samples
+            over = " (more than max_repetition: the run will stop early)" if epochs > source.max_repetition else ""
+            lines.append(f"\n  data source {source.name!r}: {source.weight / total:.1%} of the sequences, "
+                         f"{split.table.n_samples} in {source.path}, {epochs:.2f} epochs over the run, "
+                         f"max_repetition {source.max_repetition}{over}")
+        return "".join(lines)
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
@@ -234,6 +262,7 @@ class Trainer:
         self.profiler = StepProfiler(cfg.profile, self.env.rank, cfg.run_dir, self.device)
         while state.step < cfg.train.max_steps:
             step_start, reduction_wait_s = time.perf_counter(), self.engine.reduction_wait_s
+            self._check_data_left()
             with self.profiler.step(state.step + 1):
                 result = self.engine.train_step(timed)
             step_s = time.perf_counter() - step_start
@@ -243,6 +272,7 @@ class Trainer:
             self._account_nonfinite(result)
             if result.applied:
                 self.scheduler.step(increment=1)
+            self._log_new_epochs()
             if state.step % interval == 0 or state.step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
                 steps_in_window = state.step - window_step  # fewer than `interval` after a resume
@@ -262,6 +292,7 @@ class Trainer:
                     "perf/step_s": elapsed / steps_in_window,
                     "perf/memory_gb": self._memory_gb(),
                     **straggler_metrics(window_own_s / steps_in_window, timed.wait_seconds - window_wait, self.device),
+                    **self._source_tokens(),
                 }
                 if cfg.logging.peak_tflops:
                     metrics["perf/mfu"] = metrics["perf/model_tflops_per_device"] / cfg.logging.peak_tflops
@@ -320,13 +351,49 @@ class Trainer:
         self.logger.print(f"{what}: update dropped (train.nonfinite: skip; {self.state.skipped_steps} so far)")
 
     def evaluate(self) -> dict:
+        """val/loss; with data.sources also val/<name>/loss from each source's val split, and val/loss
+        is their mean under the mixture's weights."""
+        if not self.sources:
+            loss = self._val_loss(self.config.data.path)
+            return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        per_source = {s.name: self._val_loss(s.path) for s in self.sources}
+        loss = sum(s.weight * per_source[s.name] for s in self.sources) / sum(s.weight for s in self.sources)
+        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0)),
+                **{f"val/{name}/loss": value for name, value in per_source.items()}}
+
+    def _val_loss(self, data_dir: str) -> float:
         cfg = self.config
-        loader = build_dataloader(cfg.data.path, "val", cfg.train.micro_batch_size, self.env.dp_rank,
+        loader = build_dataloader(data_dir, "val", cfg.train.micro_batch_size, self.env.dp_rank,
                                   self.env.dp_size, 0, cfg.data.seed, infinite=True,
                                   expected_tokenizer_id=self.tokenizer_id)
         total, count = self.engine.evaluate(iter(loader), cfg.eval.batches)
-        loss = total / max(count, 1.0)
-        return {"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}
+        return total / max(count, 1.0)
+
+    def _source_tokens(self) -> dict:
+        """data/<name>/tokens: tokens drawn from each source so far (its sequences x seq_len)."""
+        if not self.sources:
+            return {}
+        return {f"data/{name}/tokens": draws * self.seq_len for name, draws in self.train_loader.cursors.items()}
+
+    def _log_new_epochs(self) -> None:
+        """A mixture's source that begins another epoch (reshuffled) says so."""
+        if self.sources:
+            for message in self.train_loader.new_epochs:
+                self.logger.print(f"step {self.state.step}: {message}")
+            self.train_loader.new_epochs.clear()
+
+    def _check_data_left(self) -> None:
+        """A mixture stops before a global batch would read a source past its max_repetition, on every
+        rank at the same step (the cursors are global). That step is saved: changing the setting and
+        starting again resumes it."""
+        if not self.sources:
+            return
+        try:
+            self.train_loader.check_next_global_batch()
+        except SourceExhausted:
+            if self.config.checkpoint.save_on_exit and self.state.step > (self.state.last_saved_step or 0):
+                self.save()
+            raise
 
     def _log_eval(self) -> None:
         metrics = self.evaluate()

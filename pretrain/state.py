@@ -106,12 +106,17 @@ def check_checkpoint_compatible(common: dict, where, config: RunConfig, tokenize
 
 def restore_loader(loader, data_states: list[dict], dp_rank: int, dp_size: int) -> None:
     """Load every saved data-parallel rank's loader position into this rank's loader; another DP size,
-    worker count or batch shape re-deals what is left of the epoch (data_pipeline.loader)."""
+    worker count or batch shape re-deals what is left of the epoch (data_pipeline.loader). A mixture's
+    state at a step boundary is the same on every rank and loads at any layout (data_pipeline.mixture)."""
     from data_pipeline.loader import merge_dp_states
+    from data_pipeline.mixture import MixtureLoader, merge_mixture_states
 
+    if isinstance(loader, MixtureLoader):
+        loader.load_state_dict(merge_mixture_states(data_states, dp_rank, dp_size))
+        return
     shape = ("dp_size", "workers", "lanes")
-    saved_layout, our_layout = data_states[0]["layout"], loader.state_dict()["layout"]
-    if all(saved_layout[k] == our_layout[k] for k in shape):
-        loader.load_state_dict(data_states[dp_rank])
+    saved_layout, our_layout = data_states[0].get("layout"), loader.state_dict()["layout"]
+    if saved_layout is None or all(saved_layout[k] == our_layout[k] for k in shape):
+        loader.load_state_dict(data_states[dp_rank])  # (a mixture's state is refused there, naming it)
     else:
         loader.load_state_dict(merge_dp_states(data_states, dp_rank, dp_size))

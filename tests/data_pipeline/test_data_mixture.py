@@ -235,3 +235,26 @@ def test_states_refuse_other_weights_or_sources(sources):
                           (_mixture(sources)[:1], "sources")):
         with pytest.raises(ValueError, match=f"mixture state {what}"):
             _loader(changed, G=4, B=2).load_state_dict(state)
+
+
+def test_data_sources_in_the_recipe(tmp_path):
+    """data.sources parses into SourceConfig entries (max_repetition defaults to OLMo-core's 1.0);
+    data.path becomes the first source's directory and may not name another one."""
+    from pretrain.config import ConfigError, load_config
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model: {vocab_size: 4096, hidden_size: 32, num_layers: 2, num_heads: 2}\n"
+                      "data:\n  sources:\n    - {name: web, path: data/web, weight: 0.7}\n"
+                      "    - {name: code, path: data/code, weight: 0.3, max_repetition: 4}\n")
+    data = load_config(recipe).data
+    assert [(s.name, s.path, s.weight, s.max_repetition) for s in data.sources] == [
+        ("web", "data/web", 0.7, 1.0), ("code", "data/code", 0.3, 4.0)]
+    assert data.path == "data/web"
+    override = load_config(recipe, ["--data.sources", "[{name: only, path: data/only}]"]).data
+    assert [(s.name, s.weight) for s in override.sources] == [("only", 1.0)] and override.path == "data/only"
+    with pytest.raises(ConfigError, match=r"data.path \(data/other\) and data.sources are both set"):
+        load_config(recipe, ["--data.path", "data/other"])
+    with pytest.raises(ConfigError, match="names must be distinct"):
+        load_config(recipe, ["--data.sources", "[{name: a, path: x}, {name: a, path: y}]"])
+    with pytest.raises(ConfigError, match="'a': max_repetition must be >= 1"):
+        load_config(recipe, ["--data.sources", "[{name: a, path: x, max_repetition: 0.5}]"])
