@@ -15,9 +15,10 @@ REPO = Path(__file__).resolve().parents[2]
 CHINCHILLA = {"E": 1.69, "A": 406.4, "B": 410.7, "alpha": 0.34, "beta": 0.28}
 
 
-def grid_points(seed=2, sigma=0.002):
+def grid_points(seed=2, sigma=0.002, sizes=np.logspace(6, 10, 7), tokens=np.logspace(8, 12, 7)):
+    """Every size at every token count, losses from the law with log-normal noise."""
     rng = np.random.default_rng(seed)
-    N, D = np.meshgrid(np.logspace(6, 10, 7), np.logspace(8, 12, 7))
+    N, D = np.meshgrid(sizes, tokens)
     N, D = N.ravel(), D.ravel()
     return Points(N, D, law_loss(CHINCHILLA, N, D) * np.exp(rng.normal(0, sigma, N.size)))
 
@@ -35,16 +36,23 @@ def isoflop_points(budgets=(1e17, 1e18, 1e19), sizes_per_budget=7, seed=0, sigma
     return Points(n, d, loss, budget)
 
 
+# Relative error of approach 3 on grid_points (49 points, 0.2% noise): the worst over noise seeds 0-7
+# was E 1.0%, A 1.7%, B 6.8% (B trades off against beta), alpha 0.4%, beta 1.4%, N_opt(1e21) 1.7%;
+# the bounds add about a third.
+APPROACH3_REL = {"E": 0.015, "A": 0.025, "B": 0.09, "alpha": 0.006, "beta": 0.02}
+
+
 def test_approach3_recovers_known_law_within_intervals():
     points = grid_points()
     result = fit_approach3(points, bootstrap=60, target_flops=1e21)
     for name, true in CHINCHILLA.items():
         low, high = result.intervals[name]
         assert low <= true <= high, (name, true, result.intervals[name])
-        assert result.params[name] == pytest.approx(true, rel=0.05)
+        assert result.params[name] == pytest.approx(true, rel=APPROACH3_REL[name]), name
     truth = law_optimum(CHINCHILLA, 1e21)
     low, high = result.intervals["N_opt"]
     assert low <= truth["N"] <= high
+    assert result.optimum["N"] == pytest.approx(truth["N"], rel=0.025)
     assert result.optimum["N"] * result.optimum["D"] * 6 == pytest.approx(1e21)
 
 
@@ -53,10 +61,15 @@ def test_approach2_and_1_recover_the_allocation_exponent():
     true_a = CHINCHILLA["beta"] / (CHINCHILLA["alpha"] + CHINCHILLA["beta"])
     two = fit_approach2(points, bootstrap=100)
     assert not two.details["rejected"]
-    assert two.params["a"] == pytest.approx(true_a, abs=0.03)
+    # parabola vertices on 7 sizes per budget: |a - 0.4516| <= 0.0033 over noise seeds 0-49
+    assert two.params["a"] == pytest.approx(true_a, abs=0.005)
     assert two.intervals["a"][0] <= true_a <= two.intervals["a"][1]
-    one = fit_approach1(points, bootstrap=50)
-    assert 0.2 < one.params["a"] < 0.8  # the envelope is coarse on 3 budgets, but must point the right way
+    # approach 1 on training curves (13 sizes, each evaluated at 61 token counts) regresses N on compute
+    # over the whole loss envelope, a staircase whose ends the grid cuts: 0.0345 low without noise,
+    # 0.031..0.035 low over noise seeds 0-19
+    curves = grid_points(seed=0, sigma=0.001, sizes=np.logspace(6, 9, 13), tokens=np.logspace(7, 12, 61))
+    one = fit_approach1(curves, bootstrap=0)
+    assert one.params["a"] == pytest.approx(true_a, abs=0.04)
 
 
 def test_approach2_rejects_concave_and_edge_minimum():
@@ -95,7 +108,7 @@ def test_fit_cli_prints_one_json_object(tmp_path):
     for name in ("E", "A", "B", "alpha", "beta"):
         assert isinstance(result[name], float)
         assert len(result["intervals"][name]) == 2
-    assert result["alpha"] == pytest.approx(0.34, rel=0.05)
+    assert result["alpha"] == pytest.approx(0.34, rel=APPROACH3_REL["alpha"])
     assert (result["points"], result["bootstrap"], result["level"]) == (len(points), 20, 0.95)
 
 

@@ -7,8 +7,6 @@ pattern arm (`S-`) sits halfway in log compute (scale 2^-1/4: the Transformer ne
 """
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from pretrain.scaling.cli import main
 from pretrain.scaling.collect import collect, divergence, write_table
 from pretrain.scaling.compare import compare_table, compute_multiplier
 from pretrain.scaling.fit import law_loss
@@ -31,9 +30,8 @@ def true_loss(arch, n, d):
     return float(law_loss(LAW, n / scale, d / scale))
 
 
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sweep")
+def write_sweep(root: Path, noise: float):
+    """A planned sweep whose runs' metrics.jsonl hold the laws' losses times log-normal noise."""
     base = yaml.safe_load((REPO / "configs" / "tiny.yaml").read_text())
     planner = Planner(base=base, seq_len=64, size_rule=SizeRule(aspect=32, head_size=16),
                       archs=("sessa", "transformer", "S-"))
@@ -45,7 +43,7 @@ def sweep(tmp_path_factory):
         (root / "configs" / f"{p.name}.yaml").write_text(yaml.safe_dump(tree))
         run = root / "runs" / p.name
         run.mkdir(parents=True)
-        final = true_loss(p.arch, p.params, p.tokens) * math.exp(rng.normal(0, 0.002))
+        final = true_loss(p.arch, p.params, p.tokens) * math.exp(rng.normal(0, noise))
         lines = [{"step": s, "train/loss": final + 3.0 * (1 - s / p.steps)} for s in range(1, p.steps + 1, 50)]
         lines += [{"step": p.steps // 2, "val/loss": final + 0.5}, {"step": p.steps, "val/loss": final}]
         if i == 0:  # a run that blew up: its rows stay in the table, flagged
@@ -55,6 +53,11 @@ def sweep(tmp_path_factory):
     plan = {"base": "configs/tiny.yaml", "seq_len": 64, "mode": "isoflop", "points": [vars(p) for p in points]}
     (root / "plan.json").write_text(json.dumps(plan))
     return root, points
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    return write_sweep(tmp_path_factory.mktemp("sweep"), noise=0.002)
 
 
 def test_collect_writes_csv_and_parquet(sweep):
@@ -72,28 +75,33 @@ def test_collect_writes_csv_and_parquet(sweep):
     assert divergence([{"step": 5, "train/loss": 3.0}, {"step": 10, "train/loss": 9.0}]).startswith("loss spike")
 
 
-def test_compare_recovers_the_compute_multiplier(sweep):
-    root, _ = sweep
-    rows = collect(root)
-    results = compare_table(rows, [1e13], bootstrap=40)[64]
+def test_compare_recovers_the_compute_multiplier(sweep, tmp_path):
+    # without noise the laws are fitted exactly: the multiplier is the truth to 1e-9 (1e-6 allowed)
+    exact, _ = write_sweep(tmp_path, noise=0.0)
+    results = compare_table(collect(exact), [1e13], bootstrap=0)[64]
     assert set(results) == {"sessa", "S-"}  # every arm against the Transformer
     for arm, truth in (("sessa", 2.0), ("S-", math.sqrt(2.0))):
         (row,) = results[arm]["multiplier"]
-        assert row["multiplier"] == pytest.approx(truth, rel=0.25)
-        assert row["interval"][0] <= truth <= row["interval"][1]
-        assert results[arm]["exponents"]["alpha"]["p_value"] > 0.05  # the same exponents: no significant difference
-    (row,) = compare_table(rows, [1e13], baseline="sessa", bootstrap=0)[64]["S-"]["multiplier"]
-    assert row["multiplier"] == pytest.approx(1 / math.sqrt(2.0), rel=0.25)  # behind Sessa
+        assert row["multiplier"] == pytest.approx(truth, rel=1e-6)
+    (row,) = compare_table(collect(exact), [1e13], baseline="sessa", bootstrap=0)[64]["S-"]["multiplier"]
+    assert row["multiplier"] == pytest.approx(1 / math.sqrt(2.0), rel=1e-6)  # behind Sessa
+    # with 0.2% noise the point estimate moves (over noise seeds 0-9: up to 12% for sessa, 22% for S-):
+    # the bootstrap interval must cover the truth, and the equal exponents must not differ significantly
+    rows = [r for r in collect(sweep[0]) if r["arch"] in ("sessa", "transformer")]
+    noisy = compare_table(rows, [1e13], bootstrap=20)[64]["sessa"]
+    (row,) = noisy["multiplier"]
+    assert row["interval"][0] <= 2.0 <= row["interval"][1]
+    assert noisy["exponents"]["alpha"]["p_value"] > 0.05
     shifted = dict(LAW, A=LAW["A"] * K**LAW["alpha"], B=LAW["B"] * K**LAW["beta"])
     assert compute_multiplier(LAW, shifted, 1e15) == pytest.approx(2.0, rel=1e-6)
 
 
-def test_cli_collect_compare_plot_write_their_files(sweep):
+def test_cli_collect_compare_plot_write_their_files(sweep, capsys):
+    """The CLI in-process (test_fit.py runs `python -m pretrain.scaling` itself); bootstraps of 2:
+    only the files are checked here."""
     root, _ = sweep
-    for command in (["collect"], ["compare", "--bootstrap", "20"], ["plot", "--bootstrap", "10"]):
-        done = subprocess.run([sys.executable, "-m", "pretrain.scaling", *command, "--sweep", str(root)],
-                              cwd=REPO, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
+    for command in (["collect"], ["compare", "--bootstrap", "2"], ["plot", "--bootstrap", "2"]):
+        assert main([*command, "--sweep", str(root)]) == 0, command
     for name in ("results/results.csv", "results/results.parquet", "results/points_sessa.csv",
                  "results/points_psf.csv", "results/compare.json",
                  "report/report.md", "report/isoflop.png", "report/optimal.png", "report/residuals.png",
@@ -102,11 +110,10 @@ def test_cli_collect_compare_plot_write_their_files(sweep):
     report = (root / "report" / "report.md").read_text()
     assert "compute multiplier" in report and "![overlay](overlay.png)" in report
     assert "## S- vs transformer, sequence length 64" in report
-    fit = [sys.executable, "-m", "pretrain.scaling", "fit", "--points", str(root / "results" / "points_sessa.csv"),
-           "--json", "--bootstrap", "10"]
-    done = subprocess.run([*fit, "--approach", "3"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert json.loads(done.stdout)["alpha"] > 0
+    fit = ["fit", "--points", str(root / "results" / "points_sessa.csv"), "--json", "--bootstrap", "2"]
+    capsys.readouterr()
+    assert main([*fit, "--approach", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["alpha"] > 0
     # this law's optimum lies below the smallest tiny model (embeddings dominate N): approach 2 says so
-    done = subprocess.run([*fit, "--approach", "2"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and "edge of the sampled sizes" in done.stderr
+    assert main([*fit, "--approach", "2"]) == 2
+    assert "edge of the sampled sizes" in capsys.readouterr().err
