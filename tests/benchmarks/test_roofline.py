@@ -48,8 +48,37 @@ def test_model_grids_equal_launchers_at_the_reported_shape():
     assert 1.0 <= executed / (10 * 2048 * 8192**2) < 1.3
 
 
+def test_one_launch_predicted_by_hand():
+    """The forward's first context matmul at B=1, T=8192, D=2048 (panels of 512 rows), fp32
+    [512, 512] @ [512, 2048] on the H100 peaks: tf32 at half the bf16 800 TFLOP/s, 3.3 TB/s, 132 SMs."""
+    model = roofline.Model(1, 8192, 2048, 2048, 64, None)
+    launch = next(x for x in model.forward() if x.role.startswith("matmul"))
+    flops = 2 * 512 * 2048 * 512
+    nbytes = 4 * (512 * 512 + 512 * 2048 + 512 * 2048)  # P and s read once, the context written once
+    assert launch.grid == (512 // 64, 2048 // 64, 1)  # 256 programs of 64 x 64: every SM busy
+    assert launch.flops == {"tf32": flops} and launch.bytes_unique == nbytes
+    predicted = launch.predict(roofline.H100)
+    assert predicted["compute"] == pytest.approx(flops / 400e12, rel=1e-12)
+    assert predicted["program"] == pytest.approx(2 * 64 * 64 * 512 / (400e12 / 132), rel=1e-12)  # one tile per SM
+    assert predicted["memory"] == pytest.approx(nbytes / 3.3e12, rel=1e-12)
+    assert predicted["bound"] == "memory"  # 2.86 us of traffic against 2.68 us of tf32 math
+    assert predicted["time"] == pytest.approx(nbytes / 3.3e12 + 3e-6, rel=1e-12)  # + the 3 us launch gap
+
+
 def test_cpu_layer_measurement_reports_a_fraction():
-    result = roofline.cpu_layer(T=128, D=32, heads=2, chunk_size=16, reps=1, profile=True)
-    assert result["fwd_bwd_s"] > 0 and 0 < result["fraction_of_matmul"] < 5
+    T, D, heads = 128, 32, 2
+    result = roofline.cpu_layer(T=T, D=D, heads=heads, chunk_size=16, reps=1, profile=True)
+    # model FLOPs by hand: 3 x forward; per token 2 per weight element (the layer's matrices),
+    # causal attention 2 x 2 x D x (T + 1) / 2, feedback logits and sum 2 x D x (T - 1) / 2 each
+    from model import ModelConfig, SessaLayer
+
+    layer = SessaLayer(ModelConfig(vocab_size=256, hidden_size=D, num_layers=1, num_heads=heads))
+    weights = sum(p.numel() for p in layer.parameters() if p.dim() == 2)
+    per_token = 2 * weights + 2 * D * (T + 1) + 2 * D * (T - 1)
+    assert result["model_gflop"] == pytest.approx(3 * T * per_token / 1e9, rel=1e-12)
     assert result["model_gflop"] == pytest.approx(sum(result["model_flops_by_component"].values()))
+    # a timing: only its definition and the physical ceiling (no layer beats this CPU's matmul rate)
+    assert result["fraction_of_matmul"] == pytest.approx(
+        result["model_gflop"] / result["fwd_bwd_cpu_s"] / result["matmul_gflops_per_cpu_s"], rel=1e-12)
+    assert result["fwd_bwd_s"] > 0 and 0 < result["fraction_of_matmul"] < 1
     assert abs(sum(result["profile_groups"].values()) - 1) < 1e-3
