@@ -6,7 +6,8 @@
     python benchmarks/hybrid_compare.py --match-only            # parameter matching only, no training
 Arms (model.layer_pattern units, tiled): sessa (S x n), S- (S- x n), SSS* (SSS* x n), transformer
 (model.arch transformer, n layers), no-feedback (S x n, model.feedback false), M- (Mamba-2, M- x n).
-Each arm gets the n (and, with MLP blocks, the model.ffn_hidden_size, a multiple of 16, nearest the
+Each arm gets the n (and, with MLP blocks, the model.ffn_hidden_size: for each n the multiple of 16
+that brings the total nearest --target, and of the n that fit, the one whose width is nearest the
 recipe's own) whose total parameters (model.flops.count_params) are within --tolerance of --target
 (default: the recipe's model); an arm that cannot be matched is refused. Every arm then trains with
 the real trainer (`python -m pretrain`, one process each) on the same recipe, data, seed, schedule
@@ -81,7 +82,8 @@ def cli(overrides: dict, section: str = "model") -> list[str]:
 def match_arm(config: str, arm: str, target: int, tolerance: float = 0.02) -> Match:
     """The arm's model within `tolerance` of `target` parameters, counted on the recipe `config` with
     the very overrides training gets: among the depths that fit, the one with the smallest deviation,
-    or (arms with MLP blocks) the MLP width nearest the recipe's own. ValueError if none fits."""
+    or (arms with MLP blocks, each depth with the multiple-of-16 MLP width whose total is nearest
+    `target`) the one whose MLP width is nearest the recipe's own. ValueError if none fits."""
     base_ffn = load_config(config).model.ffn_hidden_size
     has_mlp = "-" in ARMS[arm][0]
 
