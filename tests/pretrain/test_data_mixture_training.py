@@ -89,3 +89,19 @@ def test_a_used_up_source_stops_at_a_saved_step_that_resumes_with_a_raised_cap(m
     run_pretrain(recipe, "--run_name", "used_up", "--data.sources", thrice)
     resumed, straight = read_metrics(run_dir), read_metrics(mixture["runs"] / "straight")
     assert [resumed[s] for s in range(last + 1, 11)] == [straight[s] for s in range(last + 1, 11)]
+
+
+def test_a_dp2_run_resumed_at_dp1_continues_as_the_dp1_run(mixture):
+    """The loader state saved by 2 ranks loads at 1 (merge_mixture_states): the same sequences follow,
+    so the tokens per source are equal and the losses equal up to the reduction order (two ranks sum
+    gradients in another order: fp32 rounding, 1e-5 absolute as in test_trainer.py)."""
+    recipe, run_dir = mixture["recipe"], mixture["runs"] / "dp2_to_dp1"
+    run_pretrain(recipe, "--run_name", "dp2_to_dp1", "--train.exit_interval", "4", nproc=2)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "4"
+    run_pretrain(recipe, "--run_name", "dp2_to_dp1")
+    reference = mixture["runs"] / "straight"
+    for key in ("data/docs/tokens", "data/mqar/tokens"):
+        resumed, straight = read_metrics(run_dir, key), read_metrics(reference, key)
+        assert [resumed[s] for s in range(1, 11)] == [straight[s] for s in range(1, 11)], key
+    resumed, straight = read_metrics(run_dir), read_metrics(reference)
+    assert [resumed[s] for s in range(5, 11)] == pytest.approx([straight[s] for s in range(5, 11)], abs=1e-5)
