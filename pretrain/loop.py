@@ -299,7 +299,7 @@ class Trainer:
                 self.logger.log(state.step, metrics)
                 self.logger.advance(steps_in_window, {"loss": f"{result.loss:.3f}", "lr": f"{lr:.2e}",
                                                       "tok/s": f"{tokens_per_s:.0f}"})
-                if not cfg.logging.progress_bar:
+                if self.logger.bar is None:  # no progress bar (disabled, or not a terminal): a plain line
                     self.logger.print(f"step {state.step} loss {result.loss:.4f} lr {lr:.3e} "
                                       f"grad_norm {result.grad_norm:.3f} tok/s {tokens_per_s:.0f}")
                 window_start, window_wait, window_step = time.perf_counter(), timed.wait_seconds, state.step

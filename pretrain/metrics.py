@@ -1,6 +1,7 @@
 """Run logging: console progress bar, metrics.jsonl, and wandb (offline unless asked otherwise)."""
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -25,9 +26,11 @@ class MetricsLogger:
         if not enabled:
             return
         self.jsonl = open(config.run_dir / "metrics.jsonl", "a", buffering=1)
-        if config.logging.progress_bar:
+        # tqdm redraws its line with carriage returns: only on a terminal; a log file gets the trainer's
+        # plain line per logging interval instead (Trainer.train prints them when there is no bar)
+        if config.logging.progress_bar and sys.stderr.isatty():
             self.bar = tqdm(total=config.train.max_steps, initial=start_step, desc=config.run_name,
-                            dynamic_ncols=True, mininterval=1.0)
+                            dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         if config.logging.wandb != "disabled":
             mode = config.logging.wandb
             if mode == "online" and not os.environ.get("WANDB_API_KEY"):
@@ -55,7 +58,10 @@ class MetricsLogger:
 
     def print(self, message: str) -> None:
         if self.enabled:
-            (self.bar.write if self.bar is not None else print)(message)
+            if self.bar is not None:
+                self.bar.write(message)
+            else:  # flushed: a log file or pipe shows each line when it happens
+                print(message, flush=True)
 
     def close(self) -> None:
         if not self.enabled:
