@@ -19,9 +19,9 @@ no remote code). Its megatron checkpoints stack every layer parameter along a le
 a rule with `stacked` takes layer n of it and, with `part`, one piece of a fused tensor (q/k/v of
 linear_qkv, gate/up of linear_fc1). Export only: importing a Llama checkpoint is not supported.
 """
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from model.config import ModelConfig
+from model.config import ModelConfig, RopeScaling
 from model.reference import REFERENCE_LAYOUT, ROPE_BUFFER
 
 HF_LAYER_PREFIX = "model.layers.{n}."
@@ -260,6 +260,7 @@ def hf_config_dict(config: ModelConfig, dtype, eos_id) -> dict:
         "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
         "num_key_value_heads": config.num_kv_heads, "gamma_max": config.gamma_max,
         "layer_norm_eps": config.norm_eps, "rope_theta": config.rope_base,
+        "sessa_rope_scaling": None if config.rope_scaling is None else asdict(config.rope_scaling),
         "feedback_chunk_size": config.feedback_chunk_size, "tie_word_embeddings": config.tie_embeddings,
         "layer_pattern": config.layer_pattern, "intermediate_size": config.ffn_hidden_size,
         **{name: getattr(config, name) for name in MAMBA_FIELDS},
@@ -273,6 +274,7 @@ def model_fields_from_hf(hf: dict) -> dict:
     return {"vocab_size": hf["vocab_size"], "hidden_size": hf["hidden_size"], "num_layers": hf["num_hidden_layers"],
             "num_heads": hf["num_attention_heads"], "num_kv_heads": hf["num_key_value_heads"],
             "gamma_max": hf["gamma_max"], "norm_eps": hf["layer_norm_eps"], "rope_base": hf["rope_theta"],
+            "rope_scaling": RopeScaling(**hf["sessa_rope_scaling"]) if hf.get("sessa_rope_scaling") else None,
             "tie_embeddings": hf["tie_word_embeddings"], "layer_pattern": hf.get("layer_pattern", ""),
             **({"ffn_hidden_size": hf["intermediate_size"]} if hf.get("intermediate_size") else {}),
             **{name: hf[name] for name in MAMBA_FIELDS if name in hf}}

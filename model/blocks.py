@@ -90,8 +90,10 @@ class AttentionBlock(PreNormBlock):
         self.k_proj = self.column(D, config.num_kv_heads * d)
         self.v_proj = self.column(D, config.num_kv_heads * d)
         self.out_proj = self.row(config.num_heads * d, D)
-        self.register_buffer("rope_inv_freq", rope_inv_freq(d, config.rope_base), persistent=False)
-        self.rope_config = rope_config(megatron_config, interleaved=False)  # halves (i, i + d/2), as Llama
+        self.register_buffer("rope_inv_freq", rope_inv_freq(d, config.rope_base, config.rope_scaling),
+                             persistent=False)
+        # halves (i, i + d/2), as Llama
+        self.rope_config = rope_config(megatron_config, interleaved=False, scaling=config.rope_scaling)
         if init_seed is not None and megatron_config.perform_initialization:
             init_weights(self, init_seed)
 

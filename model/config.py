@@ -1,6 +1,6 @@
 """ModelConfig: every hyper-parameter of the model the recipe trains: Sessa (SESSA.md §1-3) or the
 Transformer++ baseline (`arch`). `SessaConfig` is the old name, kept as an alias for one release."""
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 from kernels.feedback_solve import FEEDBACK_IMPLS
 
@@ -8,6 +8,39 @@ BLOCK_TYPES = {"S": "Sessa block", "*": "attention block", "-": "SwiGLU MLP bloc
 ARCHS = ("sessa", "transformer")  # "transformer": the Transformer++ baseline of model/transformer.py
 INIT_SCHEMES = ("reference", "scaled")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_SCALING_TYPES = ("linear", "yarn")  # model.rope_scaling.rope_type; `none` is rope_scaling: none
+
+
+@dataclass(kw_only=True)
+class RopeScaling:
+    """model.rope_scaling: RoPE context extension by `factor` s (docs/model.md "RoPE base and scaling");
+    the names are Hugging Face's. "linear": position interpolation, positions / s. "yarn": YaRN as
+    published (Peng et al. 2023): NTK-by-parts frequencies, ramped on r = L / wavelength between
+    beta_slow and beta_fast, and q, k scaled by 0.1 ln s + 1."""
+    rope_type: str
+    factor: float  # s = the new context length / original_max_position_embeddings
+    original_max_position_embeddings: int | None = None  # L, the length trained before the extension (yarn)
+    beta_fast: float = 32.0  # yarn: dimensions turning more than beta_fast times over L keep their frequency
+    beta_slow: float = 1.0  # yarn: dimensions turning fewer than beta_slow times are interpolated by s
+
+    def __post_init__(self):
+        if self.rope_type not in ROPE_SCALING_TYPES:
+            raise ValueError(f"model.rope_scaling.rope_type must be one of {ROPE_SCALING_TYPES} (or rope_scaling: "
+                             f"none), got {self.rope_type!r}")
+        if isinstance(self.factor, bool) or not isinstance(self.factor, int | float) or not self.factor > 1:
+            raise ValueError(f"model.rope_scaling.factor must be a number > 1 (the context extension; "
+                             f"rope_scaling: none for no scaling), got {self.factor!r}")
+        if self.rope_type == "yarn":
+            length = self.original_max_position_embeddings
+            if isinstance(length, bool) or not isinstance(length, int) or length < 1:
+                raise ValueError("model.rope_scaling.original_max_position_embeddings must be a positive integer "
+                                 f"for yarn (the sequence length trained before the extension), got {length!r}")
+            if not 0 < self.beta_slow < self.beta_fast:
+                raise ValueError(f"model.rope_scaling: yarn needs 0 < beta_slow < beta_fast, got beta_slow "
+                                 f"{self.beta_slow!r} and beta_fast {self.beta_fast!r}")
+        elif self.original_max_position_embeddings is not None:
+            raise ValueError("model.rope_scaling.original_max_position_embeddings is for rope_type yarn; linear "
+                             "divides every position by the factor")
 
 
 @dataclass(kw_only=True)
@@ -23,6 +56,7 @@ class ModelConfig:
     gamma_max: float = 0.999  # |gamma| <= gamma_max < 1 keeps the feedback solve stable
     norm_eps: float = 1e-5
     rope_base: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # context extension (RopeScaling); None or "none": plain RoPE
     tie_embeddings: bool = True
     init_scheme: str = "scaled"  # "reference": PyTorch defaults as the public reference; "scaled": normal(init_std)
     init_std: float = 0.02
@@ -72,6 +106,7 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
         if self.rope_base <= 1:
             raise ValueError(f"ModelConfig.rope_base must be > 1, got {self.rope_base}")
+        self._check_rope_scaling()
         if self.init_scheme not in INIT_SCHEMES:
             raise ValueError(f"ModelConfig.init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
         if self.init_std <= 0:
@@ -80,6 +115,22 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.feedback_impl must be one of {FEEDBACK_IMPLS}, got {self.feedback_impl!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    def _check_rope_scaling(self) -> None:
+        """rope_scaling as written in a recipe or a saved config: none, or a mapping of RopeScaling's fields."""
+        scaling = self.rope_scaling
+        if scaling is None or (isinstance(scaling, str) and scaling.lower() == "none"):
+            self.rope_scaling = None
+        elif isinstance(scaling, dict):
+            names = {f.name for f in fields(RopeScaling)}
+            unknown = sorted(set(scaling) - names)
+            if unknown or "rope_type" not in scaling or "factor" not in scaling:
+                raise ValueError(f"model.rope_scaling needs rope_type and factor (fields: {', '.join(sorted(names))}); "
+                                 f"got {scaling!r}")
+            self.rope_scaling = RopeScaling(**scaling)
+        elif not isinstance(scaling, RopeScaling):
+            raise ValueError("model.rope_scaling must be none or a mapping {rope_type: linear | yarn, factor: ..., "
+                             f"original_max_position_embeddings: ...}}, got {scaling!r}")
 
     def _check_layer_pattern(self) -> None:
         pattern = self.layer_pattern

@@ -91,8 +91,9 @@ def flex_document_block_mask(doc_ids: torch.Tensor, block_size: int = 128):
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_ids: torch.Tensor,
-                       use_flex: bool | None = None, tile: int = 256) -> torch.Tensor:
-    """Causal attention within documents. q [B, H, T, d], k/v [B, H_kv, T, d] -> [B, H, T, d].
+                       use_flex: bool | None = None, tile: int = 256, scale: float | None = None) -> torch.Tensor:
+    """Causal attention within documents. q [B, H, T, d], k/v [B, H_kv, T, d] -> [B, H, T, d];
+    `scale` multiplies the logits (None: 1 / sqrt(d)).
 
     `use_flex` None: flex_attention (compiled, block-sparse) on CUDA when this torch has it.
     Otherwise SDPA per tile of `tile` queries against only the keys its documents can see (from
@@ -103,7 +104,7 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_id
         use_flex = q.is_cuda and _flex() is not None
     if use_flex:
         flex_attention, _ = _flex()
-        return flex_attention(q, k, v, block_mask=flex_document_block_mask(doc_ids),
+        return flex_attention(q, k, v, block_mask=flex_document_block_mask(doc_ids), scale=scale,
                               enable_gqa=q.shape[1] != k.shape[1])
     T = q.shape[2]
     index = torch.arange(T, device=q.device)
@@ -115,7 +116,7 @@ def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, doc_id
         keys, queries = index[k0:q1], index[q0:q1]
         visible = (keys[None, None, :] <= queries[None, :, None]) & (keys[None, None, :] >= starts[:, q0:q1, None])
         outputs.append(torch.nn.functional.scaled_dot_product_attention(
-            q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=visible[:, None], enable_gqa=True))
+            q[:, :, q0:q1], k[:, :, k0:q1], v[:, :, k0:q1], attn_mask=visible[:, None], enable_gqa=True, scale=scale))
     return torch.cat(outputs, dim=2)
 
 

@@ -108,8 +108,10 @@ class SessaMixer(MegatronModule):
             )
             if config.num_heads > 1 else None
         )
-        self.register_buffer("rope_inv_freq", rope_inv_freq(d, config.rope_base), persistent=False)
-        self.rope_config = rope_config(megatron_config, interleaved=True)  # pairs (2i, 2i+1), as the reference
+        self.register_buffer("rope_inv_freq", rope_inv_freq(d, config.rope_base, config.rope_scaling),
+                             persistent=False)
+        # pairs (2i, 2i+1), as the reference
+        self.rope_config = rope_config(megatron_config, interleaved=True, scaling=config.rope_scaling)
 
     def forward(self, a_bar: torch.Tensor, cache: LayerCache | None = None, *,
                 doc_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):

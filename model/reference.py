@@ -38,6 +38,9 @@ def reference_layer_kwargs(config: ModelConfig) -> dict:
     if config.rope_base != REFERENCE_ROPE_BASE:
         raise ValueError(f"the reference layer fixes the RoPE base at {REFERENCE_ROPE_BASE:g} but this model uses "
                          f"rope_base {config.rope_base:g}; export --to hf or --to safetensors instead")
+    if config.rope_scaling is not None:
+        raise ValueError(f"the reference layer has plain RoPE but this model uses rope_scaling "
+                         f"{config.rope_scaling.rope_type!r}; export --to hf or --to safetensors instead")
     others = sorted(set(config.block_types) - {"S"})
     if others:
         raise ValueError(f"the reference format holds only Sessa layers but model.layer_pattern "

@@ -1,7 +1,8 @@
 """The Transformer++ baseline for scaling comparisons: megatron-core's GPTModel, local spec with a
 fused attention core.
 
-Pre-norm decoder with RMSNorm, RoPE (rotate-half, base `rope_base`), grouped-query attention, a
+Pre-norm decoder with RMSNorm, RoPE (rotate-half, base `rope_base`, `rope_scaling` as in
+model/attention.py: the table's angles and YaRN's factor on the softmax scale), grouped-query attention, a
 SwiGLU MLP of width `ffn_hidden_size` and no biases anywhere; tied embeddings per the config. It
 reads the same `ModelConfig` (with `arch: transformer`) so both arms of a sweep share width, depth,
 heads, vocabulary, dtype and initialisation std, and it presents the interface the trainer uses
@@ -25,12 +26,14 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from .attention import rope_angles, rope_attention_factor, scale_inv_freq
 from .config import ModelConfig
 from .documents import check_doc_ids, document_attention
 from .lm import load_strictly
@@ -57,7 +60,25 @@ def transformer_megatron_config(config: ModelConfig, **overrides):
         attention_dropout=0.0,
         init_method_std=config.init_std,
     )
+    if config.rope_scaling is not None and config.rope_scaling.rope_type == "yarn":
+        # YaRN's sqrt(1/t) on q and k is (sqrt(1/t))^2 on the logits
+        fields["softmax_scale"] = rope_attention_factor(config.rope_scaling) ** 2 / math.sqrt(config.head_size)
     return make_megatron_config(config, **(fields | overrides))
+
+
+class ScaledRotaryEmbedding(RotaryEmbedding):
+    """megatron's RotaryEmbedding (rotate-half) with model.rope_scaling's frequencies and angles from
+    model/attention.py, so both arms scale RoPE with one implementation."""
+
+    def __init__(self, config: ModelConfig, use_cpu_initialization: bool, cp_group):
+        super().__init__(kv_channels=config.head_size, rotary_percent=1.0, rotary_base=config.rope_base,
+                         use_cpu_initialization=use_cpu_initialization, cp_group=cp_group)
+        self.scaling = config.rope_scaling
+        self.inv_freq = scale_inv_freq(self.inv_freq, self.scaling)  # megatron's theta_i, YaRN's under yarn
+
+    def get_freqs_non_repeated(self, max_seq_len: int, offset: int = 0) -> torch.Tensor:
+        positions = torch.arange(max_seq_len, device=self.inv_freq.device) + offset
+        return rope_angles(positions, self.inv_freq, self.scaling)
 
 
 class SDPAttention(MegatronModule):
@@ -78,7 +99,6 @@ class SDPAttention(MegatronModule):
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         unsupported = {
             "attention_dropout > 0": dropout > 0,
-            "softmax_scale": softmax_scale is not None,
             "apply_query_key_layer_scaling": config.apply_query_key_layer_scaling,
             "context_parallel_size > 1": config.context_parallel_size > 1,
             f"softmax_type {config.softmax_type!r}": config.softmax_type != "vanilla",
@@ -89,6 +109,7 @@ class SDPAttention(MegatronModule):
             raise ValueError(f"SDPAttention (model/transformer.py) does not support {', '.join(bad)} in the "
                              "megatron config of the Transformer arm; leave these at their defaults")
         self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale  # None: 1 / sqrt(head size); set for YaRN (transformer_megatron_config)
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
@@ -101,12 +122,13 @@ class SDPAttention(MegatronModule):
             if attention_mask.dim() != 2 or attention_mask.dtype.is_floating_point or attention_mask.dtype == torch.bool:
                 raise ValueError("SDPAttention reads attention_mask as document ids [batch, seq_len] (int); got "
                                  f"{attention_mask.dtype} {list(attention_mask.shape)}: pass doc_ids to TransformerLM")
-            out = document_attention(q, k, v, attention_mask)
+            out = document_attention(q, k, v, attention_mask, scale=self.softmax_scale)
         else:
             causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
             if causal and sq != k.shape[2]:
                 raise ValueError(f"causal attention needs as many queries as keys, got {sq} and {k.shape[2]}")
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=heads != k.shape[1])
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=heads != k.shape[1],
+                                                 scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * head_size)
 
 
@@ -161,9 +183,12 @@ class TransformerLM(GPTModel):
             post_process=post_process,
             share_embeddings_and_output_weights=config.tie_embeddings,
             position_embedding_type="rope",
-            rotary_base=int(config.rope_base),
+            rotary_base=config.rope_base,
             vp_stage=vp_stage,
         )
+        if config.rope_scaling is not None:
+            self.rotary_pos_emb = ScaledRotaryEmbedding(config, megatron_config.use_cpu_initialization,
+                                                        self.rotary_pos_emb.cp_group)
         self.sessa = config  # the trainer and init read the hyper-parameters here, as on SessaLM
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
@@ -327,6 +352,10 @@ def init_transformer_weights(model: TransformerLM, seed: int = 0) -> None:
 def llama_config_dict(config: ModelConfig) -> dict:
     """The Hugging Face `LlamaConfig` fields of the Transformer arm (the same architecture: RMSNorm,
     rotate-half RoPE, GQA, SwiGLU, no biases), for an export that `LlamaForCausalLM` loads."""
+    if config.rope_scaling is not None:
+        raise ValueError(f"model.rope_scaling {config.rope_scaling.rope_type!r}: the Llama export of the Transformer "
+                         "arm carries plain RoPE only (Hugging Face's yarn ramps over rounded dimension indices, not "
+                         "over the wavelength ratio as published and trained here); export --to safetensors instead")
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size, "intermediate_size": config.ffn_hidden_size,

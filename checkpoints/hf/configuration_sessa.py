@@ -12,7 +12,8 @@ class ModelConfig(PretrainedConfig):
                  num_key_value_heads=None, gamma_max=0.999, layer_norm_eps=1e-5, rope_theta=10000.0,
                  feedback_chunk_size=64, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
                  pad_token_id=None, layer_pattern="", intermediate_size=None, mamba_state_size=128,
-                 mamba_head_size=64, mamba_expand=2, mamba_conv_kernel=4, mamba_chunk_size=64, **kwargs):
+                 mamba_head_size=64, mamba_expand=2, mamba_conv_kernel=4, mamba_chunk_size=64,
+                 sessa_rope_scaling=None, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -21,6 +22,11 @@ class ModelConfig(PretrainedConfig):
         self.gamma_max = gamma_max
         self.layer_norm_eps = layer_norm_eps
         self.rope_theta = rope_theta
+        # None, {"rope_type": "linear", "factor": s} or {"rope_type": "yarn", "factor": s,
+        # "original_max_position_embeddings": L, "beta_fast": 32.0, "beta_slow": 1.0} (modeling_sessa.py).
+        # Not `rope_scaling`: transformers reads that key as its own RoPE types (its yarn ramps over rounded
+        # dimension indices, not as published) and fails to load a remote-code config.json holding a yarn one.
+        self.sessa_rope_scaling = sessa_rope_scaling
         self.feedback_chunk_size = feedback_chunk_size
         self.layer_pattern = layer_pattern  # "S" Sessa, "*" attention, "-" SwiGLU MLP, "M" Mamba-2; "" = all Sessa
         self.intermediate_size = intermediate_size  # the MLP blocks' width

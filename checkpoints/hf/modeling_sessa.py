@@ -17,7 +17,11 @@ gives what its prompt gives alone (Mamba-2 blocks reset their state at a documen
 real tokens must be contiguous: left or right padding).
 Hybrid stacks (`layer_pattern`): `S` Sessa, `*` attention, `-` SwiGLU MLP and `M` Mamba-2 blocks,
 as the training recipe's model/blocks.py and model/mamba.py.
+RoPE scaling (`sessa_rope_scaling`, as trained): "linear" divides the positions by the factor s; "yarn"
+is YaRN as published (NTK-by-parts frequencies, ramped on the wavelength ratio; q and k times
+0.1 ln s + 1).
 """
+import math
 from dataclasses import dataclass
 
 import torch
@@ -69,6 +73,28 @@ def chunked_feedback_solve(q_b, k_b, f, gamma, chunk_size: int, doc_ids=None):
     return s.to(out_dtype)
 
 
+def rope_inv_freq(theta, scaling, d, device):
+    """[d/2] fp32 frequencies theta_i = theta^(-2i/d); yarn: (1 - gamma_i) theta_i / s + gamma_i theta_i with
+    gamma_i = clamp((r_i - beta_slow) / (beta_fast - beta_slow), 0, 1), r_i = L theta_i / (2 pi)."""
+    inv_freq = theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=device) / d)
+    if not scaling or scaling["rope_type"] != "yarn":
+        return inv_freq
+    beta_fast, beta_slow = scaling.get("beta_fast", 32.0), scaling.get("beta_slow", 1.0)
+    turns = scaling["original_max_position_embeddings"] * inv_freq.double() / (2 * math.pi)
+    kept = ((turns - beta_slow) / (beta_fast - beta_slow)).clamp(0, 1)
+    return ((1 - kept) * inv_freq.double() / scaling["factor"] + kept * inv_freq.double()).float()
+
+
+def rope_positions(positions, scaling):
+    """Positions as RoPE sees them: divided by the factor under linear scaling (position interpolation)."""
+    return positions.float() / scaling["factor"] if scaling and scaling["rope_type"] == "linear" else positions
+
+
+def rope_attention_factor(scaling):
+    """YaRN multiplies q and k by sqrt(1/t) = 0.1 ln s + 1."""
+    return 0.1 * math.log(scaling["factor"]) + 1.0 if scaling and scaling["rope_type"] == "yarn" else 1.0
+
+
 def apply_interleaved_rope(x, positions, inv_freq):
     """Rotate pairs (2i, 2i+1) of x [B, H, T, d] by positions[t] * inv_freq[i] (in fp32); positions [T] or [B, T]."""
     angles = positions.float()[..., None] * inv_freq.float()
@@ -105,7 +131,7 @@ class SessaMixer(nn.Module):
         self.out_proj = nn.Linear(D, D, bias=False) if H > 1 else None  # identity for one head
         self.gamma_bias = nn.Parameter(torch.ones(()))
         self.gamma_ctx = nn.Linear(D, 1, bias=False)
-        self.rope_theta = config.rope_theta
+        self.rope_theta, self.rope_scaling = config.rope_theta, config.sessa_rope_scaling
 
     def _heads(self, x, n):  # [B, T, n*d] -> [B, n, T, d]
         B, T, _ = x.shape
@@ -122,9 +148,10 @@ class SessaMixer(nn.Module):
         # Computed here rather than held as a buffer: transformers materialises models from the meta
         # device and would leave a non-persistent buffer uninitialised.
         d = self.head_size
-        inv_freq = self.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=a_bar.device) / d)
-        q = apply_interleaved_rope(self._heads(self.q_proj(a_bar), self.num_heads), positions, inv_freq)
-        k = apply_interleaved_rope(self._heads(self.k_proj(a_bar), self.num_kv_heads), positions, inv_freq)
+        inv_freq = rope_inv_freq(self.rope_theta, self.rope_scaling, d, a_bar.device)
+        positions, factor = rope_positions(positions, self.rope_scaling), rope_attention_factor(self.rope_scaling)
+        q = apply_interleaved_rope(self._heads(self.q_proj(a_bar), self.num_heads), positions, inv_freq) * factor
+        k = apply_interleaved_rope(self._heads(self.k_proj(a_bar), self.num_kv_heads), positions, inv_freq) * factor
         v = self._heads(self.v_proj(a_bar), self.num_kv_heads)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)
@@ -194,7 +221,7 @@ class AttentionBlock(nn.Module):
         super().__init__()
         D, H, H_kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_size = H, H_kv, D // H
-        self.rope_theta = config.rope_theta
+        self.rope_theta, self.rope_scaling = config.rope_theta, config.sessa_rope_scaling
         self.norm = nn.RMSNorm(D, eps=config.layer_norm_eps)
         self.q_proj = nn.Linear(D, D, bias=False)
         self.k_proj = nn.Linear(D, H_kv * self.head_size, bias=False)
@@ -207,10 +234,11 @@ class AttentionBlock(nn.Module):
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device)
         d = self.head_size
-        inv_freq = self.rope_theta ** (-torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+        inv_freq = rope_inv_freq(self.rope_theta, self.rope_scaling, d, x.device)
+        positions, factor = rope_positions(positions, self.rope_scaling), rope_attention_factor(self.rope_scaling)
         h = self.norm(x)
-        q = apply_half_rope(self.q_proj(h).view(B, T, -1, d).transpose(1, 2), positions, inv_freq)
-        k = apply_half_rope(self.k_proj(h).view(B, T, -1, d).transpose(1, 2), positions, inv_freq)
+        q = apply_half_rope(self.q_proj(h).view(B, T, -1, d).transpose(1, 2), positions, inv_freq) * factor
+        k = apply_half_rope(self.k_proj(h).view(B, T, -1, d).transpose(1, 2), positions, inv_freq) * factor
         v = self.v_proj(h).view(B, T, -1, d).transpose(1, 2)
         if past is not None:
             k, v = torch.cat((past[0], k), dim=2), torch.cat((past[1], v), dim=2)

@@ -125,6 +125,23 @@ def test_mamba_hybrid_exports_to_hf(tmp_path, prepared_data):  # noqa: F811
     assert_matches_native(reader, config, ids, load_in_fresh_process(tmp_path / "hf", ids, tmp_path))
 
 
+@pytest.mark.slow
+def test_yarn_model_exports_to_hf(tmp_path, prepared_data):  # noqa: F811
+    """model.rope_scaling yarn in Sessa and `*` blocks: config.json carries it, and the export
+    loaded with remote code in a fresh process gives our model's logits and greedy tokens."""
+    scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}
+    recipe = _recipe(tmp_path, prepared_data, init_scheme="reference", layer_pattern="S*", rope_scaling=scaling)
+    run_pretrain(recipe, "--run_name", "yarn")
+    run = tmp_path / "runs" / "yarn"
+    assert "top-1 mismatches: 0" in cli("export", run, "--to", "hf", "--out", tmp_path / "hf").stdout
+    exported = json.loads((tmp_path / "hf" / "config.json").read_text())["sessa_rope_scaling"]
+    assert exported == scaling | {"beta_fast": 32.0, "beta_slow": 1.0}
+    reader = open_checkpoint(run)
+    config = model_config(reader.common)
+    ids = torch.randint(0, config.vocab_size, (2, 37), generator=torch.Generator().manual_seed(5))
+    assert_matches_native(reader, config, ids, load_in_fresh_process(tmp_path / "hf", ids, tmp_path))
+
+
 def test_transformer_arm_exports_to_llama(tmp_path, prepared_data, monkeypatch):  # noqa: F811
     """The Transformer arm exports to transformers' own LlamaForCausalLM (no remote code): the same
     logits as our model read independently, the same greedy tokens; a k/v mix-up is caught; the
