@@ -30,6 +30,7 @@ class TrainConfig:
     nonfinite: str = "skip"  # a NaN/inf loss or gradient norm: "skip" (drop the update, count it) or "stop"
     nonfinite_limit: int = 5  # with "skip": stop after this many non-finite steps in a row
     recompute: str = "none"  # megatron engine: "selective" (attention + feedback solve) or "full" (whole block)
+    hang_timeout_s: float = 300.0  # no finished step for this long: dump stacks and exit (pretrain/watchdog.py); 0: off
 
     def __post_init__(self):
         if self.nonfinite not in ("skip", "stop"):
@@ -43,6 +44,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.exit_interval < 0:
             raise ConfigError(f"train.exit_interval must be >= 0, got {self.exit_interval}")
+        if self.hang_timeout_s < 0:
+            raise ConfigError(f"train.hang_timeout_s must be >= 0 (0: no hang watchdog), got {self.hang_timeout_s}")
 
 
 @dataclass(kw_only=True)
@@ -139,6 +142,7 @@ class ParallelConfig:
     pipeline_layout: str = ""  # layers per stage, e.g. "3|3|2|2" (pipeline x virtual_stages entries); "": even
     sequence_parallel: bool = False
     context: int = 1  # context parallelism: each sequence split into this many contiguous pieces, one per rank
+    timeout_minutes: float = 30.0  # a collective waiting longer fails (init_process_group's timeout)
 
     def __post_init__(self):
         if self.tensor < 1 or self.pipeline < 1 or self.virtual_stages < 1 or self.context < 1:
@@ -148,6 +152,8 @@ class ParallelConfig:
             raise ConfigError("parallel.virtual_stages > 1 needs parallel.pipeline > 1")
         if self.sequence_parallel and self.tensor == 1:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
+        if not self.timeout_minutes > 0:
+            raise ConfigError(f"parallel.timeout_minutes must be > 0, got {self.timeout_minutes}")
 
     def stage_layers(self, num_layers: int) -> list[list[int]]:
         """Global layer numbers of each of the pipeline x virtual_stages stages, in model order.

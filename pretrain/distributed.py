@@ -3,12 +3,14 @@ import datetime
 import os
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
 from .config import ConfigError, ParallelConfig
+from .watchdog import flight_recorder_env
 
 
 @dataclass(frozen=True)
@@ -53,12 +55,13 @@ def torch_env_from_slurm(environ) -> dict[str, str]:
     return env
 
 
-def init_distributed(parallel: ParallelConfig) -> DistEnv:
+def init_distributed(parallel: ParallelConfig, hangs_dir: Path | None = None) -> DistEnv:
     """torchrun-style env (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), one srun task per rank
     (the same derived from SLURM_*, see torch_env_from_slurm) or a single process.
 
     NCCL on GPUs, gloo on CPU; without a GPU megatron's CUDA assumptions are redirected to the CPU
-    (see model/cpu_compat.py).
+    (see model/cpu_compat.py). Collectives time out after parallel.timeout_minutes; with `hangs_dir`
+    the flight recorder is on and dumps there (pretrain/watchdog.py; variables set before are kept).
     """
     os.environ.update(torch_env_from_slurm(os.environ))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,7 +81,11 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
         raise ConfigError(f"world size {world_size} is not divisible by parallel.tensor x parallel.pipeline x "
                           f"parallel.context = {parallel.tensor} x {parallel.pipeline} x {parallel.context}")
     if not dist.is_initialized():
-        timeout = datetime.timedelta(minutes=30)
+        if hangs_dir is not None:
+            hangs_dir.mkdir(parents=True, exist_ok=True)
+            for name, value in flight_recorder_env(hangs_dir).items():
+                os.environ.setdefault(name, value)
+        timeout = datetime.timedelta(minutes=parallel.timeout_minutes)
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
@@ -87,7 +94,7 @@ def init_distributed(parallel: ParallelConfig) -> DistEnv:
         parallel_state.initialize_model_parallel(
             parallel.tensor, parallel.pipeline,
             virtual_pipeline_model_parallel_size=parallel.virtual_stages if parallel.virtual_stages > 1 else None,
-            context_parallel_size=parallel.context,
+            context_parallel_size=parallel.context, distributed_timeout_minutes=parallel.timeout_minutes,
         )
     return DistEnv(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device,

@@ -14,6 +14,7 @@ drops that step's update (`train.nonfinite: skip`, megatron engine) or stops at 
 `train.nonfinite_limit` in a row the run stops with NonFiniteError, saving nothing, so `latest` stays
 the last good checkpoint.
 """
+import functools
 import math
 import os
 import signal
@@ -39,10 +40,11 @@ from .engines import engine_class
 from .memory import estimate_memory_gb
 from .metrics import MetricsLogger, model_tflops_per_device
 from .profiling import StepProfiler
-from .stragglers import straggler_metrics
 from .runlock import acquire_for_training
 from .state import TrainState, build_scheduler, check_checkpoint_compatible, layout_of, restore_loader, \
     rng_state, seed_everything, set_rng_state
+from .stragglers import straggler_metrics
+from .watchdog import HangWatchdog
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 # Test only (tests/pretrain/test_stragglers.py): "RANK:SECONDS" makes that rank wait SECONDS longer for
@@ -57,6 +59,16 @@ def _test_data_delay(rank: int) -> float:
 
 class NonFiniteError(RuntimeError):
     """Training produced non-finite losses or gradients and stopped (train.nonfinite)."""
+
+
+def _unwatched(method):
+    """A Trainer method the hang watchdog does not time (saves, evaluations: they may take longer than
+    train.hang_timeout_s; their collectives keep parallel.timeout_minutes)."""
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        with self.watchdog.paused():
+            return method(self, *args, **kwargs)
+    return call
 
 
 class _TimedIterator:
@@ -90,7 +102,7 @@ class _TimedIterator:
 class Trainer:
     def __init__(self, config: RunConfig):
         self.config = config
-        self.env = init_distributed(config.parallel)
+        self.env = init_distributed(config.parallel, hangs_dir=config.run_dir / "hangs")
         self.device = self.env.device
         self._lock_run_and_catch_stop_signals()
         self._read_data_manifest()
@@ -103,6 +115,8 @@ class Trainer:
         self.train_loader = self._build_train_loader()
         self.state = TrainState()
         self.nonfinite_streak = 0
+        self.watchdog = HangWatchdog(config.train.hang_timeout_s, self.env.rank, self.env.world_size,
+                                     config.run_dir / "hangs")
         if plan is not None:
             self._resume(plan)
         self.eval_tasks = self._load_eval_tasks()
@@ -249,6 +263,14 @@ class Trainer:
 
     # --- the loop -----------------------------------------------------------------------------
     def train(self) -> None:
+        """Train to train.max_steps, a stop signal or train.exit_interval, watched for hangs."""
+        self.watchdog.start(self.state.step)
+        try:
+            self._train_steps()
+        finally:
+            self.watchdog.stop()
+
+    def _train_steps(self) -> None:
         cfg, state = self.config, self.state
         timed = _TimedIterator(self.train_loader, count_pairs=cfg.data.document_masking,
                                test_delay_s=_test_data_delay(self.env.rank))
@@ -268,6 +290,7 @@ class Trainer:
             step_s = time.perf_counter() - step_start
             window_own_s += step_s - (self.engine.reduction_wait_s - reduction_wait_s)
             state.step += 1
+            self.watchdog.progress(state.step)
             state.consumed_tokens += cfg.train.global_batch_tokens
             self._account_nonfinite(result)
             if result.applied:
@@ -395,6 +418,7 @@ class Trainer:
                 self.save()
             raise
 
+    @_unwatched
     def _log_eval(self) -> None:
         metrics = self.evaluate()
         self.logger.print(f"step {self.state.step}: val loss {metrics['val/loss']:.4f}, ppl {metrics['val/ppl']:.2f}")
@@ -464,6 +488,7 @@ class Trainer:
 
         return psutil.Process().memory_info().rss / 2**30
 
+    @_unwatched
     def _print_sample(self) -> None:
         cfg = self.config
         if not cfg.eval.sample_tokens:
@@ -483,6 +508,7 @@ class Trainer:
         self.logger.print(f"sample after step {self.state.step}:\n{tokenizer.decode(out[0].tolist())}")
 
     # --- checkpoints --------------------------------------------------------------------------
+    @_unwatched
     def save(self) -> float:
         """Save this step; returns the seconds it took.
 
