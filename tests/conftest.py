@@ -25,3 +25,36 @@ def prepared_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "pydocs64"
     prepare("builtin", "pydocs4k", 64, out, num_workers=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, prepared_data) -> dict:
+    """{"tmp", "data", "recipe", "run", "hf"}: tests/pretrain's tiny recipe trained 3 steps on a private copy
+    of the session dataset (a test may hide it), and the run's HF export, verified by the exporter. The
+    reference init (uniform +-1/sqrt(fan_in)) gives attention far from uniform, so heads differ. Tests
+    read these; a test that writes puts its files under `tmp` with a name of its own."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.pretrain.conftest import REPO, TEST_RECIPE, pretrain_env, run_pretrain
+
+    tmp = tmp_path_factory.mktemp("tiny-run")
+    data = tmp / "pydocs64"
+    shutil.copytree(prepared_data, data)
+    tree = json.loads(json.dumps(TEST_RECIPE))
+    tree["data"].update(path=str(data), num_workers=0)
+    tree["model"]["init_scheme"] = "reference"
+    tree["train"]["max_steps"] = 3
+    tree["runs_dir"] = str(tmp / "runs")
+    recipe = tmp / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(tree))
+    run_pretrain(recipe, "--run_name", "sessa")
+    done = subprocess.run([sys.executable, "-m", "checkpoints", "export", tmp / "runs" / "sessa", "--to", "hf",
+                           "--out", tmp / "hf"], cwd=REPO, env=pretrain_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0 and "top-1 mismatches: 0" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
+    return {"tmp": tmp, "data": data, "recipe": recipe, "run": tmp / "runs" / "sessa", "hf": tmp / "hf"}

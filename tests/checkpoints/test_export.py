@@ -37,16 +37,9 @@ def cli(*args, expect_ok=True) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, prepared_data):  # noqa: F811
-    """A 3-step single-process run and its HF export (verified by the exporter itself). The reference
-    init (uniform +-1/sqrt(fan_in)) gives attention that is far from uniform, so heads differ."""
-    tmp = tmp_path_factory.mktemp("export")
-    recipe = _recipe(tmp, prepared_data, init_scheme="reference")
-    run_pretrain(recipe, "--run_name", "tp1")
-    run = tmp / "runs" / "tp1"
-    done = cli("export", run, "--to", "hf", "--out", tmp / "hf")
-    assert "top-1 mismatches: 0" in done.stdout and "exported to" in done.stdout
-    return tmp, recipe, run, tmp / "hf"
+def trained(tiny_run):
+    """The session's 3-step run and its verified HF export (tests/conftest.py tiny_run)."""
+    return tiny_run["tmp"], tiny_run["recipe"], tiny_run["run"], tiny_run["hf"]
 
 
 FRESH_PROCESS = r"""
