@@ -33,6 +33,7 @@ def _start_ranks(recipe, logs):
     return ranks
 
 
+@pytest.mark.slow
 def test_a_stopped_rank_is_named_and_the_run_restarts_exactly(recipe, tmp_path):
     run_dir = tmp_path / "runs" / "hung"
     rank0, rank1 = _start_ranks(recipe, tmp_path)

@@ -22,6 +22,7 @@ HYBRID = ("--model.num_layers", "4", "--model.layer_pattern", "S*-M", "--model.f
           "--model.mamba_head_size", "16", "--model.mamba_state_size", "16")
 
 
+@pytest.mark.slow
 def test_trace_of_the_configured_steps_holds_every_part(recipe, tmp_path):
     run_pretrain(recipe, "--run_name", "traced", *HYBRID, "--train.max_steps", "4", "--data.num_workers", "0",
                  "--profile.steps", "2-3", "--profile.ranks", "0")

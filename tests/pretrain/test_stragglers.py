@@ -3,6 +3,7 @@ logging interval names it as the slowest rank, with its step time and data wait.
 import json
 import subprocess
 
+import pytest
 from conftest import REPO, pretrain_command, pretrain_env
 
 from pretrain.loop import TEST_DATA_DELAY_ENV
@@ -10,6 +11,7 @@ from pretrain.loop import TEST_DATA_DELAY_ENV
 DELAY_S = 0.8  # rank 1's extra wait per micro-batch
 
 
+@pytest.mark.slow
 def test_the_slow_rank_is_named_with_its_step_time_and_data_wait(recipe, tmp_path):
     steps = 3
     # the recipe's 256 tokens a step = 2 micro-batches of 2 x 64 tokens: one per rank and step
