@@ -64,14 +64,15 @@ def test_tokens_and_validation_loss_per_source(mixture):
 def test_sigkill_then_restart_gives_bitwise_identical_losses_with_a_mixture(mixture):
     recipe, run_dir = mixture["recipe"], mixture["runs"] / "crashed"
     process = start_pretrain(recipe, "--run_name", "crashed", "--checkpoint.interval_steps", "4")
-    _kill_after_step(process, run_dir, 6)
-    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "4"
+    _kill_after_step(process, run_dir, 5)
+    saved = int((run_dir / "checkpoints" / "latest").read_text())
+    assert saved in (4, 8)  # 8 only if the kill came late on a busy machine: a resume all the same
     run_pretrain(recipe, "--run_name", "crashed", "--checkpoint.interval_steps", "4")
     reference = mixture["runs"] / "straight"
     for key in ("train/loss", "data/docs/tokens", "data/mqar/tokens"):
         resumed, straight = read_metrics(run_dir, key), read_metrics(reference, key)
         assert sorted(resumed) == list(range(1, 11))
-        assert [resumed[s] for s in range(5, 11)] == [straight[s] for s in range(5, 11)], key
+        assert [resumed[s] for s in range(saved + 1, 11)] == [straight[s] for s in range(saved + 1, 11)], key
 
 
 def test_a_used_up_source_stops_at_a_saved_step_that_resumes_with_a_raised_cap(mixture, prepared_data, mqar_data):
