@@ -12,7 +12,8 @@ Stopping: SIGTERM or SIGUSR1 (a cluster's preemption, `scancel`, Ctrl-C via laun
 flag; every rank agrees after the step in flight, saves and returns. A non-finite loss or gradient norm
 drops that step's update (`train.nonfinite: skip`, megatron engine) or stops at once (`stop`); after
 `train.nonfinite_limit` in a row the run stops with NonFiniteError, saving nothing, so `latest` stays
-the last good checkpoint.
+the last good checkpoint. A rank that finishes no step for `train.hang_timeout_s` writes its stacks
+and exits (pretrain/watchdog.py); every logging interval names the slowest rank (pretrain/stragglers.py).
 """
 import functools
 import math

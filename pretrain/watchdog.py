@@ -27,8 +27,6 @@ import torch.distributed as dist
 HANG_EXIT_CODE = 7
 FLIGHT_RECORDER_PREFIX = "flight_recorder_rank_"  # + rank: the name torch's own dump on a timeout uses
 STORE_TIMEOUT = datetime.timedelta(seconds=10)  # a store that does not answer (its host is the hung rank)
-
-
 FLIGHT_RECORDER_ENV = ("TORCH_FR_BUFFER_SIZE", "TORCH_NCCL_DUMP_ON_TIMEOUT", "TORCH_FR_DUMP_TEMP_FILE")
 
 
@@ -49,7 +47,6 @@ class HangWatchdog:
         self._pauses = 0
         self._moved = threading.Event()  # a step finished: publish it now
         self._stopped = False
-        self._thread = None
         self._store = None
 
     def start(self, step: int) -> None:
@@ -62,8 +59,7 @@ class HangWatchdog:
                                   timeout=STORE_TIMEOUT, wait_for_workers=False)
             self._store = dist.PrefixStore("hang_watchdog/", store)
         self._last_progress = time.monotonic()
-        self._thread = threading.Thread(target=self._watch, name="hang-watchdog", daemon=True)
-        self._thread.start()
+        threading.Thread(target=self._watch, name="hang-watchdog", daemon=True).start()
 
     def progress(self, step: int) -> None:
         """The training loop finished `step`."""
@@ -107,15 +103,14 @@ class HangWatchdog:
 
     def _read_all(self) -> dict[int, tuple[int, int] | None]:
         """rank -> (last finished step, heartbeat count), None where nothing can be read."""
-        progress = {}
-        for rank in range(self.world_size):
-            key = f"rank{rank}"
-            try:
-                step, beats = self._store.get(key).decode().split() if self._store.check([key]) else (None, None)
-                progress[rank] = (int(step), int(beats)) if step is not None else None
-            except Exception:  # noqa: BLE001 - the store's host may be the hung rank
-                progress[rank] = None
-        return progress
+        keys = [f"rank{rank}" for rank in range(self.world_size)]
+        try:  # one request when every rank has published (get() would wait for a missing key)
+            values = (self._store.multi_get(keys) if self._store.check(keys) else
+                      [self._store.get(key) if self._store.check([key]) else None for key in keys])
+        except Exception:  # noqa: BLE001 - the store's host may be the hung rank: give up after one timeout
+            return dict.fromkeys(range(self.world_size))
+        return {rank: tuple(int(part) for part in value.decode().split()) if value is not None else None
+                for rank, value in enumerate(values)}
 
     def _ranks_behind(self) -> str:
         if self._store is None:
