@@ -98,6 +98,29 @@ def detect_gpus_per_node(partition: str | None) -> tuple[int, str]:
         return 0, "sinfo answered nothing and there is no nvidia-smi"
 
 
+def detect_cpus_per_node(partition: str | None) -> int | None:
+    """The fewest CPUs of the partition's nodes (sinfo), so that any node fits; None when sinfo does not answer."""
+    try:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%c", *([f"--partition={partition}"] if partition else [])],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    counts = [int(word) for word in done.stdout.split() if word.isdigit()]
+    return min(counts) if done.returncode == 0 and counts else None
+
+
+def check_cpus_fit(ranks_per_node: int, cpus_per_rank: int, partition: str | None, explicit: bool) -> None:
+    """Refuse before sbatch a request the nodes cannot hold (SLURM would queue it forever or reject it)."""
+    available = detect_cpus_per_node(partition)
+    needed = ranks_per_node * cpus_per_rank
+    if available is None or needed <= available:
+        return
+    source = "--cpus-per-rank" if explicit else "data.num_workers + 1"
+    raise BadInput(f"{ranks_per_node} rank(s) per node x {cpus_per_rank} CPUs per rank ({source}) = {needed} CPUs, "
+                   f"but the nodes of partition {partition or '(default)'} have {available} (sinfo); lower "
+                   f"--data.num_workers (a rank uses it + 1 CPUs), --cpus-per-rank or --ranks-per-node")
+
+
 RESOURCES = ("nodes", "gpus_per_node", "time", "partition", "account", "term_grace_s")
 
 
@@ -160,6 +183,7 @@ def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict]:
         raise BadInput(f"--time {res['time']} is not longer than --signal-lead {opts.signal_lead} s; lengthen --time "
                        f"or shorten --signal-lead")
     cpus_per_rank = opts.cpus_per_rank or max(run.data.num_workers for run in runs) + 1
+    check_cpus_fit(ranks_per_node, cpus_per_rank, res["partition"] or None, explicit=bool(opts.cpus_per_rank))
     logs = Path(opts.logs)
     args = ["--parsable", f"--job-name={job_name}", f"--nodes={res['nodes']}",
             f"--signal=B:USR1@{opts.signal_lead}", "--open-mode=append",

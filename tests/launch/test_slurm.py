@@ -10,7 +10,8 @@ import pytest
 from conftest import REPO, finish, job_log, read_metrics, start_local
 from slurm_cluster import ENDED, SBIN_DIRS, ensure_installed
 
-from launch.slurm.__main__ import parse_args, submit
+from launch.slurm.__main__ import build_submission, parse_args, submit
+from launch.slurm.job import BadInput
 from pretrain.distributed import torch_env_from_slurm
 from pretrain.runlock import LOCK_NAME, RunLockedError, acquire_run_lock
 
@@ -200,21 +201,37 @@ def test_installed_daemons_found_with_a_path_lacking_sbin(slurm, monkeypatch):
     assert any(os.access(os.path.join(d, "slurmctld"), os.X_OK) for d in extra_dirs), extra_dirs
 
 
+def test_submit_helper_refuses_more_cpus_than_the_nodes_have(slurm, job_env, recipe, tmp_path):
+    """The test nodes have 2 CPUs (sinfo). The recipe's data.num_workers 2 asks 3 CPUs per rank: refused
+    before sbatch, naming the cause; a request that fits is built."""
+    def build(*argv):
+        return build_submission(*parse_args(["--logs", str(tmp_path / "logs"), "--gpus-per-node", "0", *argv,
+                                             "--config", str(recipe)]))
+
+    with pytest.raises(BadInput, match=r"1 rank\(s\) per node x 3 CPUs per rank \(data.num_workers \+ 1\) = 3 CPUs, "
+                                       r"but the nodes of partition \(default\) have 2 \(sinfo\)"):
+        build("--ranks-per-node", "1")
+    with pytest.raises(BadInput, match=r"2 rank\(s\) per node x 2 CPUs per rank \(--cpus-per-rank\) = 4 CPUs"):
+        build("--ranks-per-node", "2", "--cpus-per-rank", "2")
+    args, _ = build("--ranks-per-node", "1", "--data.num_workers", "1")
+    assert "--cpus-per-task=2" in args
+
+
 @pytest.mark.parametrize("launcher,scope", [("torchrun", "--full"), ("srun", "--full"), ("torchrun", "steps")])
 def test_sigterm_saves_within_grace_and_requeues(slurm, job_env, recipe, tmp_path, monkeypatch, launcher, scope):
     """SIGTERM mid-run, as `scancel --signal=TERM --full` sends it (the batch script and all its
     children, srun included: srun would kill its step at once) or to the steps only (torchrun and
     the ranks): the ranks save the step they are on within the grace time, and the job requeues
     itself and finishes, like the time-limit path. What the first attempt reached must be the step
-    saved on the signal, not the periodic checkpoint (every 100 steps)."""
+    saved on the signal (its log line), after the periodic checkpoint (every 50 steps)."""
     monkeypatch.chdir(tmp_path)
-    steps = 300
+    steps = 150  # 55 before the signal, the rest after the requeue
     (job,) = helper(tmp_path, "--nodes", "2", "--ranks-per-node", "1", "--launcher", launcher, "--term-grace", "20",
                     "--config", str(recipe), "--run_name", "terminated", "--train.max_steps", str(steps),
-                    "--checkpoint.interval_steps", "100", "--checkpoint.keep_last", "2")
+                    "--checkpoint.interval_steps", "50", "--checkpoint.keep_last", "2")
     run_dir, log_path = tmp_path / "runs" / "terminated", tmp_path / "logs" / f"terminated-{job}.out"
     deadline = time.time() + 240
-    while max(read_metrics(run_dir), default=0) < 110:  # past the first periodic checkpoint
+    while max(read_metrics(run_dir), default=0) < 55:  # past the first periodic checkpoint
         assert slurm.jobs(job)[0]["JobState"] not in ENDED and time.time() < deadline, job_log(log_path)[-5000:]
         time.sleep(0.5)
     slurm.run("scancel", "--signal=TERM", *(["--full"] if scope == "--full" else []), job)
@@ -237,6 +254,6 @@ def test_sigterm_saves_within_grace_and_requeues(slurm, job_env, recipe, tmp_pat
     first, second = sorted((json.loads(p.read_text()) for p in (run_dir / "launches").glob("*.json")),
                            key=lambda r: r["restart"])
     assert (first["decision"], second["decision"]) == ("requeue", "done")
-    assert 110 <= first["reached_step"] == second["start_step"] < steps and first["reached_step"] % 100, first
+    assert 55 <= first["reached_step"] == second["start_step"] < steps, first
     assert f"saved step {first['reached_step']}, exiting" in log
     assert sorted(read_metrics(run_dir)) == list(range(1, steps + 1))
