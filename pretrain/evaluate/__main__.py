@@ -78,6 +78,11 @@ def evaluate_main(argv) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "install-lm-eval":  # before the heavy imports: setup.sh runs it every time
+        from .lm_eval_hook import install_plugin
+
+        print(f"wrote {install_plugin()}: `lm_eval --model sessa --model_args pretrained=DIR` now works here")
+        return 0
     from checkpoints.readers import CheckpointError
     from data_pipeline.errors import DataError
 
@@ -90,11 +95,6 @@ def main(argv=None) -> int:
             from .harness import run_lm_eval
 
             return run_lm_eval(argv[1:])
-        if argv and argv[0] == "install-lm-eval":
-            from .harness import install_plugin
-
-            print(f"wrote {install_plugin()}: `lm_eval --model sessa --model_args pretrained=DIR` now works here")
-            return 0
         return evaluate_main(argv)
     except (CheckpointError, DataError, ValueError, FileNotFoundError, json.JSONDecodeError) as err:
         print(f"error: {err}", file=sys.stderr)

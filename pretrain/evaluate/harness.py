@@ -14,9 +14,7 @@ length, continuation split at the context's last token as lm-eval's HF model doe
 `loglikelihood_rolling` (lm-eval's disjoint windows of `max_length`), `generate_until` (greedy,
 prompts of equal length decoded together from the decoding cache, cut at the `until` strings).
 """
-import site
 import sys
-from pathlib import Path
 
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
@@ -24,8 +22,6 @@ from lm_eval.api.registry import register_model
 from .scoring import greedy_generate, score_continuations
 from .targets import load_target
 
-REPO = Path(__file__).resolve().parents[2]
-PLUGIN_NAME = "sessa_lm_eval.pth"
 DEFAULT_MAX_GEN_TOKS = 256
 
 
@@ -103,15 +99,6 @@ class SessaEvalLM(LM):
                     text = text.split(stop)[0]
                 out[i] = text
         return out
-
-
-# --- registration for the lm_eval CLI (the hook itself: lm_eval_hook.py) ----------------------------
-def install_plugin(site_dir: str | None = None) -> Path:
-    """Write the .pth file that makes `lm_eval --model sessa` work in this environment."""
-    site_dir = Path(site_dir or site.getsitepackages()[0])
-    path = site_dir / PLUGIN_NAME
-    path.write_text(f"{REPO}\nimport pretrain.evaluate.lm_eval_hook\n")  # a path line, then an import line
-    return path
 
 
 def run_lm_eval(argv: list[str]) -> int:

@@ -1,10 +1,23 @@
-"""Imported at interpreter start-up by the `.pth` file of `python -m pretrain.evaluate install-lm-eval`:
-registers the lm-eval model `sessa` (pretrain/evaluate/harness.py) lazily, right after lm-eval's own
-`lm_eval.models` fills its registry. Importing this module imports nothing heavy."""
+"""Imported at interpreter start-up by the `.pth` file of `python -m pretrain.evaluate install-lm-eval`
+(`install_plugin`, here so that installing imports neither lm-eval nor torch): registers the lm-eval
+model `sessa` (pretrain/evaluate/harness.py) lazily, right after lm-eval's own `lm_eval.models` fills
+its registry. Importing this module imports nothing heavy."""
 import importlib.util
+import site
 import sys
+from pathlib import Path
 
 TARGET = "pretrain.evaluate.harness:SessaEvalLM"
+REPO = Path(__file__).resolve().parents[2]
+PLUGIN_NAME = "sessa_lm_eval.pth"
+
+
+def install_plugin(site_dir: str | None = None) -> Path:
+    """Write the .pth file that makes `lm_eval --model sessa` work in this environment."""
+    site_dir = Path(site_dir or site.getsitepackages()[0])
+    path = site_dir / PLUGIN_NAME
+    path.write_text(f"{REPO}\nimport pretrain.evaluate.lm_eval_hook\n")  # a path line, then an import line
+    return path
 
 
 class RegisterAfterImport:

@@ -24,7 +24,7 @@ def direct_loglikelihood(model, ids: list[int]) -> float:
 
 @pytest.mark.slow
 def test_lm_eval_cli_with_the_sessa_model(runs, tmp_path):
-    from pretrain.evaluate.harness import install_plugin
+    from pretrain.evaluate.lm_eval_hook import install_plugin
     from pretrain.evaluate.scoring import greedy_generate
     from pretrain.evaluate.targets import load_target
 
