@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.pretrain.conftest import REPO, TEST_RECIPE, pretrain_env, run_pretrain
+from tests.pretrain.conftest import REPO, pretrain_env, run_pretrain
 
 
 def evaluate_cli(*args, expect_ok: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -50,27 +49,13 @@ def wandb_history(wandb_dir: Path) -> list[tuple[int, dict]]:
 
 
 @pytest.fixture(scope="session")
-def runs(tmp_path_factory, prepared_data) -> dict:
-    """{"data", "sessa", "transformer", "hf"}: runs trained on a private copy of the pydocs data (so a
-    test may hide it), and the Sessa run's HF export."""
-    tmp = tmp_path_factory.mktemp("evaluate")
-    data = tmp / "pydocs64"
-    shutil.copytree(prepared_data, data)
-    tree = json.loads(json.dumps(TEST_RECIPE))
-    tree["data"].update(path=str(data), num_workers=0)
-    tree["train"]["max_steps"] = 3
-    tree["model"]["init_scheme"] = "reference"  # far-from-uniform attention: heads and positions differ
-    tree["runs_dir"] = str(tmp / "runs")
-    recipe = tmp / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(tree))
-    run_pretrain(recipe, "--run_name", "sessa")
-    run_pretrain(recipe, "--run_name", "transformer", "--model.arch", "transformer")
-    done = subprocess.run([sys.executable, "-m", "checkpoints", "export", tmp / "runs" / "sessa", "--to", "hf",
-                           "--out", tmp / "hf", "--no-verify"], cwd=REPO, env=pretrain_env(), capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    return {"data": data, "sessa": tmp / "runs" / "sessa", "transformer": tmp / "runs" / "transformer",
-            "hf": tmp / "hf", "tmp": tmp}
+def runs(tiny_run) -> dict:
+    """{"data", "sessa", "transformer", "hf"}: the session's tiny Sessa run and its HF export
+    (tests/conftest.py tiny_run, trained on a private copy of the pydocs data, so a test may hide it),
+    and a Transformer++ run of the same recipe beside it."""
+    run_pretrain(tiny_run["recipe"], "--run_name", "transformer", "--model.arch", "transformer")
+    return {"data": tiny_run["data"], "sessa": tiny_run["run"], "transformer": tiny_run["run"].with_name("transformer"),
+            "hf": tiny_run["hf"], "tmp": tiny_run["tmp"]}
 
 
 @pytest.fixture
