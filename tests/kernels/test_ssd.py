@@ -24,10 +24,15 @@ def test_chunked_equals_recurrence_with_gradients(chunk_size):
     tensors = {k: v.requires_grad_(True) for k, v in inputs().items()}
     weights = torch.randn(2, 37, 3, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     weights_state = torch.randn(2, 3, 5, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert_chunked_equals_recurrence(tensors, chunk_size, lambda y, state: (y * weights).sum() + (state * weights_state).sum())
+
+
+def assert_chunked_equals_recurrence(tensors, chunk_size, loss, **extra):
+    """Outputs, final states and the gradient of `loss(y, state)` for every input agree to 1e-10."""
     results = []
     for scan in (ssd_recurrence, lambda **kw: ssd_chunked(**kw, chunk_size=chunk_size)):
-        y, state = scan(**tensors)
-        grads = torch.autograd.grad((y * weights).sum() + (state * weights_state).sum(), list(tensors.values()))
+        y, state = scan(**tensors, **extra)
+        grads = torch.autograd.grad(loss(y, state), list(tensors.values()))
         results.append((y, state, grads))
     (y0, s0, g0), (y1, s1, g1) = results
     torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-10)
@@ -67,16 +72,8 @@ def test_documents_and_groups_chunked_equals_recurrence(chunk_size):
     doc_ids = torch.repeat_interleave(torch.arange(5), torch.tensor([4, 1, 9, 8, 7]))[None].repeat(2, 1)
     doc_ids[1] = torch.repeat_interleave(torch.arange(2), torch.tensor([14, 15]))
     tensors = {k: v.requires_grad_(True) for k, v in grouped_inputs().items()}
-    results = []
-    for scan in (ssd_recurrence, lambda **kw: ssd_chunked(**kw, chunk_size=chunk_size)):
-        y, state = scan(**tensors, doc_ids=doc_ids)
-        grads = torch.autograd.grad((y * y.detach().sin()).sum() + state.sum(), list(tensors.values()))
-        results.append((y, state, grads))
-    (y0, s0, g0), (y1, s1, g1) = results
-    torch.testing.assert_close(y1, y0, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(s1, s0, atol=1e-10, rtol=1e-10)
-    for name, a, b in zip(tensors, g1, g0):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+    assert_chunked_equals_recurrence(tensors, chunk_size, lambda y, state: (y * y.detach().sin()).sum() + state.sum(),
+                                     doc_ids=doc_ids)
 
 
 def test_packed_documents_equal_each_document_alone():
