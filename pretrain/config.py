@@ -188,6 +188,7 @@ class CheckpointConfig:
     keep_every: int = 0  # ... plus every checkpoint whose step is a multiple of n (0: none)
     resume: bool = True  # continue from `latest` in the run directory when there is one
     save_on_exit: bool = True  # save when training ends or on SIGTERM/SIGUSR1
+    async_save: bool = False  # megatron engine: write checkpoints in a background process while training goes on
 
     def __post_init__(self):
         if self.interval_steps < 0 or self.interval_minutes < 0 or self.keep_every < 0:
@@ -345,6 +346,9 @@ class RunConfig:
                 raise ConfigError("engine: deepspeed does not support parallel.sequence_parallel (the norms' "
                                   "gradients need megatron's tensor-parallel reduction); set it to false or "
                                   "use engine: megatron")
+            if self.checkpoint.async_save:  # DeepSpeed's decoupled writer needs its compiled async-I/O op (libaio)
+                raise ConfigError("checkpoint.async_save is implemented for engine: megatron (megatron-core's "
+                                  "asynchronous dist_checkpointing save); set it to false with engine: deepspeed")
         if self.schedule.warmup_steps >= self.train.max_steps:
             raise ConfigError(f"schedule.warmup_steps ({self.schedule.warmup_steps}) must be smaller than "
                               f"train.max_steps ({self.train.max_steps})")

@@ -268,6 +268,7 @@ class Trainer:
         self.watchdog.start(self.state.step)
         try:
             self._train_steps()
+            self._finish_saves(wait=True)  # an asynchronous save in flight is published before training returns
         finally:
             self.watchdog.stop()
 
@@ -331,19 +332,22 @@ class Trainer:
 
             if cfg.eval.interval and state.step % cfg.eval.interval == 0 and state.step < cfg.train.max_steps:
                 self._log_eval()
+            self._finish_saves(wait=False, step_s=step_s)
             stop, time_due = self._agree_on_flags(last_save)
             exit_due = bool(cfg.train.exit_interval) and state.step % cfg.train.exit_interval == 0
             if exit_due and state.step < cfg.train.max_steps:
                 self.save()
+                self._finish_saves(wait=True)
                 self.logger.print(f"train.exit_interval: saved step {state.step}, exiting")
                 return
             if stop or time_due or (cfg.checkpoint.interval_steps and state.step % cfg.checkpoint.interval_steps == 0):
                 if not stop or cfg.checkpoint.save_on_exit:
                     save_s = self.save()
                     last_save = time.time()
-                    if not stop:
+                    if not stop and not cfg.checkpoint.async_save:  # asynchronous: checked when published
                         self._check_term_grace(save_s, step_s)
             if stop:
+                self._finish_saves(wait=True)
                 waited = f"{time.monotonic() - self._stop_time:.1f} s after the signal; " if self._stop_time else ""
                 self.logger.print(f"received {self._stop_signal_name()}: saved step {state.step}, exiting "
                                   f"({waited}launch.term_grace_s {cfg.launch.term_grace_s} s)")
@@ -417,6 +421,7 @@ class Trainer:
         except SourceExhausted:
             if self.config.checkpoint.save_on_exit and self.state.step > (self.state.last_saved_step or 0):
                 self.save()
+            self._finish_saves(wait=True)
             raise
 
     @_unwatched
@@ -511,12 +516,14 @@ class Trainer:
     # --- checkpoints --------------------------------------------------------------------------
     @_unwatched
     def save(self) -> float:
-        """Save this step; returns the seconds it took.
+        """Save this step; returns the seconds it took (with checkpoint.async_save, the seconds training
+        waited: for the previous save in flight, the common state and starting the writers).
 
         A stop signal arriving now waits until the checkpoint is complete; writer processes started
         for the save inherit the mask, so a signal sent to the whole process group cannot kill them
         mid-write either."""
         start = time.perf_counter()
+        self._finish_saves(wait=True)  # asynchronous: at most one save in flight
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             common = {**self.state.common(), "scheduler": self.scheduler.state_dict(),
@@ -526,8 +533,17 @@ class Trainer:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.state.last_saved_step = self.state.step
-        self.logger.print(f"saved checkpoint {path}")
+        self.logger.print(f"{'writing' if self.config.checkpoint.async_save else 'saved'} checkpoint {path}")
         return time.perf_counter() - start
+
+    @_unwatched
+    def _finish_saves(self, wait: bool, step_s: float | None = None) -> None:
+        """Publish the asynchronous saves every rank has written (wait: the one in flight too); on every
+        rank at the same point. step_s: check the SIGTERM grace against the whole write."""
+        for path, save_s in self.engine.checkpoints.finish_saves(wait):
+            self.logger.print(f"published checkpoint {path} ({save_s:.1f} s after its save started)")
+            if step_s is not None:
+                self._check_term_grace(save_s, step_s)
 
     def _resume(self, plan) -> None:
         restored = self.engine.load(plan)

@@ -12,7 +12,8 @@ preemption; an engine owns the model, the optimizer and their checkpoint format:
     engine.reduction_wait_s                         # seconds waited at the gradient reduction so far (stragglers)
     total, count = engine.evaluate(micro_batches, n)  # summed masked loss and target count, all-reduced
     with engine.full_model() as model: ...          # the whole model on this rank (sampling), or None
-    engine.save(step, common, rank_state)           # -> the published checkpoint directory
+    engine.save(step, common, rank_state)           # -> the published checkpoint directory (checkpoint.async_save:
+                                                    #    written in the background, engine.checkpoints.finish_saves)
     restored = engine.load(plan)                    # -> Restored(common, data_states, rng)
     engine.banner()                                 # what the start line says about the engine
 

@@ -86,7 +86,7 @@ class MegatronEngine:
         self._build_model(draw_weights)
         self._build_optimizer()
         self.checkpoints = CheckpointManager(config.run_dir / "checkpoints", config.checkpoint.keep_last,
-                                             config.checkpoint.keep_every)
+                                             config.checkpoint.keep_every, async_save=config.checkpoint.async_save)
 
     # --- setup --------------------------------------------------------------------------------
     def _build_model(self, draw_weights: bool) -> None:
