@@ -21,6 +21,24 @@ class ConfigError(ValueError):
 
 
 @dataclass(kw_only=True)
+class SpikeConfig:
+    """Loss spikes (pretrain/spikes.py): a step spikes when its loss (or gradient norm) exceeds the mean
+    plus `threshold` standard deviations of the last `window` kept steps."""
+    action: str = "log"  # "off", "log" (warning + train/spike), "skip" (drop the update) or "rollback"
+    window: int = 100  # kept steps the mean and standard deviation are taken over; no check before that
+    threshold: float = 6.0  # k in: value > mean + k x std
+    grad_norm: bool = True  # watch the gradient norm too (its own window, the same rule)
+
+    def __post_init__(self):
+        if self.action not in ("off", "log", "skip", "rollback"):
+            raise ConfigError(f"train.spike.action must be 'off', 'log', 'skip' or 'rollback', got {self.action!r}")
+        if self.window < 2:
+            raise ConfigError(f"train.spike.window must be >= 2 (steps), got {self.window}")
+        if not self.threshold > 0:
+            raise ConfigError(f"train.spike.threshold must be > 0 (standard deviations), got {self.threshold}")
+
+
+@dataclass(kw_only=True)
 class TrainConfig:
     max_steps: int = 100
     global_batch_tokens: int = 16384  # tokens per optimizer step, over all data-parallel ranks
@@ -31,6 +49,7 @@ class TrainConfig:
     nonfinite_limit: int = 5  # with "skip": stop after this many non-finite steps in a row
     recompute: str = "none"  # megatron engine: "selective" (attention + feedback solve) or "full" (whole block)
     hang_timeout_s: float = 300.0  # no finished step for this long: dump stacks and exit (pretrain/watchdog.py); 0: off
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # loss spikes: detect, then log / skip / rollback
 
     def __post_init__(self):
         if self.nonfinite not in ("skip", "stop"):
@@ -346,6 +365,9 @@ class RunConfig:
                 raise ConfigError("engine: deepspeed does not support parallel.sequence_parallel (the norms' "
                                   "gradients need megatron's tensor-parallel reduction); set it to false or "
                                   "use engine: megatron")
+            if self.train.spike.action in ("skip", "rollback"):
+                raise ConfigError(f"train.spike.action {self.train.spike.action!r} needs engine: megatron (DeepSpeed "
+                                  f"applies the update inside its step); use 'log' with engine: deepspeed")
             if self.checkpoint.async_save:  # DeepSpeed's decoupled writer needs its compiled async-I/O op (libaio)
                 raise ConfigError("checkpoint.async_save is implemented for engine: megatron (megatron-core's "
                                   "asynchronous dist_checkpointing save); set it to false with engine: deepspeed")

@@ -12,8 +12,9 @@ Stopping: SIGTERM or SIGUSR1 (a cluster's preemption, `scancel`, Ctrl-C via laun
 flag; every rank agrees after the step in flight, saves and returns. A non-finite loss or gradient norm
 drops that step's update (`train.nonfinite: skip`, megatron engine) or stops at once (`stop`); after
 `train.nonfinite_limit` in a row the run stops with NonFiniteError, saving nothing, so `latest` stays
-the last good checkpoint. A rank that finishes no step for `train.hang_timeout_s` writes its stacks
-and exits (pretrain/watchdog.py); every logging interval names the slowest rank (pretrain/stragglers.py).
+the last good checkpoint. A loss or gradient-norm spike is logged, dropped, or rolled back to the last
+checkpoint (`train.spike`, pretrain/spikes.py). A rank that finishes no step for `train.hang_timeout_s` writes
+its stacks and exits (pretrain/watchdog.py); every logging interval names the slowest rank (pretrain/stragglers.py).
 """
 import functools
 import math
@@ -25,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import record_function
 
+from checkpoints import CheckpointManager
 from checkpoints.importer import WEIGHTS_ONLY
 from data_pipeline.loader import build_dataloader
 from data_pipeline.manifest import read_manifest
@@ -42,6 +44,7 @@ from .memory import estimate_memory_gb
 from .metrics import MetricsLogger, model_tflops_per_device
 from .profiling import StepProfiler
 from .runlock import acquire_for_training
+from .spikes import SpikeMonitor
 from .state import TrainState, build_scheduler, check_checkpoint_compatible, layout_of, restore_loader, \
     rng_state, seed_everything, set_rng_state
 from .stragglers import straggler_metrics
@@ -116,6 +119,7 @@ class Trainer:
         self.train_loader = self._build_train_loader()
         self.state = TrainState()
         self.nonfinite_streak = 0
+        self.spikes = SpikeMonitor(config.train.spike)
         self.watchdog = HangWatchdog(config.train.hang_timeout_s, self.env.rank, self.env.world_size,
                                      config.run_dir / "hangs")
         if plan is not None:
@@ -288,13 +292,17 @@ class Trainer:
             step_start, reduction_wait_s = time.perf_counter(), self.engine.reduction_wait_s
             self._check_data_left()
             with self.profiler.step(state.step + 1):
-                result = self.engine.train_step(timed)
+                result = self._train_step(timed)
             step_s = time.perf_counter() - step_start
             window_own_s += step_s - (self.engine.reduction_wait_s - reduction_wait_s)
             state.step += 1
             self.watchdog.progress(state.step)
             state.consumed_tokens += cfg.train.global_batch_tokens
             self._account_nonfinite(result)
+            if self._spiked(result):  # rolled back: the loop goes on from the checkpoint's step
+                window_start, window_wait, window_step = time.perf_counter(), timed.wait_seconds, state.step
+                window_sequences, window_pairs, window_own_s = timed.sequences, timed.pairs, 0.0
+                continue
             if result.applied:
                 self.scheduler.step(increment=1)
             self._log_new_epochs()
@@ -310,7 +318,7 @@ class Trainer:
                 metrics = {
                     "train/loss": result.loss, "train/lr": lr, "train/grad_norm": result.grad_norm,
                     "train/tokens_per_s": tokens_per_s, "train/consumed_tokens": state.consumed_tokens,
-                    "train/skipped_steps": state.skipped_steps,
+                    "train/skipped_steps": state.skipped_steps, "train/spike": self.spikes.since_log,
                     "perf/model_tflops_per_device": model_tflops_per_device(flops, tokens_per_s, self.env.world_size),
                     "perf/visible_pair_fraction": visible,
                     "perf/data_wait_s": timed.wait_seconds - window_wait,
@@ -322,6 +330,7 @@ class Trainer:
                 if cfg.logging.peak_tflops:
                     metrics["perf/mfu"] = metrics["perf/model_tflops_per_device"] / cfg.logging.peak_tflops
                 self.logger.log(state.step, metrics)
+                self.spikes.since_log = 0
                 self.logger.advance(steps_in_window, {"loss": f"{result.loss:.3f}", "lr": f"{lr:.2e}",
                                                       "tok/s": f"{tokens_per_s:.0f}"})
                 if self.logger.bar is None:  # no progress bar (disabled, or not a terminal): a plain line
@@ -359,7 +368,7 @@ class Trainer:
 
     def _account_nonfinite(self, result) -> None:
         """Count dropped updates; stop (saving nothing) when the policy or the streak says so."""
-        if result.applied and math.isfinite(result.loss) and math.isfinite(result.grad_norm):
+        if math.isfinite(result.loss) and math.isfinite(result.grad_norm):  # (a spike's drop is train.spike's)
             self.nonfinite_streak = 0
             return
         train, step = self.config.train, self.state.step
@@ -377,6 +386,54 @@ class Trainer:
                                  f"(step {self.state.last_saved_step}). Lower optim.lr, raise optim.grad_clip or "
                                  f"check the data")
         self.logger.print(f"{what}: update dropped (train.nonfinite: skip; {self.state.skipped_steps} so far)")
+
+    def _train_step(self, batches):
+        """One engine step; with train.spike skip or rollback the engine asks the spike check before
+        updating (the non-finite path drops the update)."""
+        self.spikes.reasons = []
+        if self.spikes.drops_updates:
+            return self.engine.train_step(batches, self.spikes.check)
+        return self.engine.train_step(batches)
+
+    def _spiked(self, result) -> bool:
+        """train.spike after a step: warn, count a dropped update, or roll back (then True)."""
+        spikes, step, action = self.spikes, self.state.step, self.config.train.spike.action
+        if action == "off":
+            return False
+        if not spikes.drops_updates:
+            spikes.check(result.loss, result.grad_norm)
+        if spikes.reasons:
+            what = f"spike at step {step}: {'; '.join(spikes.reasons)}"
+            checkpoints = CheckpointManager(self.config.run_dir / "checkpoints")
+            saved = checkpoints.latest_step() if action == "rollback" else None
+            if saved is not None:
+                skipped = self._roll_back(saved, step)
+                self.logger.print(f"{what}: rolled back to the checkpoint of step {saved}; global batches "
+                                  f"{skipped[0]}-{skipped[1]} of the data are skipped (train.spike.action: rollback)")
+                return True
+            if spikes.drops_updates:
+                self.state.skipped_steps += 1
+                why = "no checkpoint to roll back to yet" if action == "rollback" else "train.spike.action: skip"
+                self.logger.print(f"{what}: update dropped ({why})")
+            else:
+                self.logger.print(f"warning: {what} (train.spike.action: log)")
+        if result.applied:
+            spikes.keep(result.loss, result.grad_norm)
+        return False
+
+    @_unwatched
+    def _roll_back(self, saved: int, spike_step: int) -> list[int]:
+        """Reload checkpoint `saved` but keep the data position, so the global batches read since it
+        (the spike's included) are never trained on; re-save `saved` with that position and the record,
+        so a resume skips them too. Returns the skipped range, counted over the run's global batches."""
+        earlier = sum(last - first + 1 for first, last in (r["skipped_batches"] for r in self.spikes.rollbacks))
+        skipped = [saved + earlier + 1, spike_step + earlier]
+        plan = type(self.engine).resume_plan(CheckpointManager(self.config.run_dir / "checkpoints"), saved)
+        self.scheduler = build_scheduler(self.engine.optimizer, self.config)  # megatron's load adds to its count
+        self._resume(plan, keep_data_position=True)
+        self.spikes.rollbacks.append({"spike_step": spike_step, "to_step": saved, "skipped_batches": skipped})
+        self.save()
+        return skipped
 
     def evaluate(self) -> dict:
         """val/loss; with data.sources also val/<name>/loss from each source's val split, and val/loss
@@ -527,6 +584,7 @@ class Trainer:
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
             common = {**self.state.common(), "scheduler": self.scheduler.state_dict(),
+                      "spikes": self.spikes.state_dict(),
                       "config": self.config.to_dict(), "tokenizer_id": self.tokenizer_id, "layout": layout_of(self.env)}
             rank_state = {"rng": rng_state(self.device), "data": self.train_loader.state_dict()}
             path = self.engine.save(self.state.step, common, rank_state)
@@ -545,20 +603,23 @@ class Trainer:
             if step_s is not None:
                 self._check_term_grace(save_s, step_s)
 
-    def _resume(self, plan) -> None:
+    def _resume(self, plan, keep_data_position: bool = False) -> None:
+        """keep_data_position: the loader stays where it is (a spike's rollback)."""
         restored = self.engine.load(plan)
         if restored.common.get(WEIGHTS_ONLY):  # imported weights: fresh optimizer, schedule and data order
             if self.env.rank == 0:
                 print(f"resumed from {plan.directory} (imported weights only: training starts at step 0)", flush=True)
             return
         self.scheduler.load_state_dict(restored.common["scheduler"])
-        restore_loader(self.train_loader, restored.data_states, self.env.dp_rank, self.env.dp_size)
+        if not keep_data_position:
+            restore_loader(self.train_loader, restored.data_states, self.env.dp_rank, self.env.dp_size)
         if restored.rng is not None:
             set_rng_state(restored.rng, self.device)
         else:  # another world size: fresh per-rank streams, reproducible from the step
             seed_everything(self.config.train.seed + plan.step, self.env.rank)
         self.state.restore(restored.common, plan.step)
-        if self.env.rank == 0:
+        self.spikes.load_state_dict(restored.common.get("spikes"))
+        if self.env.rank == 0 and not keep_data_position:
             universal = "the universal form of " if getattr(self.engine, "universal", False) else ""
             print(f"resumed from {universal}{plan.directory} (saved at layout {plan.common['layout']}, engine "
                   f"{self.engine.name})", flush=True)

@@ -194,22 +194,26 @@ class MegatronEngine:
             micro_batch_size=self.config.train.micro_batch_size, forward_only=forward_only,
         )
 
-    def train_step(self, micro_batches) -> StepResult:
+    def train_step(self, micro_batches, keep_update=None) -> StepResult:
+        """keep_update(loss, grad_norm) -> bool, asked before the update (train.spike's skip and rollback)."""
         for chunk in self.ddp:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         totals = self._sum_over_stages(self._run_schedule(micro_batches, self.num_microbatches, False))
         loss = (totals[0] / totals[1]).item()
         with record_function(OPTIMIZER_STEP):
-            return self._optimizer_step(loss)
+            return self._optimizer_step(loss, keep_update)
 
-    def _optimizer_step(self, loss: float) -> StepResult:
+    def _optimizer_step(self, loss: float, keep_update=None) -> StepResult:
         """megatron's optimizer.step() in its parts, with the gradient norm checked before the update:
-        a non-finite loss or norm drops the update (every rank agrees: both are all-reduced)."""
+        a non-finite loss or norm, or keep_update saying no, drops the update (every rank agrees: both
+        are all-reduced)."""
         optimizers = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
         found_inf = self.optimizer.prepare_grads()  # fp16 loss scaling: an overflow skips, as megatron does
         grad_norm = float("inf") if found_inf else float(self.optimizer.get_grad_norm())
         if found_inf or not (torch.isfinite(torch.tensor(loss)) and torch.isfinite(torch.tensor(grad_norm))):
+            return StepResult(loss, grad_norm, applied=False)
+        if keep_update is not None and not keep_update(loss, grad_norm):
             return StepResult(loss, grad_norm, applied=False)
         for optimizer in optimizers:
             params = optimizer.get_parameters()
