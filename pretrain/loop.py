@@ -404,6 +404,8 @@ class Trainer:
             spikes.check(result.loss, result.grad_norm)
         if spikes.reasons:
             what = f"spike at step {step}: {'; '.join(spikes.reasons)}"
+            if action == "rollback":  # the newest checkpoint, published (checkpoint.async_save), none being written
+                self._finish_saves(wait=True)
             checkpoints = CheckpointManager(self.config.run_dir / "checkpoints")
             saved = checkpoints.latest_step() if action == "rollback" else None
             if saved is not None:
@@ -433,6 +435,7 @@ class Trainer:
         self._resume(plan, keep_data_position=True)
         self.spikes.rollbacks.append({"spike_step": spike_step, "to_step": saved, "skipped_batches": skipped})
         self.save()
+        self._finish_saves(wait=True)  # the skip is on disk before training goes on
         return skipped
 
     def evaluate(self) -> dict:

@@ -126,10 +126,11 @@ def test_log_warns_and_skip_drops_the_update(recipe, tmp_path, random_tokens):
 
 @pytest.mark.slow
 def test_rollback_equals_a_loader_that_never_saw_the_batches_and_resumes_exactly(recipe, tmp_path, random_tokens):
-    """Checkpoint at 6, clean step 7, random step 8: back to 6, global batches 7-8 skipped."""
+    """Checkpoint at 6, clean step 7, random step 8: back to 6, global batches 7-8 skipped. The rolling run
+    saves asynchronously: the rollback waits for the save in flight and publishes its re-save."""
     every6 = ("--checkpoint.interval_steps", "6", "--checkpoint.save_on_exit", "false")
-    rolled = _run(recipe, f"replace:{BAD_STEP}:{random_tokens}", "--run_name", "rollback",
-                  "--train.spike.action", "rollback", *every6)
+    rolled = _run(recipe, f"replace:{BAD_STEP}:{random_tokens}", "--run_name", "rollback",  # saves written
+                  "--train.spike.action", "rollback", *every6, "--checkpoint.async_save", "true")  # in the background
     assert (f"spike at step {BAD_STEP}: loss" in rolled.stdout and "rolled back to the checkpoint of step 6; "
             "global batches 7-8 of the data are skipped" in rolled.stdout)
     never_saw = _run(recipe, "drop:7-8", "--run_name", "never_saw", "--train.spike.action", "rollback", *every6)
