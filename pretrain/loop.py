@@ -594,8 +594,10 @@ class Trainer:
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         self.state.last_saved_step = self.state.step
-        self.logger.print(f"{'writing' if self.config.checkpoint.async_save else 'saved'} checkpoint {path}")
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.logger.print(f"{'writing' if self.config.checkpoint.async_save else 'saved'} checkpoint {path} "
+                          f"({seconds:.1f} s)")
+        return seconds
 
     @_unwatched
     def _finish_saves(self, wait: bool, step_s: float | None = None) -> None:
