@@ -9,6 +9,7 @@ preemption; an engine owns the model, the optimizer and their checkpoint format:
     engine.chunks                                   # this rank's model chunks (several with virtual stages)
     engine.optimizer                                # its param_groups are driven by the loop's scheduler
     result = engine.train_step(micro_batches)       # one optimizer step on the global batch -> StepResult
+    engine.train_step(micro_batches, keep_update)   # megatron: keep_update(loss, grad_norm) False drops the update
     engine.reduction_wait_s                         # seconds waited at the gradient reduction so far (stragglers)
     total, count = engine.evaluate(micro_batches, n)  # summed masked loss and target count, all-reduced
     with engine.full_model() as model: ...          # the whole model on this rank (sampling), or None
