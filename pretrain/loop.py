@@ -16,6 +16,7 @@ the last good checkpoint. A loss or gradient-norm spike is logged, dropped, or r
 checkpoint (`train.spike`, pretrain/spikes.py). A rank that finishes no step for `train.hang_timeout_s` writes
 its stacks and exits (pretrain/watchdog.py); every logging interval names the slowest rank (pretrain/stragglers.py).
 """
+import contextlib
 import functools
 import math
 import os
@@ -599,11 +600,13 @@ class Trainer:
                           f"({seconds:.1f} s)")
         return seconds
 
-    @_unwatched
     def _finish_saves(self, wait: bool, step_s: float | None = None) -> None:
         """Publish the asynchronous saves every rank has written (wait: the one in flight too); on every
-        rank at the same point. step_s: check the SIGTERM grace against the whole write."""
-        for path, save_s in self.engine.checkpoints.finish_saves(wait):
+        rank at the same point. step_s: check the SIGTERM grace against the whole write. Only the wait
+        for a write is unwatched: a rank stuck before the check's all-reduce is a hang."""
+        with self.watchdog.paused() if wait else contextlib.nullcontext():
+            published = self.engine.checkpoints.finish_saves(wait)
+        for path, save_s in published:
             self.logger.print(f"published checkpoint {path} ({save_s:.1f} s after its save started)")
             if step_s is not None:
                 self._check_term_grace(save_s, step_s)
