@@ -24,8 +24,8 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, t
     the mixer), GELU(a), and the feedback q_b and k_b (the solve mixes all D columns); 1/tp of D:
     g, s * g, W_o's input (a single head has no W_o), attention's q, k, v and output (k, v with the
     kv-heads' width), and the solve's output in fp32 (the same tensor as W_o's input in fp32);
-    small: attention's and the solve's log-sum-exp, gamma. Per layer: the RoPE tables (4 x T x d/2
-    fp32). All in the compute dtype unless said.
+    small: attention's and the solve's log-sum-exp, gamma. Per layer: the RoPE tables (megatron's
+    rotation keeps a cos and a sin of T x d in fp32 for q and for k: 4 x T x d fp32). All in the compute dtype unless said.
     """
     D, tp, c = model.hidden_size, tensor_parallel, compute_bytes
     heads, kv_heads, d = model.num_heads / tp, model.num_kv_heads / tp, model.head_size
@@ -36,7 +36,7 @@ def layer_activation_bytes(model: ModelConfig, seq_len: int, micro_batch: int, t
         sharded += 4 * D / tp  # the solve's fp32 output
     small = 4 * heads + 3 * c + (4 if feedback else 0)
     tokens = micro_batch * seq_len
-    saved = tokens * (full + sharded + small) + 4 * seq_len * d / 2 * 4
+    saved = tokens * (full + sharded + small) + 4 * seq_len * d * 4
     transient = 4 * model.feedback_chunk_size * seq_len * micro_batch if feedback else 0.0
     # What the mixer (attention + feedback solve: train.recompute selective) keeps beyond its input:
     # q_b, k_b, attention's q, k, v, output and log-sum-exp, the solve's fp32 output and gamma.
@@ -65,7 +65,7 @@ def block_activation_bytes(model: ModelConfig, kind: str, seq_len: int, micro_ba
     if kind == "*":
         d, heads, kv_heads = model.head_size, model.num_heads / tp, model.num_kv_heads / tp
         attention = (2 * heads + 2 * kv_heads) * d * c + 4 * heads
-        return {"saved": tokens * (full + attention) + 4 * seq_len * d / 2 * 4, "transient": 0.0,
+        return {"saved": tokens * (full + attention) + 4 * seq_len * d * 4, "transient": 0.0,
                 "mixer": tokens * attention, "input": block_input}
     if kind == "M":
         sp = tp if sequence_parallel else 1
