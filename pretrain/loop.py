@@ -52,8 +52,8 @@ from .stragglers import straggler_metrics
 from .watchdog import HangWatchdog
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-# Test only (tests/pretrain/test_stragglers.py): "RANK:SECONDS" makes that rank wait SECONDS longer for
-# each micro-batch, a stand-in for a slow data path
+# Test only (tests/pretrain/test_stragglers.py, tests/launch/test_slurm.py): "RANK:SECONDS" makes that
+# rank wait SECONDS longer for each micro-batch, a stand-in for a slow data path
 TEST_DATA_DELAY_ENV = "PRETRAIN_TEST_DATA_DELAY"
 
 

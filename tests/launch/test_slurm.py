@@ -13,6 +13,7 @@ from slurm_cluster import ENDED, SBIN_DIRS, ensure_installed
 from launch.slurm.__main__ import build_submission, parse_args, submit
 from launch.slurm.job import BadInput
 from pretrain.distributed import torch_env_from_slurm
+from pretrain.loop import TEST_DATA_DELAY_ENV
 from pretrain.runlock import LOCK_NAME, RunLockedError, acquire_run_lock
 
 pytestmark = pytest.mark.slow
@@ -68,10 +69,14 @@ def test_time_limit_signal_requeues_and_resumes_exactly(slurm, job_env, recipe, 
     one requeue; the loss curve must equal an uninterrupted run's at every step."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("SESSA_RESIGNAL_S", "2")
-    steps = 200  # ~0.14 s/step beside the reference: the run lasts longer than the <= 30 s before the warning
+    steps = 200
     common = ("--train.max_steps", str(steps), "--logging.interval", "1", "--checkpoint.keep_last", "2")
     local_log = tmp_path / "local.log"
     local = start_local(recipe, 2, "--run_name", "straight", *common, log=local_log)
+    # The job's steps are held to >= 0.3 s (rank 0 waits 0.15 s for each of its 2 micro-batches; the
+    # numbers are untouched), so it outlasts the warning (<= 45 s in) however fast the machine: on an
+    # idle one the 200 steps had finished before SLURM's first time-limit check.
+    monkeypatch.setenv(TEST_DATA_DELAY_ENV, "0:0.15")
     (job,) = helper(tmp_path, "--nodes", "2", "--ranks-per-node", "1", "--time", "1", "--signal-lead", "45",
                     "--config", str(recipe), "--run_name", "preempted", *common)
     log_path = tmp_path / "logs" / f"preempted-{job}.out"
