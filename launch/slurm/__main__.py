@@ -18,6 +18,7 @@ overrides given here apply to every line first, each line's own come after (and 
 must name its own run directory (`--run_name ...`).
 """
 import argparse
+import functools
 import json
 import os
 import re
@@ -79,18 +80,31 @@ def _gres_gpus(gres: str) -> int:
     return 0
 
 
+def sinfo_nodes(partition: str | None) -> list[tuple[str, int]] | None:
+    """(GRES, CPUs) of each node of the partition as sinfo reports them, None when sinfo does not answer.
+    Asked once per partition and SLURM configuration: a reachable controller answers at once, but
+    without one sinfo retries for a minute (cut to 10 s here), and a submission asks for GPUs and CPUs."""
+    return _sinfo_nodes(partition, os.environ.get("SLURM_CONF"))
+
+
+@functools.lru_cache(maxsize=None)
+def _sinfo_nodes(partition: str | None, slurm_conf: str | None) -> list[tuple[str, int]] | None:
+    try:
+        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%G|%c", *([f"--partition={partition}"] if partition else [])],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    nodes = [line.strip().rsplit("|", 1) for line in done.stdout.splitlines() if "|" in line]
+    nodes = [(gres, int(cpus)) for gres, cpus in nodes if cpus.isdigit()]
+    return nodes if done.returncode == 0 and nodes else None
+
+
 def detect_gpus_per_node(partition: str | None) -> tuple[int, str]:
     """(GPUs per node, where that number comes from): SLURM's GRES of the partition's nodes (the
     fewest, so that any node fits), else this machine's GPUs (nvidia-smi), else 0."""
-    try:
-        # A reachable controller answers at once; without one sinfo retries for a minute.
-        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%G", *([f"--partition={partition}"] if partition else [])],
-                              capture_output=True, text=True, timeout=10)
-        if done.returncode == 0 and done.stdout.strip():
-            counts = [_gres_gpus(line.strip()) for line in done.stdout.splitlines() if line.strip()]
-            return min(counts), f"sinfo GRES of partition {partition or '(default)'}"
-    except (OSError, subprocess.TimeoutExpired):
-        pass
+    nodes = sinfo_nodes(partition)
+    if nodes:
+        return min(_gres_gpus(gres) for gres, _ in nodes), f"sinfo GRES of partition {partition or '(default)'}"
     try:
         done = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=60)
         return sum(line.startswith("GPU") for line in done.stdout.splitlines()), "nvidia-smi on this machine"
@@ -100,13 +114,8 @@ def detect_gpus_per_node(partition: str | None) -> tuple[int, str]:
 
 def detect_cpus_per_node(partition: str | None) -> int | None:
     """The fewest CPUs of the partition's nodes (sinfo), so that any node fits; None when sinfo does not answer."""
-    try:
-        done = subprocess.run(["sinfo", "-h", "-N", "-o", "%c", *([f"--partition={partition}"] if partition else [])],
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    counts = [int(word) for word in done.stdout.split() if word.isdigit()]
-    return min(counts) if done.returncode == 0 and counts else None
+    nodes = sinfo_nodes(partition)
+    return min(cpus for _, cpus in nodes) if nodes else None
 
 
 def check_cpus_fit(ranks_per_node: int, cpus_per_rank: int, partition: str | None, explicit: bool) -> None:
