@@ -15,6 +15,7 @@ dead, or stuck holding the GIL).
 """
 import datetime
 import faulthandler
+import multiprocessing
 import os
 import sys
 import threading
@@ -152,6 +153,10 @@ class HangWatchdog:
         recorder = self._dump_flight_recorder()
         print(f"hang: {header}; {behind}. Python stacks: {stacks}; {recorder}. Exiting with {HANG_EXIT_CODE} "
               f"(a SLURM job requeues and resumes from `latest`)", file=sys.stderr, flush=True)
+        # os._exit skips their shutdown: megatron's save Manager would outlive the rank, holding the
+        # job step's output open, so that srun never sees the rank end
+        for child in multiprocessing.active_children():
+            child.kill()
         os._exit(HANG_EXIT_CODE)
 
     def _dump_flight_recorder(self) -> str:

@@ -15,8 +15,9 @@ Exit status 3: the run has already reached max_steps; 4: another live job owns t
 `end` decides what happens after the ranks have exited, from the checkpoint the run reached:
 - `done`: `latest` has reached max_steps;
 - `requeue` (only with --requeue): not done, the attempt advanced `latest`, and SLURM_RESTART_COUNT
-  is below --max-restarts. This covers a clean stop on the time-limit signal and a crash after a
-  checkpoint; a run that makes no progress is never requeued;
+  is below --max-restarts, whatever the ranks' exit status. This covers a clean stop on the time-limit
+  signal, a crash after a checkpoint and a hang (pretrain/watchdog.py exits 7); a run that makes no
+  progress is never requeued;
 - `stopped`: not done, progress made, no requeue (chain mode: the next job continues);
 - `failed`: not done and no progress in this attempt.
 The lock is released except on `requeue` (the requeued job keeps its id and re-enters it).

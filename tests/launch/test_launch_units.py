@@ -13,9 +13,11 @@ from conftest import REPO, pretrain_helpers, read_metrics
 
 from launch.slurm.__main__ import build_submission, parse_args, parse_time
 from launch.slurm.job import BadInput, decide, latest_step, resolve_run, split_train_args, sweep_entry
+from launch.slurm.job import main as job_command
 from pretrain.distributed import torch_env_from_slurm
 from pretrain.runlock import (LOCK_NAME, RunLock, RunLockedError, acquire_for_training, acquire_run_lock,
                               current_owner)
+from pretrain.watchdog import HANG_EXIT_CODE
 
 
 @pytest.fixture
@@ -73,6 +75,21 @@ def test_latest_step_and_the_decision_after_an_attempt(tmp_path, monkeypatch):
     assert decide(run_dir, 4, 0, requeue=True, max_restarts=3) == "done"
     monkeypatch.setenv("SLURM_RESTART_COUNT", "3")
     assert decide(run_dir, 10, 0, requeue=True, max_restarts=3) == "stopped"
+
+
+def test_the_end_of_an_attempt_requeues_a_hang_like_a_clean_stop(tmp_path, monkeypatch, capsys):
+    """Ranks ended by the hang watchdog's exit status (pretrain/watchdog.py) after this attempt advanced
+    `latest`: requeued, the lock kept for the requeued job; with no progress: failed, the lock released."""
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    run_dir = tmp_path / "run"
+    _checkpoint(run_dir, 4)
+    acquire_run_lock(run_dir, "slurm:1")
+    end = ["end", "--rc", str(HANG_EXIT_CODE), "--run-dir", str(run_dir), "--max-steps", "10", "--owner", "slurm:1",
+           "--requeue"]
+    assert job_command([*end, "--start-step", "0"]) == 0
+    assert capsys.readouterr().out == "requeue\n" and (run_dir / LOCK_NAME).exists()
+    assert job_command([*end, "--start-step", "4"]) == 0
+    assert capsys.readouterr().out == "failed\n" and not (run_dir / LOCK_NAME).exists()
 
 
 def test_run_lock(tmp_path, monkeypatch):

@@ -1,10 +1,13 @@
 """launch/slurm on a real SLURM cluster (tests/launch/slurm_cluster.py): multi-node training in both
-launch modes, time-limit signal + requeue + exact resume, run lock, afterany chains, job arrays."""
+launch modes, time-limit signal + requeue + exact resume, SIGTERM, a hung rank + requeue + exact resume,
+run lock, afterany chains, job arrays."""
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import REPO, finish, job_log, read_metrics, start_local
@@ -262,3 +265,74 @@ def test_sigterm_saves_within_grace_and_requeues(slurm, job_env, recipe, tmp_pat
     assert 55 <= first["reached_step"] == second["start_step"] < steps, first
     assert f"saved step {first['reached_step']}, exiting" in log
     assert sorted(read_metrics(run_dir)) == list(range(1, steps + 1))
+
+
+def _rank_pid(run_dir, rank: int) -> int | None:
+    """The pid of a rank's trainer, from the pids launch/slurm/rank.sh records under $RUN_DIR/.rank-pids."""
+    for marker in (run_dir / ".rank-pids").glob("*/*"):
+        try:
+            environ = (Path("/proc") / marker.name / "environ").read_bytes().split(b"\0")
+        except OSError:  # a signal marker (<pid>.USR1), or a rank already gone
+            continue
+        if f"SLURM_PROCID={rank}".encode() in environ:
+            return int(marker.name)
+    return None
+
+
+def test_a_hung_rank_ends_the_job_which_requeues_and_resumes_exactly(slurm, job_env, recipe, tmp_path, monkeypatch):
+    """The SLURM side of train.hang_timeout_s (pretrain/watchdog.py; tests/pretrain/test_hangs.py checks
+    the report itself): 2 nodes x 1 rank under srun, rank 1 frozen with SIGSTOP after a periodic
+    checkpoint. Rank 0's watchdog names rank 1 and exits 7, srun ends the step, the batch script sees
+    that `latest` advanced and requeues the job, which resumes from `latest` and finishes; the steps
+    the first attempt logged after `latest` are repeated bitwise."""
+    monkeypatch.chdir(tmp_path)
+    steps, interval, hang_timeout_s = 60, 10, 6
+    (job,) = helper(tmp_path, "--nodes", "2", "--ranks-per-node", "1", "--launcher", "srun",
+                    "--config", str(recipe), "--run_name", "hung", "--data.num_workers", "0",
+                    "--train.max_steps", str(steps), "--checkpoint.interval_steps", str(interval),
+                    "--train.hang_timeout_s", str(hang_timeout_s), "--parallel.timeout_minutes", "2")
+    run_dir, log_path = tmp_path / "runs" / "hung", tmp_path / "logs" / f"hung-{job}.out"
+
+    # Freeze rank 1 inside a training step, never inside a save: the watchdog does not time saves (their
+    # collectives wait parallel.timeout_minutes). A logged step that is not a checkpoint step proves the
+    # save before it finished; after a step that is one, rank 1 may be in its save: thaw and retry.
+    deadline = time.time() + 240
+    while True:
+        assert slurm.jobs(job)[0]["JobState"] not in ENDED and time.time() < deadline, job_log(log_path)[-5000:]
+        last = max(read_metrics(run_dir), default=0)
+        rank1 = _rank_pid(run_dir, 1)
+        if last > interval and 0 < last % interval < interval - 3 and rank1:
+            os.kill(rank1, signal.SIGSTOP)
+            time.sleep(1.5)  # rank 0 logs the step rank 1 finished before it stopped, if any
+            if max(read_metrics(run_dir)) % interval:
+                break
+            os.kill(rank1, signal.SIGCONT)
+        time.sleep(0.2)
+
+    deadline = time.time() + hang_timeout_s + 60
+    while "run requeue" not in job_log(log_path):
+        state = slurm.jobs(job)[0]["JobState"]
+        assert state not in ENDED, f"the job ended ({state}) without a requeue:\n{job_log(log_path)[-5000:]}"
+        assert time.time() < deadline, job_log(log_path)[-5000:]
+        time.sleep(0.2)
+    first_attempt = read_metrics(run_dir)  # the requeued job starts after the line: these are the first attempt's
+    (record,) = slurm.wait(job, timeout=300)
+    log = job_log(log_path)
+    assert record["JobState"] == "COMPLETED" and record["Restarts"] == "1", log[-5000:]
+    # (Rank 1, woken by the step's end with SIGCONT, may report a hang of its own before it is killed.)
+    (rank0_line,) = [line for line in log.splitlines() if line.startswith("hang: rank 0: no training progress")]
+    assert "ranks behind: rank 1 (silent" in rank0_line
+    assert "ranks exited with 7; run requeue" in log and "resumed from" in log and "run done" in log, log[-5000:]
+    assert "ranks behind: rank 1 (silent" in (run_dir / "hangs" / "rank-0.txt").read_text()
+
+    first, second = sorted((json.loads(p.read_text()) for p in (run_dir / "launches").glob("*.json")),
+                           key=lambda r: r["restart"])
+    assert (first["exit_code"], first["decision"]) == (7, "requeue")
+    assert (second["exit_code"], second["decision"]) == (0, "done")
+    assert interval <= first["reached_step"] == second["start_step"] < max(first_attempt)
+    assert first["reached_step"] % interval == 0
+    resumed = read_metrics(run_dir)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    redone = [step for step in first_attempt if step > first["reached_step"]]
+    assert redone  # the step rank 1 finished before it stopped at least (not a checkpoint step)
+    assert {step: resumed[step] for step in redone} == {step: first_attempt[step] for step in redone}  # bitwise
