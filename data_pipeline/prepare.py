@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import sys
 import time
 from array import array
 from collections import Counter, deque
@@ -453,7 +454,7 @@ def _regroup(batch: list[Record], ids: list[np.ndarray]) -> list[list[np.ndarray
 
 
 def _progress_bar(enabled: bool):
-    if not enabled:
+    if not enabled or not sys.stderr.isatty():  # in a log file, tqdm's frames pile up on one line
         return None
     from tqdm import tqdm
     return tqdm(unit="B", unit_scale=True, unit_divisor=1000, desc="tokenising", smoothing=0.1)

@@ -138,3 +138,21 @@ def test_builtin_source_prepares(tmp_path):
     assert manifest["documents"]["total"] == 497
     assert manifest["splits"]["val"]["samples"] > 0 and manifest["splits"]["train"]["samples"] > 2500
     assert manifest["sources"][0]["source"] == "builtin"
+
+
+def test_tokenising_progress_only_on_a_terminal(monkeypatch):
+    """A log file gets the summary lines, not tqdm's carriage-return frames; a terminal gets the bar."""
+    import io
+    import os
+
+    from data_pipeline.prepare import _progress_bar
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())
+    assert _progress_bar(True) is None
+    leader, follower = os.openpty()
+    with os.fdopen(follower, "w") as terminal:
+        monkeypatch.setattr("sys.stderr", terminal)
+        bar = _progress_bar(True)
+        assert bar is not None and _progress_bar(False) is None
+        bar.close()
+    os.close(leader)
