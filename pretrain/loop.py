@@ -162,8 +162,6 @@ class Trainer:
         """What to load from the run's latest complete checkpoint; None for a fresh start."""
         if not self.config.checkpoint.resume:
             return None
-        from checkpoints import CheckpointManager
-
         manager = CheckpointManager(self.config.run_dir / "checkpoints")
         manager.remove_partial_saves()
         step = manager.latest_step()
@@ -405,10 +403,10 @@ class Trainer:
             spikes.check(result.loss, result.grad_norm)
         if spikes.reasons:
             what = f"spike at step {step}: {'; '.join(spikes.reasons)}"
+            saved = None
             if action == "rollback":  # the newest checkpoint, published (checkpoint.async_save), none being written
                 self._finish_saves(wait=True)
-            checkpoints = CheckpointManager(self.config.run_dir / "checkpoints")
-            saved = checkpoints.latest_step() if action == "rollback" else None
+                saved = CheckpointManager(self.config.run_dir / "checkpoints").latest_step()
             if saved is not None:
                 skipped = self._roll_back(saved, step)
                 self.logger.print(f"{what}: rolled back to the checkpoint of step {saved}; global batches "
