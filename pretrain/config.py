@@ -352,6 +352,7 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    stages: list[dict] = field(default_factory=list)  # a campaign: [{name, steps, dotted overrides}] (pretrain/stages.py)
 
     def __post_init__(self):
         if self.engine not in ("megatron", "deepspeed"):
@@ -500,6 +501,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         if not flag.startswith("--"):
             raise ConfigError(f"overrides look like --section.field value, got {flag!r}")
         apply_override(tree, flag[2:], value)
+    if tree.get("stages") and "max_steps" not in (tree.get("train") or {}):  # a campaign's length is its stages'
+        steps = [stage.get("steps") if isinstance(stage, dict) else None for stage in tree["stages"]]
+        if all(isinstance(n, int) and n >= 1 for n in steps):
+            tree.setdefault("train", {})["max_steps"] = sum(steps)
     if "model" not in tree:
         raise ConfigError(f"{path}: the 'model' section is required (vocab_size, hidden_size, num_layers, num_heads)")
     return _build(RunConfig, tree, "")
