@@ -4,19 +4,27 @@
 #
 #   bash benchmarks/gpu/run.sh             # about 8 minutes; writes $OUT/gpu.json and $OUT/gpu.md
 #   bash benchmarks/gpu/run.sh --dry-run   # on CPU: every part with tiny shapes, Triton interpreter
+#   bash benchmarks/gpu/run.sh --part paper [--dry-run] [--budget-s S]   # a separate invocation: the paper's
+#        comparison (benchmarks/gpu/paper.py), 240 s wall in all from here; writes $OUT/paper.json and paper.md
 #
 # Results go to $OUT, or benchmarks/results/ when OUT is unset. Installs .whl/ into a temporary target
 # put on PYTHONPATH (skipped when the Python already imports megatron.core, webdataset and torchdata),
 # prints versions and the device, then runs benchmarks/gpu/check.py (parts a-d, each time-boxed).
 set -euo pipefail
+STARTED="$(date +%s.%N)"  # the paper part's budget counts from here: the wheels' install is in it
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 PYTHON="${PYTHON:-python3}"
 ARGS=()
-for arg in "$@"; do
-    case "$arg" in
+SCRIPT=benchmarks/gpu/check.py
+while [ $# -gt 0 ]; do
+    case "$1" in
         --dry-run) ARGS+=(--dry-run); export TRITON_INTERPRET=1 ;;
-        *) ARGS+=("$arg") ;;
+        --part)
+            [ "${2:-}" = paper ] || { echo "[gpu-check] --part takes 'paper' (the main check runs without --part)" >&2; exit 2; }
+            SCRIPT=benchmarks/gpu/paper.py; ARGS+=(--started "$STARTED"); shift ;;
+        *) ARGS+=("$1") ;;
     esac
+    shift
 done
 export PYTHONUNBUFFERED=1
 
@@ -42,4 +50,4 @@ else
 fi
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv || true
 
-exec "$PYTHON" benchmarks/gpu/check.py "${ARGS[@]}"
+exec "$PYTHON" "$SCRIPT" "${ARGS[@]}"

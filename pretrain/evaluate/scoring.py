@@ -16,7 +16,18 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 
 from model.generation import generate
 
-BATCH_TOKENS = 8192  # padded tokens per forward pass
+BATCH_TOKENS = 8192  # padded tokens per forward pass on a CPU
+# On a GPU a forward of 8192 tokens of a small model is all launch overhead: a batch may hold up to
+# this many logits (2^26: 256 MiB in fp32, e.g. 65,536 tokens of the 260-symbol chars vocabulary).
+GPU_BATCH_LOGITS, GPU_BATCH_TOKENS_MAX = 2**26, 65536
+
+
+def batch_tokens_for(model) -> int:
+    """Padded tokens per forward pass: BATCH_TOKENS on a CPU; on a GPU as many as keep the logits
+    under GPU_BATCH_LOGITS (at least BATCH_TOKENS, at most GPU_BATCH_TOKENS_MAX)."""
+    if model_device(model).type == "cpu":
+        return BATCH_TOKENS
+    return min(GPU_BATCH_TOKENS_MAX, max(BATCH_TOKENS, GPU_BATCH_LOGITS // vocab_size(model)))
 
 
 @dataclass
@@ -62,13 +73,15 @@ def _batches(order: list[int], lengths: list[int], batch_tokens: int):
 
 
 @torch.no_grad()
-def score_continuations(model, requests, *, max_length: int | None = None, batch_tokens: int = BATCH_TOKENS,
+def score_continuations(model, requests, *, max_length: int | None = None, batch_tokens: int | None = None,
                         progress=None) -> list[Score]:
     """requests: (context_ids, continuation_ids) pairs, context non-empty -> one Score per request.
 
     With `max_length`, context tokens are dropped from the left so the model sees at most
-    max_length tokens (the continuation is always scored in full)."""
+    max_length tokens (the continuation is always scored in full). batch_tokens: padded tokens per
+    forward pass (default batch_tokens_for(model))."""
     device = model_device(model)
+    batch_tokens = batch_tokens or batch_tokens_for(model)
     inputs, n_cont = [], []
     for context, continuation in requests:
         if not len(context) or not len(continuation):

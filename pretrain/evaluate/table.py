@@ -54,15 +54,16 @@ def wall_time_s(run: Path) -> float | None:
     return times[-1] - times[0] + first_step if times else None
 
 
-def evaluate_run(run: Path, tasks: list[str], *, limit: int | None, progress: bool) -> dict:
-    """{"label", "seed", "params", "tokens", "wall_s", "results": {task: {...}}, "kinds": {task: kind}}"""
+def evaluate_run(run: Path, tasks: list[str], *, limit: int | None, progress: bool, device="cpu") -> dict:
+    """{"label", "seed", "params", "tokens", "wall_s", "results": {task: {...}}, "kinds": {task: kind}};
+    the model is scored on `device`."""
     from .evaluator import evaluate_target
     from .tasks import load_task
     from .targets import load_target
 
     run = Path(run)
     config = yaml.safe_load((run / "config.yaml").read_text())
-    target = load_target(run)
+    target = load_target(run, device=device)
     sources = target.info.get("sources") or []
     own = [s["synthetic"] for s in sources if s.get("synthetic")]
     names = own or tasks
@@ -106,6 +107,12 @@ def render(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv) -> int:
     p = argparse.ArgumentParser(prog="python -m pretrain.evaluate table", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,9 +122,12 @@ def main(argv) -> int:
     p.add_argument("--out", help="write the markdown table here too")
     p.add_argument("--json", help="write every run's results here")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where the models are scored "
+                   "(default: cuda when there is one)")
     args = p.parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    rows = [evaluate_run(Path(run), tasks, limit=args.limit, progress=not args.no_progress) for run in args.runs]
+    rows = [evaluate_run(Path(run), tasks, limit=args.limit, progress=not args.no_progress, device=args.device)
+            for run in args.runs]
     table = render(rows)
     print(table)
     if args.out:
