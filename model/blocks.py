@@ -34,6 +34,7 @@ from .attention import apply_rope, rope_config, rope_inv_freq, split_heads
 from .config import ModelConfig
 from .documents import document_attention
 from .init import init_weights, uninitialised
+from .mup import query_multiplier
 from .profile_ranges import FORWARD_ATTENTION, MLP
 
 
@@ -114,6 +115,8 @@ class AttentionBlock(PreNormBlock):
         q = apply_rope(split_heads(self.q_proj, h, self.local_heads), positions, inv_freq, rope)
         k = apply_rope(split_heads(self.k_proj, h, self.local_kv_heads), positions, inv_freq, rope)
         v = split_heads(self.v_proj, h, self.local_kv_heads)
+        if self.sessa.mup:  # μP: logits q.k sqrt(d0) / d
+            q = q * query_multiplier(self.sessa)
         if cache is not None:
             k, v = torch.cat((cache.keys, k), dim=2), torch.cat((cache.values, v), dim=2)
             cache = KVCache(k, v)

@@ -60,6 +60,10 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_scheme: str = "scaled"  # "reference": PyTorch defaults as the public reference; "scaled": normal(init_std)
     init_std: float = 0.02
+    # μP (model/mup.py, docs/mup.md): hyper-parameters tuned at width mup_base_width hold at hidden_size
+    mup: bool = False
+    mup_base_width: int | None = None  # D0, the width the learning rate and init_std were tuned at
+    mup_base_head_size: int | None = None  # d0 of the forward attention; None = mup_base_width / num_heads
     feedback: bool = True  # false: the paper's ablation without the feedback branch (s = f; no fb_* parameters)
     feedback_impl: str = "auto"  # "auto" = triton on CUDA, chunked elsewhere; "dense" is the O(T^2) oracle
     feedback_chunk_size: int = 64
@@ -111,10 +115,38 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.init_scheme must be one of {INIT_SCHEMES}, got {self.init_scheme!r}")
         if self.init_std <= 0:
             raise ValueError(f"ModelConfig.init_std must be > 0, got {self.init_std}")
+        self._check_mup()
         if self.feedback_impl not in FEEDBACK_IMPLS:
             raise ValueError(f"ModelConfig.feedback_impl must be one of {FEEDBACK_IMPLS}, got {self.feedback_impl!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+
+    def _check_mup(self) -> None:
+        if not isinstance(self.mup, bool):
+            raise ValueError(f"model.mup must be true or false, got {self.mup!r}")
+        if not self.mup:
+            if self.mup_base_width is not None or self.mup_base_head_size is not None:
+                raise ValueError("model.mup_base_width / mup_base_head_size are set but model.mup is false; set "
+                                 "model.mup: true, or remove them")
+            return
+        if self.arch != "sessa":
+            raise ValueError(f"model.mup is for model.arch 'sessa' (got {self.arch!r}); the Transformer arm under "
+                             "μP is model.layer_pattern '*-' * num_layers with arch 'sessa'")
+        if self.init_scheme != "scaled":
+            raise ValueError(f"model.mup needs model.init_scheme 'scaled' (got {self.init_scheme!r}): μP rescales "
+                             "its normal(init_std) draws")
+        base = self.mup_base_width
+        if isinstance(base, bool) or not isinstance(base, int) or base < 1:
+            raise ValueError("model.mup: true needs model.mup_base_width, the width (hidden_size) the learning rate "
+                             f"and init_std were tuned at, as a positive integer; got {base!r}")
+        if self.mup_base_head_size is None:
+            if base % self.num_heads:
+                raise ValueError(f"model.mup_base_width ({base}) is not divisible by num_heads ({self.num_heads}); "
+                                 "set model.mup_base_head_size (the base model's attention head size)")
+            self.mup_base_head_size = base // self.num_heads
+        head = self.mup_base_head_size
+        if isinstance(head, bool) or not isinstance(head, int) or head < 1:
+            raise ValueError(f"model.mup_base_head_size must be a positive integer, got {head!r}")
 
     def _check_rope_scaling(self) -> None:
         """rope_scaling as written in a recipe or a saved config: none, or a mapping of RopeScaling's fields."""

@@ -11,6 +11,7 @@ import torch
 from megatron.core import parallel_state
 
 from .config import ModelConfig
+from .mup import init_std_multiplier
 
 
 def global_named_parameters(model):
@@ -76,15 +77,17 @@ def _draw(name: str, shape: list[int], fan_in: int, config: ModelConfig, gen: to
         return uniform(1.0 / math.sqrt(fan_in))
     if name.endswith(".bias"):
         return torch.zeros(shape)
+    std = config.init_std * init_std_multiplier(name, len(shape), config) if config.mup else config.init_std
     if name.endswith("out_proj.weight"):  # residual-branch outputs, GPT-2 style
-        return normal(config.init_std / math.sqrt(2 * config.num_layers))
-    return normal(config.init_std)
+        return normal(std / math.sqrt(2 * config.num_layers))
+    return normal(std)
 
 
 @torch.no_grad()
 def init_weights(model, seed: int = 0) -> None:
     """Initialise `model` (a SessaLM, one pipeline stage of it, or one SessaLayer) per
-    `model.sessa.init_scheme`; parameters on the meta device are left as they are."""
+    `model.sessa.init_scheme` (with `model.mup`, μP's std per parameter role, model/mup.py);
+    parameters on the meta device are left as they are."""
     params = dict(global_named_parameters(model))
     for name, param in params.items():
         if param.is_meta:

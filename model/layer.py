@@ -45,6 +45,7 @@ from .attention import apply_rope, rope_config, rope_inv_freq, split_heads
 from .config import ModelConfig
 from .documents import document_attention
 from .init import init_weights, uninitialised
+from .mup import feedback_query_multiplier, query_multiplier
 from .profile_ranges import FEEDBACK_SOLVE, FORWARD_ATTENTION
 
 
@@ -145,6 +146,8 @@ class SessaMixer(MegatronModule):
         k = apply_rope(split_heads(self.k_proj, a_shared, self.local_kv_heads), positions, self.rope_inv_freq,
                        self.rope_config)
         v = split_heads(self.v_proj, a_shared, self.local_kv_heads)
+        if self.sessa.mup:  # μP: logits q.k sqrt(d0) / d
+            q = q * query_multiplier(self.sessa)
         if cache is not None:
             k = torch.cat((cache.keys, k), dim=2)
             v = torch.cat((cache.values, v), dim=2)
@@ -176,6 +179,8 @@ class SessaMixer(MegatronModule):
         # inputs are partial sums: copy_to_... is the identity forward and all-reduces them backward.
         q_b = copy_to_tensor_model_parallel_region(self.fb_q_proj(a_shared)[0]).transpose(0, 1)  # [B, T, D]
         k_b = copy_to_tensor_model_parallel_region(self.fb_k_proj(a_shared)[0]).transpose(0, 1)
+        if self.sessa.mup:  # μP: feedback logits q_b.k_b sqrt(D0) / D
+            q_b = q_b * feedback_query_multiplier(self.sessa)
         # gamma_ctx is replicated and its input gradient already complete: it reads a_bar itself.
         gate_logit = self.gamma_bias + self.gamma_ctx(a_bar).squeeze(-1)  # [T, B]
         gamma = copy_to_tensor_model_parallel_region(self.sessa.gamma_max * torch.tanh(gate_logit)).transpose(0, 1)

@@ -16,6 +16,7 @@ from .documents import check_doc_ids
 from .init import init_weights, uninitialised
 from .layer import LayerCache, SessaLayer, SessaSubmodules
 from .mamba import MambaBlock
+from .mup import output_multiplier
 from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
 
 
@@ -140,6 +141,8 @@ class SessaLM(MegatronModule):
             return hidden
 
         hidden = self.final_norm(hidden)
+        if self.sessa.mup:  # μP's 1/m on the logits (the head has no bias: scaling its input is the same)
+            hidden = hidden * output_multiplier(self.sessa)
         logits, _ = self.output_layer(hidden, weight=self.output_weight())  # [T, B, V / tp]
         if labels is None:
             logits = logits.transpose(0, 1)  # [B, T, V / tp]

@@ -30,6 +30,7 @@ from checkpoints import CheckpointManager
 from checkpoints.deepspeed_format import RANK_STATE_GLOB, TRAINER_STATE, UNIVERSAL, rank_state_name
 from checkpoints.importer import WEIGHTS_ONLY
 from model.profile_ranges import OPTIMIZER_STEP
+from model.mup import lr_multiplier
 from model.recompute import recompute_blocks
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
@@ -170,10 +171,14 @@ class DeepSpeedEngine:
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
                          and cfg.model.dtype == "float32" else contextlib.nullcontext())
 
-        decay, no_decay = [], []
+        groups = {}  # (wd_mult, μP LR multiplier of model/mup.py: 1 without μP) -> the group
         for name, param in model.named_parameters():
-            (no_decay if no_weight_decay(param, name) else decay).append(param)
-        groups = [{"params": decay, "wd_mult": 1.0}, {"params": no_decay, "wd_mult": 0.0}]
+            wd_mult, lr_mult = 0.0 if no_weight_decay(param, name) else 1.0, lr_multiplier(name, param.ndim, cfg.model)
+            group = groups.setdefault((wd_mult, lr_mult), {"params": [], "wd_mult": wd_mult})
+            if lr_mult != 1.0:  # the scheduler's max_lr/min_lr for this group (its defaults otherwise)
+                group |= {"max_lr": cfg.optim.lr * lr_mult, "min_lr": cfg.optim.min_lr * lr_mult}
+            group["params"].append(param)
+        groups = [groups[key] for key in sorted(groups, key=lambda key: (-key[0], -key[1]))]
         kwargs = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps,
                       weight_decay=cfg.optim.weight_decay)
         if cfg.deepspeed.offload_optimizer and cfg.deepspeed.cpu_adam:

@@ -22,6 +22,7 @@ from checkpoints import CheckpointManager
 from checkpoints.importer import WEIGHTS_ONLY
 from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimizer_state, load_optimizer_state
 from model.profile_ranges import GRADIENT_REDUCTION, OPTIMIZER_STEP
+from model.mup import lr_multiplier, width_multiplier
 from model.recompute import recompute_blocks, torch_checkpoint
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
@@ -145,7 +146,13 @@ class MegatronEngine:
             params_dtype=self.megatron_config.params_dtype,
         )
         no_decay = ParamKey(with_name_predicate=ParamWithNamePredicate(name="no_decay", fn=no_weight_decay))
-        self.optimizer = get_megatron_optimizer(optim, self.ddp, config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
+        overrides = {no_decay: ParamGroupOverride(wd_mult=0.0)}
+        if cfg.model.mup:  # μP's per-role Adam LR (model/mup.py): the scheduler reads each group's max_lr/min_lr
+            width = width_multiplier(cfg.model)
+            scaled = ParamKey(with_name_predicate=ParamWithNamePredicate(
+                name="mup_lr", fn=lambda param, name: lr_multiplier(name, param.ndim, cfg.model) != 1.0))
+            overrides[scaled] = ParamGroupOverride(max_lr=cfg.optim.lr / width, min_lr=cfg.optim.min_lr / width)
+        self.optimizer = get_megatron_optimizer(optim, self.ddp, config_overrides=overrides)
 
     def banner(self) -> str:
         cfg = self.config
