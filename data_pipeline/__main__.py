@@ -5,6 +5,9 @@
         --seq-len 8192 --out data/web --on-error skip
     python -m data_pipeline prepare --source builtin --tokenizer pydocs4k --seq-len 1024,8192 \
         --out data/pydocs   # one tokenisation pass -> data/pydocs/seq1024 and data/pydocs/seq8192
+    python -m data_pipeline prepare --source web/ --tokenizer o200k_base --seq-len 8192 --out data/web \
+        --part 3/16         # one of 16 machines -> data/web/part-00003-of-00016 (parts.py)
+    python -m data_pipeline merge data/web   # after all parts: data/web/manifest.json over them (merge.py)
     python -m data_pipeline train-tokenizer --source builtin --vocab-size 4096 --name pydocs4k \
         --out data_pipeline/tokenizers/pydocs4k.tiktoken
     python -m data_pipeline prepare --source task.tsv --format task --prompt-field Text --answer-field Answer \
@@ -20,9 +23,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
+
+from .parts import DEFAULT_PIECE_BYTES
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's parser (launch.slurm --prepare checks prepare's arguments with it)."""
     parser = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +72,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shuffle-seed", type=int, default=0,
                    help="seed of the per-split document order (Megatron-style shuffle; default 0)")
     p.add_argument("--no-shuffle", action="store_true", help="keep documents in source order")
+    p.add_argument("--part", type=_part, metavar="I/N",
+                   help="prepare part I of N (from 0) of the text sources into OUT/part-0000I-of-0000N "
+                        "(per length with several --seq-len); `merge OUT` joins the parts (data_pipeline/parts.py)")
+    p.add_argument("--piece-mb", type=float, default=DEFAULT_PIECE_BYTES / 1e6,
+                   help="size of the pieces the sources are cut into for --part, in MB; the validation count "
+                        f"restarts at each piece, so keep it equal for all parts (default {DEFAULT_PIECE_BYTES / 1e6:g})")
+
+    m = commands.add_parser("merge", help="join the parts of prepare --part I/N into one dataset")
+    m.add_argument("dir", help="the --out of the parts (holds part-*-of-N/, or seq<L>/part-*-of-N/)")
+    m.add_argument("--verify", action="store_true", help="then check every shard's sha256 and every entry")
 
     t = commands.add_parser("train-tokenizer", help="train a byte-level BPE (rustbpe) as a .tiktoken file")
     t.add_argument("--source", action="append", required=True, help="as for prepare; repeatable")
@@ -81,11 +98,16 @@ def main(argv: list[str] | None = None) -> int:
     i.add_argument("dir", help="prepared data directory")
     i.add_argument("--verify", action="store_true", help="check every shard's sha256 and every entry")
     i.add_argument("--show", type=int, default=0, metavar="N", help="decode the first N train samples")
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "prepare":
         return _prepare(args)
+    if args.command == "merge":
+        return _merge(args)
     if args.command == "synth":
         from .synthetic import run_synth
         return run_synth(args, _summary)
@@ -106,7 +128,16 @@ def _seq_lens(text: str) -> int | list[int]:
     return values[0] if len(values) == 1 else values
 
 
+def _part(text: str) -> tuple[int, int]:
+    from .parts import parse_part
+    try:
+        return parse_part(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _prepare(args) -> int:
+    from .parts import PART_DIR
     from .prepare import TaskSpec, length_dirs, prepare
     task = None
     if args.format == "task":
@@ -122,13 +153,34 @@ def _prepare(args) -> int:
                        on_error=args.on_error, overwrite=args.overwrite, progress=not args.no_progress,
                        format=args.format, task=task, val_sources=args.val_source,
                        test_sources=args.test_source, pack=args.pack,
-                       shuffle_seed=None if args.no_shuffle else args.shuffle_seed)
-    if isinstance(args.seq_len, int):
-        _summary(args.out, manifest)
-    else:
-        for seq_len, out in length_dirs(args.out, args.seq_len).items():
-            _summary(str(out), manifest[seq_len])
+                       shuffle_seed=None if args.no_shuffle else args.shuffle_seed, part=args.part,
+                       piece_bytes=int(args.piece_mb * 1e6))
+    outs = {args.seq_len: Path(args.out)} if isinstance(args.seq_len, int) else length_dirs(args.out, args.seq_len)
+    manifests = {args.seq_len: manifest} if isinstance(args.seq_len, int) else manifest
+    for seq_len, out in outs.items():
+        if args.part:
+            out = out / PART_DIR.format(index=args.part[0], count=args.part[1])
+        _summary(str(out), manifests[seq_len])
     return 0
+
+
+def _merge(args) -> int:
+    from .merge import merge
+    try:
+        merged = merge(args.dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"merge: {e}") from None
+    problems = []
+    for data_dir, manifest in merged.items():
+        print(f"merged {manifest['parts']['count']} parts:")
+        _summary(str(data_dir), manifest)
+        if args.verify:
+            found = _verify(str(data_dir), manifest)
+            print(f"  verify: {'OK' if not found else f'{len(found)} problem(s)'}")
+            for problem in found:
+                print(f"    {problem}")
+            problems += found
+    return 1 if problems else 0
 
 
 def _summary(data_dir: str, manifest: dict) -> None:

@@ -8,9 +8,13 @@
       "loss_mask": false,           # true: every tar entry has a mask member (packing.py)
       "task": {...},                # only for task data: fields, separator, loss_on, labels
       "sources": [...], "documents": {...}, "skipped": {reason: count},
+      "piece_bytes": 256000000,     # text: the pieces the sources were cut into (parts.py)
       "splits": {"train": {"samples", "tokens", "documents", "stream_tokens",
                            "shards": [{"path", "entries", "samples", "tokens", "bytes", "sha256"}]},
-                 "val": {...}, "test": {...} (task data)}
+                 "val": {...}, "test": {...} (task data)},
+      "part": {"index", "count", "pieces", "piece_count", "piece_bytes", "plan"},  # prepare --part only
+      "parts": {"count", "piece_count", "piece_bytes", "plan", "dirs"}  # merged (merge.py): each shard
+                                    # also has "first_key", the tar key of its first entry in its part
     }
 
 Manifests written before "pack", "shuffle_seed" and "loss_mask" existed read as stream packing

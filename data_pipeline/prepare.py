@@ -41,9 +41,10 @@ import numpy as np
 
 from .encode_worker import encode, init_worker
 from .errors import DataError, check_on_error, handle
-from .manifest import FORMAT, write_manifest
+from .manifest import FORMAT, MANIFEST_NAME, write_manifest
 from .packing import PACK_MODES, TOKEN_DTYPE, PackedSample, encode_entry, make_packer
-from .readers import describe_sources, iter_documents
+from .parts import DEFAULT_PIECE_BYTES, Part, plan_pieces, read_chunks, select_part
+from .readers import describe_sources
 from .tasks import MAX_LABELS, SPLIT_NAMES, TaskExample, iter_task_file, separator_ids, task_file_format
 from .tokenizer import BUILTIN_BPE_NAME, CHARS_NAME, STANDARD_ENCODINGS, Tokenizer, load_tokenizer
 
@@ -63,6 +64,7 @@ class Record:
     where: str
     nbytes: int
     split: str | None = None  # fixed split (task files); None: by position
+    piece: int = 0  # the piece of the sources it comes from (parts.py): positions count within a piece
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int |
             overwrite: bool = False, progress: bool = True, format: str = "text",
             task: TaskSpec | None = None, val_sources: list[str] | None = None,
             test_sources: list[str] | None = None, pack: str | None = None,
-            shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED) -> dict:
+            shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED, part: tuple[int, int] | None = None,
+            piece_bytes: int = DEFAULT_PIECE_BYTES) -> dict:
     """Tokenise `sources` into `out`/{train,val[,test]}/shard-NNNNNN.tar and `out`/manifest.json.
 
     seq_len: one length, or several: one tokenisation pass writes `out`/seq{L} for each length L
@@ -100,6 +103,10 @@ def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int |
     format: "text" (documents) or "task" (prompt/answer examples from TSV/CSV/JSONL, see `task`).
     pack: "stream" (default for text), "greedy" or "none" (default for tasks); see packing.py.
     shuffle_seed: seed of the per-split document order; None keeps the source order.
+    part: (I, N): prepare only part I of N of the text sources (parts.py) into `out`/part-0000I-of-0000N
+        (per length: `length_dirs`(out)/part-...), a directory `merge` (merge.py) joins with the others.
+    piece_bytes: the size of the pieces the sources are cut into (parts.py); the validation count
+        restarts at each piece, so it must be the same for all parts and for a prepare to compare.
     Returns the manifest.
     """
     sources = [sources] if isinstance(sources, str) else list(sources)
@@ -110,20 +117,29 @@ def prepare(sources: list[str] | str, tokenizer: str | Tokenizer, seq_len: int |
     if format == "text":
         if task is not None or val_sources or test_sources:
             raise ValueError("task options (prompt/answer fields, --val-source, --test-source) need --format task")
-        records = (Record((d.text,), d.where, d.nbytes) for d in
-                   iter_documents(sources, text_field=text_field, on_error=on_error, skipped=skipped))
+        chunks = plan_pieces(sources, piece_bytes)
+        selected = None
+        if part is not None:
+            selected, chunks = select_part(chunks, *part, piece_bytes)
+        records = (Record((d.text,), d.where, d.nbytes, piece=piece) for piece, d in
+                   read_chunks(chunks, text_field, on_error, skipped))
         described = describe_sources(sources, text_field)
-    else:
-        task = task or TaskSpec()
-        files = {"train": sources, "val": list(val_sources or []), "test": list(test_sources or [])}
-        if task.split_field and (val_sources or test_sources):
-            raise ValueError("give either a split field or --val-source/--test-source files, not both")
-        formats = {task_file_format(f) for group in files.values() for f in group}
-        task = TaskSpec(**{**task.__dict__, "file_format": "+".join(sorted(formats))})
-        records = _task_records(files, task, on_error, skipped)
-        described = [{"source": os.path.abspath(f), "split": split if (val_sources or test_sources) else
-                      (f"field {task.split_field!r}" if task.split_field else "by position")}
-                     for split, group in files.items() for f in group]
+        return write_records(records, tokenizer, seq_len, out, sources=described, val_fraction=val_fraction,
+                             num_workers=num_workers, shard_bytes=shard_bytes, entry_bytes=entry_bytes,
+                             on_error=on_error, skipped=skipped, overwrite=overwrite, progress=progress,
+                             pack=pack, shuffle_seed=shuffle_seed, part=selected, piece_bytes=piece_bytes)
+    if part is not None:
+        raise ValueError("--part splits text sources only; task files are small enough for one prepare")
+    task = task or TaskSpec()
+    files = {"train": sources, "val": list(val_sources or []), "test": list(test_sources or [])}
+    if task.split_field and (val_sources or test_sources):
+        raise ValueError("give either a split field or --val-source/--test-source files, not both")
+    formats = {task_file_format(f) for group in files.values() for f in group}
+    task = TaskSpec(**{**task.__dict__, "file_format": "+".join(sorted(formats))})
+    records = _task_records(files, task, on_error, skipped)
+    described = [{"source": os.path.abspath(f), "split": split if (val_sources or test_sources) else
+                  (f"field {task.split_field!r}" if task.split_field else "by position")}
+                 for split, group in files.items() for f in group]
     return write_records(records, tokenizer, seq_len, out, sources=described, task=task,
                          val_fraction=val_fraction, fixed_splits=bool(val_sources or test_sources),
                          num_workers=num_workers, shard_bytes=shard_bytes, entry_bytes=entry_bytes,
@@ -150,8 +166,10 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
                   val_fraction: float = 0.01, fixed_splits: bool = False, num_workers: int | None = None,
                   shard_bytes: int = 128_000_000, entry_bytes: int = 512 << 10, on_error: str = "raise",
                   skipped: Counter | None = None, overwrite: bool = False, progress: bool = True,
-                  pack: str | None = None, shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED) -> dict:
-    """The two passes (module docstring) over already-read records; see prepare() for the options."""
+                  pack: str | None = None, shuffle_seed: int | None = DEFAULT_SHUFFLE_SEED,
+                  part: Part | None = None, piece_bytes: int | None = None) -> dict:
+    """The two passes (module docstring) over already-read records; see prepare() for the options.
+    part: the records are that part of the sources: each length's directory is its part directory."""
     check_on_error(on_error)
     skipped = Counter() if skipped is None else skipped
     if not 0 <= val_fraction < 1:
@@ -165,6 +183,10 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
         raise ValueError(f"unknown pack mode {pack!r}; use one of {PACK_MODES}")
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else load_tokenizer(tokenizer)
     outs = {seq_len: Path(out)} if isinstance(seq_len, int) else length_dirs(out, seq_lens)
+    if part is not None:
+        for seq_len_, merged in outs.items():
+            _drop_merged_manifest(merged, part, overwrite)
+            outs[seq_len_] = merged / part.dir_name
     for out_dir in outs.values():
         _prepare_out_dir(out_dir, overwrite)
     splits_names = SPLIT_NAMES if task else SPLITS
@@ -172,7 +194,8 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
     tokenized = _tokenize_to_file(records, tok, tmp_path, splits_names, seq_lens=seq_lens, task=task, pack=pack,
                                   val_fraction=val_fraction, num_workers=num_workers or len(os.sched_getaffinity(0)),
                                   on_error=on_error, skipped=skipped, progress=progress)
-    if any(done.documents == 0 for done in tokenized.values()):
+    # A part may hold no document of a split (merge checks the whole), a prepare must hold some.
+    if part is None and any(done.documents == 0 for done in tokenized.values()):
         tmp_path.unlink()
         raise ValueError(f"no documents found in {[s.get('source') for s in sources]} "
                          f"(skipped: {dict(skipped + sum((d.skipped for d in tokenized.values()), Counter()))})")
@@ -180,7 +203,7 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
     for seq_len_, done in tokenized.items():
         layout = ShardLayout.for_sizes(seq_len_, entry_bytes, shard_bytes)
         splits = _pack_to_shards(done, tmp_path, outs[seq_len_], layout, pack=pack, eot_id=tok.eot_id,
-                                 with_mask=task is not None, shuffle_seed=shuffle_seed)
+                                 with_mask=task is not None, shuffle_seed=shuffle_seed, part=part)
         manifest = {
             "format": FORMAT,
             "tokenizer_id": tok.id,
@@ -195,6 +218,7 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
             "val_fraction": None if fixed_splits else val_fraction,
             "pack": pack,
             "shuffle_seed": shuffle_seed,
+            "piece_bytes": piece_bytes,
             "loss_mask": task is not None,
             "documents": {"total": done.documents, "text_bytes": done.text_bytes, "tokens": done.tokens},
             "skipped": dict(sorted((skipped + done.skipped).items())),
@@ -202,6 +226,8 @@ def write_records(records: Iterable[Record], tokenizer: str | Tokenizer, seq_len
         }
         if task:
             manifest["task"] = _task_manifest(task, done.labels)
+        if part is not None:
+            manifest["part"] = part.to_manifest()
         write_manifest(outs[seq_len_], manifest)
         manifests[seq_len_] = manifest
     tmp_path.unlink()
@@ -217,7 +243,8 @@ class TokenizedDocuments:
     skipped: Counter = field(default_factory=Counter)  # documents too long for this length
     text_bytes: int = 0
     tokens: int = 0
-    ordinal: int = 0  # documents split by position so far (every k-th is validation)
+    piece: int = 0  # the piece being read
+    ordinal: int = 0  # documents of this piece split by position so far (every k-th is validation)
 
     @property
     def documents(self) -> int:
@@ -256,6 +283,8 @@ def _tokenize_to_file(records: Iterable[Record], tok: Tokenizer, tmp_path: Path,
                     if record.split is not None:
                         split = record.split
                     else:
+                        if record.piece != at_length.piece:
+                            at_length.piece, at_length.ordinal = record.piece, 0
                         split = "val" if val_every and at_length.ordinal % val_every == val_every - 1 else "train"
                         at_length.ordinal += 1
                     for column, value in zip(at_length.index[split], (written, len(ids), mask_start)):
@@ -295,7 +324,7 @@ class ShardLayout:
 
 
 def _pack_to_shards(tokenized: TokenizedDocuments, tmp_path: Path, out: Path, layout: ShardLayout, *, pack: str,
-                    eot_id: int, with_mask: bool, shuffle_seed: int | None) -> dict:
+                    eot_id: int, with_mask: bool, shuffle_seed: int | None, part: Part | None) -> dict:
     """Pass 2: per split, documents in shuffled order -> packed samples -> shards. Returns the manifest's splits."""
     seq_len = layout.sample_len - 1
     tokens = np.memmap(tmp_path, dtype=TOKEN_DTYPE, mode="r") if tmp_path.stat().st_size else np.empty(0, TOKEN_DTYPE)
@@ -303,7 +332,7 @@ def _pack_to_shards(tokenized: TokenizedDocuments, tmp_path: Path, out: Path, la
     for split, (offsets, lengths, mask_starts) in tokenized.index.items():
         writer = SplitWriter(out, split, layout.samples_per_entry, layout.entries_per_shard, with_mask=with_mask)
         packer = make_packer(pack, seq_len, eot_id)
-        for i in document_order(len(offsets), shuffle_seed, split):
+        for i in document_order(len(offsets), shuffle_seed, split, part):
             writer.add(packer.add(tokens[offsets[i]:offsets[i] + lengths[i]], mask_starts[i]))
         writer.add(packer.finish())
         splits[split] = writer.close() | {"documents": len(offsets), "stream_tokens": packer.stream_tokens}
@@ -319,12 +348,14 @@ def _task_manifest(task: TaskSpec, labels: Counter | None) -> dict:
             "labels": sorted(labels) if labels is not None and n >= 2 * len(labels) else None}
 
 
-def document_order(n: int, shuffle_seed: int | None, split: str) -> np.ndarray:
-    """The order documents of a split are packed in: a seeded permutation, or 0..n-1 for None."""
+def document_order(n: int, shuffle_seed: int | None, split: str, part: Part | None = None) -> np.ndarray:
+    """The order documents of a split (of a part) are packed in: a seeded permutation, or 0..n-1 for None.
+    A part permutes its own documents with the seed words (shuffle_seed, split, part index, part count)."""
     if shuffle_seed is None:
         return np.arange(n)
     split_key = int.from_bytes(hashlib.sha256(split.encode()).digest()[:4], "little")
-    return np.random.default_rng([shuffle_seed, split_key]).permutation(n)
+    words = [shuffle_seed, split_key] + ([part.index, part.count] if part is not None else [])
+    return np.random.default_rng(words).permutation(n)
 
 
 def _task_records(files: dict[str, list[str]], task: TaskSpec, on_error: str,
@@ -392,6 +423,16 @@ class SplitWriter:
 def _portable_spec(spec: str) -> str:
     """What load_tokenizer needs to reload it from anywhere: names stay names, paths become absolute."""
     return spec if spec in (*STANDARD_ENCODINGS, BUILTIN_BPE_NAME, CHARS_NAME) else os.path.abspath(spec)
+
+
+def _drop_merged_manifest(merged: Path, part: Part, overwrite: bool) -> None:
+    """A dataset merged from parts goes stale when a part is prepared again."""
+    manifest = merged / MANIFEST_NAME
+    if manifest.exists():
+        if not overwrite:
+            raise FileExistsError(f"{merged} already holds a prepared dataset ({manifest}); pass --overwrite to "
+                                  f"prepare part {part.index}/{part.count} again (then merge again)")
+        manifest.unlink()
 
 
 def _prepare_out_dir(out: Path, overwrite: bool) -> None:

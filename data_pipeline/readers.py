@@ -34,28 +34,68 @@ class Document:
     text: str
     where: str  # "path:line" / "path:row N" / "path", for error messages
     nbytes: int  # size in the source, for MB/s
+    offset: int = 0  # where its line starts in the file (JSONL; 0 for other files)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceFile:
+    """One file of the sources, in reading order."""
+    path: Path
+    explicit: bool  # named as a source (text whatever its suffix), not found walking a directory
+    text_field: str | None = None  # the built-in corpus: "text" whatever the caller's field
+
+    @property
+    def splittable(self) -> bool:
+        """Uncompressed JSONL: a byte range of it can be read on its own (read_source_file)."""
+        return _kind(self.path) == ("jsonl", "")
+
+
+def source_files(sources: list[str] | str) -> list[SourceFile]:
+    """The files of `sources` (each "builtin", a file or a directory) in the order they are read."""
+    files = []
+    for source in [sources] if isinstance(sources, str) else sources:
+        if source == "builtin":
+            if not BUILTIN_CORPUS.exists():
+                raise FileNotFoundError(f"built-in corpus {BUILTIN_CORPUS} is missing; rebuild it with "
+                                        f"python -m data_pipeline.corpus.build_python_docs")
+            files.append(SourceFile(BUILTIN_CORPUS, True, "text"))
+            continue
+        path = Path(source)
+        if not path.exists():
+            raise FileNotFoundError(f"corpus source {source} does not exist")
+        if not path.is_dir():
+            files.append(SourceFile(path, True))
+            continue
+        found = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path))
+        if not found:
+            raise FileNotFoundError(f"corpus directory {source} contains no files")
+        files += [SourceFile(p, False) for p in found]
+    return files
 
 
 def iter_documents(sources: list[str] | str, text_field: str = "text", on_error: str = "raise",
                    skipped: Counter | None = None) -> Iterator[Document]:
     """All documents of `sources` (each "builtin", a file or a directory), in order."""
     check_on_error(on_error)
-    for source in [sources] if isinstance(sources, str) else sources:
-        if source == "builtin":
-            if not BUILTIN_CORPUS.exists():
-                raise FileNotFoundError(f"built-in corpus {BUILTIN_CORPUS} is missing; rebuild it with "
-                                        f"python -m data_pipeline.corpus.build_python_docs")
-            yield from _read_jsonl(BUILTIN_CORPUS, "text", on_error, skipped)
-            continue
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"corpus source {source} does not exist")
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p, path)) \
-            if path.is_dir() else [path]
-        if path.is_dir() and not files:
-            raise FileNotFoundError(f"corpus directory {source} contains no files")
-        for file in files:
-            yield from _read_file(file, text_field, on_error, skipped, explicit=not path.is_dir())
+    for file in source_files(sources):
+        yield from read_source_file(file, text_field, on_error, skipped)
+
+
+def read_source_file(file: SourceFile, text_field: str, on_error: str, skipped: Counter | None,
+                     start: int = 0, end: int | None = None) -> Iterator[Document]:
+    """The documents of one file; of a splittable one, those whose line starts in bytes [start, end)
+    (a line starts at byte 0 or after a newline), so adjacent ranges share no document and lose none."""
+    text_field = file.text_field or text_field
+    kind, compression = _kind(file.path)
+    if kind == "jsonl":
+        if (start or end is not None) and not file.splittable:
+            raise ValueError(f"{file.path} is compressed: it can only be read whole")
+        yield from _read_jsonl(file.path, text_field, on_error, skipped, start, end)
+    elif kind == "parquet":
+        yield from _read_parquet(file.path, text_field, on_error, skipped)
+    elif kind == "text" or file.explicit:  # a file named on the command line is text whatever its suffix
+        yield from _read_text(file.path, compression, on_error, skipped)
+    # other files found while walking a directory (images, archives...) are not documents
 
 
 def describe_sources(sources: list[str], text_field: str) -> list[dict]:
@@ -87,18 +127,6 @@ def _kind(path: Path) -> tuple[str, str]:
     return "other", compression
 
 
-def _read_file(path: Path, text_field: str, on_error: str, skipped: Counter | None,
-               explicit: bool) -> Iterator[Document]:
-    kind, compression = _kind(path)
-    if kind == "jsonl":
-        yield from _read_jsonl(path, text_field, on_error, skipped)
-    elif kind == "parquet":
-        yield from _read_parquet(path, text_field, on_error, skipped)
-    elif kind == "text" or explicit:  # a file named on the command line is text whatever its suffix
-        yield from _read_text(path, compression, on_error, skipped)
-    # other files found while walking a directory (images, archives...) are not documents
-
-
 def _open(path: Path, compression: str):
     return COMPRESSED_SUFFIXES[compression](path, "rb") if compression else open(path, "rb")
 
@@ -116,13 +144,21 @@ def _check_text(text: str, where: str) -> None:
         raise DataError("empty_document", where, "empty document")
 
 
-def _read_jsonl(path: Path, text_field: str, on_error: str, skipped: Counter | None) -> Iterator[Document]:
+def _read_jsonl(path: Path, text_field: str, on_error: str, skipped: Counter | None, start: int = 0,
+                end: int | None = None) -> Iterator[Document]:
     _, compression = _kind(path)
     with _open(path, compression) as f:
+        at = 0  # byte offset of the line being read
+        if start:  # skip the line that began before `start` (it belongs to the previous range)
+            f.seek(start - 1)
+            at = start - 1 + len(f.readline())
         for line_no, raw in enumerate(f, start=1):
+            line_at, at = at, at + len(raw)
+            if end is not None and line_at >= end:
+                break
             if not raw.strip():
                 continue  # blank lines (e.g. a trailing one) separate nothing
-            where = f"{path}:{line_no}"
+            where = f"{path}:{line_no}" if not start else f"{path}:byte {line_at}"  # line unknown mid-file
             try:
                 record = json.loads(_decode(raw, where))
                 if not isinstance(record, dict) or text_field not in record:
@@ -142,7 +178,7 @@ def _read_jsonl(path: Path, text_field: str, on_error: str, skipped: Counter | N
             except DataError as e:
                 handle(e, on_error, skipped)
                 continue
-            yield Document(text, where, len(raw))
+            yield Document(text, where, len(raw), line_at)
 
 
 def _read_text(path: Path, compression: str, on_error: str, skipped: Counter | None) -> Iterator[Document]:

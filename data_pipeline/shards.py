@@ -22,7 +22,8 @@ from .packing import DOCS_MEMBER, MASK_MEMBER, TOKENS_MEMBER, decode_entry, deco
 @dataclass(frozen=True)
 class ShardSpec:
     url: str  # local path or webdataset URL
-    first_entry: int  # global entry number of the shard's first entry (the tar keys)
+    first_entry: int  # the tar key of the shard's first entry: its entry number in the split (in its part
+    # for a dataset merged from parts: the manifest's "first_key")
     entries: int
     samples: int
     bytes: int
@@ -46,7 +47,8 @@ def shard_specs(manifest: dict, split: str, data_dir: str, url_template: str | N
     specs, first_entry = [], 0
     for shard in manifest["splits"][split]["shards"]:
         url = url_template.format(path=shard["path"]) if url_template else os.path.join(data_dir, shard["path"])
-        specs.append(ShardSpec(url, first_entry, shard["entries"], shard["samples"], shard["bytes"], shard["sha256"]))
+        specs.append(ShardSpec(url, shard.get("first_key", first_entry), shard["entries"], shard["samples"],
+                               shard["bytes"], shard["sha256"]))
         first_entry += shard["entries"]
     return specs
 
