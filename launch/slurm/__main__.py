@@ -4,6 +4,8 @@
     python -m launch.slurm --nodes 4 --gpus-per-node 8 --time 24:00:00 --partition gpu --config configs/1.3b.yaml
     python -m launch.slurm --chain 5 --time 4:00:00 --config configs/7b.yaml        # no requeue: 5 jobs, afterany
     python -m launch.slurm --sweep sweep.txt --max-parallel 4 --train.max_steps 2000  # one array task per line
+    python -m launch.slurm --prepare --parts 16 --time 4:00:00 --source web/ --tokenizer o200k_base \
+        --seq-len 8192 --out data/web      # 16 array tasks (prepare --part I/16), then the merge (afterok)
 
 Resources come from the flags, else from the recipe's `launch:` section (nodes, gpus_per_node, time,
 partition, account, term_grace_s), else the defaults; GPUs per node default to what SLURM reports
@@ -16,6 +18,12 @@ not in the queue). The job runs launch/slurm/pretrain.sbatch from the current di
 A sweep file lists one run per line, `<recipe.yaml> [--section.field value ...]` (`#` comments);
 overrides given here apply to every line first, each line's own come after (and win); every line
 must name its own run directory (`--run_name ...`).
+
+With --prepare the other arguments are `python -m data_pipeline prepare`'s: they are checked (and the
+sources cut into pieces, which must be at least --parts) before sbatch; launch/slurm/prepare.sbatch
+runs part I of N as array task I on one node with --cpus-per-rank CPUs (default: a whole node of the
+partition, one tokeniser each), then `python -m data_pipeline merge OUT` as a job that starts once
+every part has succeeded. Prints the array's job id, then the merge's.
 """
 import argparse
 import functools
@@ -29,6 +37,7 @@ from pathlib import Path
 from .job import BadInput, read_sweep, split_train_args, sweep_entry
 
 SBATCH_SCRIPT = Path(__file__).resolve().with_name("pretrain.sbatch")
+PREPARE_SCRIPT = SBATCH_SCRIPT.with_name("prepare.sbatch")
 REPO = SBATCH_SCRIPT.parents[2]
 
 
@@ -220,6 +229,19 @@ def build_submission(opts, train_args: list[str]) -> tuple[list[str], dict]:
     return args, env
 
 
+def sbatch(command: list[str], env: dict, dry_run: bool, number: int) -> str:
+    """Run one sbatch command (dry_run: print it) and print its job id; returns it ('<job N>' dry)."""
+    if dry_run:
+        print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(command))
+        return f"<job {number}>"
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
+    if done.returncode != 0:
+        raise BadInput(f"sbatch failed: {done.stderr.strip() or done.stdout.strip()}")
+    job_id = done.stdout.strip().split(";")[0]
+    print(job_id, flush=True)
+    return job_id
+
+
 def submit(opts, train_args: list[str]) -> list[str]:
     args, env = build_submission(opts, train_args)
     if not opts.dry_run:
@@ -228,17 +250,61 @@ def submit(opts, train_args: list[str]) -> list[str]:
     for _ in range(opts.chain):
         command = ["sbatch", *args, *([f"--dependency={dependency}"] if dependency else []), str(SBATCH_SCRIPT),
                    *train_args]
-        if opts.dry_run:
-            print(" ".join(f"{k}={v}" for k, v in env.items()), " ".join(command))
-            job_ids.append(f"<job {len(job_ids) + 1}>")
-        else:
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **env})
-            if done.returncode != 0:
-                raise BadInput(f"sbatch failed: {done.stderr.strip() or done.stdout.strip()}")
-            job_ids.append(done.stdout.strip().split(";")[0])
-            print(job_ids[-1], flush=True)
+        job_ids.append(sbatch(command, env, opts.dry_run, len(job_ids) + 1))
         dependency = f"afterany:{job_ids[-1]}"
     return job_ids
+
+
+def build_prepare_submission(opts, prepare_args: list[str]) -> tuple[list[str], list[str], str]:
+    """(sbatch arguments of the parts' array, of the merge job, each without its dependency and
+    script; prepare's --out); checks prepare's arguments and that the sources make >= --parts pieces."""
+    from data_pipeline.__main__ import build_parser
+    from data_pipeline.parts import plan_pieces, select_part
+
+    if opts.sweep or opts.chain > 1 or opts.nodes not in (None, 1):
+        raise BadInput("--prepare runs each part on one node: --sweep, --chain and --nodes do not apply")
+    if opts.parts is None or opts.parts < 1:
+        raise BadInput("--prepare needs --parts N (N >= 1): array task I prepares part I of N")
+    try:
+        args = build_parser().parse_args(["prepare", *prepare_args])
+    except SystemExit:  # argparse printed what is wrong
+        raise BadInput(f"prepare does not take these arguments: {' '.join(prepare_args)} (python -m data_pipeline "
+                       f"prepare --help)") from None
+    if args.part is not None:
+        raise BadInput("give --parts N, not --part: array task I prepares --part I/N")
+    if args.format != "text":
+        raise BadInput("--prepare cuts text sources into parts; prepare task files (--format task) in one job")
+    piece_bytes = int(args.piece_mb * 1e6)
+    try:
+        select_part(plan_pieces(args.source, piece_bytes), 0, opts.parts, piece_bytes)
+    except (ValueError, FileNotFoundError) as err:
+        raise BadInput(str(err)) from None
+    out = Path(args.out)
+    if not args.overwrite and out.is_dir() and any(out.iterdir()):
+        raise BadInput(f"--out {out} is not empty; pass --overwrite to prepare it again")
+    cpus = opts.cpus_per_rank or detect_cpus_per_node(opts.partition) or 1
+    name, logs = opts.job_name or f"prepare-{out.name}", Path(opts.logs)
+    common = [f"--{flag}={getattr(opts, flag)}" for flag in ("time", "partition", "account", "qos") if getattr(opts, flag)]
+    common += opts.sbatch_arg
+    array = ["--parsable", f"--job-name={name}", "--nodes=1", "--ntasks=1", f"--cpus-per-task={cpus}",
+             f"--array=0-{opts.parts - 1}" + (f"%{opts.max_parallel}" if opts.max_parallel else ""),
+             f"--output={logs / '%x-%A_%a.out'}", *common]
+    merge = ["--parsable", f"--job-name={name}-merge", "--nodes=1", "--ntasks=1", "--cpus-per-task=1",
+             f"--output={logs / '%x-%j.out'}", *common]
+    return array, merge, args.out
+
+
+def submit_prepare(opts, prepare_args: list[str]) -> list[str]:
+    """Submit the parts' array and the merge after it; returns [array job id, merge job id]."""
+    array, merge, out = build_prepare_submission(opts, prepare_args)
+    if not opts.dry_run:
+        Path(opts.logs).mkdir(parents=True, exist_ok=True)
+    env = {"SESSA_REPO": str(REPO)}
+    parts = sbatch(["sbatch", *array, *([f"--dependency={opts.dependency}"] if opts.dependency else []),
+                    str(PREPARE_SCRIPT), "prepare", str(opts.parts), *prepare_args], env, opts.dry_run, 1)
+    merged = sbatch(["sbatch", *merge, f"--dependency=afterok:{parts}", str(PREPARE_SCRIPT), "merge", out],
+                    env, opts.dry_run, 2)
+    return [parts, merged]
 
 
 def parse_args(argv=None):
@@ -270,6 +336,10 @@ def parse_args(argv=None):
     parser.add_argument("--dependency", help="dependency of the (first) job, passed to sbatch")
     parser.add_argument("--sweep", help="sweep file: a job array with one run per line")
     parser.add_argument("--max-parallel", type=int, help="at most this many array tasks at once")
+    parser.add_argument("--prepare", action="store_true",
+                        help="prepare a corpus instead: the other arguments are `python -m data_pipeline prepare`'s; "
+                             "--parts array tasks, then the merge")
+    parser.add_argument("--parts", type=int, help="with --prepare: the number of parts (array tasks)")
     parser.add_argument("--logs", default="logs/slurm", help="folder for the job logs (default logs/slurm)")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                         help="extra sbatch argument, e.g. --sbatch-arg=--exclusive (repeatable)")
@@ -283,6 +353,9 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     opts, train_args = parse_args(argv)
     try:
+        if opts.prepare:
+            submit_prepare(opts, train_args)
+            return 0
         if opts.sweep:
             if any(a == "--config" or a.startswith("--config=") for a in train_args):
                 raise BadInput("with --sweep the recipes come from the sweep file; give only common overrides here")

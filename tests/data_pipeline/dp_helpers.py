@@ -7,10 +7,12 @@ import io
 import json
 import random
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from data_pipeline.manifest import read_manifest
 from data_pipeline.packing import decode_entry
 from data_pipeline.prepare import DEFAULT_SHUFFLE_SEED, document_order, prepare
 from data_pipeline.tokenizer import load_tokenizer
@@ -100,3 +102,30 @@ def batches(loader, n: int) -> list[dict]:
 
 def sample_ids(batch_list: list[dict]) -> list[tuple[int, int]]:
     return [(int(e), int(i)) for b in batch_list for e, i in zip(b["epoch"], b["sample_index"])]
+
+
+def split_documents(data_dir: Path, split: str) -> Counter:
+    """The documents (token tuples without their EOT) stored in a split of a stream-packed directory,
+    as a multiset: each part's samples rebuilt into its token stream, cut after every EOT."""
+    manifest = read_manifest(data_dir)
+    eot, sample_len = manifest["tokenizer"]["eot_id"], manifest["sample_len"]
+    streams: dict[str, list[int]] = {}
+    for shard in manifest["splits"][split]["shards"]:
+        part = shard["path"].split("/")[0] if shard["path"].startswith("part-") else ""
+        with tarfile.open(data_dir / shard["path"]) as tar:
+            members = tar.getmembers()
+            for docs_m, tokens_m in zip(members[0::2], members[1::2]):
+                tokens, bounds = decode_entry(tar.extractfile(tokens_m).read(), tar.extractfile(docs_m).read(),
+                                              sample_len, manifest["vocab_size"])
+                for row, (n_valid, _) in zip(tokens, bounds):
+                    stream = streams.setdefault(part, [])
+                    stream += row[1 if stream else 0:n_valid].tolist()  # samples overlap by one token
+    documents = Counter()
+    for stream in streams.values():
+        assert stream[-1] == eot
+        start = 0
+        for at, token in enumerate(stream):
+            if token == eot:
+                documents[tuple(stream[start:at])] += 1
+                start = at + 1
+    return documents

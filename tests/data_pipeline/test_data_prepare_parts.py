@@ -4,7 +4,6 @@ resume on it, and every refusal of merge."""
 import gzip
 import json
 import shutil
-import tarfile
 from collections import Counter
 from pathlib import Path
 
@@ -15,42 +14,14 @@ from data_pipeline.__main__ import main
 from data_pipeline.loader import build_dataloader
 from data_pipeline.manifest import read_manifest
 from data_pipeline.merge import merge
-from data_pipeline.packing import decode_entry
 from data_pipeline.parts import plan_pieces, read_chunks, select_part
 from data_pipeline.prepare import prepare
 from data_pipeline.readers import iter_documents
 from data_pipeline.tokenizer import load_tokenizer
-from dp_helpers import batches, make_documents, sample_ids, write_jsonl
+from dp_helpers import batches, make_documents, sample_ids, split_documents, write_jsonl
 
 SMALL = dict(val_fraction=0.2, num_workers=1, progress=False, entry_bytes=4 * 17 * 4, shard_bytes=3 * 4 * 17 * 4)
 PIECE = 2000  # bytes: the 31 kB test file makes 16 pieces
-
-
-def split_documents(data_dir: Path, split: str) -> Counter:
-    """The documents (token tuples without their EOT) stored in a split of a stream-packed directory,
-    as a multiset: each part's samples rebuilt into its token stream, cut after every EOT."""
-    manifest = read_manifest(data_dir)
-    eot, sample_len = manifest["tokenizer"]["eot_id"], manifest["sample_len"]
-    streams: dict[str, list[int]] = {}
-    for shard in manifest["splits"][split]["shards"]:
-        part = shard["path"].split("/")[0] if shard["path"].startswith("part-") else ""
-        with tarfile.open(data_dir / shard["path"]) as tar:
-            members = tar.getmembers()
-            for docs_m, tokens_m in zip(members[0::2], members[1::2]):
-                tokens, bounds = decode_entry(tar.extractfile(tokens_m).read(), tar.extractfile(docs_m).read(),
-                                              sample_len, manifest["vocab_size"])
-                for row, (n_valid, _) in zip(tokens, bounds):
-                    stream = streams.setdefault(part, [])
-                    stream += row[1 if stream else 0:n_valid].tolist()  # samples overlap by one token
-    documents = Counter()
-    for stream in streams.values():
-        assert stream[-1] == eot
-        start = 0
-        for at, token in enumerate(stream):
-            if token == eot:
-                documents[tuple(stream[start:at])] += 1
-                start = at + 1
-    return documents
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """launch/slurm on a real SLURM cluster (tests/launch/slurm_cluster.py): multi-node training in both
 launch modes, time-limit signal + requeue + exact resume, SIGTERM, a hung rank + requeue + exact resume,
-run lock, afterany chains, job arrays."""
+run lock, afterany chains, job arrays, a corpus prepared as an array of parts and merged."""
+import importlib.util
 import json
 import os
 import signal
@@ -13,13 +14,18 @@ import pytest
 from conftest import REPO, finish, job_log, read_metrics, start_local
 from slurm_cluster import ENDED, SBIN_DIRS, ensure_installed
 
-from launch.slurm.__main__ import build_submission, parse_args, submit
+from data_pipeline.manifest import read_manifest
+from data_pipeline.prepare import prepare
+from launch.slurm.__main__ import build_prepare_submission, build_submission, parse_args, submit
 from launch.slurm.job import BadInput
 from pretrain.distributed import torch_env_from_slurm
 from pretrain.loop import TEST_DATA_DELAY_ENV
 from pretrain.runlock import LOCK_NAME, RunLockedError, acquire_run_lock
 
 pytestmark = pytest.mark.slow
+_spec = importlib.util.spec_from_file_location("dp_helpers", REPO / "tests" / "data_pipeline" / "dp_helpers.py")
+dp_helpers = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(dp_helpers)
 
 
 def helper(tmp_path, *argv: str) -> list[str]:
@@ -336,3 +342,38 @@ def test_a_hung_rank_ends_the_job_which_requeues_and_resumes_exactly(slurm, job_
     redone = [step for step in first_attempt if step > first["reached_step"]]
     assert redone  # the step rank 1 finished before it stopped at least (not a checkpoint step)
     assert {step: resumed[step] for step in redone} == {step: first_attempt[step] for step in redone}  # bitwise
+
+
+def test_prepare_as_an_array_of_three_parts_then_merge(slurm, job_env, tmp_path, monkeypatch):
+    """python -m launch.slurm --prepare --parts 3: array tasks 0-2 each prepare one part of a corpus cut
+    into 16 pieces (a JSONL file cut at line starts), the merge job starts after all three; the merged
+    dataset holds, split by split, the documents of one prepare of the same corpus."""
+    monkeypatch.chdir(tmp_path)
+    corpus = dp_helpers.write_jsonl(tmp_path / "docs.jsonl", dp_helpers.make_documents(80))
+    options = ["--source", str(corpus), "--tokenizer", "pydocs4k", "--seq-len", "16", "--val-fraction", "0.2",
+               "--piece-mb", "0.002", "--entry-kb", "0.27", "--shard-mb", "0.001"]
+    opts, prepare_args = parse_args(["--prepare", "--parts", "17", "--cpus-per-rank", "1", *options, "--out", "x"])
+    with pytest.raises(BadInput, match="make 16 pieces .* use at most 16 parts"):
+        build_prepare_submission(opts, prepare_args)
+    done = subprocess.run([sys.executable, "-m", "launch.slurm", "--prepare", "--parts", "3", "--cpus-per-rank", "1",
+                           "--logs", str(tmp_path / "logs"), *options, "--out", "web"], cwd=tmp_path,
+                          capture_output=True, text=True, env={**job_env, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    array_job, merge_job = done.stdout.split()
+    parts = slurm.wait(array_job, timeout=240)
+    logs = [job_log(tmp_path / "logs" / f"prepare-web-{array_job}_{i}.out") for i in range(3)]
+    assert sorted(r["ArrayTaskId"] for r in parts) == ["0", "1", "2"], logs
+    assert all(r["JobState"] == "COMPLETED" for r in parts), logs
+    (merged,) = slurm.wait(merge_job, timeout=120)
+    merge_log = job_log(tmp_path / "logs" / f"prepare-web-merge-{merge_job}.out")
+    assert merged["JobState"] == "COMPLETED", merge_log
+    assert merged["StartTime"] >= max(r["EndTime"] for r in parts)  # afterok: once every part is done
+    assert "merged 3 parts:" in merge_log and "part 2 of 3" in logs[2]
+
+    prepare([str(corpus)], "pydocs4k", 16, tmp_path / "one", val_fraction=0.2, piece_bytes=2000, entry_bytes=276,
+            shard_bytes=1000, num_workers=1, progress=False)
+    one, joined = read_manifest(tmp_path / "one"), read_manifest(tmp_path / "web")
+    assert joined["parts"]["dirs"] == [f"part-0000{i}-of-00003" for i in range(3)]
+    assert joined["documents"] == one["documents"] and len(joined["splits"]["train"]["shards"]) > 3
+    for split in ("train", "val"):
+        assert dp_helpers.split_documents(tmp_path / "web", split) == dp_helpers.split_documents(tmp_path / "one", split)
