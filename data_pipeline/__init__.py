@@ -10,6 +10,8 @@ Modules, in data-flow order (see README.md in this folder):
   synthetic/       seeded long-range task generators (MQAR, diffuse MQAR, two-style, passkey, copying)
   packing          documents -> (seq_len + 1)-token samples with boundaries and loss masks; tar entry layout
   prepare          prepare(...): parallel tokenisation, packing, ShardWriter, manifest.json
+  parts            the sources cut into pieces at line starts, and pieces into parts (prepare --part I/N)
+  merge            merge(dir): one manifest over the part directories, checked equal
   manifest         read_manifest(dir) and the manifest format
   schedule         which sample each rank/worker reads per epoch; resume and re-deal arithmetic
   shards           reading and checking tar entries (local or any webdataset URL)
