@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from data_pipeline.__main__ import main
+from data_pipeline.errors import DataError
 from data_pipeline.loader import build_dataloader
 from data_pipeline.manifest import read_manifest
 from data_pipeline.merge import merge
@@ -78,6 +79,24 @@ def test_parts_read_every_document_once_whatever_the_cuts(tmp_path):
     chunks = plan_pieces(sources, 100)
     assert [c.end - c.start for c in chunks if c.file.path == big][:3] == [100, 100, 100]
     assert len([c for c in chunks if c.file.path.name == "a.jsonl.gz"]) == 1  # never cut
+
+
+def test_a_bad_line_read_from_the_middle_of_a_file_is_named_by_its_byte(tmp_path):
+    lines = [json.dumps({"text": f"document {i}"}) for i in range(30)]
+    lines[20] = "{not json"
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    offset = sum(len(line) + 1 for line in lines[:20])
+    options = SMALL | {"piece_bytes": 100}
+    with pytest.raises(DataError, match=rf"^{path}:byte {offset}: invalid JSON"):
+        prepare([str(path)], "pydocs4k", 16, tmp_path / "parts", part=(1, 2), **options)
+    with pytest.raises(DataError, match=rf"^{path}:21: invalid JSON"):  # read from byte 0: the line number
+        prepare([str(path)], "pydocs4k", 16, tmp_path / "one", **options)
+    for index in range(2):
+        prepare([str(path)], "pydocs4k", 16, tmp_path / "parts", part=(index, 2), on_error="skip",
+                overwrite=True, **options)
+    (merged,) = merge(tmp_path / "parts").values()
+    assert merged["skipped"] == {"bad_json": 1} and merged["documents"]["total"] == 29
 
 
 def test_merged_parts_hold_the_documents_of_one_prepare(corpus, single, merged):

@@ -352,9 +352,15 @@ def test_prepare_as_an_array_of_three_parts_then_merge(slurm, job_env, tmp_path,
     corpus = dp_helpers.write_jsonl(tmp_path / "docs.jsonl", dp_helpers.make_documents(80))
     options = ["--source", str(corpus), "--tokenizer", "pydocs4k", "--seq-len", "16", "--val-fraction", "0.2",
                "--piece-mb", "0.002", "--entry-kb", "0.27", "--shard-mb", "0.001"]
-    opts, prepare_args = parse_args(["--prepare", "--parts", "17", "--cpus-per-rank", "1", *options, "--out", "x"])
-    with pytest.raises(BadInput, match="make 16 pieces .* use at most 16 parts"):
-        build_prepare_submission(opts, prepare_args)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old").touch()
+    for argv, refusal in ((["--parts", "17", *options, "--out", "x"], "make 16 pieces .* use at most 16 parts"),
+                          (["--parts", "3", *options, "--out", "full"], "--out full is not empty; pass --overwrite"),
+                          (["--parts", "3", *options], "prepare does not take these arguments"),  # no --out
+                          ([*options, "--out", "x"], "--prepare needs --parts N"),
+                          (["--parts", "3", "--format", "task", *options, "--out", "x"], "task files")):
+        with pytest.raises(BadInput, match=refusal):
+            build_prepare_submission(*parse_args(["--prepare", "--cpus-per-rank", "1", *argv]))
     done = subprocess.run([sys.executable, "-m", "launch.slurm", "--prepare", "--parts", "3", "--cpus-per-rank", "1",
                            "--logs", str(tmp_path / "logs"), *options, "--out", "web"], cwd=tmp_path,
                           capture_output=True, text=True, env={**job_env, "PYTHONPATH": str(REPO)})
