@@ -5,24 +5,27 @@ and scored on its test split, inside one time box.
     bash benchmarks/gpu/run.sh --part paper --dry-run    # on CPU: tiny data and steps, the same files
     python benchmarks/gpu/paper.py --out DIR [--dry-run] [--budget-s S] [--steps N] [--max-seeds K]
 
-What it does, in one process (a process per arm would pay the imports and the CUDA start eight times):
+What it does, on `--lanes` worker processes that take the runs in turn (default: all eight arms of a seed
+at once on a GPU, where a 0.2M-parameter model leaves the device idle between its kernel launches and
+eight processes share it; one lane in a dry run). A lane imports once and runs its arms in-process:
 1. draws both tasks' data with the generators of data_pipeline.synthetic into a temporary folder (both
-   at once, two processes): two-style at the paper's 400-600 symbols (20 classes; 640-token
+   at once, two processes, while the lanes import): two-style at the paper's 400-600 symbols (20 classes; 640-token
    sequences) and Diffuse MQAR with configs/paper/'s knobs (32 pairs, trained lags up to 6, test lags
    up to 24);
 2. trains the arms (Sessa, Transformer++, Sessa without feedback, Mamba-2 on each task) with the
    recipes of configs/paper/, STEPS steps of batch 16 each (the same for every arm, as in the paper),
    seed 1 for every arm first, then seeds 2, 3, ... for every arm while the time left fits one more
-   arm of that seed (an arm of a later seed is started only when its seed-1 time fits);
+   arm of that seed (an arm of a later seed is started only when its seed-1 run reached all its steps
+   and 1.2 times its seed-1 time fits: its box);
 3. scores each run right after it trains on its task's test split with pretrain.evaluate (the
    table's own evaluate_run: checkpoint, task and knobs read from the run) on this device.
 
-Time boxes: an arm's box is the time left divided by the arms of the first seed not yet run (the scoring
-of the previous arm of its task, or a fifth of the box, is held back for its own scoring). At the end of
-its training time the trainer gets SIGTERM, the stop signal a cluster sends: it finishes the step in
-flight, saves and returns; the run is scored at the step it reached and marked `"stopped_by": "time
-box"`. A run that does not return within its box plus GRACE_S is past saving: the report is written
-with it marked "killed" and the process exits. paper.json and paper.md are rewritten after every arm.
+Time boxes (next_box): a seed-1 run's box is the time left shared by the seed-1 arms not yet started over
+the lanes, left x min(lanes, n) / n (the last scoring time of its task, or a fifth of the box, is held
+back for its own scoring). At the end of its training time the trainer gets SIGTERM, the stop signal a
+cluster sends: it finishes the step in flight, saves and returns; the run is scored at the step it
+reached and marked `"stopped_by": "time box"`. A lane that does not return within its box plus GRACE_S
+is killed (the run marked "killed") and replaced. paper.json and paper.md are rewritten after every run.
 
 Kernels: feedback_impl "auto" for every Sessa arm (the fused Triton solve on CUDA, the chunked solve on
 CPU); neither CUDA graphs nor torch.compile (see docs/gpu_check.md).
@@ -31,6 +34,8 @@ import argparse
 import datetime
 import json
 import os
+import queue
+import shutil
 import signal
 import subprocess
 import sys
@@ -54,6 +59,7 @@ GPU_BUDGET_S, DRY_BUDGET_S = 240.0, 600.0
 DRY_LIMIT = 8  # test examples per task in a dry run (the GPU run scores the task's whole test split, 200)
 GRACE_S = 30.0  # past its box, an arm that has not returned (a hung step) ends the part
 SCORING_SHARE = 0.2  # of an arm's box held back for its scoring until one of its task was timed
+LATER_SEED_MARGIN = 1.2  # a seed after the first gets its seed-1 time times this as its box
 
 # Training examples: 16k per task (3000 x 16 = 48k drawn, three epochs) keeps the drawing to seconds.
 # The test split scored is drawn again by pretrain.evaluate from the run's seed and knobs (200 examples).
@@ -122,14 +128,14 @@ def load_arm_config(task: str, model: str, work: Path, seed: int, steps: int, ex
     return load_config(path, overrides + list(extra))
 
 
-def train_arm(config, train_seconds: float) -> dict:
-    """Trains `config` in this process; SIGTERM to this process after train_seconds (the trainer
-    saves after the step in flight and returns). {"steps", "train_s", "stopped_by"}."""
+def train_arm(config, train_deadline: float) -> dict:
+    """Trains `config` in this process; SIGTERM to this process at train_deadline (epoch seconds: the
+    trainer saves after the step in flight and returns). {"steps", "train_s", "stopped_by"}."""
     from pretrain.loop import Trainer
 
     start = time.time()
     trainer = Trainer(config)
-    timer = threading.Timer(max(0.0, train_seconds - (time.time() - start)), os.kill, (os.getpid(), signal.SIGTERM))
+    timer = threading.Timer(max(0.0, train_deadline - time.time()), os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
         trainer.train()
@@ -141,13 +147,41 @@ def train_arm(config, train_seconds: float) -> dict:
             "stopped_by": "time box" if steps < config.train.max_steps else None}
 
 
-def score_arm(run_dir: Path, limit: int | None, device) -> dict:
+def score_arm(run_dir: Path, limit: int | None, device: str) -> dict:
     from pretrain.evaluate.table import evaluate_run
 
     start = time.time()
     row = evaluate_run(run_dir, [], limit=limit, progress=False, device=device)
-    row["score_s"] = round(time.time() - start, 1)
-    return row
+    return {"status": "ok", "label": row["label"], "params": row["params"], "tokens": row["tokens"],
+            "results": row["results"], "kinds": row["kinds"], "score_s": round(time.time() - start, 1)}
+
+
+def _next_job(jobs, parent: int) -> dict | None:
+    """The next job, or None when told to stop or when the parent is gone (killed: nobody to report to)."""
+    while os.getppid() == parent:
+        try:
+            return jobs.get(timeout=2.0)
+        except queue.Empty:
+            continue
+    return None
+
+
+def _worker(jobs, results, parent: int) -> None:
+    """A lane: runs jobs {"id", "task", "model", "seed", "steps", "work", "limit", "device",
+    "train_deadline"} until None, one result dict per job. The imports come before the first job."""
+    import pretrain.evaluate.table
+    import pretrain.loop  # noqa: F401
+
+    results.put({"ready": os.getpid()})
+    while (job := _next_job(jobs, parent)) is not None:
+        result = {"id": job["id"]}
+        try:
+            config = load_arm_config(job["task"], job["model"], Path(job["work"]), job["seed"], job["steps"])
+            result.update(train_arm(config, job["train_deadline"]))
+            result.update(score_arm(config.run_dir, job["limit"], job["device"]))
+        except Exception as error:  # reported; the lane takes the next job
+            result.update(status="failed", error=f"{type(error).__name__}: {str(error)[:300]}")
+        results.put(result)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,24 +202,59 @@ class Report:
         (self.out / "paper.md").write_text(render_markdown(self.data))
 
 
-def _watch(deadline_holder: dict, report: Report) -> None:
-    """A run past its box and GRACE_S has hung (a step that never ends ignores the SIGTERM): write what
-    was measured, that run marked killed, and end the process."""
-    while True:
-        time.sleep(1.0)
-        entry = deadline_holder.get("entry")
-        if entry is not None and time.time() > deadline_holder["hard_deadline"]:
-            entry["status"] = "killed"
-            entry["error"] = f"no return {GRACE_S:.0f} s past its box"
-            report.write()
-            print(f"[paper] {entry['arm']} seed {entry['seed']}: killed past its box", flush=True)
-            os._exit(3)
+class Lanes:
+    """`count` worker processes (spawned: CUDA is initialised in each), a job queue each, one result queue."""
+
+    def __init__(self, count: int):
+        import multiprocessing
+
+        self.context = multiprocessing.get_context("spawn")
+        self.results = self.context.Queue()
+        self.lanes = [self._start() for _ in range(count)]
+
+    def _start(self) -> dict:
+        jobs = self.context.Queue()
+        # not a daemon: the trainer's data loader may start processes of its own
+        process = self.context.Process(target=_worker, args=(jobs, self.results, os.getpid()))
+        process.start()
+        return {"process": process, "jobs": jobs, "job": None}
+
+    def idle(self) -> list[dict]:
+        return [lane for lane in self.lanes if lane["job"] is None]
+
+    def busy(self) -> list[dict]:
+        return [lane for lane in self.lanes if lane["job"] is not None]
+
+    def replace(self, lane: dict) -> None:
+        """A hung lane's process is killed and a fresh one takes its place."""
+        lane["process"].kill()
+        lane["process"].join()
+        self.lanes[self.lanes.index(lane)] = self._start()
+
+    def close(self) -> None:
+        for lane in self.lanes:
+            lane["jobs"].put(None)
+        for lane in self.lanes:
+            lane["process"].join(timeout=30)
+            if lane["process"].is_alive():
+                lane["process"].kill()
 
 
-def run_comparison(out: Path, dry: bool, started: float, budget_s: float, steps: int, max_seeds: int,
-                   limit: int | None, tasks: tuple[str, ...] = TASKS) -> dict:
-    """Data, then arms and seeds until started + budget_s (epoch seconds; see the module docstring); the
-    report's dict."""
+def next_box(seed: int, arm: str, left: float, lanes: int, seed_one_left: int, seed_one_s: dict) -> float | None:
+    """The time box of the next run, or None when it should not start. Seed 1: the time left shared by
+    the seed-1 arms not yet started over the lanes (left x min(lanes, n) / n). A later seed: 1.2x the
+    arm's seed-1 time, if its seed-1 run reached all its steps and that fits the time left."""
+    if seed == 1:
+        box = left * min(lanes, seed_one_left) / seed_one_left
+        return box if box > 0 else None
+    box = seed_one_s.get(arm, float("inf")) * LATER_SEED_MARGIN
+    return box if box <= left else None
+
+
+def run_comparison(out: Path, work: Path, dry: bool, started: float, budget_s: float, steps: int,
+                   max_seeds: int, limit: int | None, tasks: tuple[str, ...] = TASKS, lanes: int = 1) -> dict:
+    """Data (work/data), then arms and seeds (work/runs) on `lanes` worker processes until started +
+    budget_s (epoch seconds; see the module docstring); the report's dict."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() and not dry else "cpu"
@@ -194,57 +263,86 @@ def run_comparison(out: Path, dry: bool, started: float, budget_s: float, steps:
     report = Report(out, {
         "schema": SCHEMA, "dry_run": dry, "device": torch.cuda.get_device_name(0) if device == "cuda" else "CPU",
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_commit": _git_commit(), "torch": torch.__version__, "budget_s": budget_s,
-        "steps": steps,
-        "batch": BATCH, "max_seeds": max_seeds, "test_limit": limit,
+        "git_commit": _git_commit(), "torch": torch.__version__, "budget_s": budget_s, "steps": steps,
+        "batch": BATCH, "max_seeds": max_seeds, "test_limit": limit, "lanes": lanes,
         "kernels": "feedback_impl auto: " + ("Triton solve" if device == "cuda" else "chunked solve (CPU)")},
         started)
     deadline = started + budget_s
-    work = Path(tempfile.mkdtemp(prefix="paper-"))
-    report.data["data_s"] = prepare_data(work / "data", dry, tasks)
-    report.write()
-    print(f"[paper] data drawn in {max(report.data['data_s'].values())} s", flush=True)
-
-    watched: dict = {}
-    threading.Thread(target=_watch, args=(watched, report), daemon=True).start()
-    seed_one_s: dict[str, float] = {}  # arm -> wall time of its seed-1 run (train + score)
-    scoring_s: dict[str, float] = {}  # task -> the last scoring time
-    arms = [(task, model) for task, model in ARMS if task in tasks]
-    for seed in range(1, max_seeds + 1):
-        for index, (task, model) in enumerate(arms):
-            arm = f"{task}-{model}"
-            left = deadline - time.time()
-            if seed == 1:
-                box = left / (len(arms) - index)
-            else:  # a later seed only where its seed-1 time fits what is left
-                box = seed_one_s.get(arm, float("inf"))
-                if box > left:
-                    continue
-            entry = {"arm": arm, "task": task, "model": model, "seed": seed, "status": "running",
-                     "box_s": round(box, 1), "steps_target": steps}
-            report.data["arms"].append(entry)
-            arm_start = time.time()
-            watched.update(entry=entry, hard_deadline=arm_start + box + GRACE_S)
+    pool = Lanes(lanes)  # the workers import while the data is drawn
+    try:
+        report.data["data_s"] = prepare_data(work / "data", dry, tasks)
+        report.write()
+        print(f"[paper] data drawn in {max(report.data['data_s'].values())} s", flush=True)
+        for _ in range(lanes):  # every lane has imported: no run's box pays for it
             try:
-                train_s = max(0.0, box - scoring_s.get(task, SCORING_SHARE * box))
-                config = load_arm_config(task, model, work, seed, steps)
-                entry.update(train_arm(config, train_s))
-                row = score_arm(config.run_dir, limit, device)
-                scoring_s[task] = row["score_s"]
-                entry.update(status="ok", label=row["label"], params=row["params"], tokens=row["tokens"],
-                             score_s=row["score_s"], results=row["results"], kinds=row["kinds"])
-            except Exception as error:  # reported; the next arm runs
-                entry.update(status="failed", error=f"{type(error).__name__}: {str(error)[:300]}")
-            entry["seconds"] = round(time.time() - arm_start, 1)
-            watched["entry"] = None
-            if seed == 1:
-                seed_one_s[arm] = entry["seconds"]
-            report.write()
-            print(f"[paper] {arm} seed {seed}: {entry['status']}, {entry.get('steps')} of {steps} steps"
-                  f"{' (stopped by its time box)' if entry.get('stopped_by') else ''}, {entry['seconds']} s of a "
-                  f"{entry['box_s']} s box{': ' + entry['error'] if 'error' in entry else ''}", flush=True)
-    report.write()
+                pool.results.get(timeout=max(1.0, deadline - time.time()))
+            except queue.Empty:
+                raise RuntimeError("the worker processes did not start within the budget") from None
+        _schedule(pool, report, work, deadline, steps, max_seeds, limit, tasks, device)
+    finally:
+        pool.close()
+        report.write()
     return report.data
+
+
+def _schedule(pool: Lanes, report: Report, work: Path, deadline: float, steps: int, max_seeds: int,
+              limit: int | None, tasks: tuple[str, ...], device: str) -> None:
+    """Seed 1 of every arm first, later seeds while they fit; a lane past its box + GRACE_S is killed."""
+    arms = [(task, model) for task, model in ARMS if task in tasks]
+    todo = [(seed, task, model) for seed in range(1, max_seeds + 1) for task, model in arms]
+    entries: list[dict] = report.data["arms"]
+    seed_one_s: dict[str, float] = {}  # arm -> wall time of its complete seed-1 run (train + score)
+    scoring_s: dict[str, float] = {}  # task -> the last scoring time
+    while todo or pool.busy():
+        while todo and pool.idle():
+            seed, task, model = todo[0]
+            if seed > 1 and any(entry["seed"] == 1 and entry["status"] == "running" for entry in entries):
+                break  # later seeds wait for every seed-1 time
+            todo.pop(0)
+            arm = f"{task}-{model}"
+            now = time.time()
+            box = next_box(seed, arm, deadline - now, len(pool.lanes), sum(1 for s, _, _ in todo if s == 1) + 1,
+                           seed_one_s)
+            if box is None and seed > 1:
+                continue  # a later seed that does not fit: not run, not listed
+            entry = {"arm": arm, "task": task, "model": model, "seed": seed, "box_s": round(box or 0.0, 1),
+                     "steps_target": steps, "id": len(entries)}
+            entries.append(entry)
+            if box is None:
+                entry.update(status="skipped", error="no time left")
+                continue
+            lane = pool.idle()[0]
+            reserve = scoring_s.get(task, SCORING_SHARE * box)
+            entry.update(status="running", start=now, hard_deadline=now + box + GRACE_S)
+            lane["job"] = entry
+            lane["jobs"].put({"id": entry["id"], "task": task, "model": model, "seed": seed, "steps": steps,
+                              "work": str(work), "limit": limit, "device": device,
+                              "train_deadline": now + max(0.0, box - reserve)})
+            print(f"[paper] {arm} seed {seed}: started, a {box:.1f} s box", flush=True)
+        try:
+            result = pool.results.get(timeout=1.0)
+        except queue.Empty:
+            result = None
+        for lane in pool.busy():
+            entry = lane["job"]
+            if result is not None and result["id"] == entry["id"]:
+                entry.update(result)
+            elif time.time() > entry["hard_deadline"]:
+                pool.replace(lane)
+                entry.update(status="killed", error=f"no return {GRACE_S:.0f} s past its box")
+            else:
+                continue
+            lane["job"] = None
+            entry["seconds"] = round(time.time() - entry.pop("start"), 1)
+            del entry["hard_deadline"]
+            if entry["status"] == "ok":
+                scoring_s[entry["task"]] = entry["score_s"]
+                if entry["seed"] == 1 and not entry["stopped_by"]:
+                    seed_one_s[entry["arm"]] = entry["seconds"]
+            report.write()
+            print(f"[paper] {entry['arm']} seed {entry['seed']}: {entry['status']}, {entry.get('steps')} of {steps} "
+                  f"steps{' (stopped by its time box)' if entry.get('stopped_by') else ''}, {entry['seconds']} s of "
+                  f"a {entry['box_s']} s box{': ' + entry['error'] if 'error' in entry else ''}", flush=True)
 
 
 def _git_commit() -> str | None:
@@ -264,19 +362,30 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, help=f"steps per arm (default {GPU_STEPS}; dry run {DRY_STEPS})")
     parser.add_argument("--max-seeds", type=int, default=3, help="seeds per arm at most (1, 2, ...)")
     parser.add_argument("--limit", type=int, help="test examples per task (default: the task's 200; dry run 8)")
+    parser.add_argument("--lanes", type=int, help="runs at once, each in a worker process of its own (default: "
+                                                   "every arm of a seed on a GPU, one in a dry run)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="the tasks whose arms run")
+    parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temporary folder, "
+                                                  "removed at the end)")
     parser.add_argument("--started", type=float, default=time.time(),
                         help="epoch seconds the budget counts from (run.sh: its own start)")
     args = parser.parse_args(argv)
     budget = args.budget_s or (DRY_BUDGET_S if args.dry_run else GPU_BUDGET_S)
     steps = args.steps or (DRY_STEPS if args.dry_run else GPU_STEPS)
-    if budget <= 0 or steps <= 0 or args.max_seeds <= 0:
-        parser.error("--budget-s, --steps and --max-seeds must be positive")
+    if budget <= 0 or steps <= 0 or args.max_seeds <= 0 or (args.lanes is not None and args.lanes <= 0):
+        parser.error("--budget-s, --steps, --max-seeds and --lanes must be positive")
     limit = args.limit or (DRY_LIMIT if args.dry_run else None)
-    data = run_comparison(args.out, args.dry_run, args.started, budget, steps, args.max_seeds, limit, tuple(args.tasks))
+    work = args.work or Path(tempfile.mkdtemp(prefix="paper-"))
+    try:
+        lanes = args.lanes or (1 if args.dry_run else len([arm for arm in ARMS if arm[0] in args.tasks]))
+        data = run_comparison(args.out, work, args.dry_run, args.started, budget, steps, args.max_seeds, limit,
+                              tuple(args.tasks), lanes)
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
     print((args.out / "paper.md").read_text())
     print(f"[paper] wrote {args.out / 'paper.json'} and {args.out / 'paper.md'}")
-    return 0 if all(arm["status"] == "ok" for arm in data["arms"]) else 1
+    return 1 if any(arm["status"] in ("failed", "killed") for arm in data["arms"]) else 0
 
 
 if __name__ == "__main__":
