@@ -59,7 +59,7 @@ def test_arms_past_their_time_box_are_scored_at_the_step_reached_and_the_rest_ru
     # A million steps cannot finish in any box: every arm is stopped by SIGTERM at its box, saves,
     # is scored, and the next arm starts; nothing is left for a second seed.
     out, work = tmp_path / "out", tmp_path / "work"
-    budget, steps = 16.0, 1_000_000
+    budget, steps = 12.0, 1_000_000
     proc = subprocess.run([sys.executable, "benchmarks/gpu/paper.py", "--dry-run", "--tasks", "two-style",
                            "--steps", str(steps), "--budget-s", str(budget), "--max-seeds", "2", "--limit", "4",
                            "--out", str(out), "--work", str(work)],
