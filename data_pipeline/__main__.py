@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(per length with several --seq-len); `merge OUT` joins the parts (data_pipeline/parts.py)")
     p.add_argument("--piece-mb", type=float, default=DEFAULT_PIECE_BYTES / 1e6,
                    help="size of the pieces the sources are cut into for --part, in MB; the validation count "
-                        f"restarts at each piece, so keep it equal for all parts (default {DEFAULT_PIECE_BYTES / 1e6:g})")
+                        "restarts at each piece, so keep it equal for all parts "
+                        f"(default {DEFAULT_PIECE_BYTES / 1e6:g})")
 
     m = commands.add_parser("merge", help="join the parts of prepare --part I/N into one dataset")
     m.add_argument("dir", help="the --out of the parts (holds part-*-of-N/, or seq<L>/part-*-of-N/)")

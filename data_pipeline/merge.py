@@ -94,8 +94,8 @@ def merge_parts(root: Path) -> dict:
     skipped = sum((Counter(m["skipped"]) for m in manifests), Counter())
     plan = first["part"]
     merged = {key: value for key, value in first.items() if key not in ("part", "splits", "documents", "skipped")}
-    merged |= {"documents": {key: documents[key] for key in first["documents"]}, "skipped": dict(sorted(skipped.items())),
-               "splits": splits, "parts": {key: plan[key] for key in SAME_PLAN} | {"dirs": [d.name for d in dirs]}}
+    merged |= {"documents": {key: documents[key] for key in first["documents"]},
+               "skipped": dict(sorted(skipped.items())), "splits": splits, "parts": {key: plan[key] for key in SAME_PLAN} | {"dirs": [d.name for d in dirs]}}
     write_manifest(root, merged)
     return merged
 
@@ -108,8 +108,10 @@ def _check_parts(dirs: list[Path], manifests: list[dict]) -> None:
             raise ValueError(f"{part_dir}: its manifest has no \"part\" section; it was not written by "
                              f"prepare --part {index}/{len(dirs)}")
         part = manifest["part"]
-        differing = [(key, manifest.get(key), first.get(key)) for key in SAME_OPTIONS if manifest.get(key) != first.get(key)]
-        differing += [(f"part.{key}", part[key], first["part"][key]) for key in SAME_PLAN if part[key] != first["part"][key]]
+        differing = [(key, manifest.get(key), first.get(key)) for key in SAME_OPTIONS
+                     if manifest.get(key) != first.get(key)]
+        differing += [(f"part.{key}", part[key], first["part"][key]) for key in SAME_PLAN
+                      if part[key] != first["part"][key]]
         if differing:
             key, value, expected = differing[0]
             hint = (" (the source files changed between the parts)" if key == "part.plan" else

@@ -96,8 +96,9 @@ def select_part(chunks: list[Chunk], index: int, count: int, piece_bytes: int) -
     """(part `index` of `count`, its chunks); ValueError when there are fewer pieces than parts."""
     piece_count = chunks[-1].piece + 1 if chunks else 0
     if count > piece_count:
-        raise ValueError(f"--part {index}/{count}: the sources make {piece_count} piece{'s' * (piece_count != 1)} of --piece-mb "
-                         f"{piece_bytes / 1e6:g} (only uncompressed JSONL files are cut), fewer than {count} parts; "
+        pieces = f"{piece_count} piece{'s' * (piece_count != 1)}"
+        raise ValueError(f"--part {index}/{count}: the sources make {pieces} of --piece-mb {piece_bytes / 1e6:g} "
+                         f"(only uncompressed JSONL files are cut), fewer than {count} parts; "
                          f"use at most {piece_count} parts or a smaller --piece-mb")
     sizes = [0] * piece_count
     for chunk in chunks:

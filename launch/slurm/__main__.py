@@ -284,7 +284,8 @@ def build_prepare_submission(opts, prepare_args: list[str]) -> tuple[list[str], 
         raise BadInput(f"--out {out} is not empty; pass --overwrite to prepare it again")
     cpus = opts.cpus_per_rank or detect_cpus_per_node(opts.partition) or 1
     name, logs = opts.job_name or f"prepare-{out.name}", Path(opts.logs)
-    common = [f"--{flag}={getattr(opts, flag)}" for flag in ("time", "partition", "account", "qos") if getattr(opts, flag)]
+    common = [f"--{flag}={getattr(opts, flag)}" for flag in ("time", "partition", "account", "qos")
+              if getattr(opts, flag)]
     common += opts.sbatch_arg
     array = ["--parsable", f"--job-name={name}", "--nodes=1", "--ntasks=1", f"--cpus-per-task={cpus}",
              f"--array=0-{opts.parts - 1}" + (f"%{opts.max_parallel}" if opts.max_parallel else ""),

@@ -132,7 +132,8 @@ def test_without_shuffle_the_merged_split_is_in_source_order(corpus, tmp_path):
     train = list(split_documents(tmp_path / "parts", "train"))  # (a Counter keeps the order it saw them in)
     assert train == list(split_documents(tmp_path / "one", "train"))
     positions = [in_order.index(doc) for doc in train]
-    assert positions == sorted(positions) and len(train) == read_manifest(tmp_path / "one")["splits"]["train"]["documents"]
+    assert positions == sorted(positions)
+    assert len(train) == read_manifest(tmp_path / "one")["splits"]["train"]["documents"]
 
 
 def test_loader_resumes_exactly_on_merged_data(merged):
@@ -200,7 +201,8 @@ def test_merge_refuses_parts_that_do_not_belong_together(corpus, merged, tmp_pat
 
 def test_cli_parts_merge_and_refusals(corpus, single, tmp_path, capsys):
     common = ["prepare", "--source", str(corpus[0]), "--tokenizer", "pydocs4k", "--seq-len", "16", "--workers", "1",
-              "--no-progress", "--val-fraction", "0.2", "--piece-mb", str(PIECE / 1e6), "--entry-kb", str(4 * 17 * 4 / 1024),
+              "--no-progress", "--val-fraction", "0.2", "--piece-mb", str(PIECE / 1e6),
+              "--entry-kb", str(4 * 17 * 4 / 1024),
               "--out", str(tmp_path / "out")]
     for index in range(2):
         assert main([*common, "--part", f"{index}/2"]) == 0
@@ -213,7 +215,7 @@ def test_cli_parts_merge_and_refusals(corpus, single, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([*common, "--part", "2/2"])
     assert "0 <= I < N" in capsys.readouterr().err
-    with pytest.raises(ValueError, match=r"--part 0/17: the sources make 16 pieces of --piece-mb 0.002.* at most 16 parts"):
+    with pytest.raises(ValueError, match=r"--part 0/17: the sources make 16 pieces of --piece-mb 0.002.* most 16 parts"):
         prepare([str(corpus[0])], "pydocs4k", 16, tmp_path / "many", part=(0, 17), piece_bytes=PIECE, **SMALL)
     task = tmp_path / "task.jsonl"
     task.write_text('{"prompt": "a", "answer": "b"}\n')
