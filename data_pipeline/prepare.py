@@ -6,7 +6,8 @@
 
 Two passes. First, documents (or examples) are read in a fixed order and tokenised in parallel
 worker processes (results come back in order); each is assigned a split (text: every
-round(1/val_fraction)-th document is validation; tasks: the file's split field, separate
+round(1/val_fraction)-th document of each piece of the sources is validation, parts.py; tasks:
+the file's split field, separate
 --val-source/--test-source files, or the same every-k-th rule) and its ids go to a temporary
 token file. Second, per split, the documents are taken in a seeded random order (`shuffle_seed`,
 as Megatron shuffles its document index; None keeps source order), packed (packing.py) and
@@ -16,6 +17,10 @@ input gives byte-identical shards.
 Several sequence lengths (`seq_len` a list, `--seq-len 1024,8192`) share pass 1: the documents are
 tokenised once, and pass 2 runs once per length into `out`/seq{L} (`length_dirs`), each directory
 exactly what a prepare at that one length writes (splits and skips are decided per length).
+
+Part I of N (`part=(I, N)`, `--part I/N`) reads only its run of pieces of the text sources
+(parts.py) and writes `out`/part-0000I-of-0000N (per length with several), its documents shuffled
+among themselves (`document_order`); merge.py joins the parts into one dataset.
 
 A task example becomes prompt + separator + answer + EOT, and its loss mask marks the answer and
 the EOT (loss_on="answer") or every token (loss_on="all"); masks are stored in the shards
