@@ -316,7 +316,8 @@ def parse_args(argv=None):
                         help="GPUs to request per node, 0: none (default: the recipe's launch.gpus_per_node, else "
                              "what sinfo reports for the partition's nodes, 0 on CPU nodes)")
     parser.add_argument("--ranks-per-node", type=int, help="training processes per node (default: GPUs, else 1)")
-    parser.add_argument("--cpus-per-rank", type=int, help="CPUs per rank (default: data.num_workers + 1)")
+    parser.add_argument("--cpus-per-rank", type=int, help="CPUs per rank (default: data.num_workers + 1); with "
+                                                          "--prepare, per part (default: a whole node)")
     parser.add_argument("--launcher", choices=("torchrun", "srun"), default="torchrun",
                         help="torchrun: one srun task per node running torchrun; srun: one srun task per rank")
     parser.add_argument("--time", help="time limit, e.g. 24:00:00 (default: the recipe's launch.time, else the "
