@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
+from model.mup import feedback_query_multiplier, output_multiplier, query_multiplier
 from model.reference import reference_inv_freq, reference_layer_kwargs
 
 from . import layout
@@ -48,6 +49,12 @@ def model_config(common: dict) -> ModelConfig:
     saved = dict(common["config"]["model"])
     known = {f.name for f in fields(ModelConfig)}
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
+
+
+def mup_multipliers(config: ModelConfig) -> dict:
+    """μP's forward multipliers (model/mup.py) under the names of checkpoints/hf/configuration_sessa.py."""
+    return {"query_multiplier": query_multiplier(config), "feedback_query_multiplier": feedback_query_multiplier(config),
+            "logits_multiplier": output_multiplier(config)}
 
 
 def git_commit() -> str | None:
@@ -146,6 +153,10 @@ def export(source, to: str, out, *, step: int | None = None, dtype: str = "fp32"
         raise CheckpointError("--to reference writes Sessa layers for the public reference implementation; this "
                               "checkpoint is the Transformer arm (model.arch: transformer): use --to hf (Llama) "
                               "or --to safetensors")
+    if config.mup and to == "reference":
+        raise CheckpointError("--to reference: the public reference layer has no μP multipliers and this "
+                              "checkpoint was trained with model.mup: true; use --to hf (it carries them) or "
+                              "--to safetensors")
     check_strict(reader, config)
     entries = layout.entries(config, reader.shapes)
     torch_dtype = DTYPES[dtype]
@@ -172,7 +183,8 @@ def export(source, to: str, out, *, step: int | None = None, dtype: str = "fp32"
                       lambda e, src: layout.fuse(e, src, config), lambda e: e.target)
         export_tokenizer(tokenizer, config, out)
         eos = tokenizer.encoding._special_tokens.get("<|endoftext|>")
-        (out / "config.json").write_text(json.dumps(hf_config_dict(config, torch_dtype, eos), indent=2) + "\n")
+        hf_config = hf_config_dict(config, torch_dtype, eos) | (mup_multipliers(config) if config.mup else {})
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (out / "generation_config.json").write_text(json.dumps(
             {"bos_token_id": eos, "eos_token_id": eos, "do_sample": False}, indent=2) + "\n")
         if config.arch == "sessa":  # the Transformer arm is transformers' own LlamaForCausalLM

@@ -96,7 +96,7 @@ def native_hidden_states(model, tokens):
     for layer in model.layers:
         hidden, _ = layer(hidden)
         states.append(hidden.transpose(0, 1))
-    logits, _ = model.output_layer(model.final_norm(hidden), weight=model.output_weight())
+    logits = model.lm_head(hidden)
     return states, logits.transpose(0, 1)[..., : model.sessa.vocab_size]
 
 

@@ -140,15 +140,21 @@ class SessaLM(MegatronModule):
         if not self.post_process:
             return hidden
 
-        hidden = self.final_norm(hidden)
-        if self.sessa.mup:  # μP's 1/m on the logits (the head has no bias: scaling its input is the same)
-            hidden = hidden * output_multiplier(self.sessa)
-        logits, _ = self.output_layer(hidden, weight=self.output_weight())  # [T, B, V / tp]
+        logits = self.lm_head(hidden)  # [T, B, V / tp]
         if labels is None:
             logits = logits.transpose(0, 1)  # [B, T, V / tp]
             return (logits, new_caches) if caches is not None else logits
         loss = tensor_parallel.vocab_parallel_cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.transpose(0, 1).contiguous())
         return loss.transpose(0, 1)  # [B, T]
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The last block's output [T, B, D] -> logits [T, B, V / tp]: final norm, μP's 1/m (model.mup; the
+        head has no bias, so scaling its input scales the logits), output layer."""
+        hidden = self.final_norm(hidden)
+        if self.sessa.mup:
+            hidden = hidden * output_multiplier(self.sessa)
+        logits, _ = self.output_layer(hidden, weight=self.output_weight())
+        return logits
 
     # --- checkpointing -------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None) -> dict:

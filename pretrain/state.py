@@ -87,6 +87,9 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 # --- resume checks -----------------------------------------------------------------------------
+MUP_FIELDS = {"mup": False, "mup_base_width": None, "mup_base_head_size": None}  # model/mup.py; value: before μP
+
+
 def check_checkpoint_compatible(common: dict, where, config: RunConfig, tokenizer_id: str) -> None:
     """Refuse a checkpoint of another model shape or tokenizer, naming what differs and what to do."""
     saved, ours = common["config"]["model"], config.model.to_dict()
@@ -98,6 +101,13 @@ def check_checkpoint_compatible(common: dict, where, config: RunConfig, tokenize
     if differing:
         raise ConfigError(f"checkpoint {where} was saved for another model shape ({'; '.join(differing)}); "
                           f"use the checkpoint's model settings or a new run_name / --checkpoint.resume false")
+    mup = [f"{k}: checkpoint {saved.get(k, default)!r} vs config {ours[k]!r}" for k, default in MUP_FIELDS.items()
+           if saved.get(k, default) != ours[k]]  # a checkpoint from before μP: the model without it
+    if mup:
+        raise ConfigError(f"checkpoint {where} was trained with other μP settings ({'; '.join(mup)}): μP sets every "
+                          f"parameter's learning rate and the forward multipliers, so a change would train another "
+                          f"model; resume with the checkpoint's model.mup / mup_base_width / mup_base_head_size, or "
+                          f"start a new run_name")
     if common["tokenizer_id"] != tokenizer_id:
         raise ConfigError(f"checkpoint {where} was trained with tokenizer {common['tokenizer_id']!r} but "
                           f"{config.data.path} uses {tokenizer_id!r}; prepare the data with the "

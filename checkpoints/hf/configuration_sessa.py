@@ -13,7 +13,8 @@ class ModelConfig(PretrainedConfig):
                  feedback_chunk_size=64, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
                  pad_token_id=None, layer_pattern="", intermediate_size=None, mamba_state_size=128,
                  mamba_head_size=64, mamba_expand=2, mamba_conv_kernel=4, mamba_chunk_size=64,
-                 sessa_rope_scaling=None, **kwargs):
+                 sessa_rope_scaling=None, query_multiplier=1.0, feedback_query_multiplier=1.0,
+                 logits_multiplier=1.0, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
@@ -28,6 +29,11 @@ class ModelConfig(PretrainedConfig):
         # dimension indices, not as published) and fails to load a remote-code config.json holding a yarn one.
         self.sessa_rope_scaling = sessa_rope_scaling
         self.feedback_chunk_size = feedback_chunk_size
+        # μP's forward multipliers as trained (model/mup.py; 1.0 without μP): the forward-branch and `*`
+        # queries, the feedback branch's q_b, and the LM head's input
+        self.query_multiplier = query_multiplier
+        self.feedback_query_multiplier = feedback_query_multiplier
+        self.logits_multiplier = logits_multiplier
         self.layer_pattern = layer_pattern  # "S" Sessa, "*" attention, "-" SwiGLU MLP, "M" Mamba-2; "" = all Sessa
         self.intermediate_size = intermediate_size  # the MLP blocks' width
         # Mamba-2 blocks: state size N, head size P, inner width mamba_expand * hidden_size, conv kernel, SSD chunk

@@ -15,6 +15,8 @@ of its own, the real tokens of a row one document, so a real token sees (in atte
 solve) only the row's earlier real tokens; RoPE positions count the real tokens. Each row then
 gives what its prompt gives alone (Mamba-2 blocks reset their state at a document start, so their
 real tokens must be contiguous: left or right padding).
+μP (`query_multiplier`, `feedback_query_multiplier`, `logits_multiplier`, 1.0 without it): the queries of
+the forward branch and `*` blocks, the feedback q_b and the LM head's input are multiplied as trained.
 Hybrid stacks (`layer_pattern`): `S` Sessa, `*` attention, `-` SwiGLU MLP and `M` Mamba-2 blocks,
 as the training recipe's model/blocks.py and model/mamba.py.
 RoPE scaling (`sessa_rope_scaling`, as trained): "linear" divides the positions by the factor s; "yarn"
@@ -132,6 +134,7 @@ class SessaMixer(nn.Module):
         self.gamma_bias = nn.Parameter(torch.ones(()))
         self.gamma_ctx = nn.Linear(D, 1, bias=False)
         self.rope_theta, self.rope_scaling = config.rope_theta, config.sessa_rope_scaling
+        self.query_multiplier, self.feedback_query_multiplier = config.query_multiplier, config.feedback_query_multiplier
 
     def _heads(self, x, n):  # [B, T, n*d] -> [B, n, T, d]
         B, T, _ = x.shape
@@ -151,6 +154,8 @@ class SessaMixer(nn.Module):
         inv_freq = rope_inv_freq(self.rope_theta, self.rope_scaling, d, a_bar.device)
         positions, factor = rope_positions(positions, self.rope_scaling), rope_attention_factor(self.rope_scaling)
         q = apply_interleaved_rope(self._heads(self.q_proj(a_bar), self.num_heads), positions, inv_freq) * factor
+        if self.query_multiplier != 1.0:  # μP
+            q = q * self.query_multiplier
         k = apply_interleaved_rope(self._heads(self.k_proj(a_bar), self.num_kv_heads), positions, inv_freq) * factor
         v = self._heads(self.v_proj(a_bar), self.num_kv_heads)
         if past is not None:
@@ -164,6 +169,8 @@ class SessaMixer(nn.Module):
             f = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
         f = f.transpose(1, 2).reshape(B, T, D)
         q_b, k_b = self.proj_fb(a_bar).chunk(2, dim=-1)
+        if self.feedback_query_multiplier != 1.0:  # μP
+            q_b = q_b * self.feedback_query_multiplier
         gamma = self.gamma_max * torch.tanh(self.gamma_bias + self.gamma_ctx(a_bar).squeeze(-1))  # [B, T]
         if past is None or past[2].shape[1] == 0:
             s = chunked_feedback_solve(q_b, k_b, f, gamma, self.chunk_size, doc_ids)
@@ -222,6 +229,7 @@ class AttentionBlock(nn.Module):
         D, H, H_kv = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.num_heads, self.num_kv_heads, self.head_size = H, H_kv, D // H
         self.rope_theta, self.rope_scaling = config.rope_theta, config.sessa_rope_scaling
+        self.query_multiplier = config.query_multiplier
         self.norm = nn.RMSNorm(D, eps=config.layer_norm_eps)
         self.q_proj = nn.Linear(D, D, bias=False)
         self.k_proj = nn.Linear(D, H_kv * self.head_size, bias=False)
@@ -238,6 +246,8 @@ class AttentionBlock(nn.Module):
         positions, factor = rope_positions(positions, self.rope_scaling), rope_attention_factor(self.rope_scaling)
         h = self.norm(x)
         q = apply_half_rope(self.q_proj(h).view(B, T, -1, d).transpose(1, 2), positions, inv_freq) * factor
+        if self.query_multiplier != 1.0:  # μP
+            q = q * self.query_multiplier
         k = apply_half_rope(self.k_proj(h).view(B, T, -1, d).transpose(1, 2), positions, inv_freq) * factor
         v = self.v_proj(h).view(B, T, -1, d).transpose(1, 2)
         if past is not None:
@@ -513,6 +523,8 @@ class SessaForCausalLM(SessaPreTrainedModel, GenerationMixin):
         hidden = outputs.last_hidden_state
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
+        if self.config.logits_multiplier != 1.0:  # μP: the trained model scales the head's input
+            hidden = hidden * self.config.logits_multiplier
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:

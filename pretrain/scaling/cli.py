@@ -143,6 +143,36 @@ def _launch(args) -> int:
     return 0
 
 
+def _coord_check(args) -> int:
+    import yaml
+
+    from model import ModelConfig
+
+    from .coord_check import coord_check, write
+
+    tree = yaml.safe_load(Path(args.config).read_text()) or {}
+    model_fields = dict(tree.get("model") or {})
+    if args.pattern is not None:
+        model_fields |= {"layer_pattern": args.pattern, "num_layers": len(args.pattern)}
+    optim = tree.get("optim") or {}
+    try:
+        widths = [int(w) for w in args.widths.split(",")]
+        model = ModelConfig(**model_fields)
+    except (TypeError, ValueError) as err:
+        print(f"coord-check: {args.config}: {err}", file=sys.stderr)
+        return 2
+    result = coord_check(model, widths, args.steps, lr=args.lr or float(optim.get("lr", 3e-4)),
+                         betas=(float(optim.get("beta1", 0.9)), float(optim.get("beta2", 0.95))),
+                         eps=float(optim.get("eps", 1e-8)), seq_len=args.seq_len, batch=args.batch,
+                         seeds=args.seeds)
+    json_path, png_path = write(result, Path(args.out))
+    for parametrisation, quantities in result["slopes"].items():
+        print(f"{parametrisation}: slope of log mean |change| at step {args.steps} against log width: " +
+              ", ".join(f"{q} {s['change']:+.2f}" for q, s in quantities.items()))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+
+
 def _arm(text: str) -> str:
     from .plan import check_arm
 
@@ -218,6 +248,19 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamples for the bands")
     plot.add_argument("--seed", type=int, default=0, help="bootstrap RNG seed")
     plot.set_defaults(handler=_plot)
+
+    coord = sub.add_parser("coord-check", help="μP coordinate check: activation changes against width, with "
+                           "and without μP (pretrain/scaling/coord_check.py)")
+    coord.add_argument("--config", required=True, help="recipe YAML: its model: and optim: sections")
+    coord.add_argument("--widths", required=True, help="comma-separated widths, e.g. 64,128,256,512")
+    coord.add_argument("--steps", type=int, default=10, help="Adam steps per width")
+    coord.add_argument("--out", required=True, help="directory for coord_check.json and coord_check.png")
+    coord.add_argument("--pattern", help="model.layer_pattern instead of the recipe's (num_layers follows)")
+    coord.add_argument("--lr", type=float, help="learning rate instead of the recipe's optim.lr")
+    coord.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
+    coord.add_argument("--batch", type=int, default=8, help="sequences in the batch")
+    coord.add_argument("--seeds", type=int, default=1, help="initialisations averaged per width")
+    coord.set_defaults(handler=_coord_check)
 
     fit = sub.add_parser("fit", help="fit a scaling law (Chinchilla approach 1, 2 or 3) with bootstrap intervals")
     fit.add_argument("--points", required=True, help="CSV with columns params, tokens, loss (optional: budget)")

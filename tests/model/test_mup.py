@@ -175,3 +175,62 @@ def test_each_engine_steps_every_parameter_at_its_mup_learning_rate(engine, tmp_
             assert change == pytest.approx(lr, rel=1e-3), name
     finally:
         shutdown_distributed()
+
+
+def _run_config(tmp_path, model: ModelConfig):
+    import yaml
+
+    from pretrain.config import load_config
+
+    fields = {k: v for k, v in model.to_dict().items() if v is not None and k != "rope_scaling"}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump({"run_name": "mup", "runs_dir": str(tmp_path),
+                                                          "model": fields, "data": {"path": str(tmp_path)}}))
+    return load_config(tmp_path / "recipe.yaml")
+
+
+def test_resume_refuses_a_change_of_mup_settings(tmp_path):
+    from pretrain.config import ConfigError
+    from pretrain.state import check_checkpoint_compatible
+
+    trained = hybrid(64).to_dict()
+    common = {"config": {"model": trained}, "tokenizer_id": "t"}
+    check_checkpoint_compatible(common, "step 5", _run_config(tmp_path, hybrid(64)), "t")  # the same: accepted
+    for changed, what in ((dict(mup=False, mup_base_width=None), "mup: checkpoint True vs config False"),
+                          (dict(mup_base_width=16), "mup_base_width: checkpoint 32 vs config 16"),
+                          (dict(mup_base_head_size=4), "mup_base_head_size: checkpoint 8 vs config 4")):
+        with pytest.raises(ConfigError, match=f"checkpoint step 5 was trained with other μP settings .*{what}"):
+            check_checkpoint_compatible(common, "step 5", _run_config(tmp_path, hybrid(64, **changed)), "t")
+    before_mup = {k: v for k, v in hybrid(64, mup=False, mup_base_width=None).to_dict().items() if "mup" not in k}
+    check_checkpoint_compatible({"config": {"model": before_mup}, "tokenizer_id": "t"}, "step 5",
+                                _run_config(tmp_path, hybrid(64, mup=False, mup_base_width=None)), "t")
+
+
+def test_hf_model_with_the_exported_multipliers_gives_the_trained_logits():
+    """The HF export's config.json fields (checkpoints/export.py `mup_multipliers`) in the HF model of
+    checkpoints/hf on the export's tensors (checkpoints/layout.py): verify.compare (each layer's hidden states,
+    the logits, cached decoding) passes; without the multipliers it names the first diverging layer."""
+    from checkpoints import layout
+    from checkpoints.export import mup_multipliers
+    from checkpoints.hf.configuration_sessa import ModelConfig as HFConfig
+    from checkpoints.hf.modeling_sessa import SessaForCausalLM
+    from checkpoints.verify import VerificationError, compare, verification_inputs
+
+    config = hybrid(128, init_std=0.3, tie_embeddings=True)  # logits of order one: a missing multiplier shows
+    native = SessaLM(config, init_seed=1).eval()
+    state = {k: v for k, v in native.state_dict().items() if not k.endswith("_extra_state")}
+    hf_state = {e.target: layout.fuse(e, state, config) for e in layout.entries(config, {k: tuple(v.shape)
+                                                                                       for k, v in state.items()})}
+    exported = layout.hf_config_dict(config, torch.float32, 0)
+    assert mup_multipliers(config) == {"query_multiplier": 0.5, "feedback_query_multiplier": 0.5,
+                                       "logits_multiplier": 0.25}  # sqrt(8/32), sqrt(32/128), 32/128
+    for fields, matches in ((exported | mup_multipliers(config), True), (exported, False)):
+        model = SessaForCausalLM(HFConfig(**fields))
+        missing, unexpected = model.load_state_dict(hf_state, strict=False)
+        assert (missing, unexpected) == (["lm_head.weight"], [])  # tied: the embedding's, by _tied_weights_keys
+        model.tie_weights()
+        inputs = verification_inputs(config)
+        if matches:
+            compare(native, model, inputs, log=lambda *_: None)
+        else:
+            with pytest.raises(VerificationError):
+                compare(native, model, inputs, log=lambda *_: None)
