@@ -15,7 +15,15 @@ drops that step's update (`train.nonfinite: skip`, megatron engine) or stops at 
 the last good checkpoint. A loss or gradient-norm spike is logged, dropped, or rolled back to the last
 checkpoint (`train.spike`, pretrain/spikes.py). A rank that finishes no step for `train.hang_timeout_s` writes
 its stacks and exits (pretrain/watchdog.py); every logging interval names the slowest rank (pretrain/stragglers.py).
+
+Campaigns (`stages:`, pretrain/stages.py): the loop trains each stage's config in turn. At a boundary it
+evaluates, saves, and rebuilds what the next stage changes: always the loader (a fresh one over the
+stage's data) and the schedule; the engine only where the model, the layout or the batch shape changes,
+loaded from the boundary's checkpoint as a resume would (megatron's groups re-made for a new layout).
+A resume on the boundary step starts the next stage the same way, so a run killed anywhere resumes
+exactly; every metrics line carries `stage`.
 """
+import gc
 import contextlib
 import functools
 import math
@@ -25,6 +33,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 from torch.profiler import record_function
 
 from checkpoints import CheckpointManager
@@ -46,6 +55,7 @@ from .metrics import MetricsLogger, model_tflops_per_device
 from .profiling import StepProfiler
 from .runlock import acquire_for_training
 from .spikes import SpikeMonitor
+from .stages import resolve_stages, schedule_config, stage_index_at
 from .state import TrainState, build_scheduler, check_checkpoint_compatible, layout_of, restore_loader, \
     rng_state, seed_everything, set_rng_state
 from .stragglers import straggler_metrics
@@ -106,17 +116,25 @@ class _TimedIterator:
 
 class Trainer:
     def __init__(self, config: RunConfig):
-        self.config = config
-        self.env = init_distributed(config.parallel, hangs_dir=config.run_dir / "hangs")
+        self.recipe = config  # with stages: the campaign; self.config is the current stage's config
+        self.stages = resolve_stages(config)
+        self.stage, self.config = self.stages[0], self.stages[0].config
+        self.env = init_distributed(self.config.parallel, hangs_dir=config.run_dir / "hangs")
         self.device = self.env.device
         self._lock_run_and_catch_stop_signals()
-        self._read_data_manifest()
-        self._save_run_config()
-        seed_everything(config.train.seed, self.env.rank)
         Engine = engine_class(config)
         plan = self._resume_plan(Engine)
-        self.engine = Engine(config, self.env, plan, seq_len=self.seq_len, num_microbatches=self.num_microbatches)
-        self.scheduler = build_scheduler(self.engine.optimizer, config)
+        self.stage = self.stages[stage_index_at(self.stages, plan.step if plan else 0)]
+        self.config = self.stage.config
+        self._set_layout(self.stages[0].config.parallel)
+        self._check_stages_data()
+        self._read_data_manifest()
+        if plan is not None:
+            check_checkpoint_compatible(plan.common, plan.directory, self.config, self.tokenizer_id)
+        self._save_run_config()
+        seed_everything(config.train.seed, self.env.rank)
+        self.engine = Engine(self.config, self.env, plan, seq_len=self.seq_len, num_microbatches=self.num_microbatches)
+        self._build_schedulers()
         self.train_loader = self._build_train_loader()
         self.state = TrainState()
         self.nonfinite_streak = 0
@@ -139,23 +157,61 @@ class Trainer:
 
     def _read_data_manifest(self) -> None:
         """The prepared data fixes seq_len and the tokenizer; the model and batch must fit them."""
-        self.sources = [MixtureSource(s.name, s.path, s.weight, s.max_repetition) for s in self.config.data.sources]
-        if self.sources:  # they share tokenizer and seq_len (checked): the first one's manifest speaks for all
+        self.sources, self.manifest, self.num_microbatches = self._stage_data(self.config, self.env.dp_size)
+        self.seq_len = self.manifest["seq_len"]
+        self.tokenizer_id = self.manifest["tokenizer_id"]
+
+    def _stage_data(self, config: RunConfig, dp_size: int) -> tuple[list, dict, int]:
+        """(mixture sources, manifest, micro-batches per step) of a config's data, checked against its model
+        and batch."""
+        sources = [MixtureSource(s.name, s.path, s.weight, s.max_repetition) for s in config.data.sources]
+        if sources:  # they share tokenizer and seq_len (checked): the first one's manifest speaks for all
             try:
-                self.manifest = check_sources(self.sources)[0]
+                manifest = check_sources(sources)[0]
             except ValueError as err:
                 raise ConfigError(f"data.sources: {err}") from None
         else:
-            self.manifest = read_manifest(self.config.data.path)
-        self.seq_len = self.manifest["seq_len"]
-        self.tokenizer_id = self.manifest["tokenizer_id"]
-        self._check_model_matches_data()
-        self.num_microbatches = self._num_microbatches()
+            manifest = read_manifest(config.data.path)
+        self._check_model_matches_data(config, manifest)
+        return sources, manifest, self._num_microbatches(config, manifest["seq_len"], dp_size)
+
+    def _check_stages_data(self) -> None:
+        """A campaign's every stage, before training: its layout fits the world, its batch its data, and
+        its tokenizer is the first stage's (refused now rather than at its boundary)."""
+        if not self.stage.name:
+            return
+        first = None
+        for stage in self.stages:
+            parallel, world = stage.config.parallel, self.env.world_size
+            model_parallel = parallel.tensor * parallel.pipeline * parallel.context
+            if world % model_parallel:
+                raise ConfigError(f"stage {stage.name!r}: world size {world} is not divisible by parallel.tensor x "
+                                  f"parallel.pipeline x parallel.context = {model_parallel}")
+            try:
+                manifest = self._stage_data(stage.config, world // model_parallel)[1]
+            except (ConfigError, OSError, ValueError) as err:
+                raise ConfigError(f"stage {stage.name!r}: {err}") from None
+            where = stage.config.data.path
+            if first is None:
+                first = (stage.name, where, manifest["tokenizer_id"])
+            elif manifest["tokenizer_id"] != first[2]:
+                raise ConfigError(f"stage {stage.name!r} reads {where}, tokenised with {manifest['tokenizer_id']!r}, "
+                                  f"but stage {first[0]!r} reads {first[1]}, tokenised with {first[2]!r}: every "
+                                  f"stage needs the same tokenizer (prepare the data with one)")
+
+    def _set_layout(self, current) -> None:
+        """megatron's parallel groups for self.config.parallel, re-made when `current` (the ParallelConfig
+        they were made for) differs."""
+        parallel = self.config.parallel
+        fields = lambda p: (p.tensor, p.pipeline, p.virtual_stages, p.context)  # noqa: E731
+        if fields(current) != fields(parallel):
+            parallel_state.destroy_model_parallel()
+            self.env = init_distributed(parallel)
 
     def _save_run_config(self) -> None:
         if self.env.rank == 0:
             self.config.run_dir.mkdir(parents=True, exist_ok=True)
-            save_config(self.config, self.config.run_dir / "config.yaml")
+            save_config(self.recipe, self.config.run_dir / "config.yaml")
         dist.barrier()
 
     def _resume_plan(self, Engine):
@@ -167,43 +223,60 @@ class Trainer:
         step = manager.latest_step()
         if step is None:
             return None
-        plan = Engine.resume_plan(manager, step)
-        check_checkpoint_compatible(plan.common, plan.directory, self.config, self.tokenizer_id)
-        return plan
+        return Engine.resume_plan(manager, step)
+
+    def _build_schedulers(self) -> None:
+        """The run's schedule over all its steps and, for a stage with its own, the stage's over its steps
+        (built last: its learning rate is the one applied)."""
+        self.scheduler = build_scheduler(self.engine.optimizer, self.recipe)
+        self.stage_scheduler = (build_scheduler(self.engine.optimizer, schedule_config(self.stage, self.recipe))
+                                if self.stage.own_schedule else None)
+
+    def _load_schedulers(self, common: dict) -> None:
+        """A checkpoint's schedule positions; a stage's own schedule only from a checkpoint inside it."""
+        self.scheduler.load_state_dict(common["scheduler"])
+        saved = common.get("stage_scheduler")
+        if self.stage_scheduler is not None:
+            if saved and saved["stage"] == self.stage.name:
+                self.stage_scheduler.load_state_dict(saved["state"])
+            else:
+                self.stage_scheduler.step(increment=0)  # the stage's first learning rate, over the run's
 
     def _build_train_loader(self):
         config = self.config
         self.data_workers, lanes = self._data_layout()
+        seed = config.data.seed + self.stages.index(self.stage)  # a stage re-reading a directory reads it anew
         if self.sources:
             return build_mixture_loader(
                 self.sources, "train", config.train.global_batch_tokens // self.seq_len, config.train.micro_batch_size,
-                self.env.dp_rank, self.env.dp_size, self.data_workers, config.data.seed,
-                expected_tokenizer_id=self.tokenizer_id)
+                self.env.dp_rank, self.env.dp_size, self.data_workers, seed, expected_tokenizer_id=self.tokenizer_id)
         return build_dataloader(
             config.data.path, "train", config.train.micro_batch_size, self.env.dp_rank, self.env.dp_size,
-            self.data_workers, config.data.seed, infinite=True, expected_tokenizer_id=self.tokenizer_id,
+            self.data_workers, seed, infinite=True, expected_tokenizer_id=self.tokenizer_id,
             lanes=lanes,
         )
 
-    def _check_model_matches_data(self) -> None:
-        vocab = self.manifest["vocab_size"]
-        if self.config.model.vocab_size < vocab:
-            raise ConfigError(f"model.vocab_size ({self.config.model.vocab_size}) is smaller than the vocabulary "
-                              f"of the tokenizer {self.tokenizer_id!r} used for {self.config.data.path} ({vocab}); "
+    @staticmethod
+    def _check_model_matches_data(config: RunConfig, manifest: dict) -> None:
+        vocab = manifest["vocab_size"]
+        if config.model.vocab_size < vocab:
+            raise ConfigError(f"model.vocab_size ({config.model.vocab_size}) is smaller than the vocabulary "
+                              f"of the tokenizer {manifest['tokenizer_id']!r} used for {config.data.path} ({vocab}); "
                               f"set model.vocab_size: {vocab}")
 
-    def _num_microbatches(self) -> int:
-        train = self.config.train
-        tokens_per_microbatch = train.micro_batch_size * self.seq_len * self.env.dp_size
+    @staticmethod
+    def _num_microbatches(config: RunConfig, seq_len: int, dp_size: int) -> int:
+        train = config.train
+        tokens_per_microbatch = train.micro_batch_size * seq_len * dp_size
         if train.global_batch_tokens % tokens_per_microbatch:
             raise ConfigError(
                 f"train.global_batch_tokens ({train.global_batch_tokens}) must be a multiple of micro_batch_size "
-                f"x seq_len x data-parallel size = {train.micro_batch_size} x {self.seq_len} x {self.env.dp_size} "
+                f"x seq_len x data-parallel size = {train.micro_batch_size} x {seq_len} x {dp_size} "
                 f"= {tokens_per_microbatch}")
         microbatches = train.global_batch_tokens // tokens_per_microbatch
-        parallel = self.config.parallel
+        parallel = config.parallel
         if parallel.virtual_stages > 1:  # megatron's interleaved schedule fills the pipeline first
-            for name, count in (("micro-batches per step", microbatches), ("eval.batches", self.config.eval.batches)):
+            for name, count in (("micro-batches per step", microbatches), ("eval.batches", config.eval.batches)):
                 if count < parallel.pipeline:
                     raise ConfigError(f"{name} ({count}) must be >= parallel.pipeline ({parallel.pipeline}) with "
                                       f"parallel.virtual_stages > 1; raise train.global_batch_tokens / eval.batches "
@@ -243,7 +316,9 @@ class Trainer:
                    f"{self.data_workers} data workers per rank (data.num_workers {cfg.data.num_workers} does not "
                    f"divide the {self.num_microbatches} micro-batches per step: each worker serves whole "
                    f"micro-batches of every step, so the largest divisor is used)")
-        return (f"run {cfg.run_name}: {count_params(cfg.model) / 1e6:.2f}M parameters ({cfg.model.arch}), "
+        stage = (f"stage {self.stage.name!r} (steps {self.stage.first_step + 1}-{self.stage.last_step}"
+                 f"{', its own schedule' if self.stage.own_schedule else ''}) of " if self.stage.name else "")
+        return (f"{stage}run {cfg.run_name}: {count_params(cfg.model) / 1e6:.2f}M parameters ({cfg.model.arch}), "
                 f"seq_len {self.seq_len}, world {env.world_size} (TP {env.tp_size} x PP {env.pp_size}{context} x DP "
                 f"{env.dp_size}), {self.num_microbatches} micro-batches of {cfg.train.micro_batch_size} per rank "
                 f"and step, {workers}, document masking {'on' if cfg.data.document_masking else 'off'}, "
@@ -251,10 +326,10 @@ class Trainer:
                 f"start at step {self.state.step}/{cfg.train.max_steps}{self._mixture_plan()}")
 
     def _mixture_plan(self) -> str:
-        """Each source's share and the epochs of it the whole run reads, against its max_repetition."""
+        """Each source's share and the epochs of it the run (its stage) reads, against its max_repetition."""
         if not self.sources:
             return ""
-        run_sequences = self.config.train.max_steps * self.config.train.global_batch_tokens // self.seq_len
+        run_sequences = self.stage.steps * self.config.train.global_batch_tokens // self.seq_len
         total = sum(s.weight for s in self.sources)
         lines = []
         for source, split in zip(self.sources, self.train_loader.dataset.splits):
@@ -277,10 +352,7 @@ class Trainer:
 
     def _train_steps(self) -> None:
         cfg, state = self.config, self.state
-        timed = _TimedIterator(self.train_loader, count_pairs=cfg.data.document_masking,
-                               test_delay_s=_test_data_delay(self.env.rank))
-        flop_ledger = ledger(cfg.model, self.seq_len)
-        causal_pairs = self.seq_len * (self.seq_len + 1) // 2
+        timed, flop_ledger, causal_pairs = self._stage_counters()
         last_save = time.time()
         interval = cfg.logging.interval
         window_start, window_wait, window_step = time.perf_counter(), 0.0, state.step
@@ -304,6 +376,8 @@ class Trainer:
                 continue
             if result.applied:
                 self.scheduler.step(increment=1)
+                if self.stage_scheduler is not None:  # the stage's own schedule sets the learning rate
+                    self.stage_scheduler.step(increment=1)
             self._log_new_epochs()
             if state.step % interval == 0 or state.step == cfg.train.max_steps:
                 elapsed = time.perf_counter() - window_start
@@ -325,6 +399,7 @@ class Trainer:
                     "perf/memory_gb": self._memory_gb(),
                     **straggler_metrics(window_own_s / steps_in_window, timed.wait_seconds - window_wait, self.device),
                     **self._source_tokens(),
+                    **self._stage_metric(),
                 }
                 if cfg.logging.peak_tflops:
                     metrics["perf/mfu"] = metrics["perf/model_tflops_per_device"] / cfg.logging.peak_tflops
@@ -338,7 +413,9 @@ class Trainer:
                 window_start, window_wait, window_step = time.perf_counter(), timed.wait_seconds, state.step
                 window_sequences, window_pairs, window_own_s = timed.sequences, timed.pairs, 0.0
 
-            if cfg.eval.interval and state.step % cfg.eval.interval == 0 and state.step < cfg.train.max_steps:
+            stage_ends = state.step == self.stage.last_step
+            if (stage_ends or cfg.eval.interval and state.step % cfg.eval.interval == 0) \
+                    and state.step < cfg.train.max_steps:
                 self._log_eval()
             self._finish_saves(wait=False, step_s=step_s)
             stop, time_due = self._agree_on_flags(last_save)
@@ -360,10 +437,61 @@ class Trainer:
                 self.logger.print(f"received {self._stop_signal_name()}: saved step {state.step}, exiting "
                                   f"({waited}launch.term_grace_s {cfg.launch.term_grace_s} s)")
                 return
+            if stage_ends and state.step < cfg.train.max_steps:
+                self._enter_stage(self.stages[self.stages.index(self.stage) + 1])
+                cfg, last_save = self.config, time.time()
+                timed, flop_ledger, causal_pairs = self._stage_counters()
+                window_start, window_wait, window_step = time.perf_counter(), 0.0, state.step
+                window_sequences = window_pairs = 0
+                window_own_s = 0.0
         if cfg.checkpoint.save_on_exit and state.last_saved_step != state.step:
             self.save()
         self._log_eval()
         self._print_sample()
+
+    def _stage_counters(self):
+        """The data iterator that times and counts the current stage's batches, its FLOP ledger and
+        the number of causal (query, key) pairs of one of its sequences."""
+        timed = _TimedIterator(self.train_loader, count_pairs=self.config.data.document_masking,
+                               test_delay_s=_test_data_delay(self.env.rank))
+        return timed, ledger(self.config.model, self.seq_len), self.seq_len * (self.seq_len + 1) // 2
+
+    def _stage_metric(self) -> dict:
+        return {"stage": self.stage.name} if self.stage.name else {}
+
+    @_unwatched
+    def _enter_stage(self, stage) -> None:
+        """A boundary: save this step, then rebuild what `stage` changes. The loader is always new (the
+        stage's data from its start) and so is the stage's own schedule; the engine is rebuilt from the
+        boundary's checkpoint, as a resume would, where the model, the parallel layout, the batch shape or
+        the document masking change."""
+        if self.state.last_saved_step != self.state.step:
+            self.save()
+        self._finish_saves(wait=True)
+        before, seq_len_before = self.config, self.seq_len
+        self.stage, self.config = stage, stage.config
+        self.train_loader.close()
+        self._set_layout(before.parallel)
+        self._read_data_manifest()
+        engine_inputs = lambda c: (c.model, c.parallel, c.train, c.data.document_masking, c.data.reset_positions)  # noqa: E731
+        if (*engine_inputs(before), seq_len_before) != (*engine_inputs(self.config), self.seq_len):
+            Engine = type(self.engine)
+            self.engine = self.scheduler = self.stage_scheduler = None
+            gc.collect()  # the old model and optimizer go before the new ones come
+            plan = Engine.resume_plan(CheckpointManager(self.config.run_dir / "checkpoints"), self.state.step)
+            self.engine = Engine(self.config, self.env, plan, seq_len=self.seq_len,
+                                 num_microbatches=self.num_microbatches)
+            self._build_schedulers()
+            self.train_loader = self._build_train_loader()
+            self._resume(plan)
+        else:
+            self.train_loader = self._build_train_loader()
+            self.stage_scheduler = (build_scheduler(self.engine.optimizer, schedule_config(stage, self.recipe))
+                                    if stage.own_schedule else None)
+            if self.stage_scheduler is None:
+                self.scheduler.step(increment=0)  # the run's learning rate again
+        self.eval_tasks = self._load_eval_tasks()
+        self.logger.print(self._banner())
 
     def _account_nonfinite(self, result) -> None:
         """Count dropped updates; stop (saving nothing) when the policy or the streak says so."""
@@ -430,7 +558,7 @@ class Trainer:
         earlier = sum(last - first + 1 for first, last in (r["skipped_batches"] for r in self.spikes.rollbacks))
         skipped = [saved + earlier + 1, spike_step + earlier]
         plan = type(self.engine).resume_plan(CheckpointManager(self.config.run_dir / "checkpoints"), saved)
-        self.scheduler = build_scheduler(self.engine.optimizer, self.config)  # megatron's load adds to its count
+        self._build_schedulers()  # megatron's load adds to its count
         self._resume(plan, keep_data_position=True)
         self.spikes.rollbacks.append({"spike_step": spike_step, "to_step": saved, "skipped_batches": skipped})
         self.save()
@@ -485,7 +613,7 @@ class Trainer:
 
     @_unwatched
     def _log_eval(self) -> None:
-        metrics = self.evaluate()
+        metrics = self.evaluate() | self._stage_metric()
         self.logger.print(f"step {self.state.step}: val loss {metrics['val/loss']:.4f}, ppl {metrics['val/ppl']:.2f}")
         if self.eval_tasks:
             metrics |= self._evaluate_tasks()
@@ -585,7 +713,9 @@ class Trainer:
         self._finish_saves(wait=True)  # asynchronous: at most one save in flight
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            common = {**self.state.common(), "scheduler": self.scheduler.state_dict(),
+            common = {**self.state.common(), "scheduler": self.scheduler.state_dict(), "stage": self.stage.name,
+                      "stage_scheduler": self.stage_scheduler and {"stage": self.stage.name,
+                                                                   "state": self.stage_scheduler.state_dict()},
                       "spikes": self.spikes.state_dict(),
                       "config": self.config.to_dict(), "tokenizer_id": self.tokenizer_id, "layout": layout_of(self.env)}
             rank_state = {"rng": rng_state(self.device), "data": self.train_loader.state_dict()}
@@ -616,8 +746,8 @@ class Trainer:
             if self.env.rank == 0:
                 print(f"resumed from {plan.directory} (imported weights only: training starts at step 0)", flush=True)
             return
-        self.scheduler.load_state_dict(restored.common["scheduler"])
-        if not keep_data_position:
+        self._load_schedulers(restored.common)
+        if not keep_data_position and plan.step > self.stage.first_step:  # on a boundary: the next stage's new loader
             restore_loader(self.train_loader, restored.data_states, self.env.dp_rank, self.env.dp_size)
         if restored.rng is not None:
             set_rng_state(restored.rng, self.device)

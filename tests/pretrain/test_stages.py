@@ -1,25 +1,39 @@
 """Campaigns (`stages:`, pretrain/stages.py): the resolver's configs and refusals, and the real trainer
 across stage boundaries: bitwise SIGKILL resume at 1 and 2 processes, a data-parallel 2 -> 1 resume
 across a boundary, a stage that turns on context parallelism, `stage` in every metrics line."""
+import contextlib
 import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
-from conftest import TEST_RECIPE
+from conftest import REPO, TEST_RECIPE, pretrain_command, pretrain_env, read_metrics, run_pretrain
+from test_trainer import DP_ABS
 
 from pretrain.config import ConfigError, load_config
+from pretrain.loop import TEST_DATA_DELAY_ENV
 from pretrain.stages import resolve_stages, schedule_config, stage_index_at
 
 
-def _write(tmp_path: Path, stages, **sections) -> Path:
+def _write(tmp_path: Path, stages, name: str = "campaign", **sections) -> Path:
+    """TEST_RECIPE (its train.max_steps left out) with `stages`; a dict in `sections` updates that section."""
     tree = json.loads(json.dumps(TEST_RECIPE))
     tree["data"]["path"] = "data/a"
     tree["train"].pop("max_steps")
     for section, values in sections.items():
-        tree.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            tree.setdefault(section, {}).update(values)
+        else:
+            tree[section] = values
     tree["stages"] = stages
-    path = tmp_path / "campaign.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(tree))
     return path
 
@@ -92,3 +106,132 @@ def test_refusals_name_the_field_and_the_stage(tmp_path, stages, sections, messa
     with pytest.raises(ConfigError) as err:
         resolve_stages(load_config(recipe, overrides))
     assert message in str(err.value), str(err.value)
+
+
+# --- the trainer across boundaries ----------------------------------------------------------------
+LONG = {"data.path": "seq128", "model.rope_base": 100000.0, "train.micro_batch_size": 1}
+DECAY = {"schedule.style": "wsd", "schedule.warmup_steps": 0, "schedule.wsd_decay_fraction": 1.0}
+STAGE_OF_STEP = {**dict.fromkeys(range(1, 5), "short"), **dict.fromkeys(range(5, 9), "long"), 9: "decay", 10: "decay"}
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory) -> dict:
+    """Two campaigns of 4 + 4 + 2 steps on the bundled corpus at 64 then 128 tokens (one prepare):
+    `plain` (one layout throughout) and `cp` (stages long and decay at parallel.context 2), and their
+    uninterrupted runs: `plain` at 1 process, `cp` at 2 (DP 2, then CP 2 x DP 1)."""
+    from data_pipeline.prepare import prepare
+
+    tmp = tmp_path_factory.mktemp("campaign")
+    prepare("builtin", "pydocs4k", [64, 128], tmp / "data", num_workers=1, progress=False)
+    recipes = {}
+    for name, layout in (("plain", {}), ("cp", {"parallel.context": 2})):
+        long = {**LONG, "data.path": str(tmp / "data" / "seq128"), **layout}
+        recipes[name] = _write(tmp, [{"name": "short", "steps": 4}, {"name": "long", "steps": 4, **long},
+                                     {"name": "decay", "steps": 2, **long, **DECAY}],
+                               name, data={"path": str(tmp / "data" / "seq64")}, runs_dir=str(tmp / "runs"))
+    straight = {"plain": run_pretrain(recipes["plain"], "--run_name", "plain"),
+                "cp": run_pretrain(recipes["cp"], "--run_name", "cp", nproc=2)}
+    return {"recipes": recipes, "runs": tmp / "runs", "stdout": {k: v.stdout for k, v in straight.items()}}
+
+
+def _start_slowed(recipe: Path, *overrides: str, nproc: int = 1) -> subprocess.Popen:
+    """start_pretrain with rank 0 waiting 0.1 s per micro-batch: a kill after step s lands before the
+    next save (>= 1 step later) on a busy machine too."""
+    env = pretrain_env() | {TEST_DATA_DELAY_ENV: "0:0.1"}
+    return subprocess.Popen(pretrain_command(recipe, *overrides, nproc=nproc), cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def _kill_after_step(process: subprocess.Popen, run_dir: Path, step: int, timeout: float = 600) -> None:
+    """SIGKILL the process group once this launch (not an earlier one) has logged `step`."""
+    metrics = run_dir / "metrics.jsonl"
+    start = metrics.stat().st_size if metrics.exists() else 0
+    deadline = time.time() + timeout
+    while not metrics.exists() or not any(json.loads(line).get("step", 0) >= step and "train/loss" in line
+                                          for line in metrics.read_text()[start:].splitlines()):
+        assert process.poll() is None, f"training exited with {process.returncode} before step {step}"
+        assert time.time() < deadline, f"no step {step} within {timeout} s"
+        time.sleep(0.05)
+    # torchrun starts each rank in a session of its own: kill every rank's group (its data workers with it)
+    children = psutil.Process(process.pid).children(recursive=True)
+    for pid in {process.pid} | {child.pid for child in children}:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(pid), signal.SIGKILL)
+    process.wait()
+    psutil.wait_procs(children, timeout=60)
+
+
+def _latest(run_dir: Path) -> int:
+    return int((run_dir / "checkpoints" / "latest").read_text())
+
+
+@pytest.mark.slow
+def test_sigkill_on_and_just_after_a_boundary_resumes_bitwise_one_process(campaign):
+    """Killed after step 5 (the last checkpoint: the boundary, step 4), then after step 6 (the last
+    checkpoint: step 5, just after it): the finished run's losses are the uninterrupted run's, bit for bit."""
+    recipe, run_dir = campaign["recipes"]["plain"], campaign["runs"] / "crashed1"
+    _kill_after_step(_start_slowed(recipe, "--run_name", run_dir.name), run_dir, 5)
+    assert _latest(run_dir) == 4  # checkpoint.interval_steps 0: only the boundary saved
+    _kill_after_step(_start_slowed(recipe, "--run_name", run_dir.name, "--checkpoint.interval_steps", "5"), run_dir, 6)
+    assert _latest(run_dir) == 5
+    run_pretrain(recipe, "--run_name", run_dir.name)
+    assert read_metrics(run_dir) == read_metrics(campaign["runs"] / "plain")
+
+
+@pytest.mark.slow
+def test_sigkill_on_a_boundary_and_mid_stage_resumes_bitwise_two_processes(campaign):
+    """Two ranks: killed after step 5 (resumed on the boundary, where context parallelism turns on),
+    then after step 7 (resumed mid-stage from step 6): the uninterrupted run's losses, bit for bit."""
+    recipe, run_dir = campaign["recipes"]["cp"], campaign["runs"] / "crashed2"
+    _kill_after_step(_start_slowed(recipe, "--run_name", run_dir.name, nproc=2), run_dir, 5)
+    assert _latest(run_dir) == 4
+    _kill_after_step(_start_slowed(recipe, "--run_name", run_dir.name, "--checkpoint.interval_steps", "3", nproc=2),
+                     run_dir, 7)
+    assert _latest(run_dir) == 6
+    run_pretrain(recipe, "--run_name", run_dir.name, nproc=2)
+    assert read_metrics(run_dir) == read_metrics(campaign["runs"] / "cp")
+
+
+@pytest.mark.slow
+def test_metrics_carry_the_stage_one_schedule_spans_the_run_and_decay_has_its_own(campaign):
+    lr_max, lr_min = TEST_RECIPE["optim"]["lr"], TEST_RECIPE["optim"]["min_lr"]
+    for name in ("plain", "cp"):
+        run_dir = campaign["runs"] / name
+        assert read_metrics(run_dir, "stage") == STAGE_OF_STEP
+        records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        assert {r["step"]: r["stage"] for r in records if "val/loss" in r} == {4: "short", 8: "long", 10: "decay"}
+        lr = read_metrics(run_dir, "train/lr")
+        # the run's cosine (warmup 2, 10 steps) goes on through stage long: step 8 is 6/8 of its decay
+        assert lr[8] == pytest.approx(lr_min + (lr_max - lr_min) * 0.5 * (1 + math.cos(0.75 * math.pi)), rel=1e-9)
+        # decay: its own linear WSD decay over its 2 steps, from optim.lr: half-way after step 9, min_lr after 10
+        assert lr[9] == pytest.approx((lr_max + lr_min) / 2, rel=1e-9) and lr[10] == pytest.approx(lr_min, rel=1e-9)
+    stdout = campaign["stdout"]["cp"]
+    assert "stage 'short' (steps 1-4) of run cp" in stdout and "seq_len 64, world 2 (TP 1 x PP 1 x DP 2)" in stdout
+    assert "stage 'long' (steps 5-8) of run cp" in stdout and "seq_len 128, world 2 (TP 1 x PP 1 x CP 2 x DP 1)" in stdout
+    assert "stage 'decay' (steps 9-10, its own schedule) of run cp" in stdout
+
+
+@pytest.mark.slow
+def test_a_stage_that_turns_on_context_parallelism_trains_as_one_process_does(campaign):
+    """cp (DP 2, then CP 2 x DP 1) against plain (one process throughout): the same losses up to the
+    reduction order, through the boundary where the model is rebuilt at the new layout."""
+    plain, cp = read_metrics(campaign["runs"] / "plain"), read_metrics(campaign["runs"] / "cp")
+    assert sorted(cp) == list(range(1, 11))
+    for step in range(1, 11):
+        assert cp[step] == pytest.approx(plain[step], abs=DP_ABS), step
+
+
+@pytest.mark.slow
+def test_data_parallel_2_to_1_resume_across_a_boundary(campaign):
+    """The cp run's boundary checkpoint (step 4, DP 2; stage short is the same in both recipes) resumed by
+    one process with the plain recipe: stage long at DP 1 gives the uninterrupted one-process run's
+    losses up to the reduction order."""
+    run_dir = campaign["runs"] / "reshaped"
+    shutil.copytree(campaign["runs"] / "cp" / "checkpoints" / "iter_0000004", run_dir / "checkpoints" / "iter_0000004")
+    (run_dir / "checkpoints" / "latest").write_text("4")
+    done = run_pretrain(campaign["recipes"]["plain"], "--run_name", run_dir.name)
+    assert "stage 'long' (steps 5-8) of run reshaped" in done.stdout and "world 1 (TP 1 x PP 1 x DP 1)" in done.stdout
+    resumed, plain = read_metrics(run_dir), read_metrics(campaign["runs"] / "plain")
+    assert sorted(resumed) == list(range(5, 11))
+    for step in range(5, 11):
+        assert resumed[step] == pytest.approx(plain[step], abs=DP_ABS), step
