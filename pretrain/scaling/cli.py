@@ -43,15 +43,19 @@ def _plan(args) -> int:
         base=base, seq_len=args.seq_len, archs=tuple(args.arms), micro_batch=args.micro_batch,
         size_rule=SizeRule(aspect=args.aspect, head_size=args.head_size, kv_group=args.kv_group),
         rules=HparamRules(overrides=overrides), tolerance=args.tolerance, decay_fraction=args.decay_fraction,
-        seed=args.seed,
+        seed=args.seed, mup_base_width=(args.mup_base_width or min(args.widths)) if args.mup else None,
     )
-    if args.mode == "isoflop":
-        if not args.budgets:
-            print("plan: --mode isoflop needs --budgets", file=sys.stderr)
-            return 2
-        points = planner.isoflop(args.budgets, args.widths, args.sizes_per_budget, args.spread)
-    else:
-        points = planner.ladder(args.widths, tuple(args.ratios))
+    if args.mode == "isoflop" and not args.budgets:
+        print("plan: --mode isoflop needs --budgets", file=sys.stderr)
+        return 2
+    try:
+        if args.mode == "isoflop":
+            points = planner.isoflop(args.budgets, args.widths, args.sizes_per_budget, args.spread)
+        else:
+            points = planner.ladder(args.widths, tuple(args.ratios))
+    except ValueError as err:  # a model the arms and widths cannot build (e.g. --mup with the Transformer arm)
+        print(f"plan: {err}", file=sys.stderr)
+        return 2
     print(format_table(points, args.tflops_per_gpu))
     if args.dry_run:
         return 0
@@ -211,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--batch-tokens", type=int, help="fixed global batch (tokens) instead of the rule")
     plan.add_argument("--beta2", type=float, help="fixed Adam beta2 instead of the rule")
     plan.add_argument("--warmup-steps", type=int, help="fixed warmup instead of the rule")
+    plan.add_argument("--mup", action="store_true", help="every point under μP (model.mup; docs/mup.md); the LR rule "
+                      "is evaluated at the base width's compute on the point's tokens")
+    plan.add_argument("--mup-base-width", type=int, help="μP's base width (default: the smallest of --widths)")
     plan.add_argument("--tflops-per-gpu", type=float, help="measured model TFLOP/s per GPU, for the GPU-hour estimate")
     plan.add_argument("--out", default="sweeps/default", help="sweep directory (plan.json, configs/)")
     plan.add_argument("--dry-run", action="store_true", help="print the table only")

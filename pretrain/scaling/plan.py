@@ -185,9 +185,16 @@ class Planner:
     tolerance: float = 0.02
     decay_fraction: float = 0.2
     seed: int = DEFAULT_SEED
+    # μP (model/mup.py): every point gets model.mup with this base width (and the size rule's head size
+    # there), and the LR rule is evaluated at the base width's compute on the point's tokens (below)
+    mup_base_width: int | None = None
 
     def model_config(self, arm: str, width: int) -> ModelConfig:
         fields = dict(self.base.get("model", {})) | self.size_rule.model_fields(width)
+        if self.mup_base_width:
+            base = self.size_rule.model_fields(self.mup_base_width)
+            fields |= {"mup": True, "mup_base_width": self.mup_base_width,
+                       "mup_base_head_size": self.mup_base_width // base["num_heads"]}
         if check_arm(arm) in ARCHS:
             fields |= {"arch": arm, "layer_pattern": ""}
         else:
@@ -211,12 +218,15 @@ class Planner:
         achieved = steps * batch * per_token
         rel = achieved / target_flops - 1
         warmup = self.rules.warmup_steps(params, batch, steps)
+        lr_flops = flops_for_rules
+        if self.mup_base_width:  # μP takes the width out of the LR: the rule at the base width, same tokens
+            lr_flops *= ledger(self.model_config(arch, self.mup_base_width), self.seq_len).per_token("model") / per_token
         point = PlanPoint(
             name=name, arch=arch, width=width, layers=config.num_layers, heads=config.num_heads,
             kv_heads=config.num_kv_heads, params=params, params_non_embedding=count_params(config, True),
             seq_len=self.seq_len, flops_per_token=per_token, target_flops=target_flops, tokens=steps * batch,
             batch_tokens=batch, steps=steps, achieved_flops=achieved, rel_error=rel,
-            off_budget=abs(rel) > self.tolerance, lr=self.rules.lr(flops_for_rules), warmup_steps=warmup,
+            off_budget=abs(rel) > self.tolerance, lr=self.rules.lr(lr_flops), warmup_steps=warmup,
             beta2=self.rules.beta2(batch, self.seq_len), decay_fraction=self.decay_fraction,
         )
         return point

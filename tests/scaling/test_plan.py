@@ -114,3 +114,34 @@ def test_plan_cli_dry_run_and_written_configs_load(tmp_path, monkeypatch, capsys
     for point in plan["points"]:
         config = load_config(tmp_path / "sweep" / "configs" / f"{point['name']}.yaml")  # the trainer's own validation
         assert config.model.arch == point["arch"] and config.train.max_steps == point["steps"]
+
+
+def test_mup_plan_takes_the_width_out_of_the_lr_rule(tmp_path, capsys):
+    """plan --mup: every point is a μP model of the base width 32 (head size 16 there), and the LR rule is
+    evaluated at the base's compute on the point's tokens: same tokens, same LR at every width; the base
+    width's LR is the standard rule's."""
+    from model.flops import ledger
+
+    mup, standard = planner(archs=("sessa",), mup_base_width=32), planner(archs=("sessa",))
+
+    def points(width, tokens=2e6):  # a run of `tokens` at `width`, as ladder() asks for one
+        flops = tokens * ledger(standard.model_config("sessa", width), 64).per_token("model")
+        return mup._point("p", "sessa", width, flops, tokens=tokens), standard._point("p", "sessa", width, flops,
+                                                                                      tokens=tokens)
+
+    at = {w: points(w) for w in (32, 64, 128)}
+    assert at[32][0].lr == at[32][1].lr
+    assert at[64][0].lr == at[128][0].lr == at[32][0].lr
+    assert at[128][1].lr < at[64][1].lr < at[32][1].lr  # without μP the rule lowers it with the model's compute
+    config = mup.model_config("sessa", 128)
+    assert (config.mup, config.mup_base_width, config.mup_base_head_size, config.head_size) == (True, 32, 16, 16)
+    assert main(["plan", "--base", str(REPO / "configs" / "tiny.yaml"), "--seq-len", "64", "--widths", "32", "64",
+                 "--budgets", "1e13", "--mup", "--dry-run"]) == 2  # the Transformer arm has no μP
+    assert "plan: model.mup is for model.arch 'sessa'" in capsys.readouterr().err
+    out = tmp_path / "sweep"
+    assert main(["plan", "--base", str(REPO / "configs" / "tiny.yaml"), "--seq-len", "64", "--widths", "32", "64",
+                 "--head-size", "16", "--aspect", "32", "--budgets", "1e13", "--arms", "sessa", "--mup",
+                 "--out", str(out)]) == 0
+    for path in (out / "configs").glob("*.yaml"):
+        trained = load_config(path)  # the trainer's own validation
+        assert (trained.model.mup, trained.model.mup_base_width) == (True, 32)
