@@ -29,8 +29,8 @@ from torch.profiler import record_function
 from checkpoints import CheckpointManager
 from checkpoints.deepspeed_format import RANK_STATE_GLOB, TRAINER_STATE, UNIVERSAL, rank_state_name
 from checkpoints.importer import WEIGHTS_ONLY
-from model.profile_ranges import OPTIMIZER_STEP
 from model.mup import lr_multiplier
+from model.profile_ranges import OPTIMIZER_STEP
 from model.recompute import recompute_blocks
 from model.transformer import build_model, init_model_weights, megatron_config_for
 

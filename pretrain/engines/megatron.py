@@ -21,8 +21,8 @@ from torch.profiler import record_function
 from checkpoints import CheckpointManager
 from checkpoints.importer import WEIGHTS_ONLY
 from checkpoints.megatron_fixes import apply_megatron_fixes, initialise_optimizer_state, load_optimizer_state
-from model.profile_ranges import GRADIENT_REDUCTION, OPTIMIZER_STEP
 from model.mup import lr_multiplier, width_multiplier
+from model.profile_ranges import GRADIENT_REDUCTION, OPTIMIZER_STEP
 from model.recompute import recompute_blocks, torch_checkpoint
 from model.transformer import build_model, init_model_weights, megatron_config_for
 
