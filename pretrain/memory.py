@@ -2,13 +2,16 @@
 
     python -m pretrain.memory configs/1.3b.yaml --seq-len 8192
     python -m pretrain.memory configs/7b-128k.yaml --seq-len 131072 --dp 4   # with each recompute mode
+    python -m pretrain.memory configs/campaign/1.3b-long.yaml --seq-len 8192,32768,131072 --world 64  # each stage
 """
 import argparse
+import dataclasses
 
 from model.config import ModelConfig
 from model.flops import count_params
 
-from .config import RunConfig, load_config
+from .config import ConfigError, RunConfig, load_config
+from .stages import resolve_stages
 
 BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -136,24 +139,49 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     return gb
 
 
+def stage_layouts(config: RunConfig, seq_lens: list[int], world: int) -> list[tuple]:
+    """(stage, seq_len, data-parallel size) for each stage of a recipe (one unnamed stage without stages):
+    the world stays, each stage's data-parallel size is what its tensor x pipeline x context leave."""
+    stages = resolve_stages(config)
+    if len(seq_lens) != len(stages):
+        raise ConfigError(f"--seq-len gives {len(seq_lens)} lengths for {len(stages)} stages: one per stage, "
+                          f"comma-separated, e.g. --seq-len {','.join(['8192'] * len(stages))}")
+    layouts = []
+    for stage, seq_len in zip(stages, seq_lens):
+        parallel = stage.config.parallel
+        model_parallel = parallel.tensor * parallel.pipeline * parallel.context
+        if world % model_parallel:
+            raise ConfigError(f"stage {stage.name!r}: {world} devices are not divisible by parallel.tensor x "
+                              f"parallel.pipeline x parallel.context = {model_parallel}")
+        layouts.append((stage, seq_len, world // model_parallel))
+    return layouts
+
+
 def main():
-    parser = argparse.ArgumentParser(description="Estimate per-device memory of a recipe")
+    parser = argparse.ArgumentParser(description="Estimate per-device memory of a recipe (of each stage of a campaign)")
     parser.add_argument("config")
-    parser.add_argument("--seq-len", type=int, required=True)
-    parser.add_argument("--dp", type=int, default=1, help="data-parallel size")
+    parser.add_argument("--seq-len", required=True, help="tokens per sequence; with stages one per stage, "
+                                                         "comma-separated")
+    parser.add_argument("--dp", type=int, default=1, help="data-parallel size (without stages)")
+    parser.add_argument("--world", type=int, help="devices in all (default: --dp x tensor x pipeline x context); "
+                                                  "each stage's data-parallel size follows from its layout")
     args, overrides = parser.parse_known_args()  # recipe overrides, e.g. --parallel.context 4
     config = load_config(args.config, overrides)
-    estimate = estimate_memory_gb(config, args.seq_len, args.dp)
-    print(f"{config.run_name}: {count_params(config.model) / 1e9:.3f}B parameters, TP {config.parallel.tensor} "
-          f"PP {config.parallel.pipeline} CP {config.parallel.context} DP {args.dp}, seq_len {args.seq_len}, "
-          f"micro-batch {config.train.micro_batch_size}, recompute {config.train.recompute}")
-    for name, value in estimate.items():
-        print(f"  {name:>12}: {value:8.2f} GB")
-    others = {}
-    for mode in ("none", "selective", "full"):  # what each train.recompute mode would need
-        trial = load_config(args.config, [*overrides, "--train.recompute", mode, "--engine", "megatron"])
-        others[mode] = estimate_memory_gb(trial, args.seq_len, args.dp)["total"]
-    print("  total by train.recompute: " + ", ".join(f"{mode} {gb:.1f} GB" for mode, gb in others.items()))
+    parallel = config.parallel
+    world = args.world or args.dp * parallel.tensor * parallel.pipeline * parallel.context
+    print(f"{config.run_name}: {count_params(config.model) / 1e9:.3f}B parameters")
+    for stage, seq_len, dp in stage_layouts(config, [int(n) for n in args.seq_len.split(",")], world):
+        cfg = stage.config
+        name = f"stage {stage.name!r} (steps {stage.first_step + 1}-{stage.last_step}): " if stage.name else ""
+        print(f"{name}TP {cfg.parallel.tensor} PP {cfg.parallel.pipeline} CP {cfg.parallel.context} DP {dp}, "
+              f"seq_len {seq_len}, micro-batch {cfg.train.micro_batch_size}, recompute {cfg.train.recompute}")
+        for part, value in estimate_memory_gb(cfg, seq_len, dp).items():
+            print(f"  {part:>12}: {value:8.2f} GB")
+        others = {}
+        for mode in ("none", "selective", "full"):  # what each train.recompute mode would need
+            trial = dataclasses.replace(cfg, engine="megatron", train=dataclasses.replace(cfg.train, recompute=mode))
+            others[mode] = estimate_memory_gb(trial, seq_len, dp)["total"]
+        print("  total by train.recompute: " + ", ".join(f"{mode} {gb:.1f} GB" for mode, gb in others.items()))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,34 @@ def test_refusals_name_the_field_and_the_stage(tmp_path, stages, sections, messa
     assert message in str(err.value), str(err.value)
 
 
+def test_shipped_campaigns_resolve_and_memory_reports_each_stage(capsys, monkeypatch):
+    """configs/campaign/: tiny's three stages; 1.3b-long's batch divides over each stage's layout at 64 GPUs
+    (the trainer's own check) and `python -m pretrain.memory` prints each stage's estimate."""
+    from pretrain import memory
+    from pretrain.loop import Trainer
+
+    tiny = resolve_stages(load_config(REPO / "configs/campaign/tiny.yaml"))
+    assert [(s.name, s.steps, s.config.parallel.context, s.own_schedule) for s in tiny] == \
+        [("short", 120, 1, False), ("long", 30, 2, False), ("decay", 15, 2, True)]
+    config = load_config(REPO / "configs/campaign/1.3b-long.yaml")
+    layouts = memory.stage_layouts(config, [8192, 32768, 131072], 64)
+    assert [(s.name, s.config.parallel.context, dp) for s, _, dp in layouts] == [("8k", 1, 64), ("32k", 2, 32),
+                                                                                  ("128k", 8, 8)]
+    assert [Trainer._num_microbatches(s.config, seq_len, dp) for s, seq_len, dp in layouts] == [2, 1, 1]
+    with pytest.raises(ConfigError, match="--seq-len gives 1 lengths for 3 stages: one per stage"):
+        memory.stage_layouts(config, [8192], 64)
+    with pytest.raises(ConfigError, match="stage '128k': 12 devices are not divisible by .* = 8"):
+        memory.stage_layouts(config, [8192, 32768, 131072], 12)
+    monkeypatch.setattr("sys.argv", ["memory", "configs/campaign/1.3b-long.yaml", "--seq-len", "8192,32768,131072",
+                                     "--world", "64"])
+    monkeypatch.chdir(REPO)
+    memory.main()
+    printed = capsys.readouterr().out
+    total = memory.estimate_memory_gb(layouts[2][0].config, 131072, 8)["total"]
+    assert (f"stage '128k' (steps 19001-20000): TP 1 PP 1 CP 8 DP 8, seq_len 131072, micro-batch 1, recompute "
+            f"selective\n") in printed and f"total: {total:8.2f} GB" in printed.split("stage '128k'")[1]
+
+
 # --- the trainer across boundaries ----------------------------------------------------------------
 LONG = {"data.path": "seq128", "model.rope_base": 100000.0, "train.micro_batch_size": 1}
 DECAY = {"schedule.style": "wsd", "schedule.warmup_steps": 0, "schedule.wsd_decay_fraction": 1.0}
