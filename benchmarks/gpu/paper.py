@@ -3,7 +3,8 @@ and scored on its test split, inside one time box.
 
     bash benchmarks/gpu/run.sh --part paper              # on the GPU: 240 s in all -> $OUT/paper.json, paper.md
     bash benchmarks/gpu/run.sh --part paper --dry-run    # on CPU: tiny data and steps, the same files
-    python benchmarks/gpu/paper.py --out DIR [--dry-run] [--budget-s S] [--steps N] [--max-seeds K]
+    python benchmarks/gpu/paper.py --out DIR [--dry-run] [--budget-s S] [--steps N [TASK=N ...]] [--max-seeds K]
+        [--lanes L] [--tasks ...] [--models ...] [--limit N] [--work DIR]
 
 What it does, on `--lanes` worker processes that take the runs in turn (default: all eight arms of a seed
 at once on a GPU, where a 0.2M-parameter model leaves the device idle between its kernel launches and
@@ -13,7 +14,8 @@ eight processes share it; one lane in a dry run). A lane imports once and runs i
    sequences) and Diffuse MQAR with configs/paper/'s knobs (32 pairs, trained lags up to 6, test lags
    up to 24);
 2. trains the arms (Sessa, Transformer++, Sessa without feedback, Mamba-2 on each task) with the
-   recipes of configs/paper/, STEPS steps of batch 16 each (the same for every arm, as in the paper),
+   recipes of configs/paper/, 3000 steps of batch 16 each (the same for every arm, as in the paper;
+   `--steps 3000 diffuse-mqar=2000 two-style-sessa=4000` gives a task or an arm its own count),
    seed 1 for every arm first, then seeds 2, 3, ... for every arm while the time left fits one more
    arm of that seed (an arm of a later seed is started only when its seed-1 run reached all its steps
    and 1.2 times its seed-1 time fits: its box);
@@ -21,7 +23,7 @@ eight processes share it; one lane in a dry run). A lane imports once and runs i
    table's own evaluate_run: checkpoint, task and knobs read from the run) on this device.
 
 Time boxes (next_box): a seed-1 run's box is the time left shared by the seed-1 arms not yet started over
-the lanes, left x min(lanes, n) / n (the last scoring time of its task, or a fifth of the box, is held
+the lanes, left x min(lanes, n) / n, at most --max-box-s (the last scoring time of its task, or a fifth of the box, is held
 back for its own scoring). At the end of its training time the trainer gets SIGTERM, the stop signal a
 cluster sends: it finishes the step in flight, saves and returns; the run is scored at the step it
 reached and marked `"stopped_by": "time box"`. A lane that does not return within its box plus GRACE_S
@@ -59,6 +61,7 @@ GPU_BUDGET_S, DRY_BUDGET_S = 240.0, 600.0
 DRY_LIMIT = 8  # test examples per task in a dry run (the GPU run scores the task's whole test split, 200)
 GRACE_S = 30.0  # past its box, an arm that has not returned (a hung step) ends the part
 SCORING_SHARE = 0.2  # of an arm's box held back for its scoring until one of its task was timed
+LANE_START_S = 120.0  # a lane's imports take seconds; one that has not started in this time is broken
 LATER_SEED_MARGIN = 1.2  # a seed after the first gets its seed-1 time times this as its box
 
 # Training examples: 16k per task (3000 x 16 = 48k drawn, three epochs) keeps the drawing to seconds.
@@ -166,11 +169,16 @@ def _next_job(jobs, parent: int) -> dict | None:
     return None
 
 
-def _worker(jobs, results, parent: int) -> None:
+def _worker(jobs, results, parent: int, threads: int) -> None:
     """A lane: runs jobs {"id", "task", "model", "seed", "steps", "work", "limit", "device",
-    "train_deadline"} until None, one result dict per job. The imports come before the first job."""
+    "train_deadline"} until None, one result dict per job, with `threads` CPU threads (the lanes share
+    the cores). The imports come before the first job."""
+    import torch
+
     import pretrain.evaluate.table
     import pretrain.loop  # noqa: F401
+
+    torch.set_num_threads(min(torch.get_num_threads(), threads))
 
     results.put({"ready": os.getpid()})
     while (job := _next_job(jobs, parent)) is not None:
@@ -208,6 +216,7 @@ class Lanes:
     def __init__(self, count: int):
         import multiprocessing
 
+        self.threads = max(1, (os.cpu_count() or 1) // count)
         self.context = multiprocessing.get_context("spawn")
         self.results = self.context.Queue()
         self.lanes = [self._start() for _ in range(count)]
@@ -215,7 +224,7 @@ class Lanes:
     def _start(self) -> dict:
         jobs = self.context.Queue()
         # not a daemon: the trainer's data loader may start processes of its own
-        process = self.context.Process(target=_worker, args=(jobs, self.results, os.getpid()))
+        process = self.context.Process(target=_worker, args=(jobs, self.results, os.getpid(), self.threads))
         process.start()
         return {"process": process, "jobs": jobs, "job": None}
 
@@ -226,7 +235,7 @@ class Lanes:
         return [lane for lane in self.lanes if lane["job"] is not None]
 
     def replace(self, lane: dict) -> None:
-        """A hung lane's process is killed and a fresh one takes its place."""
+        """A hung or dead lane's process is killed and a fresh one takes its place."""
         lane["process"].kill()
         lane["process"].join()
         self.lanes[self.lanes.index(lane)] = self._start()
@@ -240,19 +249,22 @@ class Lanes:
                 lane["process"].kill()
 
 
-def next_box(seed: int, arm: str, left: float, lanes: int, seed_one_left: int, seed_one_s: dict) -> float | None:
+def next_box(seed: int, arm: str, left: float, lanes: int, seed_one_left: int, seed_one_s: dict,
+             max_box_s: float = float("inf")) -> float | None:
     """The time box of the next run, or None when it should not start. Seed 1: the time left shared by
-    the seed-1 arms not yet started over the lanes (left x min(lanes, n) / n). A later seed: 1.2x the
-    arm's seed-1 time, if its seed-1 run reached all its steps and that fits the time left."""
+    the seed-1 arms not yet started over the lanes (left x min(lanes, n) / n), at most max_box_s. A
+    later seed: 1.2x the arm's seed-1 time, if its seed-1 run reached all its steps and that fits the
+    time left."""
     if seed == 1:
-        box = left * min(lanes, seed_one_left) / seed_one_left
+        box = min(max_box_s, left * min(lanes, seed_one_left) / seed_one_left)
         return box if box > 0 else None
     box = seed_one_s.get(arm, float("inf")) * LATER_SEED_MARGIN
     return box if box <= left else None
 
 
-def run_comparison(out: Path, work: Path, dry: bool, started: float, budget_s: float, steps: int,
-                   max_seeds: int, limit: int | None, tasks: tuple[str, ...] = TASKS, lanes: int = 1) -> dict:
+def run_comparison(out: Path, work: Path, dry: bool, started: float, budget_s: float, steps: dict[str, int],
+                   max_seeds: int, limit: int | None, arms: list[tuple[str, str]] = ARMS, lanes: int = 1,
+                   max_box_s: float = float("inf")) -> dict:
     """Data (work/data), then arms and seeds (work/runs) on `lanes` worker processes until started +
     budget_s (epoch seconds; see the module docstring); the report's dict."""
     import torch
@@ -265,30 +277,30 @@ def run_comparison(out: Path, work: Path, dry: bool, started: float, budget_s: f
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "git_commit": _git_commit(), "torch": torch.__version__, "budget_s": budget_s, "steps": steps,
         "batch": BATCH, "max_seeds": max_seeds, "test_limit": limit, "lanes": lanes,
+        "max_box_s": None if max_box_s == float("inf") else max_box_s,
         "kernels": "feedback_impl auto: " + ("Triton solve" if device == "cuda" else "chunked solve (CPU)")},
         started)
     deadline = started + budget_s
     pool = Lanes(lanes)  # the workers import while the data is drawn
     try:
-        report.data["data_s"] = prepare_data(work / "data", dry, tasks)
+        report.data["data_s"] = prepare_data(work / "data", dry, tuple(dict.fromkeys(task for task, _ in arms)))
         report.write()
         print(f"[paper] data drawn in {max(report.data['data_s'].values())} s", flush=True)
-        for _ in range(lanes):  # every lane has imported: no run's box pays for it
-            try:
-                pool.results.get(timeout=max(1.0, deadline - time.time()))
+        for _ in range(lanes):  # every lane has imported: no run's box pays for it (a late start leaves
+            try:  # no time to the runs, which are then listed as skipped)
+                pool.results.get(timeout=max(LANE_START_S, deadline - time.time()))
             except queue.Empty:
-                raise RuntimeError("the worker processes did not start within the budget") from None
-        _schedule(pool, report, work, deadline, steps, max_seeds, limit, tasks, device)
+                raise RuntimeError(f"a worker process did not start in {LANE_START_S:.0f} s") from None
+        _schedule(pool, report, work, deadline, steps, max_seeds, limit, arms, device, max_box_s)
     finally:
         pool.close()
         report.write()
     return report.data
 
 
-def _schedule(pool: Lanes, report: Report, work: Path, deadline: float, steps: int, max_seeds: int,
-              limit: int | None, tasks: tuple[str, ...], device: str) -> None:
+def _schedule(pool: Lanes, report: Report, work: Path, deadline: float, steps: dict[str, int], max_seeds: int,
+              limit: int | None, arms: list[tuple[str, str]], device: str, max_box_s: float) -> None:
     """Seed 1 of every arm first, later seeds while they fit; a lane past its box + GRACE_S is killed."""
-    arms = [(task, model) for task, model in ARMS if task in tasks]
     todo = [(seed, task, model) for seed in range(1, max_seeds + 1) for task, model in arms]
     entries: list[dict] = report.data["arms"]
     seed_one_s: dict[str, float] = {}  # arm -> wall time of its complete seed-1 run (train + score)
@@ -302,20 +314,21 @@ def _schedule(pool: Lanes, report: Report, work: Path, deadline: float, steps: i
             arm = f"{task}-{model}"
             now = time.time()
             box = next_box(seed, arm, deadline - now, len(pool.lanes), sum(1 for s, _, _ in todo if s == 1) + 1,
-                           seed_one_s)
+                           seed_one_s, max_box_s)
             if box is None and seed > 1:
                 continue  # a later seed that does not fit: not run, not listed
             entry = {"arm": arm, "task": task, "model": model, "seed": seed, "box_s": round(box or 0.0, 1),
-                     "steps_target": steps, "id": len(entries)}
+                     "steps_target": steps[arm], "id": len(entries)}
             entries.append(entry)
             if box is None:
                 entry.update(status="skipped", error="no time left")
                 continue
             lane = pool.idle()[0]
             reserve = scoring_s.get(task, SCORING_SHARE * box)
-            entry.update(status="running", start=now, hard_deadline=now + box + GRACE_S)
+            entry.update(status="running", start=now, hard_deadline=now + box + GRACE_S,
+                         started_at_s=round(now - report.start, 2))
             lane["job"] = entry
-            lane["jobs"].put({"id": entry["id"], "task": task, "model": model, "seed": seed, "steps": steps,
+            lane["jobs"].put({"id": entry["id"], "task": task, "model": model, "seed": seed, "steps": steps[arm],
                               "work": str(work), "limit": limit, "device": device,
                               "train_deadline": now + max(0.0, box - reserve)})
             print(f"[paper] {arm} seed {seed}: started, a {box:.1f} s box", flush=True)
@@ -327,6 +340,9 @@ def _schedule(pool: Lanes, report: Report, work: Path, deadline: float, steps: i
             entry = lane["job"]
             if result is not None and result["id"] == entry["id"]:
                 entry.update(result)
+            elif not lane["process"].is_alive():  # a crash (a signal, the OOM killer): no result will come
+                entry.update(status="failed", error=f"the lane's process died (exit {lane['process'].exitcode})")
+                pool.replace(lane)
             elif time.time() > entry["hard_deadline"]:
                 pool.replace(lane)
                 entry.update(status="killed", error=f"no return {GRACE_S:.0f} s past its box")
@@ -340,7 +356,8 @@ def _schedule(pool: Lanes, report: Report, work: Path, deadline: float, steps: i
                 if entry["seed"] == 1 and not entry["stopped_by"]:
                     seed_one_s[entry["arm"]] = entry["seconds"]
             report.write()
-            print(f"[paper] {entry['arm']} seed {entry['seed']}: {entry['status']}, {entry.get('steps')} of {steps} "
+            print(f"[paper] {entry['arm']} seed {entry['seed']}: {entry['status']}, {entry.get('steps')} of "
+                  f"{entry['steps_target']} "
                   f"steps{' (stopped by its time box)' if entry.get('stopped_by') else ''}, {entry['seconds']} s of "
                   f"a {entry['box_s']} s box{': ' + entry['error'] if 'error' in entry else ''}", flush=True)
 
@@ -353,33 +370,55 @@ def _git_commit() -> str | None:
         return None
 
 
+def parse_steps(items: list[str], default: int, error) -> dict[str, int]:
+    """["3000", "diffuse-mqar=2000", "two-style-sessa=4000"] -> {arm: steps} for every arm "task-model"
+    (a task's count applies to its arms, an arm's to itself, in that order); error(message) otherwise."""
+    names = {f"{task}-{model}": task for task, model in ARMS}
+    counts: dict[str, int] = {}
+    for item in items:
+        key, _, count = item.rpartition("=")
+        if key and key not in TASKS and key not in names:
+            error(f"--steps {item}: {key!r} is neither a task ({', '.join(TASKS)}) nor an arm (TASK-MODEL, "
+                  f"models {', '.join(MODELS)})")
+        if not count.isdigit() or int(count) <= 0:
+            error(f"--steps {item}: the steps must be a positive integer")
+        counts[key] = int(count)
+    return {arm: counts.get(arm, counts.get(task, counts.get("", default))) for arm, task in names.items()}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or ROOT / "benchmarks" / "results"))
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny data and steps")
     parser.add_argument("--budget-s", type=float, help=f"wall time in all (default {GPU_BUDGET_S:.0f}; dry run "
                                                         f"{DRY_BUDGET_S:.0f})")
-    parser.add_argument("--steps", type=int, help=f"steps per arm (default {GPU_STEPS}; dry run {DRY_STEPS})")
+    parser.add_argument("--steps", nargs="+", default=[], metavar="N|TASK=N",
+                        help=f"steps per arm, and a task's or an arm's own (default {GPU_STEPS}; dry run "
+                             f"{DRY_STEPS})")
+    parser.add_argument("--max-box-s", type=float, default=float("inf"),
+                        help="no seed-1 run gets a longer box (default: no bound; e.g. to leave time for seed 2)")
     parser.add_argument("--max-seeds", type=int, default=3, help="seeds per arm at most (1, 2, ...)")
     parser.add_argument("--limit", type=int, help="test examples per task (default: the task's 200; dry run 8)")
     parser.add_argument("--lanes", type=int, help="runs at once, each in a worker process of its own (default: "
                                                    "every arm of a seed on a GPU, one in a dry run)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="the tasks whose arms run")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="the models whose arms run")
     parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temporary folder, "
                                                   "removed at the end)")
     parser.add_argument("--started", type=float, default=time.time(),
                         help="epoch seconds the budget counts from (run.sh: its own start)")
     args = parser.parse_args(argv)
     budget = args.budget_s or (DRY_BUDGET_S if args.dry_run else GPU_BUDGET_S)
-    steps = args.steps or (DRY_STEPS if args.dry_run else GPU_STEPS)
-    if budget <= 0 or steps <= 0 or args.max_seeds <= 0 or (args.lanes is not None and args.lanes <= 0):
-        parser.error("--budget-s, --steps, --max-seeds and --lanes must be positive")
+    steps = parse_steps(args.steps, DRY_STEPS if args.dry_run else GPU_STEPS, parser.error)
+    if budget <= 0 or args.max_seeds <= 0 or (args.lanes is not None and args.lanes <= 0):
+        parser.error("--budget-s, --max-seeds and --lanes must be positive")
     limit = args.limit or (DRY_LIMIT if args.dry_run else None)
     work = args.work or Path(tempfile.mkdtemp(prefix="paper-"))
     try:
-        lanes = args.lanes or (1 if args.dry_run else len([arm for arm in ARMS if arm[0] in args.tasks]))
+        arms = [(task, model) for task, model in ARMS if task in args.tasks and model in args.models]
+        lanes = args.lanes or (1 if args.dry_run else len(arms))
         data = run_comparison(args.out, work, args.dry_run, args.started, budget, steps, args.max_seeds, limit,
-                              tuple(args.tasks), lanes)
+                              arms, lanes, args.max_box_s)
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)

@@ -19,13 +19,15 @@ def _headline(arm: dict) -> str:
 
 def render_markdown(report: dict) -> str:
     arms = report["arms"]
-    steps = sorted({arm["steps"] for arm in arms if arm.get("steps") is not None})
+    counts = sorted(set(report["steps"].values()))
+    targets = str(counts[0]) if len(counts) == 1 else ", ".join(f"{arm} {n}" for arm, n in report["steps"].items())
     stopped = [arm for arm in arms if arm.get("stopped_by")]
     lines = [f"# The paper's comparison{' (dry run, CPU: numbers meaningless)' if report['dry_run'] else ''}", "",
-             f"{report['date_utc']} · {report['device']} · torch {report['torch']} · commit {report['git_commit']} · "
+             f"{report['date_utc']} · {report['device']} · torch {report['torch']} · "
+             f"commit {report['git_commit']} · lanes {report['lanes']} · "
              f"{report['total_seconds']} s of a {report['budget_s']:.0f} s budget · {report['kernels']}", "",
-             f"Target: {report['steps']} steps of batch {report['batch']} per run; steps reached: "
-             f"{', '.join(map(str, steps)) or '-'}; runs stopped by their time box: {len(stopped)} of {len(arms)}; "
+             f"Target: {targets} steps of batch {report['batch']} per run; runs stopped by their time box: "
+             f"{len(stopped)} of {len(arms)}; "
              f"test examples per task: {report['test_limit'] or 'all drawn'}; data drawn in "
              f"{max(report.get('data_s', {'-': 0}).values())} s.", ""]
     rows = table_rows(arms)

@@ -20,7 +20,9 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) ARGS+=(--dry-run); export TRITON_INTERPRET=1 ;;
         --part)
-            [ "${2:-}" = paper ] || { echo "[gpu-check] --part takes 'paper' (the main check runs without --part)" >&2; exit 2; }
+            if [ "${2:-}" != paper ]; then
+                echo "[gpu-check] --part takes 'paper' (the main check runs without --part)" >&2; exit 2
+            fi
             SCRIPT=benchmarks/gpu/paper.py; ARGS+=(--started "$STARTED"); shift ;;
         *) ARGS+=("$1") ;;
     esac
