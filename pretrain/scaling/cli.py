@@ -167,7 +167,7 @@ def _coord_check(args) -> int:
         return 2
     result = coord_check(model, widths, args.steps, lr=args.lr or float(optim.get("lr", 3e-4)),
                          betas=(float(optim.get("beta1", 0.9)), float(optim.get("beta2", 0.95))),
-                         eps=float(optim.get("eps", 1e-8)), seq_len=args.seq_len, batch=args.batch,
+                         eps=args.eps or float(optim.get("eps", 1e-8)), seq_len=args.seq_len, batch=args.batch,
                          seeds=args.seeds)
     json_path, png_path = write(result, Path(args.out))
     for parametrisation, quantities in result["slopes"].items():
@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     coord.add_argument("--out", required=True, help="directory for coord_check.json and coord_check.png")
     coord.add_argument("--pattern", help="model.layer_pattern instead of the recipe's (num_layers follows)")
     coord.add_argument("--lr", type=float, help="learning rate instead of the recipe's optim.lr")
+    coord.add_argument("--eps", type=float, help="Adam eps instead of the recipe's optim.eps (docs/mup.md: its "
+                       "default 1e-8 damps the small gradients of a wide μP model)")
     coord.add_argument("--seq-len", type=int, default=64, help="tokens per sequence")
     coord.add_argument("--batch", type=int, default=8, help="sequences in the batch")
     coord.add_argument("--seeds", type=int, default=1, help="initialisations averaged per width")
