@@ -9,6 +9,9 @@ One character per block (megatron's hybrid convention, extended for Sessa):
 Activations are [T, B, D] (T / tp each under sequence parallelism). q/k/v and gate/up are
 column-parallel (heads / ffn columns sharded), out_proj is row-parallel: one reduction per block.
 `doc_ids` / `position_ids` [B, T] mask attention per packed document and give RoPE positions.
+Under context parallelism (docs/context_parallel.md) x holds this CP rank's positions
+(`model.parallel.local_positions`), doc_ids / position_ids stay full length: `*` runs the `S`
+blocks' all-gathered K/V attention, `M` passes its conv inputs and SSD state across ranks.
 Parameter names follow model.init's rules (`norm.weight` ones, `out_proj.weight` the residual scale),
 so `init_weights` draws every block independently of the layout. model/lm.py builds the stack
 (`build_block`); `PreNormBlock` here is the base of these blocks and of MambaBlock.
@@ -28,13 +31,14 @@ from megatron.core.transformer.module import MegatronModule
 from torch import nn
 from torch.profiler import record_function
 
-from kernels.attention import causal_attention
+from kernels.attention import causal_attention, context_parallel_attention
 
 from .attention import apply_rope, rope_config, rope_inv_freq, split_heads
 from .config import ModelConfig
 from .documents import document_attention
 from .init import init_weights, uninitialised
 from .mup import query_multiplier
+from .parallel import context_layout, context_parallel_group, local_positions
 from .profile_ranges import FORWARD_ATTENTION, MLP
 
 
@@ -110,7 +114,14 @@ class AttentionBlock(PreNormBlock):
         h = self._normed_input(x)
         T, B = h.shape[:2]
         past = cache.length if cache is not None else 0
-        positions = torch.arange(past, past + T, device=h.device) if position_ids is None else position_ids
+        cp_group = context_parallel_group()
+        if cp_group is not None:
+            if cache is not None:
+                raise ValueError("a decoding cache under context parallelism: decode with context_parallel_size 1")
+            here = local_positions(T, h.device)  # this rank's positions (contiguous or zigzag)
+            positions = here if position_ids is None else position_ids[:, here]
+        else:
+            positions = torch.arange(past, past + T, device=h.device) if position_ids is None else position_ids
         inv_freq, rope = self.rope_inv_freq, self.rope_config
         q = apply_rope(split_heads(self.q_proj, h, self.local_heads), positions, inv_freq, rope)
         k = apply_rope(split_heads(self.k_proj, h, self.local_kv_heads), positions, inv_freq, rope)
@@ -121,7 +132,12 @@ class AttentionBlock(PreNormBlock):
             k, v = torch.cat((cache.keys, k), dim=2), torch.cat((cache.values, v), dim=2)
             cache = KVCache(k, v)
         with record_function(FORWARD_ATTENTION):
-            out = causal_attention(q, k, v, past) if doc_ids is None else document_attention(q, k, v, doc_ids)
+            if cp_group is not None:  # the all-gathered K/V attention of the `S` blocks
+                out = context_parallel_attention(q, k, v, cp_group, doc_ids, layout=context_layout())
+            elif doc_ids is None:
+                out = causal_attention(q, k, v, past)
+            else:
+                out = document_attention(q, k, v, doc_ids)
         out = out.permute(2, 0, 1, 3).reshape(T, B, -1)  # [T, B, H_l * d]
         y, _ = self.out_proj(out)
         return x + y, cache

@@ -13,8 +13,8 @@ Activations are sequence-first, [T, B, D], as everywhere in megatron-core. Tenso
   - the feedback q_b/k_b are column-parallel and gathered (B*T*2D per layer, never T x T);
   - packed documents (`doc_ids`, full length [B, T] on every rank) mask the attention and the
     solve per document; `position_ids` give the RoPE positions (model/documents.py);
-  - context parallelism (megatron's CP group, size > 1): x holds this CP rank's contiguous piece
-    of the sequence; the attention all-gathers K/V (kernels/attention/context_parallel.py) and the feedback
+  - context parallelism (megatron's CP group, size > 1): x holds this CP rank's piece of the
+    sequence (contiguous or zigzag: model.parallel.context_layout); the attention all-gathers K/V (kernels/attention/context_parallel.py) and the feedback
     solve pipelines over the pieces (kernels/feedback_solve/context_parallel.py); doc_ids and
     position_ids stay full length; parameter gradients are partial sums over the CP group;
   - mixer.out_proj (W_o) and out_proj (W_out) are row-parallel: one reduction each.
@@ -46,6 +46,7 @@ from .config import ModelConfig
 from .documents import document_attention
 from .init import init_weights, uninitialised
 from .mup import feedback_query_multiplier, query_multiplier
+from .parallel import context_layout, context_parallel_group, local_positions
 from .profile_ranges import FEEDBACK_SOLVE, FORWARD_ATTENTION
 
 
@@ -128,15 +129,14 @@ class SessaMixer(MegatronModule):
         if doc_ids is not None and cache is not None:
             raise ValueError("doc_ids with a decoding cache: decoding runs one document per row; "
                              "pass doc_ids only without caches")
-        cp_group = (parallel_state.get_context_parallel_group()
-                    if parallel_state.get_context_parallel_world_size() > 1 else None)
+        cp_group = context_parallel_group()
         if cp_group is not None:
             if cache is not None:
                 raise ValueError("a decoding cache under context parallelism: decode with context_parallel_size 1")
-            past = parallel_state.get_context_parallel_rank() * T  # this piece's first position
-            if position_ids is not None:
-                position_ids = position_ids[:, past : past + T]
-        positions = torch.arange(past, past + T, device=a_bar.device) if position_ids is None else position_ids
+            here = local_positions(T, a_bar.device)  # this rank's positions (contiguous or zigzag)
+            positions = here if position_ids is None else position_ids[:, here]
+        else:
+            positions = torch.arange(past, past + T, device=a_bar.device) if position_ids is None else position_ids
 
         # The five column-parallel projections each see all of a_bar and return partial input
         # gradients: copy_to_... is the identity forward and sums them with one all-reduce backward.
@@ -153,7 +153,7 @@ class SessaMixer(MegatronModule):
             v = torch.cat((cache.values, v), dim=2)
         with record_function(FORWARD_ATTENTION):
             if cp_group is not None:
-                f = context_parallel_attention(q, k, v, cp_group, doc_ids)
+                f = context_parallel_attention(q, k, v, cp_group, doc_ids, layout=context_layout())
             elif doc_ids is None:
                 f = causal_attention(q, k, v, past)  # [B, H_l, T, d]
             else:
@@ -189,7 +189,7 @@ class SessaMixer(MegatronModule):
             return self._decode_feedback(q_b, k_b, f, gamma, k, v, cache)
         if cp_group is not None:
             return feedback_solve_context_parallel(q_b, k_b, f, gamma, cp_group, self.sessa.feedback_chunk_size,
-                                                   doc_ids=doc_ids), None
+                                                   doc_ids=doc_ids, layout=context_layout()), None
         return feedback_solve(q_b, k_b, f, gamma, self.sessa.feedback_impl, self.sessa.feedback_chunk_size,
                               doc_ids=doc_ids), None
 

@@ -13,7 +13,10 @@ rank projects and convolves its rows, then all-gathers them (B·T·2N per block)
 feedback keys. out_proj is row-parallel. The gated norm normalises each head on its own (megatron's
 RMSNormGated with one group per head), so it never spans ranks and TP=2 equals TP=1 exactly.
 Packed documents (doc_ids [B, T]): the conv sees only its own document and the SSD state resets at
-each document start. The scan runs in fp32 (at least) whatever the model dtype.
+each document start. The scan runs in fp32 (at least) whatever the model dtype. Under context
+parallelism (x this CP rank's positions, doc_ids full length) each piece's conv reads the previous
+piece's last K - 1 inputs and the SSD state crosses pieces by kernels/ssd/context_parallel.py;
+resets at document starts are the same as in one process.
 
 mamba-ssm's Triton scan and causal-conv1d's CUDA conv (and megatron's MambaMixer, which needs them)
 are not used: their CUDA builds are not installable here, and this PyTorch path is the one the
@@ -22,6 +25,7 @@ hybrid-stack issue allows when they are absent.
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
@@ -33,11 +37,15 @@ from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, mak
 from torch import nn
 from torch.profiler import record_function
 
+from kernels.attention.context_parallel import gather_sequence
+from kernels.feedback_solve.context_parallel import context_segments
 from kernels.ssd import ssd
+from kernels.ssd.context_parallel import ssd_context_parallel
 
 from .blocks import PreNormBlock
 from .config import ModelConfig
 from .init import init_weights
+from .parallel import context_layout, context_parallel_group
 from .profile_ranges import MAMBA_SCAN
 
 
@@ -64,12 +72,15 @@ class CausalConv(nn.Module):
         self.weight = _sharded(channels, kernel, dtype=dtype)  # [channels / tp, K]
         self.bias = _sharded(channels, dtype=dtype)
 
-    def forward(self, u, past, doc_ids):
+    def forward(self, u, past, doc_ids, past_doc_ids=None):
         """u [B, T, C], past [B, K - 1, C] (the inputs before u; zeros at a sequence start),
-        doc_ids [B, T] or None (a position reads only inputs of its own document)
+        doc_ids [B, T] or None (a position reads only inputs of its own document), past_doc_ids
+        [B, K - 1]: the documents of `past` (None: past is zeros or a decoding cache, never masked)
         -> (out [B, T, C], the last K - 1 inputs)."""
         K, T = self.weight.shape[1], u.shape[1]
         full = torch.cat((past, u), dim=1)  # [B, K - 1 + T, C]
+        if doc_ids is not None and past_doc_ids is not None:
+            full_ids = torch.cat((past_doc_ids, doc_ids), dim=1)
         # K shifted multiply-adds rather than a conv kernel: autograd keeps only `full` (an unfolded
         # [B, T, C, K] einsum keeps K copies), and per-lag masks handle packed documents.
         out = self.bias
@@ -77,11 +88,40 @@ class CausalConv(nn.Module):
             lag = K - 1 - k
             tap = full[:, k:k + T] * self.weight[:, k]
             if doc_ids is not None and lag:
-                same = torch.ones_like(doc_ids, dtype=torch.bool)  # before the sequence: zeros
-                same[:, lag:] = doc_ids[:, lag:] == doc_ids[:, :-lag]
+                if past_doc_ids is None:
+                    same = torch.ones_like(doc_ids, dtype=torch.bool)  # before the sequence: zeros
+                    same[:, lag:] = doc_ids[:, lag:] == doc_ids[:, :-lag]
+                else:
+                    same = doc_ids == full_ids[:, k:k + T]
                 tap = tap * same[..., None].to(tap.dtype)
             out = out + tap
         return out, full[:, full.shape[1] - (K - 1):]
+
+
+def context_parallel_conv(conv: CausalConv, u, doc_ids, group, layout: str):
+    """`conv` over this context-parallel rank's pieces of u [B, L, C] (sequence positions as in
+    kernels.feedback_solve.context_parallel.context_segments): each piece reads the last K - 1
+    inputs of the piece before it, all-gathered (B (K - 1) C per piece; gradients reduce-scattered
+    back); doc_ids full length [B, CP * L] or None."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    segments = context_segments(u.shape[1] * size, size, rank, layout)
+    piece, reach = segments[0][1] - segments[0][0], conv.weight.shape[1] - 1
+    if reach > piece:
+        raise ValueError(f"model.mamba_conv_kernel {reach + 1} reaches past a whole context-parallel piece of "
+                         f"{piece} positions: use longer sequences or a smaller parallel.context")
+    tails = torch.cat([u[:, (j + 1) * piece - reach : (j + 1) * piece] for j in range(len(segments))], dim=1)
+    all_tails = gather_sequence(tails, group, 1, layout) if reach else tails  # [B, pieces (K - 1), C]
+    outs = []
+    for j, (start, end) in enumerate(segments):
+        i = start // piece  # the piece's index in the sequence
+        # zeros before the sequence, taken from the gathered tails so that every rank's gather is in
+        # its graph (the backward reduce-scatter is a collective every rank must call)
+        past = all_tails[:, (i - 1) * reach : i * reach] if i else all_tails[:, :reach] * 0
+        ids = past_ids = None
+        if doc_ids is not None:
+            ids, past_ids = doc_ids[:, start:end], (doc_ids[:, start - reach : start] if i else None)
+        outs.append(conv(u[:, j * piece : (j + 1) * piece], past, ids, past_ids)[0])
+    return torch.cat(outs, dim=1)
 
 
 class HeadRMSNorm(nn.Module):
@@ -157,13 +197,20 @@ class MambaBlock(PreNormBlock):
             return out.transpose(0, 1)  # [B, T, width / tp]
 
         z, u, B, C, dt_raw = map(project, (self.z_proj, self.x_proj, self.B_proj, self.C_proj, self.dt_proj))
-        if cache is None:
-            zeros = [v.new_zeros(v.shape[0], self.sessa.mamba_conv_kernel - 1, v.shape[2]) for v in (u, B, C)]
-            past, initial_state = zeros, None
+        cp_group = context_parallel_group()
+        if cp_group is not None:
+            if cache is not None:
+                raise ValueError("a decoding cache under context parallelism: decode with context_parallel_size 1")
+            u, B, C = (context_parallel_conv(conv, v, doc_ids, cp_group, context_layout())
+                       for conv, v in zip((self.conv_x, self.conv_B, self.conv_C), (u, B, C)))
         else:
-            past, initial_state = cache.conv, cache.state
-        (u, u_past), (B, B_past), (C, C_past) = (
-            conv(v, p, doc_ids) for conv, v, p in zip((self.conv_x, self.conv_B, self.conv_C), (u, B, C), past))
+            if cache is None:
+                zeros = [v.new_zeros(v.shape[0], self.sessa.mamba_conv_kernel - 1, v.shape[2]) for v in (u, B, C)]
+                past, initial_state = zeros, None
+            else:
+                past, initial_state = cache.conv, cache.state
+            (u, u_past), (B, B_past), (C, C_past) = (
+                conv(v, p, doc_ids) for conv, v, p in zip((self.conv_x, self.conv_B, self.conv_C), (u, B, C), past))
         u, B, C = F.silu(u), F.silu(B), F.silu(C)
         # Every rank's heads read all of B and C: gather the rows, and (backward) sum the heads' partial gradients.
         B, C = (copy_to_tensor_model_parallel_region(gather_from_tensor_model_parallel_region(v)) for v in (B, C))
@@ -174,8 +221,12 @@ class MambaBlock(PreNormBlock):
         dt = F.softplus((dt_raw + self.dt_bias).to(compute))
         A = -torch.exp(self.A_log.to(compute))
         with record_function(MAMBA_SCAN):
-            y, state = ssd(heads, dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute),
-                           chunk_size=self.sessa.mamba_chunk_size, initial_state=initial_state, doc_ids=doc_ids)
+            if cp_group is not None:
+                y = ssd_context_parallel(heads, dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute), cp_group,
+                                         self.sessa.mamba_chunk_size, doc_ids, context_layout())
+            else:
+                y, state = ssd(heads, dt, A, B[:, :, None].to(compute), C[:, :, None].to(compute),
+                               chunk_size=self.sessa.mamba_chunk_size, initial_state=initial_state, doc_ids=doc_ids)
         y = (y + heads * self.D.to(compute)[:, None]).to(u.dtype)
         y = self.out_norm(y * F.silu(z).view_as(y))
         out, _ = self.out_proj(y.reshape(batch, T, -1).transpose(0, 1))

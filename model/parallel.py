@@ -4,6 +4,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
+from kernels.feedback_solve.context_parallel import CONTEXT_LAYOUTS, context_positions
+
 from .config import ModelConfig
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -19,6 +21,39 @@ def ensure_model_parallel(tensor_parallel: int = 1, pipeline_parallel: int = 1) 
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(tensor_parallel, pipeline_parallel)
+
+
+_context_layout = "contiguous"
+
+
+def set_context_layout(layout: str) -> None:
+    """Which positions each context-parallel rank holds (`parallel.context_layout`), for every block
+    and for the batch split (pretrain.batches.context_piece): "contiguous" or "zigzag"
+    (kernels/feedback_solve/context_parallel.py). Process-wide, like megatron's parallel state."""
+    global _context_layout
+    if layout not in CONTEXT_LAYOUTS:
+        raise ValueError(f"context layout must be one of {CONTEXT_LAYOUTS}, got {layout!r}")
+    _context_layout = layout
+
+
+def context_layout() -> str:
+    return _context_layout
+
+
+def context_parallel_group():
+    """megatron's context-parallel group when it has more than one rank, else None."""
+    if parallel_state.model_parallel_is_initialized() and parallel_state.get_context_parallel_world_size() > 1:
+        return parallel_state.get_context_parallel_group()
+    return None
+
+
+def local_positions(length: int, device=None) -> torch.Tensor:
+    """[length] int64: the sequence positions of this rank's `length` positions (0..length-1 without
+    context parallelism; under it this CP rank's piece in the current layout)."""
+    if context_parallel_group() is None:
+        return torch.arange(length, device=device)
+    size = parallel_state.get_context_parallel_world_size()
+    return context_positions(length * size, size, parallel_state.get_context_parallel_rank(), _context_layout, device)
 
 
 def megatron_config(config: ModelConfig, *, sequence_parallel: bool = False, **overrides) -> TransformerConfig:

@@ -33,11 +33,14 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
+from kernels.attention import context_parallel_attention
+
 from .attention import rope_angles, rope_attention_factor, scale_inv_freq
 from .config import ModelConfig
 from .documents import check_doc_ids, document_attention
 from .lm import load_strictly
-from .parallel import ensure_model_parallel, megatron_config as make_megatron_config
+from .parallel import (context_layout, context_parallel_group, ensure_model_parallel, local_positions,
+                       megatron_config as make_megatron_config)
 
 
 def transformer_megatron_config(config: ModelConfig, **overrides):
@@ -100,7 +103,6 @@ class SDPAttention(MegatronModule):
         unsupported = {
             "attention_dropout > 0": dropout > 0,
             "apply_query_key_layer_scaling": config.apply_query_key_layer_scaling,
-            "context_parallel_size > 1": config.context_parallel_size > 1,
             f"softmax_type {config.softmax_type!r}": config.softmax_type != "vanilla",
             "window_size": config.window_size is not None,
         }
@@ -118,10 +120,17 @@ class SDPAttention(MegatronModule):
                              "TransformerLM.forward for packed documents")
         sq, b, heads, head_size = query.shape
         q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))  # [b, heads, s, hn]
+        cp_group = context_parallel_group()
+        if cp_group is not None and (attn_mask_type or self.attn_mask_type) != AttnMaskType.causal:
+            raise ValueError("SDPAttention under context parallelism is causal only (decode with context_parallel_size 1)")
         if attention_mask is not None:
             if attention_mask.dim() != 2 or attention_mask.dtype.is_floating_point or attention_mask.dtype == torch.bool:
                 raise ValueError("SDPAttention reads attention_mask as document ids [batch, seq_len] (int); got "
                                  f"{attention_mask.dtype} {list(attention_mask.shape)}: pass doc_ids to TransformerLM")
+        if cp_group is not None:  # a context-parallel piece: the all-gathered K/V attention of the Sessa blocks
+            out = context_parallel_attention(q, k, v, cp_group, attention_mask, layout=context_layout(),
+                                             scale=self.softmax_scale)
+        elif attention_mask is not None:
             out = document_attention(q, k, v, attention_mask, scale=self.softmax_scale)
         else:
             causal = (attn_mask_type or self.attn_mask_type) == AttnMaskType.causal
@@ -187,8 +196,10 @@ class TransformerLM(GPTModel):
             vp_stage=vp_stage,
         )
         if config.rope_scaling is not None:
-            self.rotary_pos_emb = ScaledRotaryEmbedding(config, megatron_config.use_cpu_initialization,
-                                                        self.rotary_pos_emb.cp_group)
+            self.rotary_pos_emb = ScaledRotaryEmbedding(config, megatron_config.use_cpu_initialization, None)
+        # under context parallelism _preprocess indexes the whole table at this rank's positions (either
+        # layout), so megatron's own slice of the table (its zigzag) is never wanted
+        self.rotary_pos_emb.cp_group = None
         self.sessa = config  # the trainer and init read the hyper-parameters here, as on SessaLM
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None = None,
@@ -223,6 +234,7 @@ class TransformerLM(GPTModel):
         else:
             length, batch = self.input_tensor.shape[:2]
             length *= self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
+        length *= self.config.context_parallel_size  # doc_ids / position_ids are the whole sequence's
         for name, ids in (("doc_ids", doc_ids), ("position_ids", position_ids)):
             if ids is not None:
                 check_doc_ids(ids, batch, length, name)
@@ -230,11 +242,20 @@ class TransformerLM(GPTModel):
         return super().forward(tokens, position_ids, doc_ids, labels=labels, **kwargs)
 
     def _preprocess(self, input_ids, position_ids, *args, **kwargs):
-        """GPTModel's embedding and RoPE table, the table indexed at `position_ids` [B, T] when given."""
+        """GPTModel's embedding and RoPE table, the table indexed at `position_ids` [B, T] when given;
+        under context parallelism at this rank's positions (`model.parallel.local_positions`, not
+        megatron's own zigzag slice of the table)."""
         out = super()._preprocess(input_ids, None, *args, **kwargs)
-        if position_ids is None:
+        cp = context_parallel_group() is not None
+        if position_ids is None and not cp:
             return out
         table = self.rotary_pos_emb(self.max_sequence_length)[:, 0, 0]  # [S, dim], cached by megatron
+        if cp:
+            here = local_positions(out[0].shape[0] * (self.config.tensor_model_parallel_size
+                                                      if self.config.sequence_parallel else 1), table.device)
+            if position_ids is None:
+                return (out[0], table[here][:, None, None], *out[2:])  # [T, 1, 1, dim]
+            position_ids = position_ids[:, here]
         return (out[0], table[position_ids.transpose(0, 1)].unsqueeze(2), *out[2:])  # [T, B, 1, dim]
 
     def empty_caches(self, batch_size: int, max_length: int) -> StaticInferenceContext:

@@ -7,10 +7,14 @@
 Targets count where the data's loss mask allows (answers only, for task data) and outside padding.
 With data.document_masking the model sees each packed document alone (doc_ids) and, with
 data.reset_positions, RoPE positions restart at every document. Under context parallelism
-(`context_piece`) a rank keeps its contiguous piece of the inputs, labels and targets; doc_ids and
-position_ids stay whole (the mixers need every position's document and position).
+(`context_piece`) a rank keeps its piece of the inputs, labels and targets (contiguous or zigzag:
+parallel.context_layout); doc_ids and position_ids stay whole (the mixers need every position's
+document and position).
 """
 import torch
+
+from kernels.feedback_solve.context_parallel import context_positions
+from model.parallel import context_layout
 
 from .config import DataConfig
 
@@ -34,11 +38,13 @@ def model_inputs(batch: dict, data: DataConfig, device: torch.device) -> dict:
 
 
 def context_piece(batch: dict, rank: int, size: int) -> dict:
-    """`model_inputs(...)` with inputs, labels and targets cut to context-parallel rank `rank`'s piece."""
+    """`model_inputs(...)` with inputs, labels and targets cut to context-parallel rank `rank`'s
+    positions in the layout the model's blocks use (`model.parallel.context_layout`)."""
     length = batch["inputs"].shape[1]
-    if length % size:
-        raise ValueError(f"sequence length {length} is not divisible by parallel.context {size}")
-    piece = slice(rank * length // size, (rank + 1) * length // size)
+    try:
+        piece = context_positions(length, size, rank, context_layout(), batch["inputs"].device)
+    except ValueError as err:
+        raise ValueError(f"{err} (data sequence length, parallel.context and parallel.context_layout)") from None
     return {**batch, **{key: batch[key][:, piece] for key in ("inputs", "labels", "targets_mask")}}
 
 

@@ -160,7 +160,8 @@ class ParallelConfig:
     virtual_stages: int = 1  # model chunks per pipeline rank (> 1: megatron's interleaved 1F1B)
     pipeline_layout: str = ""  # layers per stage, e.g. "3|3|2|2" (pipeline x virtual_stages entries); "": even
     sequence_parallel: bool = False
-    context: int = 1  # context parallelism: each sequence split into this many contiguous pieces, one per rank
+    context: int = 1  # context parallelism: each sequence split into pieces over this many ranks
+    context_layout: str = "contiguous"  # "zigzag": rank r holds pieces r and 2 context - 1 - r (balanced causal work)
     timeout_minutes: float = 30.0  # a collective waiting longer fails (init_process_group's timeout)
 
     def __post_init__(self):
@@ -173,6 +174,8 @@ class ParallelConfig:
             raise ConfigError("parallel.sequence_parallel needs parallel.tensor > 1")
         if not self.timeout_minutes > 0:
             raise ConfigError(f"parallel.timeout_minutes must be > 0, got {self.timeout_minutes}")
+        if self.context_layout not in ("contiguous", "zigzag"):
+            raise ConfigError(f"parallel.context_layout must be 'contiguous' or 'zigzag', got {self.context_layout!r}")
 
     def stage_layers(self, num_layers: int) -> list[list[int]]:
         """Global layer numbers of each of the pipeline x virtual_stages stages, in model order.
@@ -390,18 +393,13 @@ class RunConfig:
                               f"({self.train.max_steps}): nothing would be traced")
 
     def _check_context_parallel(self) -> None:
-        """What parallel.context > 1 runs today: Sessa (and MLP) blocks on the megatron engine."""
+        """parallel.context > 1 runs every block type and both architectures, on the megatron engine."""
         cp = self.parallel.context
         if self.engine != "megatron":
-            raise ConfigError(f"parallel.context {cp} needs engine: megatron (the DeepSpeed engine has no "
-                              "context-parallel group)")
-        if self.model.arch != "sessa":
-            raise ConfigError(f"parallel.context {cp} is for model.arch 'sessa'; the Transformer arm's attention "
-                              "(SDPAttention) is not context-parallel: set parallel.context 1")
-        others = sorted(set(self.model.block_types) - {"S", "-"})
-        if others:
-            raise ConfigError(f"parallel.context {cp}: model.layer_pattern {self.model.layer_pattern!r} has "
-                              f"{others} blocks, which are not context-parallel yet (Sessa 'S' and MLP '-' are)")
+            raise ConfigError(f"parallel.context {cp} needs engine: megatron, whose distributed optimizer shards "
+                              "over data x context ranks as ZeRO-1 does (DeepSpeed's own sequence parallelism is "
+                              "Ulysses, which the feedback solve and Mamba state cannot use: "
+                              "docs/context_parallel.md)")
 
     @property
     def run_dir(self) -> Path:

@@ -9,6 +9,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from model.parallel import set_context_layout
+
 from .config import ConfigError, ParallelConfig
 from .watchdog import flight_recorder_env
 
@@ -96,6 +98,7 @@ def init_distributed(parallel: ParallelConfig, hangs_dir: Path | None = None) ->
             virtual_pipeline_model_parallel_size=parallel.virtual_stages if parallel.virtual_stages > 1 else None,
             context_parallel_size=parallel.context, distributed_timeout_minutes=parallel.timeout_minutes,
         )
+    set_context_layout(parallel.context_layout)  # the blocks and the batch split (context_piece) read it
     return DistEnv(
         rank=rank, world_size=world_size, local_rank=local_rank, device=device,
         tp_rank=parallel_state.get_tensor_model_parallel_rank(),

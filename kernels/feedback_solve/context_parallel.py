@@ -53,19 +53,64 @@ from .chunk import _unit_lower_system, softmax_with_lse_
 from .documents import document_starts
 from .naive import _solve_dtype
 
+CONTEXT_LAYOUTS = ("contiguous", "zigzag")
 
-def all_gather_sequence(piece: torch.Tensor, group) -> torch.Tensor:
-    """All-gather [B, L, ...] pieces along dim 1 in rank order: [B, CP * L, ...]."""
+
+def _pieces_per_rank(layout: str) -> int:
+    if layout not in CONTEXT_LAYOUTS:
+        raise ValueError(f"context layout must be one of {CONTEXT_LAYOUTS}, got {layout!r}")
+    return 1 if layout == "contiguous" else 2
+
+
+def piece_owners(size: int, layout: str) -> list[int]:
+    """The rank holding each of the sequence's equal pieces, in sequence order: CP pieces, piece r on
+    rank r (contiguous), or 2 CP pieces, pieces r and 2 CP - 1 - r on rank r (zigzag)."""
+    if _pieces_per_rank(layout) == 1:
+        return list(range(size))
+    return list(range(size)) + list(range(size - 1, -1, -1))
+
+
+def context_segments(total: int, size: int, rank: int, layout: str = "contiguous") -> list[tuple[int, int]]:
+    """The [start, end) position ranges `rank` holds of a sequence of `total` positions split over
+    `size` ranks, in sequence order; a rank's piece is their concatenation."""
+    owners = piece_owners(size, layout)
+    if total % len(owners):
+        raise ValueError(f"sequence length {total} is not divisible by {len(owners)}: the {layout} context layout "
+                         f"over {size} ranks cuts it into {len(owners)} equal pieces")
+    piece = total // len(owners)
+    return [(i * piece, (i + 1) * piece) for i, owner in enumerate(owners) if owner == rank]
+
+
+def context_positions(total: int, size: int, rank: int, layout: str = "contiguous", device=None) -> torch.Tensor:
+    """[total / size] int64: the sequence positions of `rank`'s piece (see `context_segments`)."""
+    return torch.cat([torch.arange(a, b, device=device) for a, b in context_segments(total, size, rank, layout)])
+
+
+def _reorder(x: torch.Tensor, size: int, layout: str, to_sequence: bool, dim: int = 1) -> torch.Tensor:
+    """The ranks' pieces concatenated in rank order <-> in sequence order (zigzag interleaves them)."""
+    if layout == "contiguous":
+        return x
+    owners = piece_owners(size, layout)
+    rank_order = sorted(range(len(owners)), key=lambda i: (owners[i], i))  # sequence piece at each rank-order slot
+    parts = x.chunk(len(owners), dim=dim)
+    if to_sequence:
+        slot = {piece: j for j, piece in enumerate(rank_order)}
+        return torch.cat([parts[slot[i]] for i in range(len(owners))], dim=dim)
+    return torch.cat([parts[i] for i in rank_order], dim=dim)
+
+
+def all_gather_sequence(piece: torch.Tensor, group, layout: str = "contiguous") -> torch.Tensor:
+    """All-gather [B, L, ...] pieces along dim 1: the whole [B, CP * L, ...] in sequence order."""
     piece = piece.contiguous()  # gloo sends and receives dense buffers only
     pieces = [torch.empty_like(piece) for _ in range(dist.get_world_size(group))]
     dist.all_gather(pieces, piece, group=group)
-    return torch.cat(pieces, dim=1)
+    return _reorder(torch.cat(pieces, dim=1), len(pieces), layout, to_sequence=True)
 
 
-def reduce_scatter_sequence(full: torch.Tensor, group) -> torch.Tensor:
-    """Sum [B, T, ...] over the group and keep this rank's piece [B, T / CP, ...] (reduce-scatter)."""
+def reduce_scatter_sequence(full: torch.Tensor, group, layout: str = "contiguous") -> torch.Tensor:
+    """Sum [B, T, ...] (sequence order) over the group and keep this rank's piece [B, T / CP, ...]."""
     size = dist.get_world_size(group)
-    pieces = [p.contiguous() for p in full.chunk(size, dim=1)]
+    pieces = [p.contiguous() for p in _reorder(full, size, layout, to_sequence=False).chunk(size, dim=1)]
     out = torch.empty_like(pieces[0])
     dist.reduce_scatter(out, pieces, group=group)
     return out
@@ -93,134 +138,171 @@ def _tile_probs(q_rows, k_all, g0, k0, k1, lse_rows=None, row_starts=None):
 
 
 class _Layout:
-    """Who sees what: this rank's chunks and, for every pair of pieces, whether rows of the later
-    one can see keys of the earlier one (every rank derives the same answers from the full starts,
-    so senders and receivers agree without talking)."""
+    """Who holds and sees what: the sequence's pieces (`piece_owners`), this rank's pieces with their
+    chunks, and for every pair of pieces whether rows of the later one see keys of the earlier one
+    (every rank derives the same answers from the full starts, so senders and receivers agree
+    without talking). Rows and keys are named by sequence position; this rank's tensors hold its
+    pieces one after another (`local(i)` is piece i's first row there)."""
 
-    def __init__(self, starts, T, rank, size, chunk_size):
-        self.rank, self.size, self.length = rank, size, T // size
-        self.offset = rank * self.length
-        chunk_starts = list(range(0, self.length, chunk_size))
+    def __init__(self, starts, T, rank, size, chunk_size, layout="contiguous"):
+        self.rank, self.owners = rank, piece_owners(size, layout)
+        self.count = len(self.owners)
+        self.piece = T // self.count  # positions per piece
+        self.own = [i for i, owner in enumerate(self.owners) if owner == rank]
+        chunk_starts = list(range(0, self.piece, chunk_size))
+        self.chunks = {}
         if starts is None:
-            self.piece_lo = [0] * size
-            self.chunks = [(c0, min(c0 + chunk_size, self.length), 0, False) for c0 in chunk_starts]
+            self.piece_lo = [0] * self.count
+            for i in self.own:
+                self.chunks[i] = [(c0, min(c0 + chunk_size, self.piece), 0, False) for c0 in chunk_starts]
             return
         # Starts are non-decreasing along T: a block's first row has the earliest start (over rows).
-        local = starts[:, self.offset : self.offset + self.length]
-        padded = torch.nn.functional.pad(local, (0, len(chunk_starts) * chunk_size - self.length), value=-1)
-        latest = padded.view(local.shape[0], len(chunk_starts), chunk_size).amax(2).amax(0)
-        firsts = local[:, ::chunk_size].amin(0)
-        piece_lo, firsts, masked = (starts[:, :: self.length].amin(0).tolist(), firsts.tolist(),
-                                    (latest > firsts).tolist())  # host syncs here, before any tile
-        self.piece_lo = piece_lo
-        self.chunks = [(c0, min(c0 + chunk_size, self.length), lo, m)
-                       for c0, lo, m in zip(chunk_starts, firsts, masked)]
+        self.piece_lo = starts[:, :: self.piece].amin(0).tolist()
+        for i in self.own:
+            local = starts[:, i * self.piece : (i + 1) * self.piece]
+            padded = torch.nn.functional.pad(local, (0, len(chunk_starts) * chunk_size - self.piece), value=-1)
+            latest = padded.view(local.shape[0], len(chunk_starts), chunk_size).amax(2).amax(0)
+            firsts = local[:, ::chunk_size].amin(0)
+            firsts, masked = firsts.tolist(), (latest > firsts).tolist()  # host syncs here, before any tile
+            self.chunks[i] = [(c0, min(c0 + chunk_size, self.piece), lo, m)
+                              for c0, lo, m in zip(chunk_starts, firsts, masked)]
+
+    def local(self, i: int) -> int:
+        return self.own.index(i) * self.piece
 
     def sees(self, later: int, earlier: int) -> bool:
         """Rows of piece `later` see some key of piece `earlier`."""
-        return earlier < later and self.piece_lo[later] < (earlier + 1) * self.length
+        return earlier < later and self.piece_lo[later] < (earlier + 1) * self.piece
 
-    def rows(self, starts, c0, c1, masked):
-        return starts[:, self.offset + c0 : self.offset + c1] if masked else None
+    def rows(self, starts, i, c0, c1, masked):
+        return starts[:, i * self.piece + c0 : i * self.piece + c1] if masked else None
+
+    def peer(self, group, i: int) -> int:
+        """The global rank holding piece i (point-to-point calls name global ranks)."""
+        return dist.get_global_rank(group, self.owners[i])
 
 
 def _cp_forward(q_scaled, k_all, f, gamma, layout: _Layout, starts, group):
     """s [B, L, V] and lse [B, L] for this rank's rows (solve dtype)."""
-    L, o = layout.length, layout.offset
+    h, n = layout.piece, layout.count
     lse = torch.empty_like(gamma)
+    piece_shape = (f.shape[0], h, f.shape[2])
     receives = {}
-    for q in range(layout.rank):
-        if layout.sees(layout.rank, q):
-            buffer = torch.empty_like(f)
-            receives[q] = (buffer, dist.irecv(buffer, dist.get_global_rank(group, q), group=group))
+    for q in range(n):
+        if layout.owners[q] != layout.rank and any(layout.sees(p, q) for p in layout.own):
+            buffer = f.new_empty(piece_shape)
+            receives[q] = (buffer, dist.irecv(buffer, layout.peer(group, q), group=group, tag=q))
     # While earlier pieces are being solved: each row's normaliser over its whole visible past.
-    for c0, c1, lo, masked in layout.chunks:
-        _, lse[:, c0:c1] = _tile_probs(q_scaled[:, c0:c1], k_all, o + c0, lo, o + c1, None,
-                                       layout.rows(starts, c0, c1, masked))
-    context = torch.zeros_like(f)
-    for q, (s_q, request) in receives.items():  # in rank order: the order they are solved in
-        request.wait()
-        for c0, c1, lo, masked in layout.chunks:
-            k0 = max(lo, q * L)
-            if k0 < (q + 1) * L:
-                probs = _tile_probs(q_scaled[:, c0:c1], k_all, o + c0, k0, (q + 1) * L, lse[:, c0:c1],
-                                    layout.rows(starts, c0, c1, masked))
-                context[:, c0:c1].baddbmm_(probs, s_q[:, k0 - q * L :])
-    s = torch.empty_like(f)
-    for c0, c1, lo, masked in layout.chunks:
-        k0 = max(lo, o)  # keys of this piece; earlier ones are in `context`
-        probs = _tile_probs(q_scaled[:, c0:c1], k_all, o + c0, k0, o + c1, lse[:, c0:c1],
-                            layout.rows(starts, c0, c1, masked))
-        gamma_rows = gamma[:, c0:c1]
-        past = context[:, c0:c1].baddbmm_(probs[:, :, : o + c0 - k0], s[:, k0 - o : c0])
-        rhs = past.mul_(gamma_rows.unsqueeze(-1)).add_(f[:, c0:c1])
-        system = _unit_lower_system(probs[:, :, o + c0 - k0 :], gamma_rows)
-        s[:, c0:c1] = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-    sends = [dist.isend(s, dist.get_global_rank(group, p), group=group)
-             for p in range(layout.rank + 1, layout.size) if layout.sees(p, layout.rank)]
+    for i in layout.own:
+        o, g = layout.local(i), i * h
+        for c0, c1, lo, masked in layout.chunks[i]:
+            _, lse[:, o + c0 : o + c1] = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, lo, g + c1, None,
+                                                     layout.rows(starts, i, c0, c1, masked))
+    solved, sends = {}, []
+    for i in layout.own:  # in sequence order: a piece needs only earlier ones
+        o, g = layout.local(i), i * h
+        context = f.new_zeros(piece_shape)
+        for q in range(i):
+            if not layout.sees(i, q):
+                continue
+            if q not in solved:
+                buffer, request = receives[q]
+                request.wait()
+                solved[q] = buffer
+            for c0, c1, lo, masked in layout.chunks[i]:
+                k0 = max(lo, q * h)
+                if k0 < (q + 1) * h:
+                    probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, (q + 1) * h,
+                                        lse[:, o + c0 : o + c1], layout.rows(starts, i, c0, c1, masked))
+                    context[:, c0:c1].baddbmm_(probs, solved[q][:, k0 - q * h :])
+        s = f.new_empty(piece_shape)
+        for c0, c1, lo, masked in layout.chunks[i]:
+            k0 = max(lo, g)  # keys of this piece; earlier ones are in `context`
+            probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, g + c1, lse[:, o + c0 : o + c1],
+                                layout.rows(starts, i, c0, c1, masked))
+            gamma_rows = gamma[:, o + c0 : o + c1]
+            past = context[:, c0:c1].baddbmm_(probs[:, :, : g + c0 - k0], s[:, k0 - g : c0])
+            rhs = past.mul_(gamma_rows.unsqueeze(-1)).add_(f[:, o + c0 : o + c1])
+            system = _unit_lower_system(probs[:, :, g + c0 - k0 :], gamma_rows)
+            s[:, c0:c1] = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+        solved[i] = s
+        readers = {layout.owners[p] for p in range(i + 1, n) if layout.owners[p] != layout.rank and layout.sees(p, i)}
+        sends += [dist.isend(s, dist.get_global_rank(group, reader), group=group, tag=i) for reader in sorted(readers)]
     for request in sends:
         request.wait()
-    return s, lse
+    return torch.cat([solved[i] for i in layout.own], dim=1), lse
 
 
 def _cp_adjoint(q_scaled, k_all, gamma, lse, grad_s, layout: _Layout, starts, group):
-    """lambda = (I - B)^-T G for this rank's rows (the backward wavefront, last rank first)."""
-    L, o = layout.length, layout.offset
-    later_terms = torch.zeros_like(grad_s)  # sum over later rows i of gamma[i] P[i, t] lambda[i]
-    receives = []
-    for p in range(layout.size - 1, layout.rank, -1):
-        if layout.sees(p, layout.rank):
-            buffer = torch.empty_like(grad_s)
-            receives.append((buffer, dist.irecv(buffer, dist.get_global_rank(group, p), group=group)))
-    for buffer, request in receives:
-        request.wait()
-        later_terms += buffer
-    lam = torch.empty_like(grad_s)
-    for c0, c1, lo, masked in reversed(layout.chunks):
-        k0 = max(lo, o)
-        probs = _tile_probs(q_scaled[:, c0:c1], k_all, o + c0, k0, o + c1, lse[:, c0:c1],
-                            layout.rows(starts, c0, c1, masked))
-        system = _unit_lower_system(probs[:, :, o + c0 - k0 :], gamma[:, c0:c1])
-        rhs = grad_s[:, c0:c1] + later_terms[:, c0:c1]
-        lam[:, c0:c1] = torch.linalg.solve_triangular(system.transpose(1, 2), rhs, upper=True, unitriangular=True)
-        gamma_lam = gamma[:, c0:c1].unsqueeze(-1) * lam[:, c0:c1]
-        later_terms[:, k0 - o : c0].baddbmm_(probs[:, :, : o + c0 - k0].transpose(1, 2), gamma_lam)
-    sends = []
-    for q in range(layout.rank - 1, -1, -1):  # the previous piece first: it is on the critical path
-        if not layout.sees(layout.rank, q):
-            continue
-        terms = torch.zeros_like(grad_s)
-        for c0, c1, lo, masked in layout.chunks:
-            k0 = max(lo, q * L)
-            if k0 < (q + 1) * L:
-                probs = _tile_probs(q_scaled[:, c0:c1], k_all, o + c0, k0, (q + 1) * L, lse[:, c0:c1],
-                                    layout.rows(starts, c0, c1, masked))
-                gamma_lam = gamma[:, c0:c1].unsqueeze(-1) * lam[:, c0:c1]
-                terms[:, k0 - q * L :].baddbmm_(probs.transpose(1, 2), gamma_lam)
-        sends.append(dist.isend(terms, dist.get_global_rank(group, q), group=group))
+    """lambda = (I - B)^-T G for this rank's rows (the backward wavefront, last piece first)."""
+    h, n = layout.piece, layout.count
+    piece_shape = (grad_s.shape[0], h, grad_s.shape[2])
+    receives = {}  # (later piece p, earlier piece q): B[p, q]^T lambda_p, tagged p * n + q
+    for q in layout.own:
+        for p in range(n - 1, q, -1):
+            if layout.owners[p] != layout.rank and layout.sees(p, q):
+                buffer = grad_s.new_empty(piece_shape)
+                receives[p, q] = (buffer, dist.irecv(buffer, layout.peer(group, p), group=group, tag=p * n + q))
+    later_terms = {i: grad_s.new_zeros(piece_shape) for i in layout.own}  # sum over later rows of gamma P^T lambda
+    lams, sends = {}, []
+    for i in reversed(layout.own):
+        o, g = layout.local(i), i * h
+        terms = later_terms[i]
+        for p in range(n - 1, i, -1):  # the order later pieces finish in
+            if (p, i) in receives:
+                buffer, request = receives[p, i]
+                request.wait()
+                terms += buffer
+        lam = grad_s.new_empty(piece_shape)
+        for c0, c1, lo, masked in reversed(layout.chunks[i]):
+            k0 = max(lo, g)
+            probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, g + c1, lse[:, o + c0 : o + c1],
+                                layout.rows(starts, i, c0, c1, masked))
+            system = _unit_lower_system(probs[:, :, g + c0 - k0 :], gamma[:, o + c0 : o + c1])
+            rhs = grad_s[:, o + c0 : o + c1] + terms[:, c0:c1]
+            lam[:, c0:c1] = torch.linalg.solve_triangular(system.transpose(1, 2), rhs, upper=True, unitriangular=True)
+            gamma_lam = gamma[:, o + c0 : o + c1].unsqueeze(-1) * lam[:, c0:c1]
+            terms[:, k0 - g : c0].baddbmm_(probs[:, :, : g + c0 - k0].transpose(1, 2), gamma_lam)
+        lams[i] = lam
+        for q in range(i - 1, -1, -1):  # the previous piece first: it is on the critical path
+            if not layout.sees(i, q):
+                continue
+            mine = layout.owners[q] == layout.rank
+            contribution = later_terms[q] if mine else grad_s.new_zeros(piece_shape)
+            for c0, c1, lo, masked in layout.chunks[i]:
+                k0 = max(lo, q * h)
+                if k0 < (q + 1) * h:
+                    probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, (q + 1) * h,
+                                        lse[:, o + c0 : o + c1], layout.rows(starts, i, c0, c1, masked))
+                    gamma_lam = gamma[:, o + c0 : o + c1].unsqueeze(-1) * lam[:, c0:c1]
+                    contribution[:, k0 - q * h :].baddbmm_(probs.transpose(1, 2), gamma_lam)
+            if not mine:
+                sends.append(dist.isend(contribution, layout.peer(group, q), group=group, tag=i * n + q))
     for request in sends:
         request.wait()
-    return lam
+    return torch.cat([lams[i] for i in layout.own], dim=1)
 
 
 def _cp_gradients(q_scaled, k_all, gamma, lse, lam, s_all, layout: _Layout, starts):
-    """dq [B, L, K], dgamma [B, L] and this rank's rows' share of dk [B, T, K]."""
-    o = layout.offset
+    """dq [B, L, K], dgamma [B, L] and this rank's rows' share of dk [B, T, K] (sequence order)."""
     scale = k_all.shape[-1] ** -0.5
     dq = torch.empty_like(q_scaled)
     dk_all = torch.zeros_like(k_all)
     dgamma = torch.empty_like(gamma)
-    for c0, c1, lo, masked in layout.chunks:
-        probs = _tile_probs(q_scaled[:, c0:c1], k_all, o + c0, lo, o + c1, lse[:, c0:c1],
-                            layout.rows(starts, c0, c1, masked))
-        lam_rows, gamma_rows = lam[:, c0:c1], gamma[:, c0:c1].unsqueeze(-1)
-        past_s = s_all[:, lo : o + c1]
-        delta = (lam_rows * (probs @ past_s)).sum(-1)  # lambda . u, u = P s (the feedback context)
-        dgamma[:, c0:c1] = delta
-        # dL/dlogits = gamma P (lambda . s - delta), the logits being q . k / sqrt(K)
-        dlogits = ((gamma_rows * lam_rows) @ past_s.transpose(1, 2)).sub_(gamma_rows * delta.unsqueeze(-1)).mul_(probs)
-        dq[:, c0:c1] = (dlogits @ k_all[:, lo : o + c1]).mul_(scale)
-        dk_all[:, lo : o + c1].baddbmm_(dlogits.transpose(1, 2), q_scaled[:, c0:c1])  # q_scaled carries 1/sqrt(K)
+    for i in layout.own:
+        o, g = layout.local(i), i * layout.piece
+        for c0, c1, lo, masked in layout.chunks[i]:
+            rows = slice(o + c0, o + c1)
+            probs = _tile_probs(q_scaled[:, rows], k_all, g + c0, lo, g + c1, lse[:, rows],
+                                layout.rows(starts, i, c0, c1, masked))
+            lam_rows, gamma_rows = lam[:, rows], gamma[:, rows].unsqueeze(-1)
+            past_s = s_all[:, lo : g + c1]
+            delta = (lam_rows * (probs @ past_s)).sum(-1)  # lambda . u, u = P s (the feedback context)
+            dgamma[:, rows] = delta
+            # dL/dlogits = gamma P (lambda . s - delta), the logits being q . k / sqrt(K)
+            dlogits = ((gamma_rows * lam_rows) @ past_s.transpose(1, 2)).sub_(gamma_rows * delta.unsqueeze(-1)).mul_(probs)
+            dq[:, rows] = (dlogits @ k_all[:, lo : g + c1]).mul_(scale)
+            dk_all[:, lo : g + c1].baddbmm_(dlogits.transpose(1, 2), q_scaled[:, rows])  # q_scaled carries 1/sqrt(K)
     return dq, dk_all, dgamma
 
 
@@ -241,45 +323,49 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_b, k_b, f, gamma, group, chunk_size, starts):
+    def forward(ctx, q_b, k_b, f, gamma, group, chunk_size, starts, layout_name):
         dtype = _solve_dtype(f.dtype)
         size = dist.get_world_size(group)
-        layout = _Layout(starts, f.shape[1] * size, dist.get_rank(group), size, chunk_size)
+        layout = _Layout(starts, f.shape[1] * size, dist.get_rank(group), size, chunk_size, layout_name)
         q32, k32, gamma32 = q_b.to(dtype), k_b.to(dtype), gamma.to(dtype)
-        k_all = all_gather_sequence(k32, group)
+        k_all = all_gather_sequence(k32, group, layout_name)
         # f (and so s and the message buffers shaped like it) dense: point-to-point needs contiguous tensors
         s, lse = _cp_forward(q32 * q32.shape[-1] ** -0.5, k_all, f.to(dtype).contiguous(), gamma32, layout,
                              starts, group)
         ctx.save_for_backward(q_b, k_b, gamma, s, lse, starts)
-        ctx.group, ctx.layout, ctx.f_layout = group, layout, f.detach().to("meta")  # shape, strides, dtype
+        ctx.group, ctx.layout, ctx.layout_name = group, layout, layout_name
+        ctx.f_layout = f.detach().to("meta")  # shape, strides, dtype
         return s.to(f.dtype)
 
     @staticmethod
     def backward(ctx, grad_s):
         q_b, k_b, gamma, s, lse, starts = ctx.saved_tensors
-        group, layout, dtype = ctx.group, ctx.layout, s.dtype
+        group, layout, name, dtype = ctx.group, ctx.layout, ctx.layout_name, s.dtype
         q_scaled = q_b.to(dtype) * q_b.shape[-1] ** -0.5
         gamma32 = gamma.to(dtype)
-        k_all = all_gather_sequence(k_b.to(dtype), group)
+        k_all = all_gather_sequence(k_b.to(dtype), group, name)
         lam = _cp_adjoint(q_scaled, k_all, gamma32, lse, grad_s.to(dtype).contiguous(), layout, starts, group)
-        s_all = all_gather_sequence(s, group)
+        s_all = all_gather_sequence(s, group, name)
         dq, dk_all, dgamma = _cp_gradients(q_scaled, k_all, gamma32, lse, lam, s_all, layout, starts)
-        dk = reduce_scatter_sequence(dk_all, group)
+        dk = reduce_scatter_sequence(dk_all, group, name)
         return (_layout_like(dq, q_b), _layout_like(dk, k_b), _layout_like(lam, ctx.f_layout),
-                _layout_like(dgamma, gamma), None, None, None)
+                _layout_like(dgamma, gamma), None, None, None, None)
 
 
-def feedback_solve_context_parallel(q_b, k_b, f, gamma, group, chunk_size: int = 64, doc_ids=None):
+def feedback_solve_context_parallel(q_b, k_b, f, gamma, group, chunk_size: int = 64, doc_ids=None,
+                                    layout: str = "contiguous"):
     """This rank's piece of s = (I - diag(gamma) alpha)^-1 f for a sequence split over `group`.
 
     Args:
-        q_b, k_b: [B, L, K] this rank's feedback queries/keys, positions [r*L, (r+1)*L) of the
-            sequence of length T = CP * L (r = rank in `group`, CP its size).
+        q_b, k_b: [B, L, K] this rank's feedback queries/keys: the positions `context_positions(T,
+            CP, r, layout)` of the sequence of length T = CP * L (r = rank in `group`, CP its size).
         f: [B, L, V]; gamma: [B, L] (the same positions).
         group: the torch.distributed process group of the CP ranks (every rank calls this).
-        chunk_size: rows per diagonal block and per tile (L need not be a multiple).
+        chunk_size: rows per diagonal block and per tile (a piece need not be a multiple).
         doc_ids: optional FULL-length [B, T] integer document ids (the same on every rank; see
             feedback_solve): row t then sees only earlier keys of its own document.
+        layout: "contiguous" (rank r holds piece r of CP) or "zigzag" (pieces r and 2 CP - 1 - r of
+            2 CP; L even).
     Returns s [B, L, V] in f's dtype; equals the matching rows of feedback_solve on the whole
     sequence, and so do the gradients of q_b, k_b, f and gamma.
     """
@@ -288,7 +374,8 @@ def feedback_solve_context_parallel(q_b, k_b, f, gamma, group, chunk_size: int =
     if not (q_b.shape[:2] == k_b.shape[:2] == (batch, length) and gamma.shape == (batch, length)):
         raise ValueError(f"feedback_solve_context_parallel: q_b {tuple(q_b.shape)}, k_b {tuple(k_b.shape)}, "
                          f"gamma {tuple(gamma.shape)} must be this rank's [B, L] piece, like f {tuple(f.shape)}")
+    context_segments(size * length, size, dist.get_rank(group), layout)  # checks the layout and the length
     starts = None
     if doc_ids is not None:  # document_starts checks the shape: full length [B, CP * L]
         starts = document_starts(doc_ids, batch, size * length, f.device)
-    return ContextParallelFeedbackSolve.apply(q_b, k_b, f, gamma, group, chunk_size, starts)
+    return ContextParallelFeedbackSolve.apply(q_b, k_b, f, gamma, group, chunk_size, starts, layout)

@@ -1,7 +1,9 @@
-"""Context parallelism (issue 19): the pipelined feedback solve and the all-gather attention at CP=2
-and CP=4 (gloo, one launch of 4 processes) equal one process, outputs and every input gradient,
-with documents straddling pieces and pieces that are not whole chunks; so does a SessaLayer at CP=2
-and at TP=2 x CP=2 (megatron's groups), output, input gradient and every parameter gradient."""
+"""Context parallelism (issues 19, 28): the pipelined feedback solve, the all-gather attention and
+the SSD scan at CP=2 and CP=4, contiguous and zigzag (gloo, one launch of 4 processes), equal one
+process, outputs and every input gradient, with documents straddling pieces and pieces that are
+not whole chunks; so do a SessaLayer at CP=2 and at TP=2 x CP=2 (megatron's groups), and whole
+models -- a hybrid of S, *, - and M blocks, and the Transformer arm -- at CP=2 in both layouts and
+CP=4 zigzag: outputs, input gradients and every parameter gradient."""
 import os
 import subprocess
 import sys
@@ -11,12 +13,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from cp_worker import (ATTENTION_CASES, LAYER_CASES, SOLVE_CASES, TP_CP_CASE, attention_inputs, doc_ids,
-                       layer_config, layer_inputs, solve_inputs)
+from cp_worker import (ATTENTION_CASES, LAYER_CASES, MODEL_CASES, SOLVE_CASES, SSD_CASES, TP_CP_CASE,
+                       attention_inputs, build_model, doc_ids, layer_config, layer_inputs, model_inputs, solve_inputs,
+                       ssd_inputs)
 
 from kernels.feedback_solve import feedback_solve
-from kernels.feedback_solve.context_parallel import feedback_solve_context_parallel
-from model import SessaLayer, megatron_config
+from kernels.feedback_solve.context_parallel import context_positions, feedback_solve_context_parallel
+from kernels.ssd import ssd_chunked
+from model import SessaLayer, cpu_compat, megatron_config
 from model.documents import document_attention
 from model.parallel import ensure_model_parallel
 
@@ -58,13 +62,26 @@ def cp_results(tmp_path_factory):
     for rank in range(4):
         for name, result in torch.load(out / f"rank{rank}.pt").items():
             pieces.setdefault(name, {})[result.pop("rank")] = result
+    cases = {case.name: case for case in [*SOLVE_CASES, *ATTENTION_CASES, *SSD_CASES, *LAYER_CASES, TP_CP_CASE,
+                                          *MODEL_CASES]}
     merged = {}
     for name, by_rank in pieces.items():
-        ranks = [by_rank[r] for r in sorted(by_rank)]
+        case = cases[name]
         dim = {"attn": 2, "layer": 0}.get(name.split("_")[0], 1)  # the sequence dimension
-        merged[name] = {key: ranks[0][key] if key == "grads" else torch.cat([r[key] for r in ranks], dim=dim)
-                        for key in ranks[0]}
+        merged[name] = {key: by_rank[0][key] if key == "grads" else in_sequence_order(case, by_rank, key, dim)
+                        for key in by_rank[0]}
     return merged
+
+
+def in_sequence_order(case, by_rank: dict, key: str, dim: int) -> torch.Tensor:
+    """The ranks' pieces of `key` put back at their sequence positions (either layout)."""
+    size = len(by_rank)
+    total = sum(r[key].shape[dim] for r in by_rank.values())
+    first = by_rank[0][key]
+    full = first.new_zeros(first.shape[:dim] + (total,) + first.shape[dim + 1:])
+    for rank, result in by_rank.items():
+        full.index_copy_(dim, context_positions(total, size, rank, getattr(case, "layout", "contiguous")), result[key])
+    return full
 
 
 @pytest.mark.slow
@@ -83,6 +100,48 @@ def test_attention_context_parallel_matches_one_process(cp_results, case):
     assert set(got) == set(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key], **tolerance(case.dtype), msg=f"{case.name}: {key}")
+
+
+def reference_ssd(case) -> dict:
+    inputs = {name: x.clone().requires_grad_(name != "grad") for name, x in ssd_inputs(case).items()}
+    y, _ = ssd_chunked(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], case.chunk_size,
+                       doc_ids=doc_ids(case))
+    (y * inputs["grad"]).sum().backward()
+    grad_A = inputs.pop("A").grad
+    return {"y": y.detach(), "grads": {"A": grad_A}} | {name: x.grad for name, x in inputs.items() if name != "grad"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", SSD_CASES, ids=[c.name for c in SSD_CASES])
+def test_ssd_context_parallel_matches_one_process(cp_results, case):
+    """The SSD state crosses 1 to 7 pieces (all-gathered summaries), resets at documents starting in a
+    piece or on its first position: outputs and the gradients of x, dt, A, B, C."""
+    got, want = cp_results[case.name], reference_ssd(case)
+    assert set(got) == set(want)
+    torch.testing.assert_close(got.pop("grads")["A"], want.pop("grads")["A"], atol=1e-10, rtol=1e-10)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-10, rtol=1e-10, msg=f"{case.name}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", MODEL_CASES, ids=[c.name for c in MODEL_CASES])
+def test_model_context_parallel_matches_one_process(cp_results, case):
+    """A hybrid of all four block types (S, *, -, M) and the Transformer arm, at CP 2 in both layouts
+    and CP 4 zigzag, with documents crossing pieces: per-token losses and every parameter gradient."""
+    got = cp_results[case.name]
+    if not torch.cuda.is_available():
+        cpu_compat.enable()  # megatron's RNG tracker (the Transformer arm) assumes CUDA otherwise
+    ensure_model_parallel()
+    model = build_model(case)
+    inputs = model_inputs(case)
+    loss = model(inputs["tokens"], inputs["labels"], **inputs["keywords"])
+    (loss * inputs["weights"]).sum().backward()
+    torch.testing.assert_close(got["loss"], loss.detach(), atol=1e-10, rtol=1e-10)
+    assert set(got["grads"]) == {name for name, _ in model.named_parameters()}
+    for name, param in model.named_parameters():  # relative to each gradient's scale
+        scale = float(param.grad.abs().max())
+        torch.testing.assert_close(got["grads"][name], param.grad, atol=max(1e-10 * scale, 1e-20), rtol=1e-8,
+                                   msg=name)
 
 
 @pytest.mark.slow
