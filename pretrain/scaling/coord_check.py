@@ -176,7 +176,7 @@ def plot(result: dict, path: Path) -> None:
             if row == len(PARAMETRISATIONS) - 1:
                 ax.set_xlabel("width")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
 
 
