@@ -169,10 +169,22 @@ def _next_job(jobs, parent: int) -> dict | None:
     return None
 
 
+def _die_with_parent() -> None:
+    """Linux: this process gets SIGKILL when the orchestrator ends, however it ends (a lane left behind
+    would hold the caller's output pipe open)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent check of _next_job remains
+
+
 def _worker(jobs, results, parent: int, threads: int) -> None:
     """A lane: runs jobs {"id", "task", "model", "seed", "steps", "work", "limit", "device",
     "train_deadline"} until None, one result dict per job, with `threads` CPU threads (the lanes share
     the cores). The imports come before the first job."""
+    _die_with_parent()
     import torch
 
     import pretrain.evaluate.table
@@ -234,19 +246,28 @@ class Lanes:
     def busy(self) -> list[dict]:
         return [lane for lane in self.lanes if lane["job"] is not None]
 
-    def replace(self, lane: dict) -> None:
-        """A hung or dead lane's process is killed and a fresh one takes its place."""
+    def replace(self, lane: dict, restart: bool) -> None:
+        """A hung or dead lane's process is killed; with restart a fresh one takes its place."""
         lane["process"].kill()
         lane["process"].join()
-        self.lanes[self.lanes.index(lane)] = self._start()
+        index = next(i for i, other in enumerate(self.lanes) if other is lane)
+        if restart:
+            self.lanes[index] = self._start()
+        else:
+            del self.lanes[index]
 
     def close(self) -> None:
+        """Every lane told to stop, and killed if it has not within 30 s; so is any other child left
+        (a lane that replaced a killed one may still be starting)."""
+        import multiprocessing
+
         for lane in self.lanes:
             lane["jobs"].put(None)
         for lane in self.lanes:
             lane["process"].join(timeout=30)
-            if lane["process"].is_alive():
-                lane["process"].kill()
+        for process in multiprocessing.active_children():
+            process.kill()
+            process.join(timeout=10)
 
 
 def next_box(seed: int, arm: str, left: float, lanes: int, seed_one_left: int, seed_one_s: dict,
@@ -338,13 +359,13 @@ def _schedule(pool: Lanes, report: Report, work: Path, deadline: float, steps: d
             result = None
         for lane in pool.busy():
             entry = lane["job"]
-            if result is not None and result["id"] == entry["id"]:
+            if result is not None and result.get("id") == entry["id"]:  # a restarted lane's "ready" has none
                 entry.update(result)
             elif not lane["process"].is_alive():  # a crash (a signal, the OOM killer): no result will come
                 entry.update(status="failed", error=f"the lane's process died (exit {lane['process'].exitcode})")
-                pool.replace(lane)
+                pool.replace(lane, restart=bool(todo))
             elif time.time() > entry["hard_deadline"]:
-                pool.replace(lane)
+                pool.replace(lane, restart=bool(todo))
                 entry.update(status="killed", error=f"no return {GRACE_S:.0f} s past its box")
             else:
                 continue

@@ -1,6 +1,7 @@
 """paper.md from paper.json (benchmarks/gpu/paper.py): the table of `python -m pretrain.evaluate table`
 over the scored runs, then one line per run: steps reached, seed, time box, training and scoring time."""
 from pretrain.evaluate.table import HEADLINE, render
+from pretrain.evaluate.tasks import BUILTIN_TEST_EXAMPLES
 
 
 def table_rows(arms: list[dict]) -> list[dict]:
@@ -19,8 +20,10 @@ def _headline(arm: dict) -> str:
 
 def render_markdown(report: dict) -> str:
     arms = report["arms"]
-    counts = sorted(set(report["steps"].values()))
-    targets = str(counts[0]) if len(counts) == 1 else ", ".join(f"{arm} {n}" for arm, n in report["steps"].items())
+    # the most common count, then the arms that have their own
+    common = max(set(report["steps"].values()), key=list(report["steps"].values()).count)
+    own = [f"{arm} {n}" for arm, n in report["steps"].items() if n != common]
+    targets = f"{common}{' (' + ', '.join(own) + ')' if own else ''}"
     stopped = [arm for arm in arms if arm.get("stopped_by")]
     lines = [f"# The paper's comparison{' (dry run, CPU: numbers meaningless)' if report['dry_run'] else ''}", "",
              f"{report['date_utc']} · {report['device']} · torch {report['torch']} · "
@@ -28,7 +31,7 @@ def render_markdown(report: dict) -> str:
              f"{report['total_seconds']} s of a {report['budget_s']:.0f} s budget · {report['kernels']}", "",
              f"Target: {targets} steps of batch {report['batch']} per run; runs stopped by their time box: "
              f"{len(stopped)} of {len(arms)}; "
-             f"test examples per task: {report['test_limit'] or 'all drawn'}; data drawn in "
+             f"test examples per task: {report['test_limit'] or BUILTIN_TEST_EXAMPLES}; data drawn in "
              f"{max(report.get('data_s', {'-': 0}).values())} s.", ""]
     rows = table_rows(arms)
     lines += [render(rows) if rows else "(no run scored)", "",
