@@ -23,8 +23,8 @@ eight processes share it; one lane in a dry run). A lane imports once and runs i
    table's own evaluate_run: checkpoint, task and knobs read from the run) on this device.
 
 Time boxes (next_box): a seed-1 run's box is the time left shared by the seed-1 arms not yet started over
-the lanes, left x min(lanes, n) / n, at most --max-box-s (the last scoring time of its task, or a fifth of the box, is held
-back for its own scoring). At the end of its training time the trainer gets SIGTERM, the stop signal a
+the lanes, left x min(lanes, n) / n, at most --max-box-s (the last scoring time of its task, or a fifth of
+the box, is held back for its own scoring). At the end of its training time the trainer gets SIGTERM, the stop signal a
 cluster sends: it finishes the step in flight, saves and returns; the run is scored at the step it
 reached and marked `"stopped_by": "time box"`. A lane that does not return within its box plus GRACE_S
 is killed (the run marked "killed") and replaced. paper.json and paper.md are rewritten after every run.
@@ -59,7 +59,7 @@ BATCH = 16  # sequences per step, every arm (configs/paper/)
 GPU_STEPS, DRY_STEPS = 3000, 3
 GPU_BUDGET_S, DRY_BUDGET_S = 240.0, 600.0
 DRY_LIMIT = 8  # test examples per task in a dry run (the GPU run scores the task's whole test split, 200)
-GRACE_S = 30.0  # past its box, an arm that has not returned (a hung step) ends the part
+GRACE_S = 30.0  # past its box, a lane that has not returned (a hung step) is killed
 SCORING_SHARE = 0.2  # of an arm's box held back for its scoring until one of its task was timed
 LANE_START_S = 120.0  # a lane's imports take seconds; one that has not started in this time is broken
 LATER_SEED_MARGIN = 1.2  # a seed after the first gets its seed-1 time times this as its box

@@ -33,7 +33,8 @@ def _checkpoint_steps(run: Path) -> list[int]:
 def test_dry_run_scores_every_arm_and_arms_past_their_box_at_the_step_reached(tmp_path):
     out, work = tmp_path / "out", tmp_path / "work"
     env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, OMP_NUM_THREADS="1")
-    proc = subprocess.run(["bash", "benchmarks/gpu/run.sh", "--part", "paper", "--dry-run", "--budget-s", str(BUDGET_S), "--max-box-s", str(MAX_BOX_S),
+    proc = subprocess.run(["bash", "benchmarks/gpu/run.sh", "--part", "paper", "--dry-run", "--budget-s", str(BUDGET_S),
+                           "--max-box-s", str(MAX_BOX_S),
                            "--steps", "3", f"{OVERRUN}={UNREACHABLE}", "--max-seeds", "1", "--lanes", str(LANES),
                            "--work", str(work)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -97,3 +98,9 @@ def test_steps_per_task_and_per_arm():
         parse_steps(["mqar=3"], 5, error)
     with pytest.raises(ValueError, match="positive integer"):
         parse_steps(["two-style=0"], 5, error)
+
+
+def test_run_sh_refuses_an_unknown_part():
+    proc = subprocess.run(["bash", "benchmarks/gpu/run.sh", "--part", "papr"], cwd=ROOT, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHON=sys.executable), timeout=60)
+    assert proc.returncode == 2 and "--part takes 'paper'" in proc.stderr
