@@ -15,6 +15,7 @@ Prints a markdown table (or JSON with --json).
 """
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,9 +75,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="paper-throughput-"))
-    prepare_data(work / "data", False, tuple(args.tasks), n=max(64, 16 * args.steps))
-    rows = [measure_arm(task, model, work, args.steps, args.limit, torch.device(args.device))
-            for task, model in ARMS if task in args.tasks]
+    try:
+        prepare_data(work / "data", False, tuple(args.tasks), n=max(64, 16 * args.steps))
+        rows = [measure_arm(task, model, work, args.steps, args.limit, torch.device(args.device))
+                for task, model in ARMS if task in args.tasks]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
