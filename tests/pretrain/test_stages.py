@@ -66,6 +66,14 @@ def test_stages_resolve_to_configs_steps_and_schedules(tmp_path):
     assert [stage_index_at([short, long, decay], step) for step in (0, 5, 6, 9, 10, 12, 13)] == [0, 0, 1, 1, 2, 2, 2]
 
 
+def test_a_stage_with_one_path_replaces_the_recipes_mixture(tmp_path):
+    recipe = _write(tmp_path, [{"name": "mixed", "steps": 2}, {"name": "single", "steps": 2, "data.path": "data/c"}],
+                    data={"path": "", "sources": [{"name": "docs", "path": "data/a"}, {"name": "task", "path": "data/b"}]})
+    mixed, single = resolve_stages(load_config(recipe))
+    assert [s.name for s in mixed.config.data.sources] == ["docs", "task"] and mixed.config.data.path == "data/a"
+    assert single.config.data.sources == [] and single.config.data.path == "data/c"
+
+
 def test_a_recipe_without_stages_is_one_unnamed_stage(tmp_path):
     path = tmp_path / "plain.yaml"
     path.write_text(yaml.safe_dump({**TEST_RECIPE, "data": {"path": "data/a"}}))
