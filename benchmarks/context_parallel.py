@@ -9,10 +9,13 @@ bytes saved for backward (what each layer holds from its forward to its backward
 bytes each kind of collective moved in one forward+backward (received for all-gather and irecv,
 sent for isend and reduce-scatter). With `--layers N` each case runs a stack of N SessaLayers
 (megatron's CP group; 4 heads, 2 kv-heads) instead of one solve: the activation memory a model
-keeps per rank, which is what context parallelism divides. Usage:
+keeps per rank, which is what context parallelism divides. `--layouts contiguous zigzag` runs
+each CP size in both layouts (parallel.context_layout); "x 1*" is the busiest rank's CPU time over
+the single process's: the share of one device's work the slowest rank has to do. Usage:
     python benchmarks/context_parallel.py                        # T = 2048, 4096; D = 64
     python benchmarks/context_parallel.py --seq-lens 8192 16384 --dim 256 --json
     python benchmarks/context_parallel.py --seq-lens 16384 --dim 256 --layers 4 --cps 4
+    python benchmarks/context_parallel.py --seq-lens 8192 32768 --layouts contiguous zigzag
 """
 import argparse
 import contextlib
@@ -94,7 +97,7 @@ def worker(rank: int, size: int, port: int, args, out_dir: str) -> None:
 
         def solve(*inputs):
             if distributed:
-                return feedback_solve_context_parallel(*inputs, dist.group.WORLD, args.chunk_size)
+                return feedback_solve_context_parallel(*inputs, dist.group.WORLD, args.chunk_size, layout=args.layout)
             return feedback_solve_chunked(*inputs, args.chunk_size)
 
     # One untimed solve first: the libraries' one-time costs (code pages, thread pools) are not the solve's.
@@ -139,8 +142,10 @@ def _layer_stack(args, length: int, size: int, gen):
     from megatron.core import parallel_state
 
     from model import ModelConfig, SessaLayer, cpu_compat, megatron_config  # noqa: F401 (cpu_compat: a module)
+    from model.parallel import set_context_layout
 
     cpu_compat.enable()
+    set_context_layout(args.layout)
     if not dist.is_initialized():  # CP = 1*: one process
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
         dist.init_process_group("gloo", rank=0, world_size=1)
@@ -164,13 +169,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(seq_len: int, cp: int, args) -> dict:
+def run(seq_len: int, cp: int, layout: str, args) -> dict:
     """One case in fresh processes; cp = 0 is the single-process chunked solve."""
-    case = argparse.Namespace(**vars(args), seq_len=seq_len)
+    case = argparse.Namespace(**vars(args), seq_len=seq_len, layout=layout)
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(worker, args=(cp, free_port(), case, out), nprocs=max(cp, 1), start_method="spawn")
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
-    return dict(T=seq_len, cp="1*" if cp == 0 else cp, D=args.dim, layers=args.layers,
+    return dict(T=seq_len, cp="1*" if cp == 0 else cp, layout="-" if cp == 0 else layout, D=args.dim,
+                layers=args.layers,
                 fwd_s=max(r["fwd_s"] for r in ranks), fwd_bwd_s=max(r["fwd_bwd_s"] for r in ranks),
                 cpu_s=max(r["fwd_bwd_cpu_s"] for r in ranks), peak_mb=max(r["peak_mb"] for r in ranks),
                 saved_mb=max(r["saved_mb"] for r in ranks),
@@ -185,11 +191,20 @@ def main() -> None:
     parser.add_argument("--chunk-size", type=int, default=128, help="rows per tile and diagonal block")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats (minimum reported)")
     parser.add_argument("--layers", type=int, default=0, help="a stack of this many SessaLayers instead of one solve")
+    parser.add_argument("--layouts", nargs="+", default=["contiguous"], choices=["contiguous", "zigzag"],
+                        help="context layouts (parallel.context_layout) run at each CP size")
     parser.add_argument("--json", action="store_true", help="print one JSON object per case")
     args = parser.parse_args()
     # Fixed, not glibc's adaptive threshold: freed tensors go back to the OS, so RSS peaks measure them.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
-    rows = [run(T, cp, args) for T in args.seq_lens for cp in [0, *args.cps]]
+    rows = []
+    for T in args.seq_lens:
+        rows.append(run(T, 0, "contiguous", args) | {"cpu_vs_one": 1.0})
+        one = rows[-1]["cpu_s"]
+        for cp in args.cps:
+            for layout in args.layouts if cp > 1 else ["contiguous"]:
+                rows.append(run(T, cp, layout, args))
+                rows[-1]["cpu_vs_one"] = rows[-1]["cpu_s"] / one
     if args.json:
         for row in rows:
             print(json.dumps(row))
@@ -197,13 +212,14 @@ def main() -> None:
     what = f"{args.layers} SessaLayers" if args.layers else "chunked solve"
     print(f"CP = 1*: single-process {what}; times: slowest rank; CPU s, memory: the largest rank's;")
     print("MiB moved per rank in one fwd+bwd (all-gather / reduce-scatter / isend / irecv)\n")
-    print("|     T | CP | fwd s | fwd+bwd s | fwd+bwd CPU s | peak RSS MB | saved MB | all-gather | reduce-scatter "
-          "| isend | irecv |")
-    print("|------:|---:|------:|----------:|--------------:|------------:|---------:|-----------:|---------------:"
-          "|------:|------:|")
+    print("|     T | CP | layout | fwd s | fwd+bwd s | fwd+bwd CPU s | x 1* | peak RSS MB | saved MB | all-gather "
+          "| reduce-scatter | isend | irecv |")
+    print("|------:|---:|:-------|------:|----------:|--------------:|-----:|------------:|---------:|-----------:"
+          "|---------------:|------:|------:|")
     for r in rows:
         m = r["mib_moved"]
-        print(f"| {r['T']:5d} | {r['cp']:>2} | {r['fwd_s']:5.2f} | {r['fwd_bwd_s']:9.2f} | {r['cpu_s']:13.2f} | "
+        print(f"| {r['T']:5d} | {r['cp']:>2} | {r['layout']} | {r['fwd_s']:5.2f} | {r['fwd_bwd_s']:9.2f} | "
+              f"{r['cpu_s']:13.2f} | {r['cpu_vs_one']:4.2f} | "
               f"{r['peak_mb']:11.1f} | {r['saved_mb']:8.2f} | {m['all_gather']:10.2f} | {m['reduce_scatter']:14.2f} | "
               f"{m['isend']:5.2f} | {m['irecv']:5.2f} |")
 

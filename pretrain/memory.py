@@ -111,8 +111,8 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     distributed optimizer (over data- and context-parallel ranks). Activations: every block of
     this pipeline stage keeps what `block_activation_bytes` counts (`layer_activation_bytes` for
     Sessa layers) for its seq_len / parallel.context positions, and one layer's solve adds its
-    temporary; under context parallelism each Sessa layer also keeps the all-gathered keys and
-    values of its forward attention (the whole sequence's; the feedback solve re-gathers k_b in its
+    temporary; under context parallelism each Sessa and attention block also keeps the all-gathered
+    keys and values of its attention (the whole sequence's; the feedback solve re-gathers k_b in its
     backward instead of keeping it).
     """
     model, parallel = config.model, config.parallel
@@ -128,7 +128,7 @@ def estimate_memory_gb(config: RunConfig, seq_len: int, dp_size: int) -> dict:
     if parallel.context > 1:
         gathered = (config.train.micro_batch_size * seq_len * compute_bytes
                     * 2 * model.num_kv_heads * model.head_size / parallel.tensor)
-        blocks = [{**b, "saved": b["saved"] + gathered, "mixer": b["mixer"] + gathered} if kind == "S" else b
+        blocks = [{**b, "saved": b["saved"] + gathered, "mixer": b["mixer"] + gathered} if kind in "S*" else b
                   for b, kind in zip(blocks, model.block_types)]
     recompute = config.train.recompute if config.engine == "megatron" else \
         {"none": "none", "feedback": "selective", "full": "full"}[config.deepspeed.activation_checkpointing]
