@@ -23,9 +23,9 @@ loaded from the boundary's checkpoint as a resume would (megatron's groups re-ma
 A resume on the boundary step starts the next stage the same way, so a run killed anywhere resumes
 exactly; every metrics line carries `stage`.
 """
-import gc
 import contextlib
 import functools
+import gc
 import math
 import os
 import signal
@@ -180,15 +180,17 @@ class Trainer:
         its tokenizer is the first stage's (refused now rather than at its boundary)."""
         if not self.stage.name:
             return
+        world, model_parallel = self.env.world_size, {}
+        for stage in self.stages:
+            parallel = stage.config.parallel
+            model_parallel[stage.name] = parallel.tensor * parallel.pipeline * parallel.context
+            if world % model_parallel[stage.name]:
+                raise ConfigError(f"stage {stage.name!r}: world size {world} is not divisible by parallel.tensor x "
+                                  f"parallel.pipeline x parallel.context = {model_parallel[stage.name]}")
         first = None
         for stage in self.stages:
-            parallel, world = stage.config.parallel, self.env.world_size
-            model_parallel = parallel.tensor * parallel.pipeline * parallel.context
-            if world % model_parallel:
-                raise ConfigError(f"stage {stage.name!r}: world size {world} is not divisible by parallel.tensor x "
-                                  f"parallel.pipeline x parallel.context = {model_parallel}")
             try:
-                manifest = self._stage_data(stage.config, world // model_parallel)[1]
+                manifest = self._stage_data(stage.config, world // model_parallel[stage.name])[1]
             except (ConfigError, OSError, ValueError) as err:
                 raise ConfigError(f"stage {stage.name!r}: {err}") from None
             where = stage.config.data.path
@@ -490,8 +492,14 @@ class Trainer:
                                     if stage.own_schedule else None)
             if self.stage_scheduler is None:
                 self.scheduler.step(increment=0)  # the run's learning rate again
+            self._forget_spike_windows()
         self.eval_tasks = self._load_eval_tasks()
         self.logger.print(self._banner())
+
+    def _forget_spike_windows(self) -> None:
+        """At a stage's start: its losses (another length, other data) are not compared with the last stage's."""
+        for window in self.spikes.windows.values():
+            window.clear()
 
     def _account_nonfinite(self, result) -> None:
         """Count dropped updates; stop (saving nothing) when the policy or the streak says so."""
@@ -713,7 +721,7 @@ class Trainer:
         self._finish_saves(wait=True)  # asynchronous: at most one save in flight
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            common = {**self.state.common(), "scheduler": self.scheduler.state_dict(), "stage": self.stage.name,
+            common = {**self.state.common(), "scheduler": self.scheduler.state_dict(),
                       "stage_scheduler": self.stage_scheduler and {"stage": self.stage.name,
                                                                    "state": self.stage_scheduler.state_dict()},
                       "spikes": self.spikes.state_dict(),
@@ -755,6 +763,8 @@ class Trainer:
             seed_everything(self.config.train.seed + plan.step, self.env.rank)
         self.state.restore(restored.common, plan.step)
         self.spikes.load_state_dict(restored.common.get("spikes"))
+        if plan.step == self.stage.first_step:
+            self._forget_spike_windows()
         if self.env.rank == 0 and not keep_data_position:
             universal = "the universal form of " if getattr(self.engine, "universal", False) else ""
             print(f"resumed from {universal}{plan.directory} (saved at layout {plan.common['layout']}, engine "

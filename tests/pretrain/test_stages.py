@@ -145,26 +145,69 @@ def test_shipped_campaigns_resolve_and_memory_reports_each_stage(capsys, monkeyp
 
 
 # --- the trainer across boundaries ----------------------------------------------------------------
-LONG = {"data.path": "seq128", "model.rope_base": 100000.0, "train.micro_batch_size": 1}
+LONG = {"model.rope_base": 100000.0, "train.micro_batch_size": 1}
 DECAY = {"schedule.style": "wsd", "schedule.warmup_steps": 0, "schedule.wsd_decay_fraction": 1.0}
 STAGE_OF_STEP = {**dict.fromkeys(range(1, 5), "short"), **dict.fromkeys(range(5, 9), "long"), 9: "decay", 10: "decay"}
 
 
 @pytest.fixture(scope="module")
-def campaign(tmp_path_factory) -> dict:
-    """Two campaigns of 4 + 4 + 2 steps on the bundled corpus at 64 then 128 tokens (one prepare):
-    `plain` (one layout throughout) and `cp` (stages long and decay at parallel.context 2), and their
-    uninterrupted runs: `plain` at 1 process, `cp` at 2 (DP 2, then CP 2 x DP 1)."""
+def lengths_data(tmp_path_factory) -> Path:
+    """The bundled corpus at 64 and 128 tokens (one prepare): DIR/seq64, DIR/seq128."""
     from data_pipeline.prepare import prepare
 
+    out = tmp_path_factory.mktemp("lengths") / "data"
+    prepare("builtin", "pydocs4k", [64, 128], out, num_workers=1, progress=False)
+    return out
+
+
+def test_every_stage_is_checked_against_its_data_and_the_world_before_training(lengths_data, tmp_path):
+    """The trainer's check of all stages at start: another tokenizer, a layout that does not divide the
+    world, a batch that does not divide over a stage's layout, each refused naming the stage."""
+    import functools
+    from types import SimpleNamespace
+
+    from pretrain.loop import Trainer
+
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(lengths_data / "seq128", other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_id": "chars-0"}))
+
+    def check(long: dict, world: int):
+        recipe = _write(tmp_path, [{"name": "short", "steps": 2},
+                                   {"name": "long", "steps": 2, "data.path": str(lengths_data / "seq128"), **long}],
+                        data={"path": str(lengths_data / "seq64")})
+        stages = resolve_stages(load_config(recipe))
+        trainer = SimpleNamespace(stages=stages, stage=stages[0], env=SimpleNamespace(world_size=world),
+                                  _check_model_matches_data=Trainer._check_model_matches_data,
+                                  _num_microbatches=Trainer._num_microbatches)
+        trainer._stage_data = functools.partial(Trainer._stage_data, trainer)
+        Trainer._check_stages_data(trainer)
+
+    check({"parallel.context": 2}, world=2)  # fits: 256 tokens = 2 sequences of 128 over CP 2 x DP 1
+    with pytest.raises(ConfigError, match=f"stage 'long' reads {other}, tokenised with 'chars-0', but stage "
+                                          f"'short' reads .*seq64, tokenised with 'pydocs4k-.*': every stage needs"):
+        check({"data.path": str(other)}, world=1)
+    with pytest.raises(ConfigError, match="stage 'long': world size 3 is not divisible by parallel.tensor x "
+                                          "parallel.pipeline x parallel.context = 2"):
+        check({"parallel.context": 2}, world=3)
+    with pytest.raises(ConfigError, match=r"stage 'long': train.global_batch_tokens \(384\) must be a multiple of "
+                                          r"micro_batch_size x seq_len x data-parallel size = 2 x 128 x 1"):
+        check({"train.global_batch_tokens": 384}, world=1)
+
+
+@pytest.fixture(scope="module")
+def campaign(tmp_path_factory, lengths_data) -> dict:
+    """Two campaigns of 4 + 4 + 2 steps on the bundled corpus at 64 then 128 tokens: `plain` (one layout
+    throughout) and `cp` (stages long and decay at parallel.context 2), and their uninterrupted runs:
+    `plain` at 1 process, `cp` at 2 (DP 2, then CP 2 x DP 1)."""
     tmp = tmp_path_factory.mktemp("campaign")
-    prepare("builtin", "pydocs4k", [64, 128], tmp / "data", num_workers=1, progress=False)
     recipes = {}
     for name, layout in (("plain", {}), ("cp", {"parallel.context": 2})):
-        long = {**LONG, "data.path": str(tmp / "data" / "seq128"), **layout}
+        long = {**LONG, "data.path": str(lengths_data / "seq128"), **layout}
         recipes[name] = _write(tmp, [{"name": "short", "steps": 4}, {"name": "long", "steps": 4, **long},
                                      {"name": "decay", "steps": 2, **long, **DECAY}],
-                               name, data={"path": str(tmp / "data" / "seq64")}, runs_dir=str(tmp / "runs"))
+                               name, data={"path": str(lengths_data / "seq64")}, runs_dir=str(tmp / "runs"))
     straight = {"plain": run_pretrain(recipes["plain"], "--run_name", "plain"),
                 "cp": run_pretrain(recipes["cp"], "--run_name", "cp", nproc=2)}
     return {"recipes": recipes, "runs": tmp / "runs", "stdout": {k: v.stdout for k, v in straight.items()}}
