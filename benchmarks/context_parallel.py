@@ -197,31 +197,29 @@ def main() -> None:
     args = parser.parse_args()
     # Fixed, not glibc's adaptive threshold: freed tensors go back to the OS, so RSS peaks measure them.
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(1 << 16))
-    rows = []
-    for T in args.seq_lens:
-        rows.append(run(T, 0, "contiguous", args) | {"cpu_vs_one": 1.0})
-        one = rows[-1]["cpu_s"]
-        for cp in args.cps:
-            for layout in args.layouts if cp > 1 else ["contiguous"]:
-                rows.append(run(T, cp, layout, args))
-                rows[-1]["cpu_vs_one"] = rows[-1]["cpu_s"] / one
-    if args.json:
-        for row in rows:
-            print(json.dumps(row))
-        return
     what = f"{args.layers} SessaLayers" if args.layers else "chunked solve"
-    print(f"CP = 1*: single-process {what}; times: slowest rank; CPU s, memory: the largest rank's;")
-    print("MiB moved per rank in one fwd+bwd (all-gather / reduce-scatter / isend / irecv)\n")
-    print("|     T | CP | layout | fwd s | fwd+bwd s | fwd+bwd CPU s | x 1* | peak RSS MB | saved MB | all-gather "
-          "| reduce-scatter | isend | irecv |")
-    print("|------:|---:|:-------|------:|----------:|--------------:|-----:|------------:|---------:|-----------:"
-          "|---------------:|------:|------:|")
-    for r in rows:
-        m = r["mib_moved"]
-        print(f"| {r['T']:5d} | {r['cp']:>2} | {r['layout']} | {r['fwd_s']:5.2f} | {r['fwd_bwd_s']:9.2f} | "
-              f"{r['cpu_s']:13.2f} | {r['cpu_vs_one']:4.2f} | "
-              f"{r['peak_mb']:11.1f} | {r['saved_mb']:8.2f} | {m['all_gather']:10.2f} | {m['reduce_scatter']:14.2f} | "
-              f"{m['isend']:5.2f} | {m['irecv']:5.2f} |")
+    if not args.json:
+        print(f"CP = 1*: single-process {what}; times: slowest rank; CPU s, memory: the largest rank's;")
+        print("MiB moved per rank in one fwd+bwd (all-gather / reduce-scatter / isend / irecv)\n")
+        print("|     T | CP | layout | fwd s | fwd+bwd s | fwd+bwd CPU s | x 1* | peak RSS MB | saved MB | all-gather "
+              "| reduce-scatter | isend | irecv |")
+        print("|------:|---:|:-------|------:|----------:|--------------:|-----:|------------:|---------:|-----------:"
+              "|---------------:|------:|------:|")
+    for T in args.seq_lens:  # each row printed as soon as it is measured
+        one = None
+        for cp in [0, *args.cps]:
+            for layout in args.layouts if cp > 1 else ["contiguous"]:
+                r = run(T, cp, layout, args)
+                one = one or r["cpu_s"]
+                r["cpu_vs_one"] = r["cpu_s"] / one
+                if args.json:
+                    print(json.dumps(r), flush=True)
+                    continue
+                m = r["mib_moved"]
+                print(f"| {r['T']:5d} | {r['cp']:>2} | {r['layout']} | {r['fwd_s']:5.2f} | {r['fwd_bwd_s']:9.2f} | "
+                      f"{r['cpu_s']:13.2f} | {r['cpu_vs_one']:4.2f} | {r['peak_mb']:11.1f} | {r['saved_mb']:8.2f} | "
+                      f"{m['all_gather']:10.2f} | {m['reduce_scatter']:14.2f} | {m['isend']:5.2f} | {m['irecv']:5.2f} |",
+                      flush=True)
 
 
 if __name__ == "__main__":
