@@ -185,3 +185,34 @@ def test_context_parallel_rejects_a_local_piece_of_doc_ids():
     with pytest.raises(ValueError, match="doc_ids must be"):
         feedback_solve_context_parallel(x["q_b"], x["k_b"], x["f"], x["gamma"], dist.group.WORLD, 4,
                                         doc_ids(case)[:, :10])
+
+
+def test_batch_split_follows_the_context_layout():
+    """The trainer's batch split (pretrain.batches.context_piece) cuts the positions the blocks assume."""
+    from model.parallel import set_context_layout
+    from pretrain.batches import context_piece
+
+    batch = {"inputs": torch.arange(8)[None], "labels": torch.arange(1, 9)[None], "targets_mask": torch.ones(1, 8),
+             "model_kwargs": {}}
+    try:
+        set_context_layout("zigzag")
+        assert context_piece(batch, 0, 2)["inputs"].tolist() == [[0, 1, 6, 7]]
+        assert context_piece(batch, 1, 2)["labels"].tolist() == [[3, 4, 5, 6]]
+        with pytest.raises(ValueError, match="not divisible by 8"):
+            context_piece(batch | {"inputs": torch.arange(12)[None]}, 0, 4)
+    finally:
+        set_context_layout("contiguous")
+    assert context_piece(batch, 1, 2)["inputs"].tolist() == [[4, 5, 6, 7]]
+
+
+def test_context_parallel_config_errors():
+    from pretrain.config import ConfigError, load_config
+
+    tiny = HERE.parents[1] / "configs" / "tiny.yaml"
+    with pytest.raises(ConfigError, match="parallel.context_layout must be 'contiguous' or 'zigzag', got 'spiral'"):
+        load_config(tiny, ["--parallel.context_layout", "spiral"])
+    with pytest.raises(ConfigError, match="parallel.context 2 needs engine: megatron"):
+        load_config(tiny, ["--engine", "deepspeed", "--parallel.context", "2"])
+    hybrid = load_config(HERE.parents[1] / "configs" / "hybrid" / "mamba2.yaml",
+                         ["--parallel.context", "2", "--parallel.context_layout", "zigzag"])
+    assert hybrid.parallel.context_layout == "zigzag"
