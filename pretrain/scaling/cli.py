@@ -1,6 +1,7 @@
 """Command line of the scaling-law harness.
 
     python -m pretrain.scaling fit --points sweep.csv --approach 3 --json
+    python -m pretrain.scaling coord-check --config configs/tiny.yaml --widths 64,128,256,512 --out coord/
 """
 import argparse
 import json
@@ -154,6 +155,9 @@ def _coord_check(args) -> int:
 
     from .coord_check import coord_check, write
 
+    if not Path(args.config).is_file():
+        print(f"coord-check: recipe {args.config} does not exist (e.g. configs/tiny.yaml)", file=sys.stderr)
+        return 2
     tree = yaml.safe_load(Path(args.config).read_text()) or {}
     model_fields = dict(tree.get("model") or {})
     if args.pattern is not None:
@@ -162,13 +166,13 @@ def _coord_check(args) -> int:
     try:
         widths = [int(w) for w in args.widths.split(",")]
         model = ModelConfig(**model_fields)
-    except (TypeError, ValueError) as err:
-        print(f"coord-check: {args.config}: {err}", file=sys.stderr)
+        result = coord_check(model, widths, args.steps, lr=args.lr or float(optim.get("lr", 3e-4)),
+                             betas=(float(optim.get("beta1", 0.9)), float(optim.get("beta2", 0.95))),
+                             eps=args.eps or float(optim.get("eps", 1e-8)), seq_len=args.seq_len, batch=args.batch,
+                             seeds=args.seeds)
+    except (TypeError, ValueError) as err:  # the recipe's model, or one of its widths, is not a valid model
+        print(f"coord-check: {args.config} --widths {args.widths}: {err}", file=sys.stderr)
         return 2
-    result = coord_check(model, widths, args.steps, lr=args.lr or float(optim.get("lr", 3e-4)),
-                         betas=(float(optim.get("beta1", 0.9)), float(optim.get("beta2", 0.95))),
-                         eps=args.eps or float(optim.get("eps", 1e-8)), seq_len=args.seq_len, batch=args.batch,
-                         seeds=args.seeds)
     json_path, png_path = write(result, Path(args.out))
     for parametrisation, quantities in result["slopes"].items():
         print(f"{parametrisation}: slope of log mean |change| at step {args.steps} against log width: " +

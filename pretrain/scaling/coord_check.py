@@ -133,11 +133,12 @@ def coord_check(model: ModelConfig, widths: list[int], steps: int, *, lr: float,
     widths = sorted(widths)
     base_width = base_width or model.mup_base_width or widths[0]
     tokens = torch.randint(0, model.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
-    records, slopes = {}, {}
+    configs = {(p, w): width_config(model, w, p == "mup", base_width) for p in PARAMETRISATIONS for w in widths}
+    records, slopes = {}, {}  # (every width's model validated above, before any training)
     for parametrisation in PARAMETRISATIONS:
         per_width = []
         for width in widths:
-            config = width_config(model, width, parametrisation == "mup", base_width)
+            config = configs[parametrisation, width]
             runs = [run_width(config, tokens, steps, lr, betas, eps, seed) for seed in range(seeds)]
             per_width.append({q: {k: [sum(r[q][k][t] for r in runs) / seeds for t in range(steps + 1)]
                                   for k in ("size", "change")} for q in runs[0]})

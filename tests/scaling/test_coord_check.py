@@ -66,3 +66,15 @@ def test_the_standard_parametrisation_grows_with_width(result):
     assert slopes(result, "standard", "logits")[-1] > 2 * FLAT
     for quantity in ("0:S attention logits", "0:S feedback logits", "1:* attention logits"):  # 1/sqrt(d)
         assert slopes(result, "standard", quantity)[-1] > 1.0, quantity
+
+
+def test_bad_input_is_refused_with_a_clear_error(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(RECIPE))
+    assert main(["coord-check", "--config", str(tmp_path / "recipe.yaml"), "--widths", "32,90", "--out",
+                 str(tmp_path)]) == 2
+    assert ("--widths 32,90: model.layer_pattern 'S*-M' has Mamba-2 blocks ('M') but their inner width mamba_expand "
+            "* hidden_size = 180 is not a multiple of model.mamba_head_size (16)") in capsys.readouterr().err
+    assert main(["coord-check", "--config", str(tmp_path / "missing.yaml"), "--widths", "32", "--out",
+                 str(tmp_path)]) == 2
+    assert "recipe " + str(tmp_path / "missing.yaml") + " does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "coord_check.json").exists()
