@@ -18,6 +18,8 @@ Contract of resolve_stages(config) -> list[Stage]:
   seeds, run, checkpoint and logging settings) is refused, naming the field and the stage.
 - A stage that sets any schedule.* field has its own schedule over its own steps (warmup, then decay
   to optim.min_lr by its last step); the others follow the recipe's schedule over the whole run.
+- The loop reads each stage's data with a new loader seeded data.seed + the stage's index, and
+  rebuilds the engine at a boundary only where model, layout or batch shape change (pretrain/loop.py).
 - A recipe without stages is one unnamed stage over train.max_steps.
 """
 import copy
