@@ -94,7 +94,12 @@ def resolve_run(train_args: list[str]) -> tuple[Path, int]:
             node = node.setdefault(part, {})
         node[leaf] = value
     runs_dir, run_name = tree.get("runs_dir", DEFAULT_RUNS_DIR), tree.get("run_name", DEFAULT_RUN_NAME)
-    max_steps = (tree.get("train") or {}).get("max_steps", DEFAULT_MAX_STEPS)
+    stage_steps = [stage.get("steps") if isinstance(stage, dict) else None for stage in tree.get("stages") or []]
+    if stage_steps and all(isinstance(n, int) for n in stage_steps):  # a campaign's length is its stages'
+        default = sum(stage_steps)
+    else:
+        default = DEFAULT_MAX_STEPS
+    max_steps = (tree.get("train") or {}).get("max_steps", default)
     return Path(str(runs_dir)) / str(run_name), int(max_steps)
 
 

@@ -122,9 +122,13 @@ def test_shipped_campaigns_resolve_and_memory_reports_each_stage(capsys, monkeyp
     from pretrain import memory
     from pretrain.loop import Trainer
 
+    from launch.slurm.job import resolve_run
+
     tiny = resolve_stages(load_config(REPO / "configs/campaign/tiny.yaml"))
     assert [(s.name, s.steps, s.config.parallel.context, s.own_schedule) for s in tiny] == \
         [("short", 120, 1, False), ("long", 30, 2, False), ("decay", 15, 2, True)]
+    # the launchers (launch/local.sh, SLURM) read the run's length without pretrain: the stages' sum too
+    assert resolve_run(["--config", str(REPO / "configs/campaign/tiny.yaml")])[1] == 165
     config = load_config(REPO / "configs/campaign/1.3b-long.yaml")
     layouts = memory.stage_layouts(config, [8192, 32768, 131072], 64)
     assert [(s.name, s.config.parallel.context, dp) for s, _, dp in layouts] == [("8k", 1, 64), ("32k", 2, 32),
