@@ -251,7 +251,8 @@ class TransformerLM(GPTModel):
             return out
         table = self.rotary_pos_emb(self.max_sequence_length)[:, 0, 0]  # [S, dim], cached by megatron
         if cp:
-            here = local_positions(out[0].shape[0] * (self.config.tensor_model_parallel_size
+            hidden = out[0] if self.pre_process else self.decoder.input_tensor  # [T_local (/ tp under SP), B, D]
+            here = local_positions(hidden.shape[0] * (self.config.tensor_model_parallel_size
                                                       if self.config.sequence_parallel else 1), table.device)
             if position_ids is None:
                 return (out[0], table[here][:, None, None], *out[2:])  # [T, 1, 1, dim]

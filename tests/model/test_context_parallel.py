@@ -216,3 +216,17 @@ def test_context_parallel_config_errors():
     hybrid = load_config(HERE.parents[1] / "configs" / "hybrid" / "mamba2.yaml",
                          ["--parallel.context", "2", "--parallel.context_layout", "zigzag"])
     assert hybrid.parallel.context_layout == "zigzag"
+
+
+def test_init_distributed_sets_the_context_layout():
+    """The trainer's setup hands parallel.context_layout to the blocks and the batch split."""
+    from model.parallel import context_layout, set_context_layout
+    from pretrain.config import ParallelConfig
+    from pretrain.distributed import init_distributed
+
+    ensure_model_parallel()  # already initialised: init_distributed keeps the groups, sets the layout
+    try:
+        init_distributed(ParallelConfig(context_layout="zigzag"))
+        assert context_layout() == "zigzag"
+    finally:
+        set_context_layout("contiguous")

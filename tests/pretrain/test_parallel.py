@@ -77,8 +77,8 @@ def test_transformer_arm_tensor_parallel_matches_single_process(recipe, tmp_path
 @pytest.mark.slow
 def test_context_parallel_matches_single_process_and_reshards(recipe, tmp_path, single_process_losses):
     """parallel.context 2: each rank holds half of every sequence (packed documents cross the cut), the
-    same losses as one process; its checkpoint (step 4) resumes at CP 1, at TP 2 x CP 2 with sequence
-    parallelism and at PP 2 x CP 2 with the uninterrupted run's next losses."""
+    same losses as one process; its checkpoint (step 4) resumes at CP 1, and in the zigzag layout at
+    TP 2 x CP 2 with sequence parallelism and at PP 2 x CP 2, with the uninterrupted run's next losses."""
     runs = tmp_path / "runs"
     done = run_pretrain(recipe, "--run_name", "cp2", *FOUR_LAYERS, "--train.max_steps", "6", "--train.exit_interval",
                         "4", "--parallel.context", "2", nproc=2)
@@ -86,8 +86,10 @@ def test_context_parallel_matches_single_process_and_reshards(recipe, tmp_path, 
     assert_same_losses(read_metrics(runs / "cp2"), single_process_losses, range(1, 5))
     for name, layout, nproc in (("cp1", (), 1),
                                 ("tp2cp2", ("--parallel.tensor", "2", "--parallel.context", "2",
-                                            "--parallel.sequence_parallel", "true"), 4),
-                                ("pp2cp2", ("--parallel.pipeline", "2", "--parallel.context", "2"), 4)):
+                                            "--parallel.sequence_parallel", "true", "--parallel.context_layout",
+                                            "zigzag"), 4),
+                                ("pp2cp2", ("--parallel.pipeline", "2", "--parallel.context", "2",
+                                            "--parallel.context_layout", "zigzag"), 4)):
         shutil.copytree(runs / "cp2", runs / f"cp2_to_{name}")
         done = run_pretrain(recipe, "--run_name", f"cp2_to_{name}", *FOUR_LAYERS, "--train.max_steps", "6", *layout,
                             nproc=nproc)
