@@ -232,7 +232,7 @@ class TransformerLM(GPTModel):
         if self.pre_process:
             batch, length = tokens.shape
         else:
-            length, batch = self.input_tensor.shape[:2]
+            length, batch = self.decoder.input_tensor.shape[:2]  # set by the pipeline schedule
             length *= self.config.tensor_model_parallel_size if self.config.sequence_parallel else 1
         length *= self.config.context_parallel_size  # doc_ids / position_ids are the whole sequence's
         for name, ids in (("doc_ids", doc_ids), ("position_ids", position_ids)):
