@@ -1,10 +1,12 @@
-"""Context-parallel causal attention (issue 19): Llama 3's all-gather scheme.
+"""Context-parallel causal attention (issues 19, 28): Llama 3's all-gather scheme, for Sessa's mixer,
+the `*` block and the Transformer arm alike.
 
-Rank r of the CP group holds positions [r*L, (r+1)*L) of q, k, v. K and V are all-gathered along
-the sequence (B*T*H_kv*d each; their gradients are reduce-scattered back to the owners) and the
-local queries attend causally to every earlier key, tile by tile, so no mask is larger than
-[tile, T]. The feedback solve under CP is kernels.feedback_solve.context_parallel, whose sequence
-all-gather and reduce-scatter this module uses too.
+Each rank of the CP group holds its positions of q, k, v in the contiguous or zigzag layout
+(kernels.feedback_solve.context_parallel.context_segments). K and V are all-gathered along the
+sequence and put in sequence order (B*T*H_kv*d each; their gradients are reduce-scattered back to
+the owners) and the local queries attend causally to every earlier key, tile by tile, so no mask is
+larger than [tile, T]. The feedback solve under CP is kernels.feedback_solve.context_parallel,
+whose sequence all-gather and reduce-scatter this module uses too.
 
 Memory: autograd keeps the gathered K and V (SDPA saves its inputs) from forward to backward,
 B*T*2*H_kv*d per layer on every rank; re-gathering them in backward, as the feedback solve does,

@@ -1,10 +1,15 @@
-"""Context-parallel Sessa feedback solve: one sequence split into CP contiguous pieces (issue 19).
+"""Context-parallel Sessa feedback solve: one sequence split over the CP ranks (issues 19, 28).
 
-Rank r of the CP group holds positions [r*L, (r+1)*L), L = T / CP, of q_b, k_b [B, L, K], f [B, L, V]
-and gamma [B, L]; `doc_ids`, when given, is the FULL [B, T] on every rank (as everywhere in the
-model: it is B*T integers, and every rank needs the document starts of every position to know which
-earlier pieces its rows can see). Nothing T x T is formed or sent: tiles are [C, <= T] as in
-chunk.py, and messages are [B, L, V] pieces.
+The layouts (`context_segments`, the one definition every block and the batch split use):
+"contiguous", rank r holds positions [r*L, (r+1)*L), L = T / CP; "zigzag", the sequence is cut into
+2 CP pieces and rank r holds pieces r and 2 CP - 1 - r (its rows then see as much past as any
+other rank's: causal work balanced). A rank's q_b, k_b [B, L, K], f [B, L, V] and gamma [B, L] are
+its pieces one after another; `doc_ids`, when given, is the FULL [B, T] on every rank (as
+everywhere in the model: it is B*T integers, and every rank needs the document starts of every
+position to know which earlier pieces its rows can see). Nothing T x T is formed or sent: tiles are
+[C, <= T] as in chunk.py, and messages are single pieces. Below, "rank r" and "piece r" are the
+contiguous layout's; under zigzag the same steps run per piece, in sequence order, on the rank
+holding it (messages tagged by piece; a rank's own earlier piece needs none).
 
 Forward (s = (I - B)^-1 f, README.md here):
   1. all-gather k_b (B*T*K); each rank computes its rows' log-sum-exp over their visible past,
