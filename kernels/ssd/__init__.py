@@ -3,6 +3,8 @@
 Implementations (laid out like kernels/feedback_solve/):
   recurrent -- naive.py: the step-by-step recurrence; the oracle.
   chunked   -- chunk.py: the chunked SSD (quadratic within a chunk, the state across chunks).
+Under context parallelism context_parallel.py scans each rank's pieces and passes the state across
+ranks (all-gathered per-piece summaries).
 
 Per head h, with a_t = exp(dt_t A_h) (A_h < 0, dt_t > 0):
     S_t = a_t S_{t-1} + dt_t B_t^T x_t          (state [N, P])
