@@ -26,8 +26,9 @@ HYBRID = ("--model.num_layers", "4", "--model.layer_pattern", "SM*-", "--model.f
           "--model.mamba_head_size", "16", "--model.mamba_state_size", "16")
 
 
-@pytest.mark.parametrize("nproc, model", [(1, ()), (2, HYBRID), (2, ("--parallel.context", "2"))],
-                         ids=["dp1", "dp2_hybrid_SM*-", "cp2"])
+@pytest.mark.parametrize("nproc, model", [(1, ()), (2, HYBRID),
+                                          (2, (*HYBRID, "--parallel.context", "2", "--parallel.context_layout", "zigzag"))],
+                         ids=["dp1", "dp2_hybrid_SM*-", "cp2_zigzag_hybrid_SM*-"])
 def test_sigkill_then_restart_gives_bitwise_identical_losses(recipe, tmp_path, nproc, model):
     run_pretrain(recipe, "--run_name", "straight", *model, nproc=nproc)
     reference = read_metrics(tmp_path / "runs" / "straight")
