@@ -202,10 +202,10 @@ class Trainer:
                                   f"stage needs the same tokenizer (prepare the data with one)")
 
     def _set_layout(self, current) -> None:
-        """megatron's parallel groups for self.config.parallel, re-made when `current` (the ParallelConfig
-        they were made for) differs."""
+        """megatron's parallel groups and the context-parallel layout for self.config.parallel, set again
+        when `current` (the ParallelConfig they were set for) differs."""
         parallel = self.config.parallel
-        fields = lambda p: (p.tensor, p.pipeline, p.virtual_stages, p.context)  # noqa: E731
+        fields = lambda p: (p.tensor, p.pipeline, p.virtual_stages, p.context, p.context_layout)  # noqa: E731
         if fields(current) != fields(parallel):
             parallel_state.destroy_model_parallel()
             self.env = init_distributed(parallel)
