@@ -189,7 +189,8 @@ class SessaMixer(MegatronModule):
             return self._decode_feedback(q_b, k_b, f, gamma, k, v, cache)
         if cp_group is not None:
             return feedback_solve_context_parallel(q_b, k_b, f, gamma, cp_group, self.sessa.feedback_chunk_size,
-                                                   doc_ids=doc_ids, layout=context_layout()), None
+                                                   doc_ids=doc_ids, layout=context_layout(),
+                                                   impl=self.sessa.feedback_impl), None
         return feedback_solve(q_b, k_b, f, gamma, self.sessa.feedback_impl, self.sessa.feedback_chunk_size,
                               doc_ids=doc_ids), None
 

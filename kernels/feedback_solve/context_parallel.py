@@ -54,6 +54,7 @@ chunk by chunk would shorten the chain to about the last rank's work. Neither is
 import torch
 import torch.distributed as dist
 
+from . import resolve_feedback_impl
 from .chunk import _unit_lower_system, softmax_with_lse_
 from .documents import document_starts
 from .naive import _solve_dtype
@@ -187,8 +188,16 @@ class _Layout:
         return dist.get_global_rank(group, self.owners[i])
 
 
-def _cp_forward(q_scaled, k_all, f, gamma, layout: _Layout, starts, group):
-    """s [B, L, V] and lse [B, L] for this rank's rows (solve dtype)."""
+def _piece_starts(starts, i: int, h: int):
+    """int32 [B, h] document starts of piece i relative to it (0: begun in an earlier piece), or None."""
+    if starts is None:
+        return None
+    return (starts[:, i * h : (i + 1) * h] - i * h).clamp_(min=0).to(torch.int32).contiguous()
+
+
+def _cp_forward(q_scaled, k_all, f, gamma, layout: _Layout, starts, group, triton=False):
+    """s [B, L, V] and lse [B, L] for this rank's rows (solve dtype); `triton`: the diagonal pieces by
+    triton_chunk.feedback_piece_fwd."""
     h, n = layout.piece, layout.count
     lse = torch.empty_like(gamma)
     piece_shape = (f.shape[0], h, f.shape[2])
@@ -220,26 +229,43 @@ def _cp_forward(q_scaled, k_all, f, gamma, layout: _Layout, starts, group):
                     probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, (q + 1) * h,
                                         lse[:, o + c0 : o + c1], layout.rows(starts, i, c0, c1, masked))
                     context[:, c0:c1].baddbmm_(probs, solved[q][:, k0 - q * h :])
-        s = f.new_empty(piece_shape)
-        for c0, c1, lo, masked in layout.chunks[i]:
-            k0 = max(lo, g)  # keys of this piece; earlier ones are in `context`
-            probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, g + c1, lse[:, o + c0 : o + c1],
-                                layout.rows(starts, i, c0, c1, masked))
-            gamma_rows = gamma[:, o + c0 : o + c1]
-            past = context[:, c0:c1].baddbmm_(probs[:, :, : g + c0 - k0], s[:, k0 - g : c0])
-            rhs = past.mul_(gamma_rows.unsqueeze(-1)).add_(f[:, o + c0 : o + c1])
-            system = _unit_lower_system(probs[:, :, g + c0 - k0 :], gamma_rows)
-            s[:, c0:c1] = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
-        solved[i] = s
+        if triton:
+            from .triton_chunk import feedback_piece_fwd
+
+            rows = slice(o, o + h)
+            solved[i] = feedback_piece_fwd(q_scaled[:, rows].contiguous(), k_all[:, g : g + h].contiguous(),
+                                           f[:, rows].contiguous(), gamma[:, rows].contiguous(),
+                                           lse[:, rows].contiguous(), context, 1.0, _piece_starts(starts, i, h))
+        else:
+            solved[i] = _diagonal_piece(q_scaled, k_all, f, gamma, lse, context, layout, starts, i)
         readers = {layout.owners[p] for p in range(i + 1, n) if layout.owners[p] != layout.rank and layout.sees(p, i)}
-        sends += [dist.isend(s, dist.get_global_rank(group, reader), group=group, tag=i) for reader in sorted(readers)]
+        sends += [dist.isend(solved[i], dist.get_global_rank(group, reader), group=group, tag=i)
+                  for reader in sorted(readers)]
     for request in sends:
         request.wait()
     return torch.cat([solved[i] for i in layout.own], dim=1), lse
 
 
-def _cp_adjoint(q_scaled, k_all, gamma, lse, grad_s, layout: _Layout, starts, group):
-    """lambda = (I - B)^-T G for this rank's rows (the backward wavefront, last piece first)."""
+def _diagonal_piece(q_scaled, k_all, f, gamma, lse, context, layout: _Layout, starts, i: int):
+    """s of piece i, chunk by chunk, its rows' context from earlier pieces pre-added (PyTorch tiles)."""
+    h = layout.piece
+    o, g = layout.local(i), i * h
+    s = f.new_empty(context.shape)
+    for c0, c1, lo, masked in layout.chunks[i]:
+        k0 = max(lo, g)  # keys of this piece; earlier ones are in `context`
+        probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, g + c1, lse[:, o + c0 : o + c1],
+                            layout.rows(starts, i, c0, c1, masked))
+        gamma_rows = gamma[:, o + c0 : o + c1]
+        past = context[:, c0:c1].baddbmm_(probs[:, :, : g + c0 - k0], s[:, k0 - g : c0])
+        rhs = past.mul_(gamma_rows.unsqueeze(-1)).add_(f[:, o + c0 : o + c1])
+        system = _unit_lower_system(probs[:, :, g + c0 - k0 :], gamma_rows)
+        s[:, c0:c1] = torch.linalg.solve_triangular(system, rhs, upper=False, unitriangular=True)
+    return s
+
+
+def _cp_adjoint(q_scaled, k_all, gamma, lse, grad_s, layout: _Layout, starts, group, triton=False):
+    """lambda = (I - B)^-T G for this rank's rows (the backward wavefront, last piece first); `triton`:
+    the diagonal pieces by triton_chunk.feedback_piece_adjoint."""
     h, n = layout.piece, layout.count
     piece_shape = (grad_s.shape[0], h, grad_s.shape[2])
     receives = {}  # (later piece p, earlier piece q): B[p, q]^T lambda_p, tagged p * n + q
@@ -258,16 +284,15 @@ def _cp_adjoint(q_scaled, k_all, gamma, lse, grad_s, layout: _Layout, starts, gr
                 buffer, request = receives[p, i]
                 request.wait()
                 terms += buffer
-        lam = grad_s.new_empty(piece_shape)
-        for c0, c1, lo, masked in reversed(layout.chunks[i]):
-            k0 = max(lo, g)
-            probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, g + c1, lse[:, o + c0 : o + c1],
-                                layout.rows(starts, i, c0, c1, masked))
-            system = _unit_lower_system(probs[:, :, g + c0 - k0 :], gamma[:, o + c0 : o + c1])
-            rhs = grad_s[:, o + c0 : o + c1] + terms[:, c0:c1]
-            lam[:, c0:c1] = torch.linalg.solve_triangular(system.transpose(1, 2), rhs, upper=True, unitriangular=True)
-            gamma_lam = gamma[:, o + c0 : o + c1].unsqueeze(-1) * lam[:, c0:c1]
-            terms[:, k0 - g : c0].baddbmm_(probs[:, :, : g + c0 - k0].transpose(1, 2), gamma_lam)
+        if triton:
+            from .triton_chunk import feedback_piece_adjoint
+
+            rows = slice(o, o + h)
+            lam = feedback_piece_adjoint(q_scaled[:, rows].contiguous(), k_all[:, g : g + h].contiguous(),
+                                         gamma[:, rows].contiguous(), lse[:, rows].contiguous(),
+                                         grad_s[:, rows].contiguous(), terms, 1.0, _piece_starts(starts, i, h))
+        else:
+            lam = _diagonal_adjoint(q_scaled, k_all, gamma, lse, grad_s, terms, layout, starts, i)
         lams[i] = lam
         for q in range(i - 1, -1, -1):  # the previous piece first: it is on the critical path
             if not layout.sees(i, q):
@@ -286,6 +311,23 @@ def _cp_adjoint(q_scaled, k_all, gamma, lse, grad_s, layout: _Layout, starts, gr
     for request in sends:
         request.wait()
     return torch.cat([lams[i] for i in layout.own], dim=1)
+
+
+def _diagonal_adjoint(q_scaled, k_all, gamma, lse, grad_s, terms, layout: _Layout, starts, i: int):
+    """lambda of piece i in reverse chunk order, `terms` (the later pieces' B^T lambda) pre-added and
+    accumulated into (PyTorch tiles)."""
+    o, g = layout.local(i), i * layout.piece
+    lam = torch.empty_like(terms)
+    for c0, c1, lo, masked in reversed(layout.chunks[i]):
+        k0 = max(lo, g)
+        probs = _tile_probs(q_scaled[:, o + c0 : o + c1], k_all, g + c0, k0, g + c1, lse[:, o + c0 : o + c1],
+                            layout.rows(starts, i, c0, c1, masked))
+        system = _unit_lower_system(probs[:, :, g + c0 - k0 :], gamma[:, o + c0 : o + c1])
+        rhs = grad_s[:, o + c0 : o + c1] + terms[:, c0:c1]
+        lam[:, c0:c1] = torch.linalg.solve_triangular(system.transpose(1, 2), rhs, upper=True, unitriangular=True)
+        gamma_lam = gamma[:, o + c0 : o + c1].unsqueeze(-1) * lam[:, c0:c1]
+        terms[:, k0 - g : c0].baddbmm_(probs[:, :, : g + c0 - k0].transpose(1, 2), gamma_lam)
+    return lam
 
 
 def _cp_gradients(q_scaled, k_all, gamma, lse, lam, s_all, layout: _Layout, starts):
@@ -328,7 +370,7 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q_b, k_b, f, gamma, group, chunk_size, starts, layout_name):
+    def forward(ctx, q_b, k_b, f, gamma, group, chunk_size, starts, layout_name, triton):
         dtype = _solve_dtype(f.dtype)
         size = dist.get_world_size(group)
         layout = _Layout(starts, f.shape[1] * size, dist.get_rank(group), size, chunk_size, layout_name)
@@ -336,9 +378,9 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         k_all = all_gather_sequence(k32, group, layout_name)
         # f (and so s and the message buffers shaped like it) dense: point-to-point needs contiguous tensors
         s, lse = _cp_forward(q32 * q32.shape[-1] ** -0.5, k_all, f.to(dtype).contiguous(), gamma32, layout,
-                             starts, group)
+                             starts, group, triton)
         ctx.save_for_backward(q_b, k_b, gamma, s, lse, starts)
-        ctx.group, ctx.layout, ctx.layout_name = group, layout, layout_name
+        ctx.group, ctx.layout, ctx.layout_name, ctx.triton = group, layout, layout_name, triton
         ctx.f_layout = f.detach().to("meta")  # shape, strides, dtype
         return s.to(f.dtype)
 
@@ -349,16 +391,17 @@ class ContextParallelFeedbackSolve(torch.autograd.Function):
         q_scaled = q_b.to(dtype) * q_b.shape[-1] ** -0.5
         gamma32 = gamma.to(dtype)
         k_all = all_gather_sequence(k_b.to(dtype), group, name)
-        lam = _cp_adjoint(q_scaled, k_all, gamma32, lse, grad_s.to(dtype).contiguous(), layout, starts, group)
+        lam = _cp_adjoint(q_scaled, k_all, gamma32, lse, grad_s.to(dtype).contiguous(), layout, starts, group,
+                          ctx.triton)
         s_all = all_gather_sequence(s, group, name)
         dq, dk_all, dgamma = _cp_gradients(q_scaled, k_all, gamma32, lse, lam, s_all, layout, starts)
         dk = reduce_scatter_sequence(dk_all, group, name)
         return (_layout_like(dq, q_b), _layout_like(dk, k_b), _layout_like(lam, ctx.f_layout),
-                _layout_like(dgamma, gamma), None, None, None, None)
+                _layout_like(dgamma, gamma), None, None, None, None, None)
 
 
 def feedback_solve_context_parallel(q_b, k_b, f, gamma, group, chunk_size: int = 64, doc_ids=None,
-                                    layout: str = "contiguous"):
+                                    layout: str = "contiguous", impl: str = "auto"):
     """This rank's piece of s = (I - diag(gamma) alpha)^-1 f for a sequence split over `group`.
 
     Args:
@@ -371,6 +414,10 @@ def feedback_solve_context_parallel(q_b, k_b, f, gamma, group, chunk_size: int =
             feedback_solve): row t then sees only earlier keys of its own document.
         layout: "contiguous" (rank r holds piece r of CP) or "zigzag" (pieces r and 2 CP - 1 - r of
             2 CP; L even).
+        impl: a feedback_impl (kernels.feedback_solve.FEEDBACK_IMPLS): "triton" ("auto" on CUDA) solves
+            each diagonal piece, forward and backward, with the Triton kernels (on CPU only under
+            TRITON_INTERPRET=1); the lse pass, the off-diagonal tiles and the gradient pass are PyTorch
+            tiles whatever impl; "chunked" and "dense" are PyTorch tiles throughout.
     Returns s [B, L, V] in f's dtype; equals the matching rows of feedback_solve on the whole
     sequence, and so do the gradients of q_b, k_b, f and gamma.
     """
@@ -383,4 +430,5 @@ def feedback_solve_context_parallel(q_b, k_b, f, gamma, group, chunk_size: int =
     starts = None
     if doc_ids is not None:  # document_starts checks the shape: full length [B, CP * L]
         starts = document_starts(doc_ids, batch, size * length, f.device)
-    return ContextParallelFeedbackSolve.apply(q_b, k_b, f, gamma, group, chunk_size, starts, layout)
+    triton = resolve_feedback_impl(impl, f.device) == "triton"
+    return ContextParallelFeedbackSolve.apply(q_b, k_b, f, gamma, group, chunk_size, starts, layout, triton)

@@ -30,6 +30,8 @@ from .triton_kernels import (
 __all__ = [
     "Tiles",
     "TritonConfig",
+    "feedback_piece_adjoint",
+    "feedback_piece_fwd",
     "feedback_solve_triton",
     "feedback_triton_bwd",
     "feedback_triton_fwd",
@@ -317,6 +319,70 @@ def feedback_triton_bwd(
         _launch_matmul(panel, (s_b, s_j, s_t), q_b[:, r0:r1], dk, r1, K, n, config.matmul, precision,
                        accumulate=True, docs=(2, ends, 0, r0) if ends is not None else None)
     return dq, dk, lam, delta
+
+
+def _piece_solve_block(T: int, config: TritonConfig) -> int:
+    """Diagonal block of a piece's solve: a power of two >= 16 (tl.dot's least), at most the config's."""
+    return max(16, min(config.max_solve_block, triton.next_power_of_2(T)))
+
+
+def feedback_piece_fwd(q_b, k_b, f, gamma, lse, context, scale, starts=None, panel_size=DEFAULT_PANEL_SIZE):
+    """One piece of a longer sequence (context parallelism): s = (I - diag(gamma) P)^-1 (f + gamma context).
+
+    P[t, j] = exp(q_t . k_j * scale - lse_t) for keys j < t of the piece (0 elsewhere); lse [B, T] is
+    each row's log-sum-exp over its whole visible past (given: it spans earlier pieces too) and
+    context [B, T, V] = sum_j P[t, j] s_j over the earlier pieces' keys. starts: optional int32
+    [B, T] document starts relative to the piece (0 for a document begun before it). Inputs
+    contiguous, f, lse and context in the compute dtype; returns s [B, T, V] in it.
+    """
+    batch, T, _ = q_b.shape
+    V = f.shape[-1]
+    config = _config(f.device)
+    precision, solve_precision = _dot_precisions(lse.dtype, q_b, k_b, f)
+    solve_block = _piece_solve_block(T, config)
+    L = _panel_rows(T, solve_block, panel_size)
+    s = _empty((batch, T, V), lse.dtype, f.device)
+    panel = _empty((batch, L, T), lse.dtype, f.device)
+    panel_context = _empty((batch, L, V), lse.dtype, f.device)
+    for r0 in range(0, T, L):
+        r1 = min(r0 + L, T)
+        _launch_probs(q_b, k_b, lse, starts, panel, scale, (r0, r1), (0, r1), config.probs, precision)
+        panel_context[:, : r1 - r0] = context[:, r0:r1]
+        if r0 > 0:  # plus the earlier panels of this piece
+            _launch_matmul(panel, panel.stride(), s, panel_context, r1 - r0, V, r0, config.matmul, precision,
+                           accumulate=True, docs=(1, starts, r0, 0) if starts is not None else None)
+        _launch_solve(feedback_solve_fwd_kernel, panel, panel_context, f, s, (r0, r1), True, solve_block, config,
+                      (precision, solve_precision), gamma=gamma)
+    return s
+
+
+def feedback_piece_adjoint(q_b, k_b, gamma, lse, grad_s, later_terms, scale, starts=None,
+                           panel_size=DEFAULT_PANEL_SIZE):
+    """The transpose of feedback_piece_fwd: lam = (I - diag(gamma) P)^-T (grad_s + later_terms) for one
+    piece, later_terms [B, T, V] = sum_t B[t, j] lam_t over the later pieces' rows t (B = diag(gamma) P).
+    Same conventions as feedback_piece_fwd; returns lam [B, T, V] in the compute dtype."""
+    batch, T, _ = q_b.shape
+    V = grad_s.shape[-1]
+    config = _config(grad_s.device)
+    precision, solve_precision = _dot_precisions(lse.dtype, q_b, k_b, grad_s)
+    solve_block = _piece_solve_block(T, config)
+    L = _panel_rows(T, solve_block, panel_size)
+    ends = None if starts is None else _document_ends(starts)
+    lam = _empty((batch, T, V), lse.dtype, grad_s.device)
+    panel = _empty((batch, L, T), lse.dtype, grad_s.device)
+    panel_context = _empty((batch, L, V), lse.dtype, grad_s.device)
+    for c0 in range((T - 1) // L * L, -1, -L):
+        c1 = min(c0 + L, T)
+        _launch_probs(q_b, k_b, lse, starts, panel, scale, (c0, T), (c0, c1), config.probs, precision,
+                      column_gamma=gamma)
+        panel_context[:, : c1 - c0] = later_terms[:, c0:c1]
+        if c1 < T:  # plus the later panels of this piece
+            _launch_matmul(panel[:, :, c1:], panel.stride(), lam[:, c1:], panel_context, c1 - c0, V, T - c1,
+                           config.matmul, precision, accumulate=True,
+                           docs=(2, ends, c0, c1) if ends is not None else None)
+        _launch_solve(feedback_solve_bwd_kernel, panel, panel_context, grad_s, lam, (c0, c1), True, solve_block,
+                      config, (precision, solve_precision))
+    return lam
 
 
 def _int32_starts(starts: torch.Tensor | None) -> torch.Tensor | None:

@@ -27,6 +27,7 @@ class Case:
     dtype: torch.dtype = torch.float64
     batch: int = 2
     layout: str = "contiguous"  # which positions each rank holds (kernels/feedback_solve/context_parallel.py)
+    impl: str = "chunked"  # the feedback solve's feedback_impl: "triton" runs under TRITON_INTERPRET=1
 
 
 # Pieces of 10 positions with chunks of 4 or 3 (and 16 > 10): pieces end mid-chunk (in a 1-row chunk).
@@ -49,7 +50,15 @@ SOLVE_CASES = [
     Case("docs_cp4_zigzag", 4, 10, chunk_size=3, documents=((5, 1, 17, 2, 15), (12, 14, 10, -4)), layout="zigzag"),
     Case("fp32_docs_cp4_zigzag", 4, 6, chunk_size=2, documents=((5, 1, 13, 5), (12, 6, -6)), dtype=torch.float32,
          layout="zigzag"),
+    # The diagonal pieces by the Triton kernels (interpreted), each with its PyTorch twin (TRITON_TWINS):
+    # documents crossing pieces, pieces of 10 (5 zigzag) inside one 16-row diagonal block
+    Case("fp32_docs_cp2", 2, 10, documents=((3, 1, 9, 7), (10, 6, 4)), dtype=torch.float32),
+    Case("triton_fp32_docs_cp2", 2, 10, documents=((3, 1, 9, 7), (10, 6, 4)), dtype=torch.float32, impl="triton"),
+    Case("fp32_docs_cp2_zigzag", 2, 10, documents=((3, 1, 9, 7), (10, 6, 4)), dtype=torch.float32, layout="zigzag"),
+    Case("triton_fp32_docs_cp2_zigzag", 2, 10, documents=((3, 1, 9, 7), (10, 6, 4)), dtype=torch.float32,
+         layout="zigzag", impl="triton"),
 ]
+TRITON_TWINS = [(case.name, case.name.removeprefix("triton_")) for case in SOLVE_CASES if case.impl == "triton"]
 ATTENTION_CASES = [
     Case("attn_plain_cp2", 2, 10),
     Case("attn_docs_cp2", 2, 10, documents=((3, 1, 9, 7), (10, 6, 4))),
@@ -197,7 +206,7 @@ def run_solve(case: Case, group) -> dict:
     piece = positions(case, group)
     inputs = {name: x[:, piece].clone().requires_grad_(name != "grad") for name, x in solve_inputs(case).items()}
     s = feedback_solve_context_parallel(inputs["q_b"], inputs["k_b"], inputs["f"], inputs["gamma"], group,
-                                        case.chunk_size, doc_ids=doc_ids(case), layout=case.layout)
+                                        case.chunk_size, doc_ids=doc_ids(case), layout=case.layout, impl=case.impl)
     (s * inputs["grad"]).sum().backward()
     return {"s": s.detach()} | {name: x.grad for name, x in inputs.items() if name != "grad"}
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from cp_worker import (ATTENTION_CASES, LAYER_CASES, MODEL_CASES, SOLVE_CASES, SSD_CASES, TP_CP_CASE,
+from cp_worker import (ATTENTION_CASES, LAYER_CASES, MODEL_CASES, SOLVE_CASES, SSD_CASES, TP_CP_CASE, TRITON_TWINS,
                        attention_inputs, build_model, doc_ids, layer_config, layer_inputs, model_inputs, solve_inputs,
                        ssd_inputs)
 
@@ -54,7 +54,8 @@ def reference_attention(case) -> dict:
 def cp_results(tmp_path_factory):
     """{case name: {tensor name: the CP ranks' pieces concatenated along the sequence}}."""
     out = tmp_path_factory.mktemp("cp")
-    env = {**os.environ, "PYTHONPATH": f"{HERE.parents[1]}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": f"{HERE.parents[1]}{os.pathsep}{HERE}", "OMP_NUM_THREADS": "1",
+           "TRITON_INTERPRET": "1"}  # the impl="triton" solve cases run the kernels on CPU
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
                            str(HERE / "cp_worker.py"), str(out)], env=env, timeout=600, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -91,6 +92,17 @@ def test_feedback_solve_context_parallel_matches_one_process(cp_results, case):
     assert set(got) == set(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key], **tolerance(case.dtype), msg=f"{case.name}: {key}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("names", TRITON_TWINS, ids=[name for name, _ in TRITON_TWINS])
+def test_triton_context_parallel_matches_the_pytorch_one(cp_results, names):
+    """The diagonal pieces by the Triton kernels (forward and backward, interpreted) against the PyTorch
+    tiles on the same inputs, CP 2: s and every gradient (fp32; both also equal one process above)."""
+    triton, pytorch = (cp_results[name] for name in names)
+    assert set(triton) == set(pytorch) == {"s", "q_b", "k_b", "f", "gamma"}
+    for key in pytorch:
+        torch.testing.assert_close(triton[key], pytorch[key], atol=1e-5, rtol=1e-5, msg=f"{names[0]}: {key}")
 
 
 @pytest.mark.slow
