@@ -27,6 +27,15 @@ Backward (lambda = (I - B)^-T G, then the logits' gradients):
      keeps only its local pieces), then dq_b, dgamma = delta, df = lambda locally, and dk_b for
      every key this rank's rows see, summed to the keys' owners by one reduce-scatter.
 
+Which code runs the tiles (`impl`, the model's feedback_impl; "auto" = "triton" on CUDA): with
+"triton" each diagonal piece -- its in-piece probabilities, forward solve with the earlier pieces'
+context pre-added, and the reverse solve of backward step 1 with the later pieces' terms pre-added --
+runs the Triton kernels (triton_chunk.feedback_piece_fwd / feedback_piece_adjoint: the piece as a
+sequence of its own, given the global lse; on CPU only under TRITON_INTERPRET=1). The lse pass,
+the off-diagonal tiles P[r, q] @ s_q and B[r, q]^T lambda_r, and the gradient pass stay PyTorch
+tiles (the Triton lse, probs and gradient kernels index queries and keys from one position 0 and
+have no row offset for a piece's rows against the gathered keys). "chunked"/"dense": PyTorch only.
+
 Cost per layer and sequence (2 FLOPs per multiply-add, L = T / CP; K = V = D below; the
 single device's chunked solve does 2 D T^2 forward and 6 D T^2 backward, recomputing the logits).
 Communication, elements received per rank: the all-gathers of k_b (forward, backward) and of s

@@ -4,7 +4,8 @@ test_context_parallel.py.
 Each rank writes {case name: {"rank": rank in the case's CP group, tensor name: this rank's piece}}
 for the cases it took part in to argv[1]/rank<r>.pt: CP=4 cases on all four ranks, CP=2 cases
 alternately on ranks {0, 1} and {2, 3} (kernels: the feedback solve, the attention, the SSD scan, in
-both layouts); then megatron's parallel state at CP=2 (x DP=2) and a SessaLayer per CP group
+both layouts; the solve also with impl="triton", interpreted); then megatron's parallel state at CP=2
+(x DP=2) and a SessaLayer per CP group
 (LAYER_CASES), whole models per CP group (MODEL_PAIRS: the hybrid "S*-M" and the Transformer arm,
 contiguous on ranks {0, 1}, zigzag on {2, 3}), at CP=4 (MODEL_CP4), and at TP=2 x CP=2
 (TP_CP_CASE). "grads" are full parameter gradients (summed over CP, shards gathered over TP).

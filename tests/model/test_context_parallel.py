@@ -3,7 +3,8 @@ the SSD scan at CP=2 and CP=4, contiguous and zigzag (gloo, one launch of 4 proc
 process, outputs and every input gradient, with documents straddling pieces and pieces that are
 not whole chunks; so do a SessaLayer at CP=2 and at TP=2 x CP=2 (megatron's groups), and whole
 models -- a hybrid of S, *, - and M blocks, and the Transformer arm -- at CP=2 in both layouts and
-CP=4 zigzag: outputs, input gradients and every parameter gradient."""
+CP=4 zigzag: outputs, input gradients and every parameter gradient. The impl="triton" solve cases
+run the Triton kernels under TRITON_INTERPRET=1 (set for the whole launch) against their PyTorch twins."""
 import os
 import subprocess
 import sys
