@@ -32,10 +32,11 @@ SECTIONS = {f.name for f in dataclasses.fields(RunConfig)} - {"stages"}
 # What a stage may set: whole sections, or single fields of a section
 STAGE_FIELDS = {"data": None, "parallel": None, "schedule": None, "eval": None, "model": None,
                 "train": ("global_batch_tokens", "micro_batch_size", "recompute")}
-# model fields the weights carried from stage to stage depend on (pretrain/state.py SHAPE_FIELDS) + dtype
+# model fields the weights carried from stage to stage depend on (pretrain/state.py SHAPE_FIELDS), dtype and μP
 FIXED_MODEL_FIELDS = ("arch", "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
                       "ffn_hidden_size", "tie_embeddings", "vocab_pad_multiple", "feedback", "layer_pattern",
-                      "mamba_state_size", "mamba_head_size", "mamba_expand", "mamba_conv_kernel", "dtype")
+                      "mamba_state_size", "mamba_head_size", "mamba_expand", "mamba_conv_kernel", "dtype",
+                      "mup", "mup_base_width", "mup_base_head_size")
 
 
 @dataclass
@@ -130,7 +131,8 @@ def _check_may_change(key: str, stage: str) -> None:
     fields = STAGE_FIELDS.get(section, ())
     if section == "model" and field.split(".")[0] in FIXED_MODEL_FIELDS:
         raise ConfigError(f"stage {stage!r} sets {key}, which cannot change between stages (the weights carried "
-                          f"from stage to stage have one shape and dtype); set it in the recipe's model section")
+                          f"from stage to stage have one shape, dtype and parametrisation); set it in the recipe's "
+                          f"model section")
     if section == "train" and field == "max_steps":
         raise ConfigError(f"stage {stage!r} sets train.max_steps: a stage's length is its `steps`")
     if not field or (fields is not None and field.split(".")[0] not in fields):

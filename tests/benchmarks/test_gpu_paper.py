@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.gpu.paper import ARMS, BATCH, DRY_LIMIT, LATER_SEED_MARGIN, next_box, parse_steps
+from benchmarks.gpu.paper import ARMS, BATCH, DRY_LIMIT, next_box, parse_steps
 
 ROOT = Path(__file__).resolve().parents[2]
 # configs/paper/README.md (tests/evaluate/test_table.py keeps them within 2%)

@@ -15,7 +15,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.loader import build_dataloader
 from data_pipeline.manifest import read_manifest, write_manifest
 from data_pipeline.prepare import prepare
-from dp_helpers import batches, make_documents, prepare_small, rewrite_member, sample_ids
+from dp_helpers import prepare_small, rewrite_member, sample_ids
 
 GOOD = json.dumps({"text": "a good document"}).encode() + b"\n"
 BAD_LINES = {  # reason -> a JSONL line

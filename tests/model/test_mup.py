@@ -7,7 +7,6 @@ three AdamW steps, for a Sessa stack with tied embeddings and an untied `S*-M` h
 """
 import hashlib
 import json
-import math
 from pathlib import Path
 
 import pytest

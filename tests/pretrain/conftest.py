@@ -1,11 +1,14 @@
 """Shared fixtures: the tiny test recipe and helpers that launch the real trainer."""
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
@@ -69,6 +72,19 @@ def run_pretrain(recipe: Path, *overrides: str, nproc: int = 1, expect_ok: bool 
 def start_pretrain(recipe: Path, *overrides: str, nproc: int = 1) -> subprocess.Popen:
     return subprocess.Popen(pretrain_command(recipe, *overrides, nproc=nproc), cwd=REPO, env=pretrain_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
+def kill_launch(process: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """Send `sig` to a launch started by start_pretrain and to every rank's process group, then reap it.
+    torchrun starts each rank in a session of its own, so killing torchrun's group alone leaves the
+    ranks training (and saving) after a "crash"."""
+    children = psutil.Process(process.pid).children(recursive=True)
+    for pid in {process.pid} | {child.pid for child in children}:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(os.getpgid(pid), sig)
+    process.wait()
+    _, alive = psutil.wait_procs(children, timeout=60)
+    assert not alive, f"still running after the kill: {alive}"
 
 
 def read_metrics(run_dir: Path, key: str = "train/loss") -> dict[int, float]:

@@ -4,9 +4,7 @@ megatron engine; a killed run resumes with identical losses; a 2-rank checkpoint
 universal checkpoint resumes on 1 rank; consolidated fp32 weights equal the live weights;
 activation checkpointing leaves the gradients unchanged."""
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import REPO, TEST_RECIPE, _free_port, pretrain_env, read_metrics, run_pretrain, start_pretrain
+from conftest import REPO, TEST_RECIPE, _free_port, kill_launch, pretrain_env, read_metrics, run_pretrain, start_pretrain
 
 # 2 kv heads so that TP=2 divides them; no loader workers (faster start, same batches).
 COMMON = ("--model.num_kv_heads", "2", "--data.num_workers", "0", "--train.max_steps", "5")
@@ -222,13 +220,7 @@ def _kill_after_step(process, run_dir: Path, step: int, timeout: float = 600) ->
         assert process.poll() is None, f"training exited with {process.returncode} before step {step}"
         assert time.time() < deadline, f"no step {step} within {timeout} s"
         time.sleep(0.05)
-    # torchrun starts each rank in a session of its own: kill the ranks by pid, then torchrun.
-    import psutil
-
-    for child in psutil.Process(process.pid).children(recursive=True):
-        child.send_signal(signal.SIGKILL)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, run_pretrain, start_pretrain
+from conftest import kill_launch, read_metrics, run_pretrain, start_pretrain
 
 pytestmark = pytest.mark.slow
 
@@ -18,8 +18,7 @@ def _kill_after_step(process, run_dir: Path, step: int, timeout: float = 600) ->
         if time.time() > deadline:
             raise AssertionError(f"no step {step} within {timeout} s")
         time.sleep(0.05)
-    os.killpg(process.pid, signal.SIGKILL)  # the whole group: torchrun and its ranks
-    process.wait()
+    kill_launch(process)
 
 
 HYBRID = ("--model.num_layers", "4", "--model.layer_pattern", "SM*-", "--model.ffn_hidden_size", "64",
@@ -53,8 +52,7 @@ def test_kill_during_save_keeps_previous_checkpoint(recipe, tmp_path):
     while not (checkpoints / ".tmp_iter_0000006").exists():  # the second save has begun writing
         assert process.poll() is None and time.time() < deadline, "training ended before the second save"
         time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_launch(process)
     assert (checkpoints / "latest").read_text().strip() == "3"
     assert not (checkpoints / "iter_0000006").exists()
 

@@ -1,20 +1,16 @@
 """Campaigns (`stages:`, pretrain/stages.py): the resolver's configs and refusals, and the real trainer
 across stage boundaries: bitwise SIGKILL resume at 1 and 2 processes, a data-parallel 2 -> 1 resume
 across a boundary, a stage that turns on context parallelism, `stage` in every metrics line."""
-import contextlib
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import yaml
-from conftest import REPO, TEST_RECIPE, pretrain_command, pretrain_env, read_metrics, run_pretrain
+from conftest import REPO, TEST_RECIPE, kill_launch, pretrain_command, pretrain_env, read_metrics, run_pretrain
 from test_trainer import DP_ABS
 
 from pretrain.config import ConfigError, load_config
@@ -90,6 +86,8 @@ def test_a_recipe_without_stages_is_one_unnamed_stage(tmp_path):
      "stage 'a' sets model.layer_pattern, which cannot change between stages"),
     ([{"name": "a", "steps": 4, "model.arch": "transformer"}], {},
      "stage 'a' sets model.arch, which cannot change between stages"),
+    ([{"name": "a", "steps": 4}, {"name": "b", "steps": 4, "model.mup_base_width": 16}], {},
+     "stage 'b' sets model.mup_base_width, which cannot change between stages"),
     ([{"name": "a", "steps": 4, "optim.lr": 1.0e-3}], {},
      "stage 'a' sets optim.lr, which cannot change between stages; a stage may set data.*"),
     ([{"name": "a", "steps": 4, "train.seed": 3}], {}, "stage 'a' sets train.seed, which cannot change"),
@@ -235,13 +233,7 @@ def _kill_after_step(process: subprocess.Popen, run_dir: Path, step: int, timeou
         assert process.poll() is None, f"training exited with {process.returncode} before step {step}"
         assert time.time() < deadline, f"no step {step} within {timeout} s"
         time.sleep(0.05)
-    # torchrun starts each rank in a session of its own: kill every rank's group (its data workers with it)
-    children = psutil.Process(process.pid).children(recursive=True)
-    for pid in {process.pid} | {child.pid for child in children}:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(os.getpgid(pid), signal.SIGKILL)
-    process.wait()
-    psutil.wait_procs(children, timeout=60)
+    kill_launch(process)
 
 
 def _latest(run_dir: Path) -> int:
