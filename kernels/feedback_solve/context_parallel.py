@@ -440,4 +440,8 @@ def feedback_solve_context_parallel(q_b, k_b, f, gamma, group, chunk_size: int =
     if doc_ids is not None:  # document_starts checks the shape: full length [B, CP * L]
         starts = document_starts(doc_ids, batch, size * length, f.device)
     triton = resolve_feedback_impl(impl, f.device) == "triton"
+    if triton:
+        from .triton_chunk import check_triton_device  # imported lazily: Triton is optional on CPU
+
+        check_triton_device(f.device)
     return ContextParallelFeedbackSolve.apply(q_b, k_b, f, gamma, group, chunk_size, starts, layout, triton)

@@ -109,6 +109,15 @@ def is_interpreter() -> bool:
     return _INTERPRET
 
 
+def check_triton_device(device: torch.device) -> None:
+    """Raises unless the kernels can run on `device`: CUDA, or anything under the interpreter."""
+    if device.type != "cuda" and not is_interpreter():
+        raise RuntimeError(
+            f"feedback_impl='triton' on {device.type} tensors needs the Triton interpreter: set "
+            "TRITON_INTERPRET=1 before importing triton (slow; tests only), or use impl='chunked'"
+        )
+
+
 def _config(device: torch.device) -> TritonConfig:
     return GPU_CONFIG if device.type == "cuda" and not is_interpreter() else INTERPRETER_CONFIG
 
@@ -500,11 +509,7 @@ def feedback_solve_triton(q_b, k_b, f, gamma, chunk_size: int = 64, panel_size: 
                          f"K={K}, V={V}, panel_size={panel_size}")
     if len({t.device for t in (q_b, k_b, f, gamma)}) != 1:
         raise ValueError("q_b, k_b, f and gamma must be on one device")
-    if f.device.type != "cuda" and not is_interpreter():
-        raise RuntimeError(
-            f"feedback_impl='triton' on {f.device.type} tensors needs the Triton interpreter: set "
-            "TRITON_INTERPRET=1 before importing triton (slow; tests only), or use impl='chunked'"
-        )
+    check_triton_device(f.device)
     if starts is not None and (starts.shape != (batch, T) or starts.device != f.device):
         raise ValueError(f"starts must be [B, T] = [{batch}, {T}] on {f.device}, got {tuple(starts.shape)} "
                          f"on {starts.device}")
