@@ -19,6 +19,13 @@ _spec.loader.exec_module(pretrain_helpers)
 read_metrics = pretrain_helpers.read_metrics
 
 
+def pytest_collection_modifyitems(items):
+    """Under pytest-xdist (tests/run.sh) every test on the SLURM cluster runs on one worker: one cluster."""
+    for item in items:
+        if "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+
+
 @pytest.fixture(scope="session")
 def slurm():
     """4 emulated nodes x 2 CPUs. Fails (never skips) with the reason when SLURM cannot start."""
