@@ -140,9 +140,6 @@ def test_bad_mup_settings_are_refused(fields, match):
 
 
 @pytest.mark.parametrize("engine", ["megatron", "deepspeed"])
-# megatron's distributed optimizer reads .grad of its shard views; once model/cpu_compat's mode is on (an
-# earlier test in this process), that read runs inside the mode's frame, where warnings are errors
-@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf Tensor:UserWarning")
 def test_each_engine_steps_every_parameter_at_its_mup_learning_rate(engine, tmp_path):
     """Adam's first update moves an entry by lr * g / (|g| + eps): the largest |change| of each parameter
     after one real engine step is its group's LR, optim.lr / 4 for hidden and readout matrices at 4x the
