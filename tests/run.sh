@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash launch/setup.sh
 source launch/python_env.sh  # the interpreter setup.sh installed into
-# Two pytest workers (pytest-xdist): most tests keep one core busy, so the suite takes about half
-# the time on 2 cores; one thread each. The SLURM tests share one cluster: one worker runs them all.
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-"$PYTHON" -m pytest -q --durations=25 -n "${TEST_WORKERS:-2}" --dist loadgroup "$@"
+# TEST_WORKERS=2 runs two pytest-xdist workers (43 min against 54 serially on 2 cores, 2026-12-07), but
+# test_scaling_slurm's failing array branch then finished 'done': serial until that is fixed.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+"$PYTHON" -m pytest -q --durations=25 -n "${TEST_WORKERS:-0}" --dist loadgroup "$@"
